@@ -1,0 +1,228 @@
+"""Typed run configuration: CLI > ds_config > defaults, "auto" resolution and layout validation.
+
+Every field of RunConfig is a command-line flag (its docstring is the --help text), so the CLI, the
+recorded config.json and the defaults cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+
+class BenchError(Exception):
+    """Bad input or an impossible configuration: reported as one line, non-zero exit, no traceback."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    strategy: str = _f("dp", "parallelism strategy (the ds_config holds the layout itself)")
+    ds_config: str = _f("ds_configs/dp_zero2.json", "DeepSpeed config JSON; 'auto' fields are resolved")
+    model: str = _f("tiny-llama", "preset name (see bench/models.py), local checkpoint directory or hub id")
+    init: str = _f("pretrained", "pretrained: load weights; random: benchmark the architecture without weights",
+                   choices=("pretrained", "random"))
+    data: str = _f("squad-sample", "squad-sample, a SQuAD v1.1 JSON, a .jsonl with a text field, a .txt, "
+                   "or a datasets hub name")
+    peft: str = _f("auto", "lora or none; auto = the strategy's default (LoRA for ZeRO data parallel)",
+                   choices=("auto", "lora", "none"))
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA wraps")
+    max_steps: int = _f(20, "optimizer steps to run")
+    seq_len: int = _f(256, "tokens per sample (padded or packed)")
+    micro_batch_size: int = _f(None, "samples per rank per forward (default: ds_config, else 2)")
+    global_batch_size: int = _f(None, "samples per optimizer step (default: ds_config, else micro x DP)")
+    lr: float = _f(None, "learning rate (default: ds_config, else 3e-4)")
+    warmup_steps: int = _f(2, "steps excluded from timing statistics (not an LR warm-up)")
+    eval_interval: int = _f(10, "steps between validation passes (0: only at the end)")
+    eval_batches: int = _f(8, "validation micro-batches per evaluation, split across DP ranks")
+    val_fraction: float = _f(0.1, "fraction of the data held out for val_loss")
+    target_loss: float = _f(None, "train loss that defines time_to_target_s (statistical efficiency)")
+    seed: int = _f(42, "seed for data order, random init and LoRA init")
+    output_dir: str = _f("runs", "parent directory of run directories")
+    run_name: str = _f(None, "run directory name (default: model-strategy-wN-timestamp)")
+    wandb_mode: str = _f(None, "W&B mode (default: $WANDB_MODE, else offline)",
+                         choices=("online", "offline", "disabled"))
+    wandb_project: str = _f("ds-parallel-bench", "W&B project")
+    wandb_group: str = _f(None, "W&B group (default: the model name)")
+    dry_run: bool = _f(False, "resolve and validate everything, print the configuration, exit")
+    peak_tflops: float = _f(None, "device peak TFLOP/s for MFU (default: known bf16 dense peak of the GPU)")
+    log_interval: int = _f(1, "console line every N steps (metrics.jsonl always gets every step)")
+    monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
+    dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py", description="Fine-tune under one parallelism strategy and record what it costs.")
+    for f in fields(RunConfig):
+        kw = {"default": f.default, "help": f.metadata["help"]}
+        if f.type == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = {"int": int, "float": float}.get(f.type, str)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
+    # Launchers (deepspeed, torch.distributed.launch) append this; the rank comes from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> RunConfig:
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("local_rank", None)
+    cfg = RunConfig(**ns)
+    for name in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "lora_r", "lora_alpha",
+                 "eval_batches", "log_interval"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise BenchError(f"--{name} must be positive, got {value}")
+    for name in ("lr", "monitor_interval_s", "peak_tflops", "dist_timeout_s"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise BenchError(f"--{name} must be positive, got {value}")
+    if cfg.warmup_steps < 0 or cfg.eval_interval < 0:
+        raise BenchError("--warmup_steps and --eval_interval must be >= 0")
+    if cfg.warmup_steps >= cfg.max_steps:
+        raise BenchError(f"--max_steps ({cfg.max_steps}) must exceed --warmup_steps ({cfg.warmup_steps}), "
+                         "otherwise no step is measured")
+    if not 0 < cfg.val_fraction < 1:
+        raise BenchError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.wandb_mode is None:
+        cfg.wandb_mode = os.environ.get("WANDB_MODE", "offline")
+        if cfg.wandb_mode not in ("online", "offline", "disabled"):
+            raise BenchError(f"WANDB_MODE={cfg.wandb_mode!r} is not one of online, offline, disabled")
+    return cfg
+
+
+def load_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise BenchError(f"ds_config not found: {path} (see ds_configs/ for the shipped layouts)")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(ds, dict):
+        raise BenchError(f"{path}: top level must be a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How WORLD_SIZE splits: world = dp * tp * ep * pp, DP being the remainder."""
+    dp: int
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.ep * self.pp
+
+    @staticmethod
+    def from_ds_config(ds: dict, world_size: int) -> "Layout":
+        tp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
+        ep_section = ds.get("expert_parallel") or {}
+        ep = int(ep_section.get("autoep_size", 1) or 1) if ep_section.get("enabled", True) else 1
+        pp = int((ds.get("pipeline") or {}).get("stages", 1) or 1)
+        for name, v in (("tp", tp), ("ep", ep), ("pp", pp)):
+            if v <= 0:
+                raise BenchError(f"{name} size must be positive, got {v}")
+        model_par = tp * ep * pp
+        if world_size % model_par:
+            raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp}) != WORLD_SIZE({world_size}); "
+                             f"WORLD_SIZE must be a multiple of tp*ep*pp = {model_par}")
+        return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp)
+
+    def describe(self) -> str:
+        return f"dp({self.dp})*tp({self.tp})*ep({self.ep})*pp({self.pp}) = {self.world_size}"
+
+
+@dataclass
+class Batch:
+    micro: int
+    grad_accum: int
+    global_: int
+
+
+def resolve_batch(cfg: RunConfig, ds: dict, dp: int) -> Batch:
+    """CLI > ds_config > defaults; returns sizes satisfying global = micro * grad_accum * dp."""
+    def ds_int(key):
+        v = ds.get(key, "auto")
+        if v == "auto" or v is None:
+            return None
+        if not isinstance(v, int) or v <= 0:
+            raise BenchError(f"ds_config {key} must be a positive integer or \"auto\", got {v!r}")
+        return v
+
+    micro = cfg.micro_batch_size or ds_int("train_micro_batch_size_per_gpu") or 2
+    glob = cfg.global_batch_size or ds_int("train_batch_size")
+    if glob is None:
+        accum = ds_int("gradient_accumulation_steps") or 1
+        glob = micro * accum * dp
+    if glob % (micro * dp):
+        raise BenchError(f"global batch {glob} is not divisible by micro batch {micro} x DP {dp} = {micro * dp}; "
+                         f"pick a global batch that is a multiple of {micro * dp}")
+    return Batch(micro=micro, grad_accum=glob // (micro * dp), global_=glob)
+
+
+def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, bf16_ok: bool) -> dict:
+    """Fill every "auto" and the CLI overrides; what this returns is what DeepSpeed gets and what is recorded."""
+    ds = copy.deepcopy(ds)
+    ds["train_micro_batch_size_per_gpu"] = batch.micro
+    ds["gradient_accumulation_steps"] = batch.grad_accum
+    ds["train_batch_size"] = batch.global_
+    for key, supported in (("bf16", bf16_ok), ("fp16", False)):
+        section = ds.get(key)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = supported
+    if (ds.get("fp16") or {}).get("enabled") is True and device_type == "cpu":
+        raise BenchError("fp16 is enabled in the ds_config but the CPU has no fp16 training path; "
+                         "set \"fp16\": {\"enabled\": \"auto\"} or false")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    if cfg.lr is not None or params.get("lr", "auto") == "auto":
+        params["lr"] = cfg.lr if cfg.lr is not None else 3e-4
+    # FusedAdam needs CUDA; on the CPU the torch implementation is the only one that runs.
+    if params.get("torch_adam") == "auto":
+        params["torch_adam"] = device_type == "cpu"
+    # The harness logs to W&B itself; DeepSpeed's monitor would open a second run per rank.
+    for monitor in ("wandb", "tensorboard", "csv_monitor", "comet"):
+        if (ds.get(monitor) or {}).get("enabled"):
+            ds[monitor]["enabled"] = False
+    ds.setdefault("steps_per_print", 10 ** 9)  # silence DeepSpeed's own step log; the harness prints its own
+    ds.setdefault("wall_clock_breakdown", False)
+    remaining = _find_auto(ds)
+    if remaining:
+        raise BenchError(f"ds_config field {remaining} is \"auto\" but the harness cannot resolve it; set a value")
+    return ds
+
+
+def _find_auto(node, path=""):
+    if node == "auto":
+        return path or "<root>"
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        found = _find_auto(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
+def format_table(rows: list[tuple[str, object]], title: str) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * max(len(title), width + 20)]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)

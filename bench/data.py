@@ -1,0 +1,234 @@
+"""Datasets: SQuAD v1.1 JSON, JSONL/plain text, or a hub dataset; tokenization, padding/packing, and the
+deterministic assignment of samples to data-parallel ranks.
+
+`python -m bench.data make-sample` regenerates the bundled SQuAD-format sample (data/squad_sample.json):
+synthetic facts about invented places, so the project ships no downloaded data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from bench.config import BenchError
+
+IGNORE = -100  # label value the loss skips (prompt and padding tokens)
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "squad_sample.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bundled sample and the tiny presets' tokenizer
+
+_SYL = ["ka", "lo", "mi", "ren", "tha", "vor", "zen", "qui", "bel", "dor", "sa", "nu", "tri", "ost", "wyn"]
+_KINDS = ["town", "city", "village", "harbour", "fortress"]
+_REGIONS = ["the northern valley", "the eastern coast", "the high plateau", "the river delta", "the western hills"]
+_INDUSTRIES = ["fishing", "weaving", "copper mining", "shipbuilding", "glassmaking", "wine", "salt trading"]
+
+
+def _name(rng):
+    return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_squad_sample(n_articles: int = 120, seed: int = 1234) -> dict:
+    """SQuAD v1.1-format data: every answer is a span of its context, with answer_start."""
+    rng = random.Random(seed)
+    articles = []
+    for i in range(n_articles):
+        place, founder, river = _name(rng), f"{_name(rng)} {_name(rng)}", _name(rng)
+        kind, region, industry = rng.choice(_KINDS), rng.choice(_REGIONS), rng.choice(_INDUSTRIES)
+        year = str(rng.randint(900, 1900))
+        context = (f"{place} is a {kind} in {region}. It was founded in {year} by {founder}. "
+                   f"The {river} river flows through {place}, and its main industry is {industry}.")
+        qa = [(f"When was {place} founded?", year), (f"Who founded {place}?", founder),
+              (f"Which river flows through {place}?", river), (f"What is the main industry of {place}?", industry)]
+        qas = [{"id": f"{i}-{j}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}]}
+               for j, (q, a) in enumerate(qa)]
+        articles.append({"title": place, "paragraphs": [{"context": context, "qas": qas}]})
+    return {"version": "1.1", "data": articles}
+
+
+def build_tiny_tokenizer(vocab_size: int):
+    """Byte-level BPE trained on the bundled sample: any text encodes, and nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [e["prompt"] + e["answer"] for e in squad_examples(make_squad_sample())]
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], bos_token=specials[1],
+                                   eos_token=specials[2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading raw examples
+
+def squad_examples(doc: dict, source: str = "squad") -> list[dict]:
+    try:
+        out = []
+        for article in doc["data"]:
+            for para in article["paragraphs"]:
+                for qa in para["qas"]:
+                    out.append({"prompt": f"Context: {para['context']}\nQuestion: {qa['question']}\nAnswer:",
+                                "answer": " " + qa["answers"][0]["text"]})
+        return out
+    except (KeyError, IndexError, TypeError) as e:
+        raise BenchError(f"{source}: not SQuAD v1.1 format (data[].paragraphs[].qas[].answers[].text): "
+                         f"missing {e}") from None
+
+
+def load_examples(spec: str) -> tuple[str, list]:
+    """-> (kind, examples); kind 'qa' gives prompt/answer dicts, 'text' gives strings."""
+    if spec == "squad-sample":
+        spec = SAMPLE_PATH
+    if os.path.isfile(spec):
+        if spec.endswith(".json"):
+            with open(spec) as fh:
+                try:
+                    doc = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise BenchError(f"{spec}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            return "qa", squad_examples(doc, spec)
+        if spec.endswith(".jsonl"):
+            texts = []
+            with open(spec) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        texts.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise BenchError(f"{spec}:{lineno}: expected a JSON object with a \"text\" field") from None
+            return "text", texts
+        with open(spec, encoding="utf-8", errors="replace") as fh:
+            return "text", [p for p in fh.read().split("\n\n") if p.strip()]
+    if os.path.sep in spec or spec.startswith("."):
+        raise BenchError(f"data file not found: {spec}")
+    try:
+        import datasets
+        ds = datasets.load_dataset(spec, split="train")
+    except Exception as e:  # noqa: BLE001 - any failure to fetch is the same bad input for the user
+        raise BenchError(f"cannot load dataset {spec!r} (no such file, and the hub load failed: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if "context" in ds.column_names and "answers" in ds.column_names:
+        return "qa", [{"prompt": f"Context: {r['context']}\nQuestion: {r['question']}\nAnswer:",
+                       "answer": " " + r["answers"]["text"][0]} for r in ds]
+    return "text", [r["text"] for r in ds]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization
+
+@dataclass
+class Tokenized:
+    input_ids: torch.Tensor       # [N, T] long
+    attention_mask: torch.Tensor  # [N, T] long
+    labels: torch.Tensor          # [N, T] long, IGNORE where no loss
+
+
+def tokenize_qa(examples: list[dict], tok, seq_len: int) -> Tokenized:
+    """Right-padded prompt+answer; loss on answer (+EOS) tokens only. Long contexts lose their start."""
+    ids, masks, labels = [], [], []
+    for ex in examples:
+        prompt = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tok(ex["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        answer = answer[:seq_len // 2]
+        prompt = prompt[max(0, len(prompt) - (seq_len - len(bos) - len(answer))):]
+        seq = bos + prompt + answer
+        lab = [IGNORE] * (len(bos) + len(prompt)) + answer
+        pad = seq_len - len(seq)
+        ids.append(seq + [tok.pad_token_id] * pad)
+        masks.append([1] * len(seq) + [0] * pad)
+        labels.append(lab + [IGNORE] * pad)
+    return Tokenized(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))
+
+
+def tokenize_text(texts: list[str], tok, seq_len: int) -> Tokenized:
+    """Concatenate with EOS separators and cut into full seq_len blocks (packing); loss on every token."""
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise BenchError(f"the text data has {len(stream)} tokens, fewer than one --seq_len ({seq_len}) block")
+    ids = torch.tensor(stream[:n * seq_len]).view(n, seq_len)
+    return Tokenized(ids, torch.ones_like(ids), ids.clone())
+
+
+def load_dataset(spec: str, tok, seq_len: int, val_fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
+    kind, examples = load_examples(spec)
+    if not examples:
+        raise BenchError(f"data {spec!r} has no examples")
+    data = tokenize_qa(examples, tok, seq_len) if kind == "qa" else tokenize_text(examples, tok, seq_len)
+    n = data.input_ids.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise BenchError(f"data {spec!r} has only {n} sample(s): too few to hold out a validation split")
+    pick = lambda idx: Tokenized(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])  # noqa: E731
+    return pick(perm[n_val:]), pick(perm[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding
+
+class ShardedBatches:
+    """Micro-batches for one data-parallel rank, identical in content whatever the DP size.
+
+    A global batch is G = micro * accum * dp consecutive samples of an epoch's seeded permutation, cut into
+    accum * dp micro-batches j = 0..; rank r takes j = r * accum + k for k < accum. So DP=2/accum=1 and
+    DP=1/accum=2 compute exactly the same micro-batches, which is what makes loss parity testable.
+    """
+
+    def __init__(self, data: Tokenized, micro: int, accum: int, dp: int, dp_rank: int, seed: int):
+        self.data, self.micro, self.accum, self.dp, self.rank, self.seed = data, micro, accum, dp, dp_rank, seed
+        self.global_size = micro * accum * dp
+        n = data.input_ids.shape[0]
+        if n < self.global_size:
+            raise BenchError(f"the training split has {n} samples, fewer than one global batch "
+                             f"({self.global_size}); use more data or a smaller --global_batch_size")
+        self.steps_per_epoch = n // self.global_size
+
+    def step_batches(self, step: int) -> list[dict]:
+        """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(self.data.input_ids.shape[0],
+                              generator=torch.Generator().manual_seed(self.seed + epoch))
+        base = within * self.global_size
+        out = []
+        for k in range(self.accum):
+            j = self.rank * self.accum + k
+            idx = perm[base + j * self.micro: base + (j + 1) * self.micro]
+            out.append({"input_ids": self.data.input_ids[idx], "attention_mask": self.data.attention_mask[idx],
+                        "labels": self.data.labels[idx]})
+        return out
+
+
+def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int) -> list[dict]:
+    """The first full validation micro-batches (max_batches, rounded down to a multiple of dp so every rank
+    runs the same number of forwards, which ZeRO-3 requires), rank r taking r, r+dp, ...: disjoint across
+    ranks and the same set for any DP size that divides max_batches, so val_loss compares across layouts."""
+    total = min(max_batches, data.input_ids.shape[0] // micro) // dp * dp
+    out = []
+    for j in range(dp_rank, total, dp):
+        sl = slice(j * micro, (j + 1) * micro)
+        out.append({"input_ids": data.input_ids[sl], "attention_mask": data.attention_mask[sl],
+                    "labels": data.labels[sl]})
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["make-sample"]:
+        sys.exit("usage: python -m bench.data make-sample")
+    os.makedirs(os.path.dirname(SAMPLE_PATH), exist_ok=True)
+    with open(SAMPLE_PATH, "w") as fh:
+        json.dump(make_squad_sample(), fh, indent=1)
+    print(f"wrote {SAMPLE_PATH}")

@@ -1,0 +1,90 @@
+"""Process-group setup that works under every launcher: deepspeed, torchrun, srun, or plain python."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from bench.config import BenchError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover() -> DistEnv:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from the launcher, SLURM, or world-size-1 defaults.
+
+    deepspeed and torchrun set all five; srun sets SLURM_* only (the sbatch script exports MASTER_ADDR/PORT);
+    plain `python bench/run.py` is a world of one on this host.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    try:
+        rank, local, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise BenchError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers, got {env['RANK']!r}/"
+                         f"{env['LOCAL_RANK']!r}/{env['WORLD_SIZE']!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise BenchError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world}")
+    if world > 1 and "MASTER_ADDR" not in env:
+        raise BenchError("WORLD_SIZE > 1 but MASTER_ADDR is not set; the launcher or sbatch script must export "
+                         "MASTER_ADDR and MASTER_PORT (see slurm/)")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+    return DistEnv(rank, local, world)
+
+
+def init(timeout_s: int) -> None:
+    """Create the process group; a rank that never arrives makes the others fail after timeout_s."""
+    import deepspeed
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def make_run_dir(output_dir: str, run_name: str) -> str:
+    """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path."""
+    import torch.distributed as dist
+    path = [None]
+    if dist.get_rank() == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        for i in range(1, 1000):
+            candidate = os.path.join(output_dir, run_name if i == 1 else f"{run_name}-{i}")
+            try:
+                os.makedirs(candidate)  # exist_ok=False: two runs started at once never share a directory
+                path[0] = candidate
+                break
+            except FileExistsError:
+                continue
+    dist.broadcast_object_list(path, src=0)
+    if path[0] is None:
+        raise BenchError(f"cannot create a run directory for {run_name!r} under {output_dir}")
+    return path[0]
+
+
+def node_pids() -> dict[int, int]:
+    """{global rank: pid} of the ranks on this host (for the CPU device monitor)."""
+    mine = (socket.gethostname(), os.getpid())
+    everyone = gather(mine)
+    return {r: pid for r, (host, pid) in enumerate(everyone) if host == mine[0]}
+
+
+def gather(obj) -> list:
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,92 @@
+"""Where a run's records go: the run directory first (source of truth), then W&B (rank 0, imported lazily)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Readers (analysis, a watching user) never see a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str, allow_nan=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _finite(obj):
+    """JSON has no NaN/inf; a diverged loss is recorded as null rather than making the file unreadable."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class JsonlLogger:
+    """metrics.jsonl: one object per line, flushed as written, so a killed run keeps every finished step."""
+
+    def __init__(self, path: str):
+        self._fh = open(path, "a")
+
+    def log(self, record: dict) -> None:
+        self._fh.write(json.dumps(_finite(record), default=str) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class WandbLogger:
+    """One W&B run per benchmark run, from rank 0. Mirrors metrics.jsonl lines and summary.json."""
+
+    def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str]):
+        self.run = None
+        if cfg.wandb_mode == "disabled":
+            return
+        import wandb  # lazy: a disabled run never pays the import
+        self._wandb = wandb
+        os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.wandb_project, group=cfg.wandb_group or cfg.model, job_type=cfg.strategy,
+            name=run_name, tags=tags, config=config, mode=cfg.wandb_mode, dir=run_dir,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=False))
+        # Every metric is plotted against the optimizer step, not W&B's internal call counter.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log(_finite(_flatten(record)))
+
+    def summary(self, summary: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(_finite(_flatten(summary)))
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001 - W&B trouble must not lose the on-disk results
+                print(f"warning: W&B finish failed: {e}", file=sys.stderr)
+            self.run = None
+
+    @property
+    def run_id(self):
+        return self.run.id if self.run is not None else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts become W&B-style keys ('step_time_s/median'); lists of dicts stay as they are."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out

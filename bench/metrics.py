@@ -1,0 +1,108 @@
+"""Every formula the harness reports, in one place (docs/metrics.md documents each one).
+
+Inputs are plain numbers gathered by the training loop, so each formula is testable without a run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import sys
+from collections import Counter
+
+# bf16 dense peak TFLOP/s per device (no sparsity), matched against the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops(device_name: str | None, override: float | None) -> float | None:
+    """--peak_tflops wins; otherwise a known GPU's bf16 peak; otherwise None (MFU is never invented)."""
+    if override:
+        return float(override)
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def step_time_stats(step_times: list[float]) -> dict:
+    """Statistics over measured (post-warm-up) steps; each entry is already the slowest rank's time."""
+    if not step_times:
+        return {"median": None, "mean": None, "p90": None}
+    return {"median": statistics.median(step_times), "mean": statistics.fmean(step_times),
+            "p90": percentile(step_times, 90)}
+
+
+def throughput(step_times: list[float], global_batch: int, seq_len: int, world_size: int,
+               flops_per_token: float, peak_tflops: float | None) -> dict:
+    """Throughput over the measured steps: total work / total time (equivalently per-step work / mean time)."""
+    if not step_times:
+        return {"tokens_per_s": None, "tokens_per_s_per_gpu": None, "samples_per_s": None,
+                "tflops_per_gpu": None, "mfu": None}
+    mean = statistics.fmean(step_times)
+    samples_per_s = global_batch / mean
+    tokens_per_s = samples_per_s * seq_len
+    per_gpu = tokens_per_s / world_size
+    tflops = flops_per_token * per_gpu / 1e12
+    return {"tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu, "samples_per_s": samples_per_s,
+            "tflops_per_gpu": tflops, "mfu": (tflops / peak_tflops) if peak_tflops else None}
+
+
+def goodput(applied_updates: int, useful_tokens: int, train_wall_s: float) -> dict:
+    """Useful work per second of the whole training phase (eval, stalls and warm-up included).
+
+    applied_updates excludes skipped (overflow) steps; useful_tokens counts the non-padding target tokens
+    (labels != ignore) of applied steps only.
+    """
+    if train_wall_s <= 0:
+        return {"updates_per_s": None, "tokens_per_s": None}
+    return {"updates_per_s": applied_updates / train_wall_s, "tokens_per_s": useful_tokens / train_wall_s}
+
+
+def time_to_target(losses: list[tuple[int, float, float]], target: float | None) -> tuple:
+    """losses: (step, loss, seconds since training start). -> (time_to_target_s, steps_to_target)."""
+    if target is None:
+        return None, None
+    for step, loss, elapsed in losses:
+        if loss <= target:
+            return elapsed, step
+    return None, None
+
+
+def device_stats(memory_mib: list[float], util_pct: list[float]) -> dict:
+    """One device's monitor samples -> peak, mean and mode memory (mode over whole MiB, the seeds'
+    nvidia-smi view) and mean utilization."""
+    if not memory_mib:
+        return {"peak_mib": None, "avg_mib": None, "mode_mib": None, "util_avg_pct": None}
+    mode = Counter(round(v) for v in memory_mib).most_common(1)[0][0]
+    return {"peak_mib": max(memory_mib), "avg_mib": statistics.fmean(memory_mib), "mode_mib": float(mode),
+            "util_avg_pct": statistics.fmean(util_pct) if util_pct else None}
+
+
+def rank_memory(device_type: str) -> dict:
+    """This process's peak memory: device allocator figures on GPUs, peak RSS everywhere."""
+    out = {"peak_allocated_mib": None, "peak_reserved_mib": None, "peak_rss_mib": peak_rss_mib()}
+    if device_type == "cuda":
+        import torch
+        out["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return out
+
+
+def peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def current_rss_mib(pid: int | None = None) -> float:
+    import psutil
+    return psutil.Process(pid or os.getpid()).memory_info().rss / 2**20

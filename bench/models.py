@@ -1,0 +1,217 @@
+"""Model presets, loading (pretrained or random init, low host memory) and the FLOPs-per-token formula.
+
+Real presets carry the published architecture numbers so `--init random` benchmarks them without a download.
+Tiny presets are built here once (weights + a locally trained tokenizer), saved, and then loaded through the
+same `from_pretrained` path as a real checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from bench.config import BenchError
+
+# rope_parameters as transformers 5 names them; the LLaMA 3.x "llama3" scaling is part of the real architecture.
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_type: str                  # "llama" | "mixtral"
+    arch: dict                       # config kwargs
+    hub_id: str | None = None        # where --init pretrained finds weights when no local copy exists
+    tiny: bool = False               # built locally, never downloaded
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "llama3.1-8b": Preset("llama", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_parameters=_LLAMA3_ROPE, bos_token_id=128000, eos_token_id=128001),
+        hub_id="meta-llama/Llama-3.1-8B"),
+    "llama3.2-1b": Preset("llama", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+        bos_token_id=128000, eos_token_id=128001),
+        hub_id="meta-llama/Llama-3.2-1B"),
+    "mixtral-8x7b": Preset("mixtral", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        hub_id="mistralai/Mixtral-8x7B-v0.1"),
+    # A few hundred K parameters: fast on 2 CPU cores, yet every structural feature of the real one
+    # (GQA, SwiGLU, untied head; for Mixtral top-2 routing over 4 experts).
+    "tiny-llama": Preset("llama", dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), tiny=True),
+    "tiny-mixtral": Preset("mixtral", dict(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, num_local_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), tiny=True),
+}
+TINY_FORMAT_VERSION = 1  # bump when a tiny preset changes so cached copies are rebuilt, not reused
+
+
+def cache_dir() -> str:
+    return os.environ.get("BENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ds-parallel-bench"))
+
+
+def make_config(preset: Preset, vocab_size: int | None = None):
+    from transformers import LlamaConfig, MixtralConfig
+    cls = {"llama": LlamaConfig, "mixtral": MixtralConfig}[preset.model_type]
+    arch = dict(preset.arch)
+    if vocab_size:
+        arch["vocab_size"] = vocab_size
+    return cls(**arch)
+
+
+def ensure_tiny(name: str) -> str:
+    """Build the tiny preset's checkpoint directory once; safe when every rank races to do it."""
+    from bench import data as data_mod
+    target = os.path.join(cache_dir(), "models", f"{name}-v{TINY_FORMAT_VERSION}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(target))
+    try:
+        preset = PRESETS[name]
+        tokenizer = data_mod.build_tiny_tokenizer(preset.arch["vocab_size"])
+        config = make_config(preset)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: readers see a complete directory or none
+        except OSError:
+            pass  # another rank won the race; its copy is identical in content
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(name: str, init: str) -> tuple[Preset | None, str | None]:
+    """-> (preset or None, checkpoint path/hub id or None). Never touches the network."""
+    preset = PRESETS.get(name)
+    if preset is not None and preset.tiny:
+        return preset, ensure_tiny(name)
+    if preset is not None:
+        local = os.path.join(os.environ.get("BENCH_MODELS_DIR", "models"), name)
+        if os.path.isfile(os.path.join(local, "config.json")):
+            return preset, local
+        if init == "random":
+            return preset, None
+        return preset, preset.hub_id
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise BenchError(f"model directory {name} has no config.json; is it a Hugging Face checkpoint?")
+        return None, name
+    if "/" in name and not name.startswith((".", "/")):
+        return None, name  # a hub id: only this path may use the network
+    raise BenchError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a checkpoint directory or a hub id")
+
+
+def load_config(name: str, init: str):
+    """The model config and tokenizer source, without materializing any weights."""
+    from transformers import AutoConfig
+    preset, source = resolve_model_source(name, init)
+    if source is None:  # random init of a real preset with no local copy: the bundled tokenizer stands in
+        return make_config(preset), ensure_tiny("tiny-llama"), preset
+    try:
+        return AutoConfig.from_pretrained(source), source, preset
+    except OSError as e:
+        raise BenchError(f"cannot load model config from {source}: {str(e).splitlines()[0]} "
+                         f"(pass a local directory, set BENCH_MODELS_DIR, or use --init random)") from None
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_config: dict | None, seed: int):
+    """Weights go straight to `device` (or are partitioned at construction under ZeRO-3), so a large model is
+    never held once per rank in host memory."""
+    import contextlib
+    import torch
+    from transformers import AutoModelForCausalLM
+    _, source = resolve_model_source(name, init)
+    keep_alive = None
+    if zero3_ds_config is not None:
+        # While this object lives, from_pretrained/from_config construct under deepspeed.zero.Init.
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(zero3_ds_config)  # noqa: F841
+    torch.manual_seed(seed)
+    if init == "random":
+        ctx = torch.device(device) if zero3_ds_config is None else contextlib.nullcontext()
+        with ctx:
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    else:
+        kwargs = {"dtype": dtype}
+        if zero3_ds_config is None and str(device) != "cpu":
+            kwargs["device_map"] = {"": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.config.use_cache = False  # training: the KV cache only costs memory
+    return model, keep_alive
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter counts and FLOPs: the one place these formulas live (documented in docs/metrics.md).
+
+def count_params_from_config(c) -> dict:
+    """Parameter counts straight from the architecture numbers (no model needed)."""
+    h, L, v = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    hd = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    attn = h * q + 2 * h * kv + q * h
+    experts = getattr(c, "num_local_experts", 0) or 0
+    mlp_one = 3 * h * c.intermediate_size
+    if experts:
+        mlp_total = experts * mlp_one + h * experts  # experts + router
+        mlp_active = c.num_experts_per_tok * mlp_one + h * experts
+    else:
+        mlp_total = mlp_active = mlp_one
+    norms = 2 * h
+    embed = v * h
+    head = 0 if c.tie_word_embeddings else v * h
+    total = embed + head + L * (attn + mlp_total + norms) + h
+    # The GEMM-bearing parameters one token actually multiplies with: every linear layer, the active
+    # experts only, and the LM head (tied or not); embedding lookups and norms do no matmul.
+    active_matmul = L * (attn + mlp_active) + v * h
+    return {"total": total, "active_matmul": active_matmul, "embedding": embed}
+
+
+def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), counting matmuls only.
+
+    Full fine-tune (lora_params=None): 6 N + 12 L H Q T, with N the active matmul parameters (MoE: the top-k
+    experts only, plus the router). LoRA: N grows by the adapter parameters, and the frozen base needs
+    activation gradients (2 N) but no weight gradients, so 4 N + 2 N_lora + 12 L H Q T. The attention term
+    counts QK^T and AV for every (query, key) pair of the sequence, as FlopCounterMode does for SDPA.
+    """
+    c = model_config
+    n = count_params_from_config(c)["active_matmul"] + (lora_params or 0)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention = 12 * c.num_hidden_layers * c.num_attention_heads * hd * seq_len
+    if lora_params is None:
+        return 6 * n + attention
+    return 4 * n + 2 * lora_params + attention
+
+
+def is_moe(model_config) -> bool:
+    return bool(getattr(model_config, "num_local_experts", 0))

@@ -1,0 +1,99 @@
+"""Resolve a run before anything heavy starts: config, layout, batch arithmetic, model config and data.
+
+Every rank resolves the same inputs the same way, so bad input makes every rank exit with the same line,
+before a process group exists that could hang.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from bench import config as C
+from bench import data as D
+from bench import models as M
+from bench.strategies import STRATEGIES
+
+
+@dataclass
+class Plan:
+    cfg: C.RunConfig
+    ds: dict                  # resolved ds_config: what DeepSpeed gets and what is recorded
+    layout: C.Layout
+    batch: C.Batch
+    peft: str
+    model_config: object
+    tokenizer_source: str
+    train_data: D.Tokenized
+    val_data: D.Tokenized
+    device_type: str
+    device_name: str | None
+    phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
+
+    @property
+    def dtype(self):
+        import torch
+        if (self.ds.get("bf16") or {}).get("enabled"):
+            return torch.bfloat16
+        if (self.ds.get("fp16") or {}).get("enabled"):
+            return torch.float16
+        return torch.float32
+
+    def table(self) -> str:
+        c, b, mc = self.cfg, self.batch, self.model_config
+        zero = (self.ds.get("zero_optimization") or {}).get("stage", 0)
+        rows = [
+            ("strategy", c.strategy), ("ds_config", c.ds_config), ("layout", self.layout.describe()),
+            ("zero_stage", zero), ("model", f"{c.model} ({type(mc).__name__}, init={c.init})"),
+            ("architecture", f"L={mc.num_hidden_layers} hidden={mc.hidden_size} heads={mc.num_attention_heads}/"
+                             f"{mc.num_key_value_heads} vocab={mc.vocab_size}"
+                             + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}" if M.is_moe(mc) else "")),
+            ("peft", self.peft + (f" (r={c.lora_r}, alpha={c.lora_alpha}, targets={c.lora_targets})"
+                                  if self.peft == "lora" else "")),
+            ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),
+            ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x dp {self.layout.dp}"),
+            ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
+            ("lr", self.ds["optimizer"]["params"]["lr"]),
+            ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"),
+            ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
+        ]
+        return C.format_table(rows, "resolved configuration")
+
+
+def _device() -> tuple[str, str | None, bool]:
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    kind = get_accelerator().device_name()
+    if kind == "cuda":
+        return "cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
+    return kind, None, False  # CPU: bf16 "auto" means off (no fast bf16 GEMMs to measure)
+
+
+def resolve(cfg: C.RunConfig, env) -> Plan:
+    t0 = time.time()
+    if cfg.strategy not in STRATEGIES:
+        raise C.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[cfg.strategy]
+    ds_raw = C.load_ds_config(cfg.ds_config)
+    layout = C.Layout.from_ds_config(ds_raw, env.world_size)
+    batch = C.resolve_batch(cfg, ds_raw, layout.dp)
+    model_config, tok_source, _ = M.load_config(cfg.model, cfg.init)
+    strategy.check(cfg, ds_raw, layout, model_config)
+    if cfg.peft == "auto":
+        cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
+    peft = cfg.peft
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise C.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                           f"({model_config.max_position_embeddings})")
+    device_type, device_name, bf16_ok = _device()
+    ds = C.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok)
+    t_data = time.time()
+    tok = M.load_tokenizer(tok_source)
+    if tok.vocab_size > model_config.vocab_size:
+        raise C.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_config.vocab_size}")
+    train, val = D.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
+    D.ShardedBatches(train, batch.micro, batch.grad_accum, layout.dp, 0, cfg.seed)  # validates the sizes
+    if val.input_ids.shape[0] < batch.micro * layout.dp:
+        raise C.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one micro "
+                           f"batch per DP rank ({batch.micro * layout.dp}); raise --val_fraction")
+    return Plan(cfg, ds, layout, batch, peft, model_config, tok_source, train, val, device_type, device_name,
+                phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})

@@ -1,0 +1,37 @@
+"""Entry point: parse -> resolve -> build -> train -> summarize.
+
+    deepspeed --num_gpus 2 bench/run.py --strategy dp --ds_config ds_configs/dp_zero2.json
+"""
+import time
+
+PROCESS_START = time.time()  # before the heavy imports, so time_to_first_step includes them
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script (deepspeed bench/run.py): make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.config import BenchError, parse_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        from bench import distributed
+        env = distributed.discover()
+        from bench.plan import resolve
+        plan = resolve(cfg, env)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if env.rank == 0:
+        print(plan.table(), flush=True)
+    if cfg.dry_run:
+        return 0
+    from bench.session import Session
+    return Session(cfg, env, plan, PROCESS_START).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

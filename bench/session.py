@@ -1,0 +1,159 @@
+"""One benchmark run from process group to summary.json: build, train, record.
+
+Rank 0 owns the run directory's files. Whatever happens after the directory exists, summary.json says how the
+run ended (completed | failed | oom), and everything recorded before an error stays on disk.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from bench import distributed, metrics, models
+from bench import summary as S
+from bench.config import BenchError, format_table
+from bench.data import ShardedBatches, val_batches
+from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
+from bench.strategies import STRATEGIES
+from bench.strategies.common import param_counts
+from bench.train import Console, Trainer
+
+
+class Session:
+    def __init__(self, cfg, env, plan, process_start: float):
+        self.cfg, self.env, self.plan, self.t0 = cfg, env, plan, process_start
+        self.is_main = env.rank == 0
+        self.summary = S.skeleton(cfg, plan.layout, plan.batch, plan.ds, env.world_size, plan.peft)
+        self.summary["startup_s"] = {"imports_and_resolve_s": time.time() - process_start, **plan.phases}
+        self.jsonl = self.wandb = self.monitor = None
+
+    def _default_name(self) -> str:
+        model = os.path.basename(self.cfg.model.rstrip("/"))
+        return f"{model}-{self.cfg.strategy}-{self.plan.peft}-w{self.env.world_size}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def run(self) -> int:
+        distributed.init(self.cfg.dist_timeout_s)
+        self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name())
+        self.summary["run_dir"] = self.run_dir
+        if self.is_main:
+            self._open_records()
+        code = 0
+        try:
+            self._train()
+            self.summary["status"] = "completed"
+        except BenchError as e:
+            self.summary.update(status="failed", error=str(e))
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 2
+        except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
+            oom = "OutOfMemoryError" in type(e).__name__
+            self.summary.update(status="oom" if oom else "failed",
+                                error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+            traceback.print_exc()
+            code = 3 if oom else 1
+        finally:
+            self._close_records(code)
+        return code
+
+    # -----------------------------------------------------------------------------------------------------
+    def _open_records(self):
+        d, p = self.run_dir, self.plan
+        config = {"run": self.cfg.to_dict(), "ds_config": p.ds,
+                  "layout": self.summary["layout"], "world_size": self.env.world_size,
+                  "batch": {"global": p.batch.global_, "micro": p.batch.micro, "grad_accum": p.batch.grad_accum},
+                  "peft": p.peft, "device": {"type": p.device_type, "name": p.device_name, "dtype": str(p.dtype)},
+                  "model_config": p.model_config.to_dict(), **S.environment()}
+        write_json_atomic(os.path.join(d, "config.json"), config)
+        write_json_atomic(os.path.join(d, "summary.json"), self.summary)
+        self.jsonl = JsonlLogger(os.path.join(d, "metrics.jsonl"))
+        tags = [self.cfg.strategy, os.path.basename(self.cfg.model), f"world{self.env.world_size}",
+                f"peft-{p.peft}", f"zero{self.summary['zero_stage']}"]
+        self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags)
+        self.summary["wandb_run_id"] = self.wandb.run_id
+
+    def _close_records(self, code: int):
+        if self.monitor is not None:
+            devices = self.monitor.stop()
+            if self.is_main:
+                self.summary["memory"]["device"] = devices
+        if not self.is_main:
+            return
+        self.summary["total_wall_time_s"] = time.time() - self.t0
+        write_json_atomic(os.path.join(self.run_dir, "summary.json"), self.summary)
+        self.jsonl.close()
+        self.wandb.summary(self.summary)
+        self.wandb.finish(exit_code=code)
+        print(format_table(S.result_table(self.summary), "result"), flush=True)
+
+    def _log(self, record: dict):
+        self.jsonl.log(record)
+        self.wandb.log(record)
+        self.console(record)
+
+    def _train(self):
+        import deepspeed
+        import torch
+        from deepspeed.accelerator import get_accelerator
+        cfg, p, env = self.cfg, self.plan, self.env
+        if p.device_type == "cuda":
+            get_accelerator().set_device(env.local_rank)
+        device = torch.device(get_accelerator().device_name(env.local_rank) if p.device_type == "cuda" else "cpu")
+
+        t = time.time()
+        zero3 = p.ds if self.summary["zero_stage"] == 3 else None
+        model, _zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3, cfg.seed)
+        before = param_counts(model)
+        model = STRATEGIES[cfg.strategy].prepare(model, cfg, p.ds)
+        after = param_counts(model)
+        if self.is_main:
+            print(_param_table(before, after, p.peft), flush=True)
+        t_build = time.time()
+        engine, *_ = deepspeed.initialize(model=model, config=p.ds,
+                                          model_parameters=[q for q in model.parameters() if q.requires_grad])
+        self.summary["startup_s"].update(model_build_s=t_build - t, ds_initialize_s=time.time() - t_build)
+
+        lora_params = after["total"] - before["total"] if p.peft == "lora" else None
+        fpt = models.flops_per_token(p.model_config, cfg.seq_len, lora_params)
+        peak = metrics.device_peak_tflops(p.device_name, cfg.peak_tflops)
+        world = env.world_size
+        rates = lambda times: metrics.throughput(times, p.batch.global_, cfg.seq_len, world, fpt, peak)  # noqa: E731
+
+        pids = distributed.node_pids()  # collective: every rank calls it
+        if env.local_rank == 0:
+            name = "device_monitor.csv" if self.is_main else f"device_monitor.{os.uname().nodename}.csv"
+            from bench.monitor import DeviceMonitor
+            self.monitor = DeviceMonitor(os.path.join(self.run_dir, name), cfg.monitor_interval_s,
+                                         p.device_type, pids).start()
+
+        # Model-parallel ranks of one replica are consecutive (DeepSpeed's convention), so they read the same data.
+        dp_rank = env.rank // (world // p.layout.dp)
+        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, p.layout.dp, dp_rank, cfg.seed)
+        val = val_batches(p.val_data, p.batch.micro, p.layout.dp, dp_rank, cfg.eval_batches)
+        self.console = Console(cfg.max_steps, cfg.log_interval, p.batch.global_) if self.is_main else None
+        trainer = Trainer(engine, batches, val, p.batch.global_, device, rates,
+                          self._log if self.is_main else None)
+        res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval)
+        if self.console:
+            self.console.close()
+
+        S.fill_results(self.summary, res, global_batch=p.batch.global_, seq_len=cfg.seq_len, world_size=world,
+                       flops_per_token=fpt, peak_tflops=peak, target_loss=cfg.target_loss)
+        self.summary["time_to_first_step_s"] = res.first_step_end - self.t0
+        mem = distributed.gather({"rank": env.rank, **metrics.rank_memory(p.device_type)})
+        local = distributed.gather({"rank": env.rank, "total": after["local"],
+                                    "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)})
+        self.summary["memory"]["per_rank"] = mem
+        self.summary["params"] = {"total": after["total"], "trainable": after["trainable"],
+                                  "before_peft": before["total"], "per_rank": local}
+
+
+def _param_table(before: dict, after: dict, peft: str) -> str:
+    rows = [("trainable params", f"{before['trainable']:,}"), ("non-trainable params", f"{before['non_trainable']:,}"),
+            ("total params", f"{before['total']:,}")]
+    out = format_table(rows, "parameters" + (" before LoRA" if peft == "lora" else ""))
+    if peft == "lora":
+        rows = [("trainable params", f"{after['trainable']:,} ({after['trainable'] / after['total']:.3%})"),
+                ("non-trainable params", f"{after['non_trainable']:,}"), ("total params", f"{after['total']:,}")]
+        out += "\n" + format_table(rows, "parameters after LoRA")
+    return out

@@ -1,0 +1,156 @@
+"""The training loop: timed optimizer steps, periodic evaluation, per-step records.
+
+Timing rule: the device is synchronized before the clock starts and before it stops, so a step's time is the
+device's time, not the launch queue's; the per-step all-gather that follows (outside the timed region) makes
+every rank see the slowest rank's time, which is the step's time.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from bench.data import IGNORE
+
+
+@dataclass
+class TrainResult:
+    records: list = field(default_factory=list)      # one dict per step (what metrics.jsonl gets)
+    step_times: list = field(default_factory=list)   # slowest-rank step times, warm-up excluded
+    losses: list = field(default_factory=list)       # (step, loss, seconds since training start)
+    val_loss: float | None = None
+    applied_updates: int = 0
+    useful_tokens: int = 0
+    train_wall_s: float = 0.0
+    first_step_end: float | None = None              # time.time() when step 1 finished
+
+
+class Trainer:
+    def __init__(self, engine, batches, val_batches, global_batch: int, device, rates, on_record):
+        self.engine, self.batches, self.val = engine, batches, val_batches
+        self.global_batch, self.device = global_batch, device
+        self.rates = rates  # step times -> throughput dict (metrics.throughput with this run's constants)
+        self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def _gather(self, values: list[float]) -> torch.Tensor:
+        """[world, len(values)] of every rank's values. One small collective per step, outside the timer."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t)
+        return torch.stack(out).cpu()
+
+    def train_step(self, step: int) -> tuple[float, float, int, bool]:
+        """One optimizer step (accum micro-batches). -> (local seconds, mean micro-batch loss, target tokens,
+        whether the update was applied)."""
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+                 for b in self.batches.step_batches(step - 1)]
+        skipped_before = self.engine.skipped_steps
+        self.sync()  # start the clock on an idle device
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for b in micro:
+            out = self.engine(**b)
+            self.engine.backward(out.loss)
+            self.engine.step()  # applies the update only at the accumulation boundary
+            loss_sum += out.loss.detach().float()
+        self.sync()  # wait for the last kernels (optimizer step) before reading the clock
+        dt = time.perf_counter() - t0
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        applied = self.engine.skipped_steps == skipped_before
+        return dt, float(loss_sum) / len(micro), tokens, applied
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean loss over the validation micro-batches (disjoint across DP ranks)."""
+        self.engine.eval()
+        loss_x_tokens, tokens = 0.0, 0
+        for b in self.val:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            n = int((b["labels"][:, 1:] != IGNORE).sum())
+            loss_x_tokens += float(self.engine(**b).loss) * n
+            tokens += n
+        self.engine.train()
+        totals = self._gather([loss_x_tokens, tokens]).sum(0)
+        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+    def run(self, max_steps: int, warmup_steps: int, eval_interval: int) -> TrainResult:
+        res = TrainResult()
+        consumed = 0
+        t_start = time.perf_counter()
+        for step in range(1, max_steps + 1):
+            dt, loss, tokens, applied = self.train_step(step)
+            # Everyone learns the slowest rank's time, the mean loss and the global token count.
+            g = self._gather([dt, loss, tokens, float(applied)])
+            step_time, mean_loss, step_tokens = float(g[:, 0].max()), float(g[:, 1].mean()), int(g[:, 2].sum())
+            all_applied = bool(g[:, 3].min() > 0)
+            if step == 1:
+                res.first_step_end = time.time()
+            consumed += self.global_batch
+            elapsed = time.perf_counter() - t_start
+            warmup = step <= warmup_steps
+            if not warmup:
+                res.step_times.append(step_time)
+            if all_applied:
+                res.applied_updates += 1
+                res.useful_tokens += step_tokens
+            res.losses.append((step, mean_loss, elapsed))
+            record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
+                      "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
+                      "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed, "target_tokens": step_tokens, "applied": all_applied,
+                      "warmup": warmup, "elapsed_s": elapsed, **_memory_now(self.device)}
+            if (eval_interval and step % eval_interval == 0) or step == max_steps:
+                res.val_loss = record["val_loss"] = self.evaluate()
+            res.records.append(record)
+            if self.on_record:
+                self.on_record(record)
+        res.train_wall_s = time.perf_counter() - t_start
+        return res
+
+
+def _maybe_float(x):
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def _memory_now(device) -> dict:
+    if device.type == "cuda":
+        return {"memory/allocated_mib": torch.cuda.memory_allocated() / 2**20,
+                "memory/peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}
+    from bench.metrics import current_rss_mib
+    return {"memory/rss_mib": current_rss_mib()}
+
+
+class Console:
+    """The familiar NeMo-style line, plus a progress bar when a terminal is attached."""
+
+    def __init__(self, max_steps: int, log_interval: int, global_batch: int):
+        self.max_steps, self.interval, self.global_batch = max_steps, log_interval, global_batch
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, desc="train", unit="step", leave=False)
+
+    def __call__(self, r: dict) -> None:
+        if self.bar:
+            self.bar.update(1)
+        if r["step"] % self.interval and r["step"] != self.max_steps and "val_loss" not in r:
+            return
+        line = (f"iteration {r['step']}/{self.max_steps} | lr {r['lr']:.3e} | "
+                f"global_batch_size {self.global_batch} | "
+                f"reduced_train_loss {r['loss']:.4f} | train_step_timing in s {r['step_time_s']:.4f} | "
+                f"consumed_samples {r['consumed_samples']}")
+        if r.get("val_loss") is not None:
+            line += f" | val_loss {r['val_loss']:.4f}"
+        if self.bar:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
