@@ -8,6 +8,10 @@ PROCESS_START = time.time()  # before the heavy imports, so time_to_first_step i
 
 import os  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
+
+# torch.distributed deprecation notices raised inside DeepSpeed, once per rank per step: noise, not signal.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 if __package__ in (None, ""):  # run as a script (deepspeed bench/run.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

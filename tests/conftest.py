@@ -1,0 +1,108 @@
+"""Helpers that start the harness as real processes, under the launchers users use."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Result:
+    def __init__(self, returncode: int, output: str, out_dir: Path):
+        self.returncode, self.output, self.out_dir = returncode, output, out_dir
+        dirs = sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
+        self.run_dirs = dirs
+        self.run_dir = dirs[0] if len(dirs) == 1 else None
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records()]
+
+
+def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python", timeout: int = 300,
+              env: dict | None = None) -> Result:
+    """launcher: python (world 1), deepspeed, torchrun, or srun-env (N plain processes given only the
+    SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
+    argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    port = str(free_port())
+    if launcher == "python":
+        cmds = [[sys.executable, *argv]]
+    elif launcher == "deepspeed":
+        cmds = [[sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+                 "--master_port", port, *argv]]
+    elif launcher == "torchrun":
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                 "--master_port", port, *argv]]
+    elif launcher == "srun-env":
+        cmds = [[sys.executable, *argv] for _ in range(nprocs)]
+    else:
+        raise ValueError(launcher)
+    procs = []
+    for i, cmd in enumerate(cmds):
+        e = dict(full_env)
+        if launcher == "srun-env":
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+                e.pop(k, None)
+            e.update(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS=str(nprocs),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs, code = [], 0
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(out)
+        code = code or p.returncode
+    return Result(code, "\n".join(outputs), out_dir)
+
+
+def assert_ok(res: Result) -> None:
+    assert res.returncode == 0, res.output[-4000:]
+    assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
+
+
+@pytest.fixture(scope="session")
+def bench_runs(tmp_path_factory):
+    """Runs shared by several test modules, started once per session (each costs 5-20 s of CPU)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1",
+               "--global_batch_size", "4", "--micro_batch_size", "2", "--seq_len", "128", "--eval_interval", "0")
+
+
+@pytest.fixture(scope="session")
+def zero_runs(tmp_path_factory):
+    """The same model, data and global batch of 4: one process (grad_accum 2) and two processes under
+    ZeRO-1 (torchrun), ZeRO-2 (deepspeed launcher, W&B offline) and ZeRO-3 (srun-style environment)."""
+    root = tmp_path_factory.mktemp("zero")
+    runs = {"w1": run_bench(root / "w1", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json")}
+    runs["zero1"] = run_bench(root / "zero1", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero1.json",
+                              nprocs=2, launcher="torchrun")
+    runs["zero2"] = run_bench(root / "zero2", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json",
+                              "--wandb_mode", "offline", "--target_loss", "100", nprocs=2, launcher="deepspeed")
+    runs["zero3"] = run_bench(root / "zero3", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero3.json",
+                              nprocs=2, launcher="srun-env")
+    return runs

@@ -1,0 +1,112 @@
+"""What a run leaves behind: summary.json (the metrics contract), metrics.jsonl, device_monitor.csv, config.json
+and the W&B offline run, read back with wandb's own reader."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_ok
+
+CONTRACT = ["status", "error", "strategy", "model", "peft", "world_size", "layout", "zero_stage",
+            "global_batch_size", "micro_batch_size", "grad_accum", "seq_len", "steps", "step_time_s",
+            "tokens_per_s", "tokens_per_s_per_gpu", "samples_per_s", "tflops_per_gpu", "mfu", "goodput", "loss",
+            "val_loss", "target_loss", "time_to_target_s", "steps_to_target", "total_wall_time_s",
+            "time_to_first_step_s", "memory", "params", "versions", "host", "slurm_job_id"]
+
+
+@pytest.fixture(scope="module")
+def run(zero_runs):
+    res = zero_runs["zero2"]
+    assert_ok(res)
+    return res
+
+
+def test_summary_has_every_contract_key_with_sane_values(run):
+    s = run.summary()
+    missing = [k for k in CONTRACT if k not in s]
+    assert not missing, missing
+    assert s["status"] == "completed" and s["error"] is None
+    assert (s["strategy"], s["model"], s["peft"], s["world_size"]) == ("dp", "tiny-llama", "none", 2)
+    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 1}
+    assert s["global_batch_size"] == s["micro_batch_size"] * s["grad_accum"] * 2 == 4
+    st = s["step_time_s"]
+    assert 0 < st["median"] <= st["p90"] and st["mean"] > 0
+    assert s["steps"] == 5
+    # throughput is consistent with the step time (independent arithmetic)
+    assert s["samples_per_s"] == pytest.approx(4 / st["mean"])
+    assert s["tokens_per_s"] == pytest.approx(4 * 128 / st["mean"])
+    assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_s"] / 2)
+    assert s["tflops_per_gpu"] > 0 and s["mfu"] is None  # CPU: no known peak, so no invented MFU
+    assert s["goodput"]["updates_per_s"] == pytest.approx(5 / s["train_wall_time_s"])
+    assert 0 < s["goodput"]["tokens_per_s"] < s["tokens_per_s"]  # padding and prompts are not useful tokens
+    assert s["time_to_target_s"] is not None and s["steps_to_target"] == 1  # target 100 is met at once
+    assert 0 < s["time_to_first_step_s"] < s["total_wall_time_s"]
+    assert math.isfinite(s["loss"]["first"]) and math.isfinite(s["val_loss"])
+    assert [r["rank"] for r in s["memory"]["per_rank"]] == [0, 1]
+    assert all(r["peak_rss_mib"] > 50 for r in s["memory"]["per_rank"])
+    devs = s["memory"]["device"]
+    assert [d["index"] for d in devs] == [0, 1]
+    assert all(d["peak_mib"] >= d["avg_mib"] > 0 for d in devs)
+    assert s["params"]["total"] == s["params"]["trainable"] > 100_000
+    assert s["versions"]["deepspeed"] and s["versions"]["torch"]
+
+
+def test_metrics_jsonl_has_one_line_per_step(run):
+    recs = run.records()
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    for r in recs:
+        for key in ("loss", "lr", "step_time_s", "tokens_per_s", "memory/rss_mib"):
+            assert key in r, key
+    assert "val_loss" in recs[-1]
+    s = run.summary()
+    assert s["loss"]["first"] == recs[0]["loss"] and s["loss"]["last"] == recs[-1]["loss"]
+    measured = [r["step_time_s"] for r in recs if not r["warmup"]]
+    assert len(measured) == 4 and s["step_time_s"]["mean"] == pytest.approx(sum(measured) / 4)
+
+
+def test_config_json_records_resolved_ds_config(run):
+    c = json.loads((run.run_dir / "config.json").read_text())
+    ds = c["ds_config"]
+    assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["bf16"]["enabled"] is False  # "auto" on CPU
+    assert ds["optimizer"]["params"]["lr"] == 1e-3  # CLI beats the ds_config's "auto"
+    assert "auto" not in json.dumps(ds)
+    assert c["run"]["strategy"] == "dp" and c["versions"]["transformers"]
+
+
+def test_device_monitor_csv(run):
+    rows = list(csv.DictReader((run.run_dir / "device_monitor.csv").open()))
+    assert {r["device"] for r in rows} == {"0", "1"}
+    assert all(float(r["memory_used_mib"]) > 0 for r in rows)
+    times = [float(r["time_s"]) for r in rows if r["device"] == "0"]
+    assert times == sorted(times) and len(times) >= 2
+
+
+def test_wandb_offline_run_holds_the_metrics(run):
+    files = list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, "rank 0 alone writes one W&B run"
+    # wandb's own transaction-log reader
+    out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(files[0])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["loss"] for h in history] == pytest.approx(run.losses())
+    run_rec = next(r["run"] for r in records if r["type"] == "run")
+    assert run_rec["project"] == "ds-parallel-bench"
+    assert run_rec["config"]["update"]["ds_config"]["zero_optimization"]["stage"] == 2
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    assert summary["status"] == "completed"
+    assert summary["tokens_per_s"] == pytest.approx(run.summary()["tokens_per_s"])
+    assert summary["step_time_s/median"] == pytest.approx(run.summary()["step_time_s"]["median"])
+    metrics = [r["metric"] for r in records if r["type"] == "metric"]
+    assert any(m.get("glob_name") == "*" and m.get("step_metric") == "step" for m in metrics)
