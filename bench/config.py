@@ -61,8 +61,13 @@ class RunConfig:
         return asdict(self)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        raise BenchError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bench/run.py", description="Fine-tune under one parallelism strategy and record what it costs.")
     for f in fields(RunConfig):
         kw = {"default": f.default, "help": f.metadata["help"]}

@@ -12,6 +12,7 @@ from bench import config as C
 from bench import data as D
 from bench import models as M
 from bench.strategies import STRATEGIES
+from bench.strategies.common import lora_targets
 
 
 @dataclass
@@ -81,6 +82,8 @@ def resolve(cfg: C.RunConfig, env) -> Plan:
     if cfg.peft == "auto":
         cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
     peft = cfg.peft
+    if peft == "lora":
+        lora_targets(cfg, model_config)
     if cfg.seq_len > model_config.max_position_embeddings:
         raise C.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                            f"({model_config.max_position_embeddings})")

@@ -14,15 +14,25 @@ def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> Non
                              f"that layout belongs to a {owner} strategy: remove the section or change --strategy")
 
 
-def apply_lora(model, cfg):
-    """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
-    from peft import LoraConfig, get_peft_model
+def lora_targets(cfg, model_config) -> list[str]:
+    """The --lora_targets names, checked against the architecture (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
     if not targets or missing:
         raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in "
                          f"{type(model).__name__}")
+    return targets
+
+
+def apply_lora(model, cfg):
+    """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
+    from peft import LoraConfig, get_peft_model
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

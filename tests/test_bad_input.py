@@ -1,0 +1,74 @@
+"""Bad input: one clear line, non-zero exit, every rank exits promptly, no run directory left behind."""
+import json
+import time
+
+import pytest
+
+from conftest import run_bench
+
+ZERO2 = ("--ds_config", "ds_configs/dp_zero2.json")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "bad.json").write_text('{\n  "train_batch_size": 4,\n  "zero_optimization": {"stage": 2,}\n}\n')
+    (d / "list.json").write_text("[1, 2]\n")
+    (d / "nozero.json").write_text('{"train_batch_size": "auto"}\n')
+    (d / "tp4.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 4}}))
+    (d / "tp2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}}))
+    (d / "notsquad.json").write_text(json.dumps({"data": [{"title": "x", "paragraphs": [{"context": "c"}]}]}))
+    (d / "broken.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    (d / "short.txt").write_text("too short\n")
+    return d
+
+
+CASES = [  # (id, args, ranks, expected part of the error line)
+    ("missing-ds-config", ("--ds_config", "nope.json"), 1, "ds_config not found: nope.json"),
+    ("malformed-ds-config", ("--ds_config", "{d}/bad.json"), 1, "bad.json:3:"),
+    ("ds-config-not-object", ("--ds_config", "{d}/list.json"), 1, "must be a JSON object"),
+    ("no-zero-section", ("--ds_config", "{d}/nozero.json"), 1, "needs a 'zero_optimization' section"),
+    ("unknown-strategy", ("--strategy", "magic", *ZERO2), 1, "unknown strategy 'magic'"),
+    ("unknown-model", ("--model", "gpt-17", *ZERO2), 1, "unknown model 'gpt-17'"),
+    ("missing-data", ("--data", "./no/such.json", *ZERO2), 1, "data file not found"),
+    ("not-squad", ("--data", "{d}/notsquad.json", *ZERO2), 1, "not SQuAD v1.1 format"),
+    ("broken-jsonl", ("--data", "{d}/broken.jsonl", *ZERO2), 1, "broken.jsonl:2: expected a JSON object"),
+    ("text-too-short", ("--data", "{d}/short.txt", *ZERO2), 1, "fewer than one --seq_len"),
+    ("zero-steps", ("--max_steps", "0", *ZERO2), 1, "--max_steps must be positive"),
+    ("negative-micro", ("--micro_batch_size", "-1", *ZERO2), 1, "--micro_batch_size must be positive"),
+    ("not-an-int", ("--max_steps", "ten", *ZERO2), 1, "invalid int value"),
+    ("no-measured-step", ("--max_steps", "2", "--warmup_steps", "2", *ZERO2), 1, "must exceed --warmup_steps"),
+    ("seq-too-long", ("--seq_len", "4096", *ZERO2), 1, "exceeds the model's max_position_embeddings"),
+    ("bad-lora-target", ("--peft", "lora", "--lora_targets", "qq_proj", *ZERO2), 1, "no module named ['qq_proj']"),
+    ("batch-arithmetic", ("--global_batch_size", "6", "--micro_batch_size", "2", *ZERO2), 2,
+     "global batch 6 is not divisible by micro batch 2 x DP 2 = 4"),
+    ("layout-mismatch", ("--ds_config", "{d}/tp4.json"), 2, "dp(?)*tp(4)*ep(1)*pp(1) != WORLD_SIZE(2)"),
+    ("foreign-section", ("--ds_config", "{d}/tp2.json"), 2, "'tensor_parallel' section"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_cleanly(tmp_path, files, case):
+    _, args, ranks, expected = case
+    args = [a.replace("{d}", str(files)) for a in args]
+    out = tmp_path / "runs"
+    t0 = time.time()
+    res = run_bench(out, *args, nprocs=ranks, launcher="deepspeed" if ranks > 1 else "python", timeout=180)
+    assert res.returncode != 0
+    assert time.time() - t0 < 120, "every rank must exit promptly"
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert errors and all(line == errors[0] for line in errors), res.output[-3000:]
+    assert len(errors) == ranks, f"each rank says it once: {errors}"
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in res.output
+    assert not out.exists() or not any(out.iterdir()), "no run directory for a run that never started"
+
+
+def test_dry_run_validates_and_exits_without_training(tmp_path):
+    out = tmp_path / "runs"
+    res = run_bench(out, "--dry_run", "--strategy", "dp", *ZERO2, "--global_batch_size", "8")
+    assert res.returncode == 0, res.output
+    assert "resolved configuration" in res.output
+    assert "global 8 = micro 2 x grad_accum 4 x dp 1" in res.output
+    assert "iteration" not in res.output
+    assert not out.exists()
