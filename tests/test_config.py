@@ -1,0 +1,61 @@
+"""Config resolution: CLI > ds_config > defaults, "auto" fields, batch arithmetic, layout factors."""
+import pytest
+
+from bench.config import BenchError, Layout, parse_args, resolve_batch, resolve_ds_config
+
+
+def test_batch_defaults_and_precedence():
+    cfg = parse_args([])
+    assert vars(resolve_batch(cfg, {}, dp=2)) == {"micro": 2, "grad_accum": 1, "global_": 4}
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": "auto"}
+    assert vars(resolve_batch(cfg, ds, dp=2)) == {"micro": 4, "grad_accum": 2, "global_": 16}
+    cli = parse_args(["--micro_batch_size", "1", "--global_batch_size", "8"])
+    assert vars(resolve_batch(cli, ds, dp=2)) == {"micro": 1, "grad_accum": 4, "global_": 8}
+
+
+def test_batch_arithmetic_refused():
+    with pytest.raises(BenchError, match="not divisible"):
+        resolve_batch(parse_args(["--global_batch_size", "10", "--micro_batch_size", "4"]), {}, dp=1)
+    with pytest.raises(BenchError, match="positive integer"):
+        resolve_batch(parse_args([]), {"train_micro_batch_size_per_gpu": 0}, dp=1)
+
+
+def test_auto_fields_resolved_and_cli_overrides():
+    cfg = parse_args(["--lr", "0.01"])
+    batch = resolve_batch(cfg, {}, dp=1)
+    ds = {"bf16": {"enabled": "auto"}, "optimizer": {"type": "AdamW", "params": {"lr": 0.5, "torch_adam": "auto"}},
+          "wandb": {"enabled": True}}
+    cpu = resolve_ds_config(cfg, ds, batch, "cpu", bf16_ok=False)
+    assert cpu["bf16"]["enabled"] is False and cpu["optimizer"]["params"] == {"lr": 0.01, "torch_adam": True}
+    assert cpu["wandb"]["enabled"] is False  # DeepSpeed's own monitor stays off
+    gpu = resolve_ds_config(parse_args([]), ds, batch, "cuda", bf16_ok=True)
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"] == {"lr": 0.5, "torch_adam": False}
+    assert ds["bf16"]["enabled"] == "auto", "the input dict is not modified"
+    with pytest.raises(BenchError, match="zero_optimization.stage"):
+        resolve_ds_config(cfg, {"zero_optimization": {"stage": "auto"}}, batch, "cpu", False)
+
+
+def test_layout_factors():
+    assert Layout.from_ds_config({}, 8) == Layout(dp=8)
+    lay = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": {"autoep_size": 2}}, 8)
+    assert (lay.dp, lay.tp, lay.ep, lay.pp) == (2, 2, 2, 1) and lay.world_size == 8
+    assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1) = 8"
+    with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\) != WORLD_SIZE\(6\)"):
+        Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
+
+
+def test_slurm_environment_maps_to_ranks(monkeypatch):
+    from bench import distributed
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    env = distributed.discover()
+    assert (env.rank, env.local_rank, env.world_size) == (5, 1, 8)
+    monkeypatch.delenv("MASTER_ADDR")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k)
+    with pytest.raises(BenchError, match="MASTER_ADDR"):
+        distributed.discover()

@@ -1,0 +1,60 @@
+"""Every formula in bench/metrics.py against an independent computation."""
+import numpy as np
+import pytest
+
+from bench import metrics
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 17):
+        xs = list(rng.random(n))
+        for q in (0, 50, 90, 100):
+            assert metrics.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_step_time_stats():
+    st = metrics.step_time_stats([0.3, 0.1, 0.2, 0.4])
+    assert st == pytest.approx({"median": 0.25, "mean": 0.25, "p90": np.percentile([0.1, 0.2, 0.3, 0.4], 90)})
+    assert metrics.step_time_stats([]) == {"median": None, "mean": None, "p90": None}
+
+
+def test_throughput_and_mfu():
+    # 8 GPUs, global batch 64 x 2048 tokens, steps of 2 s and 4 s (mean 3 s), 1e9 FLOPs/token, peak 989
+    t = metrics.throughput([2.0, 4.0], 64, 2048, 8, 1e9, 989.0)
+    tokens = 2 * 64 * 2048 / 6.0  # total tokens over total time
+    assert t["tokens_per_s"] == pytest.approx(tokens)
+    assert t["samples_per_s"] == pytest.approx(2 * 64 / 6.0)
+    assert t["tokens_per_s_per_gpu"] == pytest.approx(tokens / 8)
+    assert t["tflops_per_gpu"] == pytest.approx(tokens / 8 * 1e9 / 1e12)
+    assert t["mfu"] == pytest.approx(tokens / 8 * 1e9 / 1e12 / 989.0)
+    assert metrics.throughput([2.0], 64, 2048, 8, 1e9, None)["mfu"] is None
+
+
+def test_goodput():
+    g = metrics.goodput(applied_updates=9, useful_tokens=900, train_wall_s=3.0)
+    assert g == {"updates_per_s": 3.0, "tokens_per_s": 300.0}
+    assert metrics.goodput(1, 1, 0.0)["updates_per_s"] is None
+
+
+def test_time_to_target_first_crossing():
+    losses = [(1, 3.0, 1.0), (2, 2.4, 2.0), (3, 2.6, 3.0), (4, 1.9, 4.0)]
+    assert metrics.time_to_target(losses, 2.5) == (2.0, 2)
+    assert metrics.time_to_target(losses, 1.0) == (None, None)
+    assert metrics.time_to_target(losses, None) == (None, None)
+
+
+def test_device_stats_peak_avg_mode():
+    mem = [100.2, 500.4, 500.3, 499.9, 300.0]
+    s = metrics.device_stats(mem, [10, 20, 30, 40, 50])
+    assert s["peak_mib"] == 500.4 and s["avg_mib"] == pytest.approx(np.mean(mem))
+    assert s["mode_mib"] == 500.0  # three samples round to 500 MiB
+    assert s["util_avg_pct"] == 30
+    assert metrics.device_stats([], [])["peak_mib"] is None
+
+
+@pytest.mark.parametrize("name,override,expected", [
+    ("NVIDIA H100 80GB HBM3", None, 989.0), ("NVIDIA H200", None, 989.0), ("NVIDIA A100-SXM4-80GB", None, 312.0),
+    ("NVIDIA L4", None, None), (None, None, None), (None, 123.0, 123.0), ("NVIDIA H100", 500.0, 500.0)])
+def test_device_peak(name, override, expected):
+    assert metrics.device_peak_tflops(name, override) == expected
