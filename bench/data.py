@@ -196,12 +196,16 @@ class ShardedBatches:
             raise BenchError(f"the training split has {n} samples, fewer than one global batch "
                              f"({self.global_size}); use more data or a smaller --global_batch_size")
         self.steps_per_epoch = n // self.global_size
+        self._epoch, self._perm = None, None
 
     def step_batches(self, step: int) -> list[dict]:
         """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(self.data.input_ids.shape[0],
-                              generator=torch.Generator().manual_seed(self.seed + epoch))
+        if epoch != self._epoch:  # one seeded permutation per epoch, the same on every rank
+            self._epoch = epoch
+            self._perm = torch.randperm(self.data.input_ids.shape[0],
+                                        generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = self._perm
         base = within * self.global_size
         out = []
         for k in range(self.accum):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -42,38 +44,57 @@ class JsonlLogger:
 
 
 class WandbLogger:
-    """One W&B run per benchmark run, from rank 0. Mirrors metrics.jsonl lines and summary.json."""
+    """One W&B run per benchmark run, from rank 0. Mirrors metrics.jsonl lines and summary.json.
+
+    wandb.log costs milliseconds of Python per call, as much as a small model's whole step, so records go
+    through a queue to a background thread: the training loop only enqueues, and order is kept.
+    """
 
     def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str]):
         self.run = None
         if cfg.wandb_mode == "disabled":
             return
         import wandb  # lazy: a disabled run never pays the import
-        self._wandb = wandb
         os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
         self.run = wandb.init(
             project=cfg.wandb_project, group=cfg.wandb_group or cfg.model, job_type=cfg.strategy,
             name=run_name, tags=tags, config=config, mode=cfg.wandb_mode, dir=run_dir,
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=False))
+            # System stats off: the harness samples devices itself (device_monitor.csv), and on a small
+            # host the extra sampler process competes with training for CPU.
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         # Every metric is plotted against the optimizer step, not W&B's internal call counter.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, name="wandb-logger", daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        while (item := self._queue.get()) is not None:
+            kind, payload = item
+            try:
+                self.run.log(payload) if kind == "log" else self.run.summary.update(payload)
+            except Exception as e:  # noqa: BLE001 - W&B trouble must not stop the run; disk has it all
+                print(f"warning: W&B {kind} failed: {e}", file=sys.stderr)
 
     def log(self, record: dict) -> None:
         if self.run is not None:
-            self.run.log(_finite(_flatten(record)))
+            self._queue.put(("log", _finite(_flatten(record))))
 
     def summary(self, summary: dict) -> None:
         if self.run is not None:
-            self.run.summary.update(_finite(_flatten(summary)))
+            self._queue.put(("summary", _finite(_flatten(summary))))
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish(exit_code=exit_code)
-            except Exception as e:  # noqa: BLE001 - W&B trouble must not lose the on-disk results
-                print(f"warning: W&B finish failed: {e}", file=sys.stderr)
-            self.run = None
+        if self.run is None:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: W&B finish failed: {e}", file=sys.stderr)
+        self.run = None
 
     @property
     def run_id(self):

@@ -103,6 +103,12 @@ def peak_rss_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def current_rss_mib(pid: int | None = None) -> float:
-    import psutil
-    return psutil.Process(pid or os.getpid()).memory_info().rss / 2**20
+_SELF = None
+
+
+def current_rss_mib() -> float:
+    global _SELF
+    if _SELF is None:
+        import psutil
+        _SELF = psutil.Process(os.getpid())
+    return _SELF.memory_info().rss / 2**20

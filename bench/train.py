@@ -38,7 +38,10 @@ class Trainer:
 
     def _gather(self, values: list[float]) -> torch.Tensor:
         """[world, len(values)] of every rank's values. One small collective per step, outside the timer."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.get_world_size() == 1:
+            return t.unsqueeze(0)
+        t = t.to(self.device)
         out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(out, t)
         return torch.stack(out).cpu()

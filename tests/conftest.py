@@ -41,7 +41,11 @@ def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pytho
     """launcher: python (world 1), deepspeed, torchrun, or srun-env (N plain processes given only the
     SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
     argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A test run inside a SLURM job or a launcher must not leak its own rank variables into the runs.
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     port = str(free_port())
     if launcher == "python":
         cmds = [[sys.executable, *argv]]

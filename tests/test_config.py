@@ -47,7 +47,8 @@ def test_layout_factors():
 def test_slurm_environment_maps_to_ranks(monkeypatch):
     from bench import distributed
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # registers the variable, so monkeypatch restores what discover() writes
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "8")

@@ -1,0 +1,88 @@
+"""How much the harness costs: its wall time per measured step against a bare DeepSpeed loop doing the same
+work (benchmarks/bare_deepspeed.py), plus the harness's time to first step split by phase.
+
+    python benchmarks/harness_overhead.py [--repeats 5] [--out docs/results/harness_overhead.md] [-- harness args]
+
+The harness's per-step cost (all-gather of step stats, metrics.jsonl, W&B offline log, console line, the
+device-monitor thread) is inside its wall time, since the wall clock runs from the end of the warm-up step to
+the end of the last step. Runs alternate harness/bare so drift in machine load hits both alike.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
+                "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",
+                "--eval_interval", "0", "--eval_batches", "1", "--wandb_mode", "offline"]
+
+
+def run(cmd):
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def harness_once(args, out_dir):
+    run([sys.executable, "bench/run.py", "--output_dir", out_dir, *args])
+    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        s = json.load(fh)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh]
+    w = s["warmup_steps"]
+    # wall clock from the end of the last warm-up step to the end of the last step (elapsed_s is wall time)
+    wall = recs[-1]["elapsed_s"] - recs[w - 1]["elapsed_s"]
+    return run_dir, wall / (len(recs) - w), s
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    opts, extra = p.parse_known_args()
+    args = DEFAULT_ARGS + [a for a in extra if a != "--"]
+    harness, bare, startups = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(opts.repeats):
+            run_dir, per_step, s = harness_once(args, os.path.join(tmp, f"h{i}"))
+            harness.append(per_step)
+            startups.append({**s["startup_s"], "time_to_first_step_s": s["time_to_first_step_s"]})
+            b = json.loads(run([sys.executable, "benchmarks/bare_deepspeed.py", run_dir]).strip().splitlines()[-1])
+            bare.append(b["wall_s"] / b["measured_steps"])
+            print(f"repeat {i}: harness {per_step * 1e3:.2f} ms/step, bare {bare[-1] * 1e3:.2f} ms/step", flush=True)
+    h, b = statistics.median(harness), statistics.median(bare)
+    st = {k: statistics.median(x[k] for x in startups) for k in startups[0]}
+    import torch
+    import deepspeed
+    lines = [
+        "# Harness overhead vs a bare DeepSpeed loop", "",
+        f"- command: `python benchmarks/harness_overhead.py --repeats {opts.repeats} {' '.join(extra)}`".rstrip(),
+        f"- harness args: `{' '.join(args)}`",
+        f"- host: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}",
+        f"- device: {s['memory']['device'] and ('cuda' if s['memory']['per_rank'][0]['peak_allocated_mib'] else 'cpu')}",
+        "", "| | median ms/step | all repeats (ms) |", "|---|---|---|",
+        f"| harness | {h * 1e3:.2f} | {', '.join(f'{x * 1e3:.2f}' for x in harness)} |",
+        f"| bare DeepSpeed loop | {b * 1e3:.2f} | {', '.join(f'{x * 1e3:.2f}' for x in bare)} |",
+        "", f"**harness / bare = {h / b:.4f}** (overhead {100 * (h / b - 1):+.2f} %)", "",
+        "Time to first step (median), from process start:", "", "| phase | s |", "|---|---|",
+        *[f"| {k} | {v:.2f} |" for k, v in st.items()], "",
+        "imports_and_resolve_s covers Python imports (torch, deepspeed, transformers) and resolving config, "
+        "model config and data; resolve_s and data_s are parts of it.",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if opts.out:
+        with open(opts.out, "w") as fh:
+            fh.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the harness. torch goes first and pinned: an unpinned torch pulled in by
+# deepspeed/peft would be the newest CUDA build (several GB), even on a CPU machine.
+#   TORCH_SPEC  torch requirement to install first (default torch==2.13.0; on a CUDA node use the build
+#               that matches its driver, e.g. "torch==2.13.0" from the CUDA index your site uses)
+#   VENV        virtual environment directory (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
+python -c "import torch, deepspeed, transformers, peft, wandb; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| wandb', wandb.__version__)"
