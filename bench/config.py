@@ -53,7 +53,7 @@ class RunConfig:
     wandb_group: str = _f(None, "W&B group (default: the model name)")
     dry_run: bool = _f(False, "resolve and validate everything, print the configuration, exit")
     peak_tflops: float = _f(None, "device peak TFLOP/s for MFU (default: known bf16 dense peak of the GPU)")
-    log_interval: int = _f(1, "console line every N steps (metrics.jsonl always gets every step)")
+    log_interval: int = _f(1, "console line and W&B record every N steps (metrics.jsonl gets every step)")
     monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
     dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
 

@@ -131,17 +131,17 @@ def _memory_now(device) -> dict:
 class Console:
     """The familiar NeMo-style line, plus a progress bar when a terminal is attached."""
 
-    def __init__(self, max_steps: int, log_interval: int, global_batch: int):
-        self.max_steps, self.interval, self.global_batch = max_steps, log_interval, global_batch
+    def __init__(self, max_steps: int, global_batch: int):
+        self.max_steps, self.global_batch = max_steps, global_batch
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, desc="train", unit="step", leave=False)
 
-    def __call__(self, r: dict) -> None:
+    def __call__(self, r: dict, show: bool) -> None:
         if self.bar:
             self.bar.update(1)
-        if r["step"] % self.interval and r["step"] != self.max_steps and "val_loss" not in r:
+        if not show:
             return
         line = (f"iteration {r['step']}/{self.max_steps} | lr {r['lr']:.3e} | "
                 f"global_batch_size {self.global_batch} | "
