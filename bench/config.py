@@ -16,6 +16,11 @@ class BenchError(Exception):
     """Bad input or an impossible configuration: reported as one line, non-zero exit, no traceback."""
 
 
+def print_error(message: str) -> None:
+    """One write(2) per line, so the lines of ranks sharing a terminal or log never interleave."""
+    os.write(2, f"error: {message}\n".encode())
+
+
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -126,7 +131,12 @@ def load_ds_config(path: str) -> dict:
 
 @dataclass(frozen=True)
 class Layout:
-    """How WORLD_SIZE splits: world = dp * tp * ep * pp, DP being the remainder."""
+    """How WORLD_SIZE splits: world = dp * tp * ep * pp, DP being the remainder.
+
+    Expert-parallel ranks are data-parallel for everything but the experts (DeepSpeed's expert-data-parallel
+    scheme), so the number of distinct data streams is dp * ep. Ranks of one tensor-parallel group are
+    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data.
+    """
     dp: int
     tp: int = 1
     ep: int = 1
@@ -136,15 +146,23 @@ class Layout:
     def world_size(self) -> int:
         return self.dp * self.tp * self.ep * self.pp
 
+    @property
+    def data_parallel(self) -> int:
+        return self.dp * self.ep
+
+    def data_rank(self, rank: int) -> int:
+        return rank // (self.tp * self.pp)
+
     @staticmethod
     def from_ds_config(ds: dict, world_size: int) -> "Layout":
-        tp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 1) or 1)
+        tp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
         ep_section = ds.get("expert_parallel") or {}
-        ep = int(ep_section.get("autoep_size", 1) or 1) if ep_section.get("enabled", True) else 1
-        pp = int((ds.get("pipeline") or {}).get("stages", 1) or 1)
-        for name, v in (("tp", tp), ("ep", ep), ("pp", pp)):
-            if v <= 0:
-                raise BenchError(f"{name} size must be positive, got {v}")
+        ep = ep_section.get("autoep_size", 1) if ep_section.get("enabled", False) else 1  # DeepSpeed's default
+        pp = (ds.get("pipeline") or {}).get("stages", 1)
+        for name, v in (("tensor_parallel.autotp_size", tp), ("expert_parallel.autoep_size", ep),
+                        ("pipeline.stages", pp)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise BenchError(f"ds_config {name} must be a positive integer, got {v!r}")
         model_par = tp * ep * pp
         if world_size % model_par:
             raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp}) != WORLD_SIZE({world_size}); "
@@ -163,7 +181,8 @@ class Batch:
 
 
 def resolve_batch(cfg: RunConfig, ds: dict, dp: int) -> Batch:
-    """CLI > ds_config > defaults; returns sizes satisfying global = micro * grad_accum * dp."""
+    """CLI > ds_config > defaults; returns sizes satisfying global = micro * grad_accum * dp, where dp is the
+    number of data-parallel streams (Layout.data_parallel)."""
     def ds_int(key):
         v = ds.get(key, "auto")
         if v == "auto" or v is None:
@@ -188,7 +207,9 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     ds = copy.deepcopy(ds)
     ds["train_micro_batch_size_per_gpu"] = batch.micro
     ds["gradient_accumulation_steps"] = batch.grad_accum
-    ds["train_batch_size"] = batch.global_
+    # DeepSpeed derives train_batch_size as micro x accum x its world size, which under AutoTP is every rank,
+    # not the data-parallel ones; left out, it cannot contradict the real global batch (config.json "batch").
+    ds.pop("train_batch_size", None)
     for key, supported in (("bf16", bf16_ok), ("fp16", False)):
         section = ds.get(key)
         if isinstance(section, dict) and section.get("enabled") == "auto":

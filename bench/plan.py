@@ -51,7 +51,8 @@ class Plan:
             ("peft", self.peft + (f" (r={c.lora_r}, alpha={c.lora_alpha}, targets={c.lora_targets})"
                                   if self.peft == "lora" else "")),
             ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),
-            ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x dp {self.layout.dp}"),
+            ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x data-parallel "
+                      f"{self.layout.data_parallel}" + (" (dp x ep)" if self.layout.ep > 1 else "")),
             ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
             ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"),
@@ -76,27 +77,28 @@ def resolve(cfg: C.RunConfig, env) -> Plan:
     strategy = STRATEGIES[cfg.strategy]
     ds_raw = C.load_ds_config(cfg.ds_config)
     layout = C.Layout.from_ds_config(ds_raw, env.world_size)
-    batch = C.resolve_batch(cfg, ds_raw, layout.dp)
+    batch = C.resolve_batch(cfg, ds_raw, layout.data_parallel)
     model_config, tok_source, _ = M.load_config(cfg.model, cfg.init)
-    strategy.check(cfg, ds_raw, layout, model_config)
     if cfg.peft == "auto":
         cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
     peft = cfg.peft
+    strategy.check(cfg, ds_raw, layout, model_config)
     if peft == "lora":
         lora_targets(cfg, model_config)
     if cfg.seq_len > model_config.max_position_embeddings:
         raise C.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                            f"({model_config.max_position_embeddings})")
     device_type, device_name, bf16_ok = _device()
-    ds = C.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok)
+    ds = strategy.resolve_ds(C.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
     t_data = time.time()
     tok = M.load_tokenizer(tok_source)
     if tok.vocab_size > model_config.vocab_size:
         raise C.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_config.vocab_size}")
     train, val = D.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    D.ShardedBatches(train, batch.micro, batch.grad_accum, layout.dp, 0, cfg.seed)  # validates the sizes
-    if val.input_ids.shape[0] < batch.micro * layout.dp:
+    dp = layout.data_parallel
+    D.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
+    if val.input_ids.shape[0] < batch.micro * dp:
         raise C.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one micro "
-                           f"batch per DP rank ({batch.micro * layout.dp}); raise --val_fraction")
+                           f"batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     return Plan(cfg, ds, layout, batch, peft, model_config, tok_source, train, val, device_type, device_name,
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 if __package__ in (None, ""):  # run as a script (deepspeed bench/run.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.config import BenchError, parse_args  # noqa: E402
+from bench.config import BenchError, parse_args, print_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         from bench.plan import resolve
         plan = resolve(cfg, env)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_error(str(e))
         return 2
     if env.rank == 0:
         print(plan.table(), flush=True)

@@ -6,17 +6,16 @@ run ended (completed | failed | oom), and everything recorded before an error st
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 
 from bench import distributed, metrics, models
 from bench import summary as S
-from bench.config import BenchError, format_table
+from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
-from bench.strategies import STRATEGIES
-from bench.strategies.common import param_counts
+from bench.strategies import STRATEGIES, autoep
+from bench.strategies.common import format_sharding, param_counts, param_shapes, sharding_report
 from bench.train import Console, Trainer
 
 
@@ -44,7 +43,7 @@ class Session:
             self.summary["status"] = "completed"
         except BenchError as e:
             self.summary.update(status="failed", error=str(e))
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print_error(str(e))
             code = 2
         except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
             oom = "OutOfMemoryError" in type(e).__name__
@@ -113,10 +112,17 @@ class Session:
         after = param_counts(model)
         if self.is_main:
             print(_param_table(before, after, p.peft), flush=True)
+        shapes = param_shapes(model)
         t_build = time.time()
         engine, *_ = deepspeed.initialize(model=model, config=p.ds,
                                           model_parameters=[q for q in model.parameters() if q.requires_grad])
         self.summary["startup_s"].update(model_build_s=t_build - t, ds_initialize_s=time.time() - t_build)
+        if p.layout.tp > 1 or p.layout.ep > 1:  # model parallel: record what each rank really holds
+            self.summary["sharding"] = sharding_report(shapes, engine.module)
+            if p.layout.ep > 1:
+                self.summary["experts_per_rank"] = autoep.experts_per_rank(engine.module)
+            if self.is_main:
+                print(format_sharding(self.summary["sharding"]), flush=True)
 
         lora_params = after["total"] - before["total"] if p.peft == "lora" else None
         fpt = models.flops_per_token(p.model_config, cfg.seq_len, lora_params)
@@ -131,10 +137,9 @@ class Session:
             self.monitor = DeviceMonitor(os.path.join(self.run_dir, name), cfg.monitor_interval_s,
                                          p.device_type, pids).start()
 
-        # Model-parallel ranks of one replica are consecutive (DeepSpeed's convention), so they read the same data.
-        dp_rank = env.rank // (world // p.layout.dp)
-        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, p.layout.dp, dp_rank, cfg.seed)
-        val = val_batches(p.val_data, p.batch.micro, p.layout.dp, dp_rank, cfg.eval_batches)
+        dp, dp_rank = p.layout.data_parallel, p.layout.data_rank(env.rank)
+        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed)
+        val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
         trainer = Trainer(engine, batches, val, p.batch.global_, device, rates,
                           self._log if self.is_main else None)
@@ -146,8 +151,8 @@ class Session:
                        flops_per_token=fpt, peak_tflops=peak, target_loss=cfg.target_loss)
         self.summary["time_to_first_step_s"] = res.first_step_end - self.t0
         mem = distributed.gather({"rank": env.rank, **metrics.rank_memory(p.device_type)})
-        local = distributed.gather({"rank": env.rank, "total": after["local"],
-                                    "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)})
+        held = param_counts(engine.module)  # after deepspeed.initialize: TP shards, EP experts, ZeRO-3 partitions
+        local = distributed.gather({"rank": env.rank, "total": held["local"], "trainable": held["local_trainable"]})
         self.summary["memory"]["per_rank"] = mem
         self.summary["params"] = {"total": after["total"], "trainable": after["trainable"],
                                   "before_peft": before["total"], "per_rank": local}

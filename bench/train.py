@@ -31,6 +31,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, engine, batches, val_batches, global_batch: int, device, rates, on_record):
         self.engine, self.batches, self.val = engine, batches, val_batches
+        # Model-parallel ranks of one replica see the same tokens; sums over all ranks count each `replicas` times.
+        self.replicas = dist.get_world_size() // batches.dp
         self.global_batch, self.device = global_batch, device
         self.rates = rates  # step times -> throughput dict (metrics.throughput with this run's constants)
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
@@ -77,7 +79,7 @@ class Trainer:
             loss_x_tokens += float(self.engine(**b).loss) * n
             tokens += n
         self.engine.train()
-        totals = self._gather([loss_x_tokens, tokens]).sum(0)
+        totals = self._gather([loss_x_tokens, tokens]).sum(0)  # replicas cancel in the ratio
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
     def run(self, max_steps: int, warmup_steps: int, eval_interval: int) -> TrainResult:
@@ -88,7 +90,8 @@ class Trainer:
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
             g = self._gather([dt, loss, tokens, float(applied)])
-            step_time, mean_loss, step_tokens = float(g[:, 0].max()), float(g[:, 1].mean()), int(g[:, 2].sum())
+            step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
+            step_tokens = int(g[:, 2].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
             if step == 1:
                 res.first_step_end = time.time()

@@ -16,10 +16,15 @@ def files(tmp_path_factory):
     (d / "list.json").write_text("[1, 2]\n")
     (d / "nozero.json").write_text('{"train_batch_size": "auto"}\n')
     (d / "tp4.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 4}}))
+    (d / "ep3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "expert_parallel": {
+        "enabled": True, "autoep_size": 3, "preset_model": "mixtral"}}))
     (d / "tp2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}}))
     (d / "notsquad.json").write_text(json.dumps({"data": [{"title": "x", "paragraphs": [{"context": "c"}]}]}))
     (d / "broken.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     (d / "short.txt").write_text("too short\n")
+    (d / "tp2_nothing.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {
+        "autotp_size": 2, "partition_config": {"use_default_specs": False, "layer_specs": [
+            {"patterns": [r".*\.q_proj$"], "partition_type": "column"}]}}}))
     return d
 
 
@@ -44,6 +49,24 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "global batch 6 is not divisible by micro batch 2 x DP 2 = 4"),
     ("layout-mismatch", ("--ds_config", "{d}/tp4.json"), 2, "dp(?)*tp(4)*ep(1)*pp(1) != WORLD_SIZE(2)"),
     ("foreign-section", ("--ds_config", "{d}/tp2.json"), 2, "'tensor_parallel' section"),
+    # model parallelism (tp, ep, tp_ep)
+    ("tp-without-section", ("--strategy", "tp", *ZERO2), 1, "--strategy tp needs \"tensor_parallel\""),
+    ("tp-not-dividing-kv-heads", ("--strategy", "tp", "--ds_config", "ds_configs/tp4.json"), 4,
+     "TP 4 must divide the attention heads (4) and key/value heads (2)"),
+    ("ep-not-dividing-experts", ("--strategy", "ep", "--model", "tiny-mixtral", "--ds_config", "{d}/ep3.json"), 3,
+     "EP 3 must divide the number of experts (4)"),
+    ("ep-on-dense-model", ("--strategy", "ep", "--ds_config", "ds_configs/ep2.json"), 2,
+     "expert parallelism needs a mixture-of-experts model"),
+    ("ep-with-tp-section", ("--strategy", "ep", "--model", "tiny-mixtral", "--ds_config", "ds_configs/tp2.json"), 2,
+     "--strategy ep got a ds_config with a 'tensor_parallel' section"),
+    ("tp-ep-world-too-small", ("--strategy", "tp_ep", "--model", "tiny-mixtral", "--ds_config",
+                               "ds_configs/tp2_ep2.json"), 2, "dp(?)*tp(2)*ep(2)*pp(1) != WORLD_SIZE(2)"),
+    ("tp-shards-nothing", ("--strategy", "tp", "--model", "tiny-mixtral", "--ds_config", "{d}/tp2_nothing.json"), 2,
+     "matches no parameter of the model"),
+    ("lora-with-tp", ("--strategy", "tp", "--peft", "lora", "--ds_config", "ds_configs/tp2.json"), 2,
+     "--peft lora with tensor parallelism is refused"),
+    ("lora-with-ep", ("--strategy", "ep", "--peft", "lora", "--model", "tiny-mixtral", "--ds_config",
+                      "ds_configs/ep2.json"), 2, "--peft lora with expert parallelism is refused"),
 ]
 
 
@@ -69,6 +92,6 @@ def test_dry_run_validates_and_exits_without_training(tmp_path):
     res = run_bench(out, "--dry_run", "--strategy", "dp", *ZERO2, "--global_batch_size", "8")
     assert res.returncode == 0, res.output
     assert "resolved configuration" in res.output
-    assert "global 8 = micro 2 x grad_accum 4 x dp 1" in res.output
+    assert "global 8 = micro 2 x grad_accum 4 x data-parallel 1" in res.output
     assert "iteration" not in res.output
     assert not out.exists()

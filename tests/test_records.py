@@ -71,7 +71,8 @@ def test_metrics_jsonl_has_one_line_per_step(run):
 def test_config_json_records_resolved_ds_config(run):
     c = json.loads((run.run_dir / "config.json").read_text())
     ds = c["ds_config"]
-    assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 1
+    assert "train_batch_size" not in ds and ds["gradient_accumulation_steps"] == 1
+    assert c["batch"] == {"global": 4, "micro": 2, "grad_accum": 1}
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["bf16"]["enabled"] is False  # "auto" on CPU
     assert ds["optimizer"]["params"]["lr"] == 1e-3  # CLI beats the ds_config's "auto"

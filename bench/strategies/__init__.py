@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.strategies import zero
+from bench.strategies import autoep, autotp, zero
+
+
+def _same(ds, model_config):
+    return ds
 
 
 @dataclass(frozen=True)
@@ -14,8 +18,12 @@ class Strategy:
     default_peft: str                      # what --peft auto means for this strategy
     check: Callable                        # (cfg, ds_config, layout, model_config) -> None, raises BenchError
     prepare: Callable                      # (model, cfg, ds_config) -> model
+    resolve_ds: Callable = _same           # (resolved ds_config, model_config) -> ds_config with presets filled
 
 
 STRATEGIES = {
     "dp": Strategy("dp", "lora", zero.check, zero.prepare),
+    "tp": Strategy("tp", "none", autotp.check, autotp.prepare, autotp.with_moe_partition),
+    "ep": Strategy("ep", "none", autoep.check, autoep.prepare),
+    "tp_ep": Strategy("tp_ep", "none", autoep.check_tp_ep, autoep.prepare, autotp.with_moe_partition),
 }

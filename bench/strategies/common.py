@@ -14,13 +14,18 @@ def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> Non
                              f"that layout belongs to a {owner} strategy: remove the section or change --strategy")
 
 
-def lora_targets(cfg, model_config) -> list[str]:
-    """The --lora_targets names, checked against the architecture (built on the meta device: no memory)."""
+def meta_model(model_config):
+    """The architecture on the meta device: names and shapes without allocating a byte."""
     import torch
     from transformers import AutoModelForCausalLM
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def lora_targets(cfg, model_config) -> list[str]:
+    """The --lora_targets names, checked against the architecture."""
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    model = meta_model(model_config)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
     if not targets or missing:
@@ -41,10 +46,53 @@ def apply_lora(model, cfg):
 def param_counts(model) -> dict:
     """Logical parameter counts (a ZeRO-3 partitioned parameter counts at its full size) and what this rank
     holds locally (its ZeRO-3 partition, its TP shard)."""
-    total = trainable = local = 0
+    total = trainable = local = local_trainable = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", None) or p.numel()
+        held = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         total += n
-        trainable += n if p.requires_grad else 0
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-    return {"total": total, "trainable": trainable, "non_trainable": total - trainable, "local": local}
+        local += held
+        if p.requires_grad:
+            trainable += n
+            local_trainable += held
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable, "local": local,
+            "local_trainable": local_trainable}
+
+
+def param_shapes(module) -> dict[str, tuple]:
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+def sharding_report(before: dict[str, tuple], module) -> list[dict]:
+    """What deepspeed.initialize did to the parameters, one row per parameter pattern (layer index -> *):
+    full and local shape, and the split dimension, or the parameters a replaced module brought in."""
+    import re
+    after = param_shapes(module)
+    rows = {}
+    for name in list(before) + [n for n in after if n not in before]:
+        full, local = before.get(name), after.get(name)
+        if full == local:
+            continue  # replicated
+        key = re.sub(r"\.\d+\.", ".*.", name)
+        if full is not None and local is not None:
+            dims = [i for i, (a, b) in enumerate(zip(full, local)) if a != b]
+            row = {"param": key, "full": list(full), "local": list(local), "split_dim": dims[0] if dims else None}
+        elif local is None:
+            row = {"param": key, "full": list(full), "local": None, "note": "replaced"}
+        else:
+            row = {"param": key, "full": None, "local": list(local), "note": "added by replacement"}
+        row["count"] = rows[key]["count"] + 1 if key in rows else 1
+        rows[key] = row
+    return list(rows.values())
+
+
+def format_sharding(rows: list[dict]) -> str:
+    lines = ["sharding applied (per rank)", "-" * 60]
+    for r in rows:
+        if "split_dim" in r:
+            lines.append(f"{r['param']}  {r['full']} -> {r['local']} (split dim {r['split_dim']}) x{r['count']}")
+        elif r["local"] is None:
+            lines.append(f"{r['param']}  {r['full']} replaced x{r['count']}")
+        else:
+            lines.append(f"{r['param']}  new {r['local']} x{r['count']}")
+    return "\n".join(lines if rows else lines + ["(nothing: every parameter is replicated)"])

@@ -1,0 +1,89 @@
+"""AutoTP, AutoEP and TP x EP on real processes compute the same model as one process: same loss trajectory
+at the same model, data and global batch, and each rank holds exactly its share of the parameters."""
+import pytest
+
+from bench import models
+from conftest import assert_ok, run_bench
+
+# fp32 on the CPU. TP splits each GEMM's reduction (row-parallel all-reduce) and EP moves tokens through an
+# all-to-all and back; both only reorder floating-point sums, which moves the loss in the 6th-7th significant
+# digit. Routing ties (two experts with equal scores) could flip top-k choices between layouts; random fp32
+# router logits make exact ties practically impossible. See docs/parity.md.
+LOSS_RTOL = 1e-5
+ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batch_size", "2",
+        "--seq_len", "128", "--eval_interval", "0")
+ZERO1 = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    r = {}
+    # references: one process; global 2 = one data stream (TP), global 4 = two data streams (EP, TP x EP)
+    r["llama-w1"] = run_bench(root / "a", *ZERO1, *ARGS, "--global_batch_size", "2")
+    r["mixtral-w1-g2"] = run_bench(root / "b", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "2")
+    r["mixtral-w1-g4"] = run_bench(root / "c", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4")
+    r["llama-tp2"] = run_bench(root / "d", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
+                               "--global_batch_size", "2", nprocs=2, launcher="deepspeed")
+    r["mixtral-tp2"] = run_bench(root / "e", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
+                                 "--model", "tiny-mixtral", "--global_batch_size", "2", nprocs=2, launcher="deepspeed")
+    r["mixtral-ep2"] = run_bench(root / "f", "--strategy", "ep", "--ds_config", "ds_configs/ep2.json", *ARGS,
+                                 "--model", "tiny-mixtral", "--global_batch_size", "4", nprocs=2, launcher="deepspeed")
+    r["mixtral-tp2ep2"] = run_bench(root / "g", "--strategy", "tp_ep", "--ds_config", "ds_configs/tp2_ep2.json",
+                                    *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4", nprocs=4,
+                                    launcher="deepspeed", timeout=400)
+    return r
+
+
+@pytest.mark.parametrize("run,ref", [("llama-tp2", "llama-w1"), ("mixtral-tp2", "mixtral-w1-g2"),
+                                     ("mixtral-ep2", "mixtral-w1-g4"), ("mixtral-tp2ep2", "mixtral-w1-g4")])
+def test_loss_matches_single_process(runs, run, ref):
+    assert_ok(runs[ref])
+    assert_ok(runs[run])
+    a, b = runs[ref].losses(), runs[run].losses()
+    assert len(a) == len(b) == 5 and a[-1] < a[0], a
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=LOSS_RTOL), (a, b)
+    assert runs[run].summary()["val_loss"] == pytest.approx(runs[ref].summary()["val_loss"], rel=LOSS_RTOL)
+
+
+def _counts(name):
+    c = models.make_config(models.PRESETS[name])
+    h, L, hd = c.hidden_size, c.num_hidden_layers, c.hidden_size // c.num_attention_heads
+    attn = 2 * h * c.num_attention_heads * hd + 2 * h * c.num_key_value_heads * hd
+    expert = 3 * h * c.intermediate_size
+    return c, models.count_params_from_config(c)["total"], L, attn, expert
+
+
+def test_layout_and_params_per_rank(runs):
+    c, total, L, attn, mlp = _counts("tiny-llama")
+    s = runs["llama-tp2"].summary()
+    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 1, "pp": 1} and s["peft"] == "none"
+    # LLaMA TP2: every attention and MLP weight halves, and so does the LM head (column parallel, HF tp_plan);
+    # embeddings and norms stay whole
+    head = c.vocab_size * c.hidden_size
+    assert [r["total"] for r in s["params"]["per_rank"]] == [total - (L * (attn + mlp) + head) // 2] * 2
+
+    c, total, L, attn, expert = _counts("tiny-mixtral")
+    E = c.num_local_experts
+    s = runs["mixtral-tp2"].summary()  # attention only
+    assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * attn // 2] * 2
+    s = runs["mixtral-ep2"].summary()  # half of the experts per rank
+    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 2, "pp": 1} and s["experts_per_rank"] == E // 2
+    assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * (E // 2) * expert] * 2
+    s = runs["mixtral-tp2ep2"].summary()
+    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 2, "pp": 1} and s["world_size"] == 4
+    assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * attn // 2 - L * (E // 2) * expert] * 4
+
+
+def test_sharding_is_recorded(runs):
+    rows = {r["param"]: r for r in runs["llama-tp2"].summary()["sharding"]}
+    q = rows["model.layers.*.self_attn.q_proj.weight"]
+    assert q["full"] == [64, 64] and q["local"] == [32, 64] and q["split_dim"] == 0  # column parallel
+    o = rows["model.layers.*.self_attn.o_proj.weight"]
+    assert o["local"] == [64, 32] and o["split_dim"] == 1  # row parallel
+    assert rows["model.layers.*.mlp.down_proj.weight"]["split_dim"] == 1
+    assert rows["lm_head.weight"]["local"] == [256, 64]
+    mix = {r["param"] for r in runs["mixtral-tp2"].summary()["sharding"]}
+    assert all("self_attn" in p for p in mix), mix  # the MoE preset shards attention only
+    assert "sharding applied (per rank)" in runs["llama-tp2"].output
