@@ -135,7 +135,7 @@ class Layout:
 
     Expert-parallel ranks are data-parallel for everything but the experts (DeepSpeed's expert-data-parallel
     scheme), so the number of distinct data streams is dp * ep. Ranks of one tensor-parallel group are
-    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data.
+    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data; pipeline stages are the outer axis.
     """
     dp: int
     tp: int = 1
@@ -151,7 +151,9 @@ class Layout:
         return self.dp * self.ep
 
     def data_rank(self, rank: int) -> int:
-        return rank // (self.tp * self.pp)
+        if self.pp > 1:  # DeepSpeed's PipeDataParallelTopology: rank = stage * dp + data rank
+            return rank % self.dp
+        return rank // self.tp
 
     @staticmethod
     def from_ds_config(ds: dict, world_size: int) -> "Layout":

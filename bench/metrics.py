@@ -67,6 +67,16 @@ def goodput(applied_updates: int, useful_tokens: int, train_wall_s: float) -> di
     return {"updates_per_s": applied_updates / train_wall_s, "tokens_per_s": useful_tokens / train_wall_s}
 
 
+def pipeline_bubble(stages: int, micro_batches: int) -> float:
+    """1F1B's idle fraction per stage when every stage takes the same time: (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def idle_fraction(busy_s: float, step_s: float) -> float | None:
+    """Share of the step a stage spent not computing (waiting on sends/receives: the measured bubble)."""
+    return None if step_s <= 0 else max(0.0, 1.0 - busy_s / step_s)
+
+
 def time_to_target(losses: list[tuple[int, float, float]], target: float | None) -> tuple:
     """losses: (step, loss, seconds since training start). -> (time_to_target_s, steps_to_target)."""
     if target is None:

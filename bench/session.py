@@ -15,8 +15,9 @@ from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies import STRATEGIES, autoep
-from bench.strategies.common import format_sharding, param_counts, param_shapes, sharding_report
-from bench.train import Console, Trainer
+from bench.strategies.common import apply_lora, format_sharding, param_counts, param_shapes, sharding_report
+from bench.strategies.pipeline import PipelineRunner
+from bench.train import Console, EngineRunner, Trainer
 
 
 class Session:
@@ -108,8 +109,10 @@ class Session:
         zero3 = p.ds if self.summary["zero_stage"] == 3 else None
         model, _zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3, cfg.seed)
         before = param_counts(model)
-        model = STRATEGIES[cfg.strategy].prepare(model, cfg, p.ds)
+        if p.peft == "lora":
+            model = apply_lora(model, cfg)
         after = param_counts(model)
+        model = STRATEGIES[cfg.strategy].prepare(model, cfg, p.ds)
         if self.is_main:
             print(_param_table(before, after, p.peft), flush=True)
         shapes = param_shapes(model)
@@ -141,7 +144,8 @@ class Session:
         batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed)
         val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
-        trainer = Trainer(engine, batches, val, p.batch.global_, device, rates,
+        runner = PipelineRunner(engine, device) if p.layout.pp > 1 else EngineRunner(engine)
+        trainer = Trainer(engine, runner, batches, val, p.batch.global_, device, rates,
                           self._log if self.is_main else None)
         res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval)
         if self.console:
@@ -156,6 +160,22 @@ class Session:
         self.summary["memory"]["per_rank"] = mem
         self.summary["params"] = {"total": after["total"], "trainable": after["trainable"],
                                   "before_peft": before["total"], "per_rank": local}
+        if p.layout.pp > 1:
+            self.summary["pipeline"] = _pipeline_summary(p.layout, p.batch.grad_accum, res, local)
+
+
+def _pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:
+    """Per stage: parameters, and the measured idle fraction next to 1F1B's theoretical bubble. Ranks are
+    (stage, data) with the stage as the outer axis, as DeepSpeed's PipeDataParallelTopology numbers them."""
+    stages = []
+    for s in range(layout.pp):
+        ranks = range(s * layout.dp, (s + 1) * layout.dp)
+        idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks]
+        stages.append({"stage": s, "ranks": list(ranks), "params": per_rank[ranks[0]]["total"],
+                       "trainable": per_rank[ranks[0]]["trainable"],
+                       "measured_idle_fraction": sum(idle) / len(idle)})
+    return {"stages": layout.pp, "micro_batches": micro_batches,
+            "theoretical_bubble": metrics.pipeline_bubble(layout.pp, micro_batches), "per_stage": stages}
 
 
 def _param_table(before: dict, after: dict, peft: str) -> str:

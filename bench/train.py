@@ -26,11 +26,33 @@ class TrainResult:
     useful_tokens: int = 0
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() when step 1 finished
+    busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
+
+
+class EngineRunner:
+    """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""
+
+    busy_s = 0.0  # only pipeline stages measure their busy time
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def train_step(self, micro_batches: list[dict]):
+        loss_sum = 0.0
+        for b in micro_batches:
+            out = self.engine(**b)
+            self.engine.backward(out.loss)
+            self.engine.step()  # applies the update only at the accumulation boundary
+            loss_sum = loss_sum + out.loss.detach().float()
+        return loss_sum / len(micro_batches)
+
+    def eval_loss(self, batch: dict) -> float:
+        return float(self.engine(**batch).loss)
 
 
 class Trainer:
-    def __init__(self, engine, batches, val_batches, global_batch: int, device, rates, on_record):
-        self.engine, self.batches, self.val = engine, batches, val_batches
+    def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record):
+        self.engine, self.runner, self.batches, self.val = engine, runner, batches, val_batches
         # Model-parallel ranks of one replica see the same tokens; sums over all ranks count each `replicas` times.
         self.replicas = dist.get_world_size() // batches.dp
         self.global_batch, self.device = global_batch, device
@@ -56,28 +78,26 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         self.sync()  # start the clock on an idle device
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
-        for b in micro:
-            out = self.engine(**b)
-            self.engine.backward(out.loss)
-            self.engine.step()  # applies the update only at the accumulation boundary
-            loss_sum += out.loss.detach().float()
+        loss = self.runner.train_step(micro)
         self.sync()  # wait for the last kernels (optimizer step) before reading the clock
         dt = time.perf_counter() - t0
         tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         applied = self.engine.skipped_steps == skipped_before
-        return dt, float(loss_sum) / len(micro), tokens, applied
+        return dt, float(loss), tokens, applied
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-weighted mean loss over the validation micro-batches (disjoint across DP ranks)."""
+        """Token-weighted mean loss over the validation micro-batches (disjoint across DP ranks). Ranks that
+        compute no loss (pipeline stages before the last) contribute nothing."""
         self.engine.eval()
         loss_x_tokens, tokens = 0.0, 0
         for b in self.val:
             b = {k: v.to(self.device) for k, v in b.items()}
-            n = int((b["labels"][:, 1:] != IGNORE).sum())
-            loss_x_tokens += float(self.engine(**b).loss) * n
-            tokens += n
+            loss = self.runner.eval_loss(b)
+            if loss is not None:
+                n = int((b["labels"][:, 1:] != IGNORE).sum())
+                loss_x_tokens += loss * n
+                tokens += n
         self.engine.train()
         totals = self._gather([loss_x_tokens, tokens]).sum(0)  # replicas cancel in the ratio
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
@@ -89,7 +109,7 @@ class Trainer:
         for step in range(1, max_steps + 1):
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
-            g = self._gather([dt, loss, tokens, float(applied)])
+            g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
             step_tokens = int(g[:, 2].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
@@ -100,6 +120,7 @@ class Trainer:
             warmup = step <= warmup_steps
             if not warmup:
                 res.step_times.append(step_time)
+                res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
             if all_applied:
                 res.applied_updates += 1
                 res.useful_tokens += step_tokens

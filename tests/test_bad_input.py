@@ -18,6 +18,8 @@ def files(tmp_path_factory):
     (d / "tp4.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 4}}))
     (d / "ep3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "expert_parallel": {
         "enabled": True, "autoep_size": 3, "preset_model": "mixtral"}}))
+    (d / "pp5.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "pipeline": {"stages": 5}}))
+    (d / "pp2_zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "pipeline": {"stages": 2}}))
     (d / "tp2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}}))
     (d / "notsquad.json").write_text(json.dumps({"data": [{"title": "x", "paragraphs": [{"context": "c"}]}]}))
     (d / "broken.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
@@ -67,6 +69,16 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "--peft lora with tensor parallelism is refused"),
     ("lora-with-ep", ("--strategy", "ep", "--peft", "lora", "--model", "tiny-mixtral", "--ds_config",
                       "ds_configs/ep2.json"), 2, "--peft lora with expert parallelism is refused"),
+    # pipeline
+    ("more-stages-than-layers", ("--strategy", "pp", "--ds_config", "{d}/pp5.json"), 5,
+     "5 pipeline stages but the model has only 4 decoder layers"),
+    ("mixtral-under-pp", ("--strategy", "pp", "--model", "tiny-mixtral", "--ds_config", "ds_configs/pp2.json"), 2,
+     "Mixtral under PP is refused"),
+    ("hybrid-without-dp", ("--strategy", "hybrid", "--ds_config", "ds_configs/pp2_dp2.json"), 2,
+     "--strategy hybrid needs data parallelism beside the pipeline"),
+    ("pp-with-zero2", ("--strategy", "pp", "--ds_config", "{d}/pp2_zero2.json"), 2, "supports ZeRO stage 0 or 1"),
+    ("pp-micro-arithmetic", ("--strategy", "pp", "--ds_config", "ds_configs/pp2.json", "--global_batch_size", "3",
+                             "--micro_batch_size", "2"), 2, "global batch 3 is not divisible by micro batch 2"),
 ]
 
 

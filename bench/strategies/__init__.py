@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.strategies import autoep, autotp, zero
+from bench.strategies import autoep, autotp, pipeline, zero
 
 
 def _same(ds, model_config):
@@ -17,7 +17,7 @@ class Strategy:
     name: str
     default_peft: str                      # what --peft auto means for this strategy
     check: Callable                        # (cfg, ds_config, layout, model_config) -> None, raises BenchError
-    prepare: Callable                      # (model, cfg, ds_config) -> model
+    prepare: Callable                      # (model, LoRA-wrapped if --peft lora, cfg, ds_config) -> model
     resolve_ds: Callable = _same           # (resolved ds_config, model_config) -> ds_config with presets filled
 
 
@@ -26,4 +26,6 @@ STRATEGIES = {
     "tp": Strategy("tp", "none", autotp.check, autotp.prepare, autotp.with_moe_partition),
     "ep": Strategy("ep", "none", autoep.check, autoep.prepare),
     "tp_ep": Strategy("tp_ep", "none", autoep.check_tp_ep, autoep.prepare, autotp.with_moe_partition),
+    "pp": Strategy("pp", "lora", pipeline.check, pipeline.prepare),
+    "hybrid": Strategy("hybrid", "lora", pipeline.check_hybrid, pipeline.prepare),
 }

@@ -3,7 +3,7 @@ a partition of it) and a different slice of each global batch."""
 from __future__ import annotations
 
 from bench.config import BenchError
-from bench.strategies.common import apply_lora, reject_foreign_sections
+from bench.strategies.common import reject_foreign_sections
 
 
 def check(cfg, ds: dict, layout, model_config) -> None:
@@ -17,4 +17,4 @@ def check(cfg, ds: dict, layout, model_config) -> None:
 
 
 def prepare(model, cfg, ds: dict):
-    return apply_lora(model, cfg) if cfg.peft == "lora" else model
+    return model  # the ds_config's zero_optimization does the work inside deepspeed.initialize

@@ -1,0 +1,155 @@
+"""Pipeline parallelism (pp) and pipeline x data parallelism (hybrid) for LLaMA, with DeepSpeed's PipelineModule
+and its 1F1B schedule; micro-batches are the ds_config's gradient_accumulation_steps.
+
+The Hugging Face model is cut into [embedding] + decoder layers + [norm + LM head]; the loss (shifted token
+cross-entropy, mean over target tokens of the micro-batch, as Hugging Face computes it) runs on the last stage.
+Only hidden states travel between stages: each stage recomputes the rotary embedding itself, because passing
+(cos, sin) between stages breaks DeepSpeed's pipeline backward ("element 0 of tensors does not require grad").
+Padding is on the right and attention is causal, so no attention mask needs to travel either: a real token never
+attends to the padding that follows it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.config import BenchError
+from bench.data import IGNORE
+from bench.models import is_moe
+from bench.strategies.common import reject_foreign_sections
+
+PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
+
+
+def check_pp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
+    section = ds.get("pipeline") or {}
+    if layout.pp <= 1:
+        raise BenchError(f"--strategy {strategy} needs \"pipeline\": {{\"stages\": N>1}} in {cfg.ds_config} "
+                         "(see ds_configs/pp2.json)")
+    if is_moe(model_config):
+        raise BenchError("pipeline parallelism is built for dense LLaMA models; Mixtral under PP is refused "
+                         "(its MoE blocks would need expert-aware stage partitioning): use --strategy ep or tp_ep")
+    if layout.pp > model_config.num_hidden_layers:
+        raise BenchError(f"{layout.pp} pipeline stages but the model has only {model_config.num_hidden_layers} "
+                         "decoder layers; use at most one stage per layer")
+    if section.get("partition", "parameters") not in PARTITIONS:
+        raise BenchError(f"pipeline.partition must be one of {', '.join(PARTITIONS)}, got {section['partition']!r}")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage > 1:
+        raise BenchError(f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, got stage {stage}")
+
+
+def check(cfg, ds: dict, layout, model_config) -> None:
+    reject_foreign_sections("pp", ds, allowed=("pipeline",))
+    check_pp(cfg, ds, layout, model_config, "pp")
+    if layout.dp > 1:
+        raise BenchError(f"--strategy pp with {layout.describe()}: the world has room for data parallelism too; "
+                         "use --strategy hybrid (e.g. ds_configs/pp2_dp2.json) or as many processes as stages")
+
+
+def check_hybrid(cfg, ds: dict, layout, model_config) -> None:
+    reject_foreign_sections("hybrid", ds, allowed=("pipeline",))
+    check_pp(cfg, ds, layout, model_config, "hybrid")
+    if layout.dp < 2:
+        raise BenchError(f"--strategy hybrid needs data parallelism beside the pipeline, got {layout.describe()}; "
+                         f"launch a multiple of {layout.pp} processes greater than {layout.pp}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stages
+
+class EmbeddingStage(torch.nn.Module):
+    def __init__(self, embed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class DecoderStage(torch.nn.Module):
+    def __init__(self, layer, rotary):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+
+    def forward(self, hidden):
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        # attention_mask=None: SDPA/flash attention then apply the causal mask themselves
+        out = self.layer(hidden, attention_mask=None, position_ids=positions,
+                         position_embeddings=self.rotary(hidden, positions))
+        return out[0] if isinstance(out, tuple) else out
+
+
+class HeadStage(torch.nn.Module):
+    def __init__(self, norm, head):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden):
+        return self.head(self.norm(hidden))
+
+
+def causal_lm_loss(logits, labels):
+    """Hugging Face's causal-LM loss: next-token cross-entropy, mean over the micro-batch's target tokens."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def prepare(model, cfg, ds: dict):
+    from deepspeed.pipe import PipelineModule
+    attn = getattr(model.config, "_attn_implementation", "sdpa")
+    if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+        raise BenchError(f"pipeline stages rely on causal-by-default attention (sdpa/flash), got {attn!r}")
+    if hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+        model = model.base_model.model  # a peft model: its adapters live inside the layers the stages reuse
+    inner = model.model
+    layers = [EmbeddingStage(inner.embed_tokens)]
+    layers += [DecoderStage(layer, inner.rotary_emb) for layer in inner.layers]
+    layers.append(HeadStage(inner.norm, model.lm_head))
+    section = ds.get("pipeline") or {}
+    return PipelineModule(layers=layers, num_stages=section["stages"], loss_fn=causal_lm_loss,
+                          partition_method=section.get("partition", "parameters"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running it: the training loop's two calls, plus the per-stage busy-time measurement for the bubble
+
+class PipelineRunner:
+    """train_step/eval_loss for a PipelineEngine. Forward, backward and optimizer instructions are timed
+    (device-synchronized) on every stage, so a stage's idle fraction is 1 - busy / step time."""
+
+    def __init__(self, engine, device):
+        from deepspeed.runtime.pipe import schedule
+        self.engine, self.device = engine, device
+        self.busy_s = 0.0
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        timed = {schedule.ForwardPass, schedule.BackwardPass, schedule.OptimizerStep}
+        base = type(engine)._INSTRUCTION_MAP
+
+        def wrap(fn):
+            def run(eng, **kw):
+                sync()
+                t0 = time.perf_counter()
+                fn(eng, **kw)
+                sync()
+                self.busy_s += time.perf_counter() - t0
+            return run
+        # An instance attribute shadows the class's map only for this engine.
+        engine._INSTRUCTION_MAP = {k: (wrap(v) if k in timed else v) for k, v in base.items()}
+
+    def train_step(self, micro_batches: list[dict]):
+        self.busy_s = 0.0
+        data = iter([(b["input_ids"], b["labels"]) for b in micro_batches])
+        return self.engine.train_batch(data_iter=data)  # mean micro-batch loss, on every stage
+
+    def eval_loss(self, batch: dict) -> float | None:
+        """This micro-batch's own loss on the last stage (None elsewhere). eval_batch's default would average
+        over data-parallel ranks, which breaks the token weighting of val_loss."""
+        data = iter([(batch["input_ids"], batch["labels"])])
+        out = self.engine.eval_batch(data, num_micro_batches=1, reduce_output=None, bcast_loss=False)
+        return float(out[0]) if self.engine.is_last_stage() else None
+
+    def stage(self) -> int:
+        return self.engine.stage_id
+

@@ -1,0 +1,60 @@
+"""Pipeline (PP 2) and pipeline x data parallelism (PP 2 x DP 2) reproduce the single-process run, with LoRA and
+without; per-stage parameters add up to the model; the bubble is recorded next to its theoretical value."""
+import pytest
+
+from bench import models
+from conftest import assert_ok, run_bench
+
+LOSS_RTOL = 1e-5  # fp32: only the order of sums changes (see docs/parity.md)
+ARGS = ("--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batch_size", "1",
+        "--global_batch_size", "4", "--seq_len", "128", "--eval_interval", "0", "--eval_batches", "4")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    r = {}
+    for peft in ("none", "lora"):
+        extra = ("--peft", peft) + (("--lr", "1e-2") if peft == "lora" else ())
+        r[f"w1-{peft}"] = run_bench(root / f"w1-{peft}", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json",
+                                    *ARGS, *extra)
+        r[f"pp2-{peft}"] = run_bench(root / f"pp2-{peft}", "--strategy", "pp", "--ds_config", "ds_configs/pp2.json",
+                                     *ARGS, *extra, nprocs=2, launcher="deepspeed")
+        r[f"hybrid-{peft}"] = run_bench(root / f"hy-{peft}", "--strategy", "hybrid", "--ds_config",
+                                        "ds_configs/pp2_dp2.json", *ARGS, *extra, nprocs=4, launcher="deepspeed",
+                                        timeout=400)
+    return r
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("layout", ["pp2", "hybrid"])
+def test_loss_matches_single_process(runs, layout, peft):
+    ref, run = runs[f"w1-{peft}"], runs[f"{layout}-{peft}"]
+    assert_ok(ref)
+    assert_ok(run)
+    a, b = ref.losses(), run.losses()
+    assert len(a) == len(b) == 5 and a[-1] < a[0], a
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=LOSS_RTOL), (a, b)
+    assert run.summary()["val_loss"] == pytest.approx(ref.summary()["val_loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_stage_params_add_up_and_bubble_is_recorded(runs, peft):
+    s = runs[f"hybrid-{peft}"].summary()
+    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 2} and s["grad_accum"] == 2
+    pipe = s["pipeline"]
+    assert pipe["stages"] == 2 and pipe["micro_batches"] == 2
+    assert pipe["theoretical_bubble"] == pytest.approx(1 / 3)  # (p-1)/(m+p-1) = 1/3
+    stages = pipe["per_stage"]
+    assert [st["ranks"] for st in stages] == [[0, 1], [2, 3]]
+    assert sum(st["params"] for st in stages) == s["params"]["total"]
+    assert sum(st["trainable"] for st in stages) == s["params"]["trainable"]
+    assert all(0 <= st["measured_idle_fraction"] < 1 for st in stages)
+    # data-parallel replicas of a stage hold the same parameters
+    per_rank = [r["total"] for r in s["params"]["per_rank"]]
+    assert per_rank[0] == per_rank[1] and per_rank[2] == per_rank[3]
+    base = models.count_params_from_config(models.make_config(models.PRESETS["tiny-llama"]))["total"]
+    assert s["params"]["before_peft"] == base
+    if peft == "lora":
+        assert s["params"]["trainable"] < s["params"]["total"] - base + 1  # adapters only
