@@ -17,7 +17,9 @@ from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies import STRATEGIES, autoep
 from bench.strategies.common import apply_lora, format_sharding, param_counts, param_shapes, sharding_report
 from bench.strategies.pipeline import PipelineRunner
-from bench.train import Console, EngineRunner, Trainer
+from bench.train import Console, EngineRunner, Trainer, request_stop_on_signals
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the SLURM scripts requeue a job whose run exits with this
 
 
 class Session:
@@ -41,7 +43,10 @@ class Session:
         code = 0
         try:
             self._train()
-            self.summary["status"] = "completed"
+            if self.summary["status"] == "preempted":
+                code = PREEMPTED_EXIT
+            else:
+                self.summary["status"] = "completed"
         except BenchError as e:
             self.summary.update(status="failed", error=str(e))
             print_error(str(e))
@@ -147,7 +152,10 @@ class Session:
         runner = PipelineRunner(engine, device) if p.layout.pp > 1 else EngineRunner(engine)
         trainer = Trainer(engine, runner, batches, val, p.batch.global_, device, rates,
                           self._log if self.is_main else None)
+        request_stop_on_signals()
         res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval)
+        if res.preempted:
+            self.summary.update(status="preempted", error=f"stopped by a signal after step {len(res.records)}")
         if self.console:
             self.console.close()
 

@@ -6,6 +6,7 @@ every rank see the slowest rank's time, which is the step's time.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,20 @@ import torch
 import torch.distributed as dist
 
 from bench.data import IGNORE
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop_requested = False
+
+
+def request_stop_on_signals() -> None:
+    """SIGTERM/SIGUSR1 (SLURM's warning ahead of preemption or the time limit) only set a flag; the ranks agree
+    on it at the next step boundary and stop together."""
+    def handler(signum, frame):
+        global _stop_requested
+        _stop_requested = True
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, handler)
 
 
 @dataclass
@@ -27,6 +42,7 @@ class TrainResult:
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() when step 1 finished
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
+    preempted: bool = False                          # a rank was signalled; every rank stopped after the same step
 
 
 class EngineRunner:
@@ -109,7 +125,7 @@ class Trainer:
         for step in range(1, max_steps + 1):
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
-            g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s])
+            g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s, float(_stop_requested)])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
             step_tokens = int(g[:, 2].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
@@ -127,13 +143,17 @@ class Trainer:
             res.losses.append((step, mean_loss, elapsed))
             record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
                       "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
-                      "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed, "target_tokens": step_tokens, "applied": all_applied,
-                      "warmup": warmup, "elapsed_s": elapsed, **_memory_now(self.device)}
-            if (eval_interval and step % eval_interval == 0) or step == max_steps:
+                      "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed,
+                      "target_tokens": step_tokens, "applied": all_applied, "warmup": warmup, "elapsed_s": elapsed,
+                      **_memory_now(self.device)}
+            res.preempted = bool(g[:, 5].max() > 0)
+            if not res.preempted and ((eval_interval and step % eval_interval == 0) or step == max_steps):
                 res.val_loss = record["val_loss"] = self.evaluate()
             res.records.append(record)
             if self.on_record:
                 self.on_record(record)
+            if res.preempted:
+                break
         res.train_wall_s = time.perf_counter() - t_start
         return res
 

@@ -1,0 +1,171 @@
+"""Submit a whole matrix of runs to SLURM and follow it: one generated sbatch script per (model, strategy,
+ds_config, GPUs), and a status per job that can be listed at any time.
+
+    python -m bench.sweep submit MATRIX.json --name NAME [--dry_run] [-- extra bench/run.py args]
+    python -m bench.sweep status NAME
+
+MATRIX.json is a list of {"model", "strategy", "ds_config", "gpus", optional "args": [...], "sbatch": [...],
+"name"}. Everything lands in sweeps/NAME/: jobs/<job>.sh (the scripts, which source slurm/common.sh like the
+hand-written ones), runs/<job>*/ (each run's directory), sweep.json (job ids) and status.json (the last listing).
+A job's status comes from its run's summary.json where one exists, corrected by SLURM's own job state (a job
+killed at its time limit leaves a summary that still says "running").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+GPUS_PER_NODE = 8
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node={per_node}
+#SBATCH --gpus-per-node={per_node}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output={log_dir}/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${{BENCH_ROOT:-$SLURM_SUBMIT_DIR}}/slurm/common.sh"
+bench_run {args} "$@"
+"""
+# SLURM job states -> the sweep's statuses
+SLURM_STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "RUNNING": "running",
+                "COMPLETING": "running", "COMPLETED": "completed", "FAILED": "failed", "NODE_FAIL": "failed",
+                "BOOT_FAIL": "failed", "OUT_OF_MEMORY": "oom", "TIMEOUT": "timeout", "DEADLINE": "timeout",
+                "PREEMPTED": "preempted", "CANCELLED": "cancelled"}
+
+
+def job_name(entry: dict) -> str:
+    model = entry["model"].replace("/", "-").replace(".", "")
+    cfg = os.path.splitext(os.path.basename(entry["ds_config"]))[0]
+    return entry.get("name") or f"{model}-{entry['strategy']}-{cfg}-{entry['gpus']}g"
+
+
+def render(entry: dict, sweep_dir: str, extra: list[str], cpus: int = 8, time_limit: str = "02:00:00") -> str:
+    gpus = int(entry["gpus"])
+    if gpus < 1:
+        raise ValueError(f"{job_name(entry)}: gpus must be >= 1")
+    nodes = -(-gpus // GPUS_PER_NODE)
+    if gpus % nodes:
+        raise ValueError(f"{job_name(entry)}: {gpus} GPUs do not split evenly over {nodes} nodes")
+    name = job_name(entry)
+    args = ["--strategy", entry["strategy"], "--ds_config", entry["ds_config"], "--model", entry["model"],
+            "--output_dir", os.path.join(sweep_dir, "runs"), "--run_name", name, *entry.get("args", []), *extra]
+    return SBATCH.format(name=name, nodes=nodes, per_node=gpus // nodes, cpus=cpus, time=time_limit,
+                         log_dir=os.path.join(sweep_dir, "logs"), args=" ".join(args))
+
+
+def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) -> list[dict]:
+    os.makedirs(os.path.join(sweep_dir, "jobs"), exist_ok=True)
+    os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
+    jobs = []
+    for entry in matrix:
+        name = job_name(entry)
+        path = os.path.join(sweep_dir, "jobs", f"{name}.sh")
+        with open(path, "w") as fh:
+            fh.write(render(entry, sweep_dir, extra))
+        job = {"name": name, "script": path, "entry": entry, "job_id": None, "submitted": time.time()}
+        if not dry_run:
+            out = subprocess.run(["sbatch", "--parsable", *entry.get("sbatch", []), path],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"sbatch {path} failed: {out.stderr.strip()}")
+            job["job_id"] = out.stdout.strip().split(";")[0]
+        jobs.append(job)
+        print(f"{'wrote' if dry_run else 'submitted ' + job['job_id']}: {path}")
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as fh:
+        json.dump(jobs, fh, indent=2)
+    return jobs
+
+
+def slurm_state(job_id: str | None) -> str | None:
+    """The job's SLURM state from the controller (None once it has forgotten the job)."""
+    if not job_id:
+        return None
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    for token in out.stdout.split():
+        if token.startswith("JobState="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def run_summary(sweep_dir: str, name: str) -> dict | None:
+    """The newest run directory of this job (a requeued job's rerun adds name-2, ...)."""
+    runs = os.path.join(sweep_dir, "runs")
+    dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
+    dirs = [d for d in dirs if os.path.basename(d) == name or os.path.basename(d).startswith(name + "-")]
+    for d in sorted(dirs, key=os.path.getmtime, reverse=True):
+        try:
+            with open(os.path.join(d, "summary.json")) as fh:
+                return json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def combine(summary_status: str | None, state: str | None) -> str:
+    """One status from the run's own record and SLURM's view of the job."""
+    slurm = SLURM_STATES.get((state or "").split("+")[0]) if state else None
+    if slurm in ("timeout", "oom", "cancelled") and summary_status in (None, "running"):
+        return slurm  # killed from outside: the run could not write its own ending
+    if summary_status and summary_status != "running":
+        return summary_status
+    if slurm in ("pending", "running"):
+        return slurm
+    if summary_status == "running" or slurm in ("completed", "failed"):
+        return "failed"  # the job ended without the run recording an ending
+    return slurm or "unknown"
+
+
+def status(sweep_dir: str) -> list[dict]:
+    with open(os.path.join(sweep_dir, "sweep.json")) as fh:
+        jobs = json.load(fh)
+    rows = []
+    for job in jobs:
+        summary = run_summary(sweep_dir, job["name"])
+        state = slurm_state(job["job_id"])
+        rows.append({"name": job["name"], "job_id": job["job_id"], "slurm_state": state,
+                     "status": combine(summary and summary.get("status"), state),
+                     "error": summary and summary.get("error"), "run_dir": summary and summary.get("run_dir")})
+    with open(os.path.join(sweep_dir, "status.json"), "w") as fh:
+        json.dump(rows, fh, indent=2)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("submit", help="write and submit one sbatch job per matrix entry")
+    s.add_argument("matrix")
+    s.add_argument("--name", required=True)
+    s.add_argument("--sweeps_dir", default="sweeps")
+    s.add_argument("--dry_run", action="store_true", help="write the scripts, submit nothing")
+    st = sub.add_parser("status", help="list every job's status")
+    st.add_argument("name")
+    st.add_argument("--sweeps_dir", default="sweeps")
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    sweep_dir = os.path.join(args.sweeps_dir, args.name)
+    try:
+        if args.cmd == "submit":
+            with open(args.matrix) as fh:
+                matrix = json.load(fh)
+            submit(matrix, sweep_dir, extra, args.dry_run)
+        else:
+            for r in status(sweep_dir):
+                print(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        os.write(2, f"error: {e}\n".encode())
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

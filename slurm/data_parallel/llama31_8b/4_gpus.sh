@@ -1,0 +1,16 @@
+#!/bin/bash
+# LLaMA-3.1-8B, LoRA, ZeRO-2 data parallel on 4 GPU(s): 4 samples per GPU.
+# Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/llama31_8b/4_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=dp-llama31-8b-4g
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy dp --ds_config ds_configs/dp_zero2.json --model llama3.1-8b --peft lora \
+    --micro_batch_size 4 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

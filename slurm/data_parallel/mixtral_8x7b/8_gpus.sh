@@ -1,0 +1,16 @@
+#!/bin/bash
+# Mixtral-8x7B, LoRA, ZeRO-3 data parallel on 8 GPUs (the bf16 weights alone are ~94 GB, so they are partitioned).
+# Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/mixtral_8x7b/8_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=dp-mixtral-8x7b-8g
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy dp --ds_config ds_configs/dp_zero3.json --model mixtral-8x7b --peft lora \
+    --micro_batch_size 2 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

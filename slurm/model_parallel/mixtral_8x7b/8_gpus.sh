@@ -1,0 +1,16 @@
+#!/bin/bash
+# Mixtral-8x7B, full fine-tune, AutoTP 4 x AutoEP 2.
+# Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/8_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=tp4ep2-mixtral-8x7b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy tp_ep --ds_config ds_configs/tp4_ep2.json --model mixtral-8x7b --peft none \
+    --micro_batch_size 2 --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

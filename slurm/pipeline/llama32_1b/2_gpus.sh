@@ -1,0 +1,16 @@
+#!/bin/bash
+# LLaMA-3.2-1B, LoRA, pipeline parallel over 2 stages (8 micro-batches).
+# Submit from the repository root: mkdir -p logs && sbatch slurm/pipeline/llama32_1b/2_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=pp2-llama32-1b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --gpus-per-node=2
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy pp --ds_config ds_configs/pp2.json --model llama3.2-1b --peft lora \
+    --micro_batch_size 2 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

@@ -1,0 +1,166 @@
+"""SLURM: every sbatch script follows the directive rules, and the real scripts run on a real one-node cluster
+(Debian's slurmctld/slurmd/munge, started by tests/slurm/local_cluster.sh) with tiny-model overrides."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import sweep
+from conftest import REPO
+
+TINY = ["--model", "tiny-llama", "--max_steps", "3", "--warmup_steps", "1", "--seq_len", "128",
+        "--micro_batch_size", "2", "--global_batch_size", "4", "--eval_interval", "0", "--wandb_mode", "disabled"]
+SMALL_NODE = ["--cpus-per-task=1", "--time=00:10:00"]  # the test node has 2 CPUs
+
+
+def sbatch_scripts():
+    return sorted(p for p in (REPO / "slurm").rglob("*.sh") if "#SBATCH" in p.read_text())
+
+
+def check_directives(text: str, where: str) -> None:
+    d = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    for bad in ("ntasks", "gpus-per-task"):
+        assert bad not in d, f"{where}: --{bad} breaks DeepSpeed/Lightning-style launchers; use --ntasks-per-node"
+    for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "output"):
+        assert key in d, f"{where}: missing --{key}"
+    assert d["output"].endswith("%x-%j.out"), where
+    if "bench_run" in text:  # training jobs: one task per GPU, requeue on preemption, arguments passed through
+        assert d["gpus-per-node"] == d["ntasks-per-node"], where
+        assert "requeue" in d and d.get("signal", "").startswith("B:USR1@"), where
+        assert 'slurm/common.sh"' in text and '"$@"' in text, where
+
+
+@pytest.mark.parametrize("path", sbatch_scripts(), ids=lambda p: str(p.relative_to(REPO)))
+def test_sbatch_script_rules(path):
+    text = path.read_text()
+    check_directives(text, str(path))
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_every_experiment_of_both_tracks_has_a_script():
+    have = {str(p.relative_to(REPO / "slurm")) for p in sbatch_scripts()}
+    want = {f"data_parallel/llama31_8b/{n}_gpus.sh" for n in (1, 2, 4, 8)}
+    want |= {f"data_parallel/mixtral_8x7b/{n}_gpus.sh" for n in (2, 4, 8)}
+    want |= {f"model_parallel/llama31_8b/{n}_gpus.sh" for n in (2, 4, 8)}
+    want |= {f"model_parallel/mixtral_8x7b/{n}_gpus.sh" for n in (4, 8)}
+    want |= {"pipeline/llama32_1b/2_gpus.sh", "pipeline/llama32_1b/4_gpus.sh", "multi_node.sh"}
+    assert want <= have, want - have
+
+
+def test_generated_sweep_scripts_follow_the_rules(tmp_path):
+    for gpus, nodes in ((1, 1), (8, 1), (16, 2)):
+        text = sweep.render({"model": "llama3.1-8b", "strategy": "dp", "ds_config": "ds_configs/dp_zero3.json",
+                             "gpus": gpus}, str(tmp_path), [])
+        check_directives(text, f"sweep {gpus} GPUs")
+        assert f"--nodes={nodes}" in text and f"--ntasks-per-node={gpus // nodes}" in text
+
+
+@pytest.mark.parametrize("summary,state,expected", [
+    (None, "PENDING", "pending"), ("running", "RUNNING", "running"), ("completed", "COMPLETED", "completed"),
+    ("failed", "FAILED", "failed"), ("running", "TIMEOUT", "timeout"), (None, "OUT_OF_MEMORY", "oom"),
+    ("oom", "FAILED", "oom"), ("preempted", "FAILED", "preempted"), ("running", "FAILED", "failed"),
+    ("running", None, "failed"), (None, None, "unknown"), ("completed", None, "completed")])
+def test_status_combination(summary, state, expected):
+    assert sweep.combine(summary, state) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real cluster
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(REPO / "tests/slurm/local_cluster.sh"), "start", str(d)],
+                           capture_output=True, text=True)
+    if start.returncode:
+        reason = f"SLURM could not start: {start.stderr.strip()[-500:]}"
+        if os.environ.get("CI") or os.geteuid() == 0:
+            pytest.fail(reason)
+        print(f"SKIPPED: {reason} (needs root; CI runs as root)")
+        pytest.skip(reason)
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "BENCH_REQUEUE": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for k in list(env):
+        if k.startswith("SLURM_") and k != "SLURM_CONF":
+            env.pop(k)
+    yield env
+    subprocess.run(["bash", str(REPO / "tests/slurm/local_cluster.sh"), "stop", str(d)])
+
+
+def wait_for(env, job_id, timeout=240, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY")):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+        state = re.search(r"JobState=(\w+)", out)
+        if state and state.group(1) in until:
+            return state.group(1)
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still not done after {timeout}s")
+
+
+def sbatch(env, *args):
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_real_script_runs_and_records(cluster, tmp_path):
+    (REPO / "logs").mkdir(exist_ok=True)
+    job = sbatch(cluster, *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
+                 "--output_dir", str(tmp_path))
+    assert wait_for(cluster, job) == "COMPLETED"
+    log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
+    assert "Start time    :" in log and "End time      :" in log
+    assert re.search(r"Total time    : \d\d:\d\d:\d\d", log)
+    assert "iteration 3/3" in log
+    (run_dir,) = list(tmp_path.iterdir())
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["slurm_job_id"] == job
+    assert s["model"] == "tiny-llama", "arguments after the script name override the script's"
+
+
+def test_sweep_lists_completed_and_failed(cluster, tmp_path):
+    matrix = [{"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
+               "args": TINY[2:], "sbatch": SMALL_NODE, "name": "good"},
+              {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
+               "args": [*TINY[2:], "--global_batch_size", "6"], "sbatch": SMALL_NODE, "name": "bad"}]
+    (tmp_path / "m.json").write_text(json.dumps(matrix))
+    cmd = [sys.executable, "-m", "bench.sweep"]
+    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path)],
+                         cwd=REPO, env=cluster, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    jobs = json.loads((tmp_path / "t" / "sweep.json").read_text())
+    listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
+                             capture_output=True, text=True)
+    assert listing.returncode == 0 and "good" in listing.stdout  # listable at any time, even while pending
+    for j in jobs:
+        wait_for(cluster, j["job_id"])
+    listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
+                             capture_output=True, text=True).stdout
+    status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
+    assert status == {"good": "completed", "bad": "failed"}, listing
+    assert re.search(r"^good\s+\d+\s+completed", listing, re.M) and re.search(r"^bad\s+\d+\s+failed", listing, re.M)
+
+
+def test_preemption_signal_records_preempted(cluster, tmp_path):
+    job = sbatch(cluster, *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY, "--max_steps", "100000",
+                 "--output_dir", str(tmp_path))
+    t0 = time.time()
+    while not list(tmp_path.glob("*/metrics.jsonl")) or not list(tmp_path.glob("*/metrics.jsonl"))[0].stat().st_size:
+        assert time.time() - t0 < 120, "the run never started"
+        time.sleep(1)
+    # what --signal=B:USR1@300 does ahead of the time limit: signal the batch shell, which passes it on
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_for(cluster, job)
+    (run_dir,) = list(tmp_path.iterdir())
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "preempted" and 0 < s["steps"] < 100000
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == s["steps"], "every finished step is kept"
+    log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
+    assert "Exit code     : 75" in log
