@@ -37,8 +37,14 @@ def test_auto_fields_resolved_and_cli_overrides():
 
 def test_layout_factors():
     assert Layout.from_ds_config({}, 8) == Layout(dp=8)
-    lay = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": {"autoep_size": 2}}, 8)
+    ep = {"enabled": True, "autoep_size": 2}
+    lay = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": ep}, 8)
     assert (lay.dp, lay.tp, lay.ep, lay.pp) == (2, 2, 2, 1) and lay.world_size == 8
+    assert lay.data_parallel == 4 and [lay.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    # DeepSpeed ignores an expert_parallel section that is not enabled
+    assert Layout.from_ds_config({"expert_parallel": {"autoep_size": 2}}, 8) == Layout(dp=8)
+    pipe = Layout.from_ds_config({"pipeline": {"stages": 2}}, 4)  # stages are the outer rank axis
+    assert (pipe.dp, pipe.pp) == (2, 2) and [pipe.data_rank(r) for r in range(4)] == [0, 1, 0, 1]
     assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1) = 8"
     with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\) != WORLD_SIZE\(6\)"):
         Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
