@@ -122,3 +122,22 @@ def current_rss_mib() -> float:
         import psutil
         _SELF = psutil.Process(os.getpid())
     return _SELF.memory_info().rss / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparisons between runs (analysis/)
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either is missing or the denominator is 0. Used as
+    time scaling t_base / t_N, memory scaling peak_base / peak_N, time reduction t_base / t,
+    throughput increase tput / tput_base and memory reduction peak_base / peak."""
+    if numerator is None or denominator in (None, 0):
+        return None
+    return numerator / denominator
+
+
+def scaling_efficiency(tput_n: float | None, gpus_n: int, tput_base: float | None, gpus_base: int) -> float | None:
+    """Throughput at N GPUs over ideal linear scaling from the baseline: tput_N / (tput_base * N / N_base)."""
+    if tput_n is None or not tput_base or not gpus_n or not gpus_base:
+        return None
+    return tput_n / (tput_base * gpus_n / gpus_base)

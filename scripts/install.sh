@@ -4,12 +4,13 @@
 #   TORCH_SPEC  torch requirement to install first (default torch==2.13.0; on a CUDA node use the build
 #               that matches its driver, e.g. "torch==2.13.0" from the CUDA index your site uses)
 #   VENV        virtual environment directory (default .venv)
-# --with-slurm also installs Debian's SLURM packages (root, apt): the tests start a real one-node cluster.
+# --with-test-deps also installs what the tests drive for real (root, apt): Debian's SLURM packages (a one-node
+# cluster) and Chromium (renders the HTML report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = --with-slurm ] && { ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; }; then
+if [ "${1:-}" = --with-test-deps ] && ! command -v slurmctld munged chromium >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge chromium >/dev/null
 fi
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

@@ -1,0 +1,74 @@
+"""python -m analysis report RUN_DIR_OR_GLOB... --out DIR  (also installed as `bench-report`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from analysis import collect, plots, report, tables
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m analysis", description="Turn benchmark runs into a comparison.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("report", help="tables, plots, report.md/html, CSV (and W&B table/report)")
+    r.add_argument("runs", nargs="*", help="run directories, directories of runs, or globs")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--baseline", help="run name the comparison is relative to (default: smallest completed)")
+    r.add_argument("--baseline-gpus", type=int, help="GPU count the scaling tables are relative to")
+    r.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of disk")
+    r.add_argument("--group", help="with --wandb: only this W&B group")
+    r.add_argument("--wandb-table", action="store_true", help="log the comparison as a wandb.Table + artifact")
+    r.add_argument("--wandb-report", action="store_true", help="save a W&B Report (online) ")
+    r.add_argument("--project", default="ds-parallel-bench", help="[ENTITY/]PROJECT for the W&B table and report")
+    r.add_argument("--title", default="Parallelism strategy comparison")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.wandb:
+            runs = collect.from_wandb(args.wandb, args.group)
+        elif args.runs:
+            runs = collect.from_dirs(args.runs)
+        else:
+            raise ValueError("give run directories (or --wandb ENTITY/PROJECT)")
+        os.makedirs(args.out, exist_ok=True)
+        baseline = tables.pick_baseline(runs, args.baseline)
+        scaling = tables.scaling_tables(runs, args.baseline_gpus)
+        comparison = tables.comparison(runs, baseline)
+        tables.write_csv(runs, os.path.join(args.out, "runs.csv"))
+        images = plots.all_plots(runs, args.out)
+        statuses = ", ".join(f"{n} {s}" for s, n in _count(r.status for r in runs).items())
+        intro = f"{len(runs)} runs ({statuses})."
+        md, html_path = report.write(args.out, args.title, intro, scaling, comparison,
+                                     baseline.name if baseline else None, images)
+        print(f"wrote {md}, {html_path}, runs.csv and {len(images)} plots to {args.out}")
+        entity, _, project = args.project.rpartition("/")
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if args.wandb_table:
+            from analysis import wandb_export
+            run_id = wandb_export.log_table(comparison, project, entity or None, mode, args.out)
+            print(f"W&B ({mode}): comparison table logged in run {run_id}")
+        if args.wandb_report or args.wandb_table:
+            from analysis import wandb_export
+            rep = wandb_export.build_report(entity or os.environ.get("WANDB_ENTITY", ""), project, args.group,
+                                            args.title)
+            where = wandb_export.publish_or_save(rep, args.out, online=args.wandb_report and mode == "online")
+            print(f"W&B report: {where}")
+    except (OSError, ValueError, KeyError) as e:
+        os.write(2, f"error: {e}\n".encode())
+        return 2
+    return 0
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

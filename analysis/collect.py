@@ -1,0 +1,101 @@
+"""Load runs: run directories on disk (config.json, summary.json, metrics.jsonl) or the same records from W&B."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Run:
+    name: str
+    summary: dict
+    config: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # metrics.jsonl records (step, loss, ...)
+    path: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status") or "unknown"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def model(self) -> str:
+        return self.summary.get("model") or "?"
+
+    @property
+    def gpus(self) -> int:
+        return int(self.summary.get("world_size") or 0)
+
+    @property
+    def label(self) -> str:
+        """What the run compares as: strategy, layout, ZeRO stage, peft, e.g. 'dp zero2 lora (dp2)'."""
+        s = self.summary
+        lay = s.get("layout") or {}
+        parts = [f"{k}{v}" for k, v in lay.items() if v and v > 1]
+        zero = f" zero{s.get('zero_stage')}" if s.get("strategy") == "dp" else ""
+        return f"{s.get('strategy')}{zero} {s.get('peft')} ({'x'.join(parts) or 'single'})"
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_dir(path: str) -> Run:
+    summary = _read_json(os.path.join(path, "summary.json"))
+    config = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    history = []
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as fh:
+            history = [json.loads(line) for line in fh if line.strip()]
+    return Run(os.path.basename(os.path.normpath(path)), summary, config, history, path)
+
+
+def from_dirs(patterns: list[str]) -> list[Run]:
+    """Each pattern is a run directory, a directory of run directories, or a glob of either."""
+    found = []
+    for pattern in patterns:
+        for p in sorted(glob.glob(pattern)) or [pattern]:
+            if os.path.isfile(os.path.join(p, "summary.json")):
+                found.append(p)
+            elif os.path.isdir(p):
+                found += sorted(os.path.dirname(s) for s in glob.glob(os.path.join(p, "*", "summary.json")))
+    if not found:
+        raise FileNotFoundError(f"no run directory (with a summary.json) in {' '.join(patterns)}")
+    return [load_dir(p) for p in dict.fromkeys(found)]
+
+
+def unflatten(flat: dict) -> dict:
+    """W&B summary keys 'step_time_s/median' back into summary.json's nested shape."""
+    out: dict = {}
+    for key, value in flat.items():
+        if key.startswith("_"):
+            continue
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def from_wandb(path: str, group: str | None = None) -> list[Run]:
+    """The same records from W&B (entity/project, optionally one group). Needs the W&B service; not exercised
+    by the tests, which have no server."""
+    import wandb
+    api = wandb.Api()
+    runs = api.runs(path, filters={"group": group} if group else None)
+    out = []
+    for r in runs:
+        summary = unflatten(dict(r.summary))
+        history = [row for row in r.scan_history(keys=["step", "loss"])]
+        out.append(Run(r.name, summary, dict(r.config), history, None))
+    if not out:
+        raise FileNotFoundError(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
+    return out

@@ -1,0 +1,127 @@
+"""The report's tables: the seeds' per-model scaling table, the strategy comparison, and a CSV of everything.
+Ratios come from bench/metrics.py; a run that did not complete shows its status (OOM, FAILED, ...) in every
+measured cell instead of disappearing."""
+from __future__ import annotations
+
+import csv
+import json
+
+from bench import metrics
+from analysis.collect import Run
+
+
+def hms(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    s = int(round(seconds))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def device0(run: Run) -> dict:
+    devices = (run.summary.get("memory") or {}).get("device") or []
+    return devices[0] if devices else {}
+
+
+def peak_memory_mib(run: Run) -> float | None:
+    """The highest peak any device of the run reached (NVML on GPUs; per-rank RSS on the CPU)."""
+    peaks = [d.get("peak_mib") for d in (run.summary.get("memory") or {}).get("device") or [] if d.get("peak_mib")]
+    return max(peaks) if peaks else None
+
+
+def _get(run: Run, *keys):
+    node = run.summary
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def family(run: Run) -> tuple:
+    """Runs that form one scaling series: same model, strategy, ZeRO stage and peft; only the GPU count varies."""
+    s = run.summary
+    return (s.get("model"), s.get("strategy"), s.get("zero_stage"), s.get("peft"))
+
+
+def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[str, list[dict]]:
+    """{series title: rows}, one row per run ordered by GPUs; baseline = the smallest completed GPU count
+    (or baseline_gpus)."""
+    series: dict[tuple, list[Run]] = {}
+    for r in runs:
+        series.setdefault(family(r), []).append(r)
+    out = {}
+    for key, members in series.items():
+        members.sort(key=lambda r: (r.gpus, r.name))
+        done = [r for r in members if r.ok]
+        base = next((r for r in done if r.gpus == baseline_gpus), None) if baseline_gpus else None
+        base = base or (done[0] if done else None)
+        rows = []
+        for r in members:
+            d0 = device0(r)
+            row = {"run": r.name, "GPUs": r.gpus, "batch per GPU": _get(r, "micro_batch_size"),
+                   "status": r.status}
+            measured = {
+                "total job time": hms(_get(r, "total_wall_time_s")),
+                "train step time (s)": _get(r, "step_time_s", "median"),
+                "last train loss": _get(r, "loss", "last"),
+                "GPU0 peak (MiB)": d0.get("peak_mib"), "GPU0 avg (MiB)": d0.get("avg_mib"),
+                "GPU0 mode (MiB)": d0.get("mode_mib"),
+                "time scaling (t_base/t_N)": metrics.ratio(base and _get(base, "total_wall_time_s"),
+                                                           _get(r, "total_wall_time_s")) if base else None,
+                "memory scaling (peak_base/peak_N)": metrics.ratio(base and device0(base).get("peak_mib"),
+                                                                   d0.get("peak_mib")) if base else None,
+            }
+            row.update(measured if r.ok else {k: r.status.upper() for k in measured})
+            rows.append(row)
+        model, strategy, zero, peft = key
+        title = f"{model}: {strategy}" + (f" ZeRO-{zero}" if strategy == "dp" else "") + f", peft {peft}"
+        out[title + (f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})" if base else "")] = rows
+    return out
+
+
+def pick_baseline(runs: list[Run], name: str | None) -> Run | None:
+    if name:
+        for r in runs:
+            if r.name == name:
+                return r
+        raise ValueError(f"--baseline {name!r} is not one of the runs: {', '.join(r.name for r in runs)}")
+    done = sorted((r for r in runs if r.ok), key=lambda r: (r.gpus, r.name))
+    return done[0] if done else None
+
+
+def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
+    """The LoRA study's summary: time reduction, throughput increase and memory reduction against a baseline
+    run (same workload assumed: same steps and global batch), plus efficiency and statistical efficiency."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.model, r.label, r.gpus)):
+        row = {"run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus, "status": r.status}
+        b = baseline if baseline is not None and baseline.ok else None
+        measured = {
+            "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
+            "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
+            "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),
+            "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
+            "goodput (tokens/s)": _get(r, "goodput", "tokens_per_s"),
+            "time to target (s)": _get(r, "time_to_target_s"), "peak memory (MiB)": peak_memory_mib(r),
+        }
+        row.update(measured if r.ok else {k: r.status.upper() for k in measured})
+        rows.append(row)
+    return rows
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def write_csv(runs: list[Run], path: str) -> None:
+    """Every run, every summary field (nested keys joined with '/', lists as JSON)."""
+    flat = [{"run": r.name, "path": r.path, **flatten(r.summary)} for r in runs]
+    keys = list(dict.fromkeys(k for row in flat for k in row))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flat)

@@ -1,0 +1,135 @@
+"""The analysis step on real tiny runs: exact scaling ratios, failed/OOM runs shown as such, valid PNGs, an HTML
+report that renders in headless Chromium, the W&B table and report objects."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib import image
+
+from analysis import collect, tables, wandb_export
+from conftest import REPO, assert_ok, run_bench
+
+ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "4", "--warmup_steps", "1",
+        "--seq_len", "128", "--micro_batch_size", "2", "--eval_interval", "0")
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    runs = root / "runs"
+    for name, extra, n, launcher in [("lora-w1", ("--peft", "lora"), 1, "python"),
+                                     ("lora-w2", ("--peft", "lora"), 2, "deepspeed"),
+                                     ("full-w2", ("--peft", "none"), 2, "deepspeed")]:
+        res = run_bench(root / name, *ARGS, *extra, "--run_name", name, nprocs=n, launcher=launcher)
+        assert_ok(res)
+        shutil.move(str(res.run_dir), str(runs / name))
+    # Two runs that did not finish, as the harness records them: an OOM and a failure (status + error line).
+    for name, status in (("lora-w4-oom", "oom"), ("lora-w3-failed", "failed")):
+        shutil.copytree(runs / "lora-w2", runs / name)
+        s = json.loads((runs / name / "summary.json").read_text())
+        s.update(status=status, error="OutOfMemoryError: CUDA out of memory" if status == "oom" else "RuntimeError: x",
+                 world_size=int(name.split("-w")[1][0]))
+        (runs / name / "summary.json").write_text(json.dumps(s))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def report(runs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    res = subprocess.run([sys.executable, "-m", "analysis", "report", str(runs_dir), "--out", str(out),
+                          "--wandb-table", "--project", "bench-test"], cwd=REPO, capture_output=True, text=True,
+                         env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_scaling_ratios_are_exact(runs_dir):
+    runs = collect.from_dirs([str(runs_dir)])
+    series = tables.scaling_tables(runs)
+    (title, rows), = [(t, r) for t, r in series.items() if "peft lora" in t]
+    assert "baseline 1 GPU" in title
+    by_name = {r["run"]: r for r in rows}
+    s1 = json.loads((runs_dir / "lora-w1" / "summary.json").read_text())
+    s2 = json.loads((runs_dir / "lora-w2" / "summary.json").read_text())
+    row = by_name["lora-w2"]
+    assert row["time scaling (t_base/t_N)"] == s1["total_wall_time_s"] / s2["total_wall_time_s"]
+    assert row["memory scaling (peak_base/peak_N)"] == (s1["memory"]["device"][0]["peak_mib"]
+                                                        / s2["memory"]["device"][0]["peak_mib"])
+    assert row["GPU0 mode (MiB)"] == s2["memory"]["device"][0]["mode_mib"]
+    assert by_name["lora-w1"]["time scaling (t_base/t_N)"] == 1.0
+    assert [r["GPUs"] for r in rows] == [1, 2, 3, 4]
+    assert by_name["lora-w4-oom"]["train step time (s)"] == "OOM"
+    assert by_name["lora-w3-failed"]["GPU0 peak (MiB)"] == "FAILED"
+
+
+def test_comparison_against_baseline(runs_dir):
+    runs = collect.from_dirs([str(runs_dir)])
+    base = tables.pick_baseline(runs, "lora-w1")
+    rows = {r["run"]: r for r in tables.comparison(runs, base)}
+    s1 = json.loads((runs_dir / "lora-w1" / "summary.json").read_text())
+    sf = json.loads((runs_dir / "full-w2" / "summary.json").read_text())
+    full = rows["full-w2"]
+    assert full["throughput increase (x)"] == sf["tokens_per_s"] / s1["tokens_per_s"]
+    assert full["time reduction (x)"] == s1["total_wall_time_s"] / sf["total_wall_time_s"]
+    peak = lambda s: max(d["peak_mib"] for d in s["memory"]["device"])  # noqa: E731
+    assert full["memory reduction (x)"] == peak(s1) / peak(sf)
+    assert rows["lora-w4-oom"]["MFU"] == "OOM"
+    with pytest.raises(ValueError, match="not one of the runs"):
+        tables.pick_baseline(runs, "nope")
+
+
+def test_report_files(report, runs_dir):
+    md = (report / "report.md").read_text()
+    for name in ("lora-w1", "lora-w2", "full-w2", "lora-w4-oom", "lora-w3-failed"):
+        assert name in md, name  # nothing silently dropped
+    assert "| OOM |" in md and "| FAILED |" in md
+    pngs = sorted(report.glob("*.png"))
+    assert [p.name for p in pngs] == ["loss.png", "memory.png", "scaling.png", "throughput.png", "utilization.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = image.imread(p)
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01, p  # a real, non-blank picture
+    csv_lines = (report / "runs.csv").read_text().splitlines()
+    assert len(csv_lines) == 6 and "step_time_s/median" in csv_lines[0]
+
+
+def test_html_renders_in_chromium(report, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.fail("chromium is not installed (bash scripts/install.sh --with-test-deps installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'u'}"]
+    url = (report / "report.html").as_uri()
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") >= 2 and "lora-w4-oom" in dom and dom.count("data:image/png;base64,") == 5
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1400,900", url],
+                   capture_output=True, timeout=120)
+    img = image.imread(shot)
+    # the top of the page holds the heading and the comparison table: dark text and grey header cells on white
+    top = img[:450, :, :3]
+    assert (top < 0.5).mean() > 0.005 and ((top > 0.85) & (top < 0.97)).mean() > 0.005, "no table visible"
+
+
+def test_wandb_table_has_every_row(report):
+    tables_json = list((report / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json"))
+    assert len(tables_json) == 1
+    t = json.loads(tables_json[0].read_text())
+    assert len(t["data"]) == 5 and "throughput increase (x)" in t["columns"]
+    names = {row[t["columns"].index("run")] for row in t["data"]}
+    assert names == {"lora-w1", "lora-w2", "full-w2", "lora-w4-oom", "lora-w3-failed"}
+
+
+def test_wandb_report_object(report):
+    rep = wandb_export.build_report("my-team", "bench-test", "tiny-llama", "t")
+    grid = rep.blocks[1]
+    assert [type(p).__name__ for p in grid.panels] == ["LinePlot", "LinePlot", "BarPlot", "BarPlot"]
+    assert grid.panels[0].y == ["tokens_per_s"] and grid.panels[1].y == ["loss"]
+    assert grid.panels[3].metrics == ["mfu"]
+    assert grid.runsets[0].groupby == ["config.run.strategy"]
+    written = json.loads((report / "report_definition.json").read_text())
+    assert written["panel_types"] == ["LinePlot", "LinePlot", "BarPlot", "BarPlot"]
+    assert written["report"]["project"] == "bench-test"
