@@ -61,6 +61,10 @@ class RunConfig:
     log_interval: int = _f(1, "console line and W&B record every N steps (metrics.jsonl gets every step)")
     monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
     dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
+    save_interval: int = _f(0, "checkpoint every N steps, and when preempted (0: no checkpoints)")
+    checkpoint_dir: str = _f(None, "where checkpoints go (default: <run dir>/checkpoints)")
+    resume: str = _f("none", "auto: continue the run named --run_name from its newest complete checkpoint",
+                     choices=("none", "auto"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,8 +105,13 @@ def parse_args(argv=None) -> RunConfig:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise BenchError(f"--{name} must be positive, got {value}")
-    if cfg.warmup_steps < 0 or cfg.eval_interval < 0:
-        raise BenchError("--warmup_steps and --eval_interval must be >= 0")
+    if cfg.warmup_steps < 0 or cfg.eval_interval < 0 or cfg.save_interval < 0:
+        raise BenchError("--warmup_steps, --eval_interval and --save_interval must be >= 0")
+    if cfg.resume == "auto" and not cfg.run_name:
+        raise BenchError("--resume auto needs --run_name, so that a restarted job finds its own run directory "
+                         "(the SLURM scripts pass <job name>-<job id>)")
+    if cfg.checkpoint_dir and os.path.exists(cfg.checkpoint_dir) and not os.path.isdir(cfg.checkpoint_dir):
+        raise BenchError(f"--checkpoint_dir {cfg.checkpoint_dir} exists and is not a directory")
     if cfg.warmup_steps >= cfg.max_steps:
         raise BenchError(f"--max_steps ({cfg.max_steps}) must exceed --warmup_steps ({cfg.warmup_steps}), "
                          "otherwise no step is measured")

@@ -56,11 +56,15 @@ def init(timeout_s: int) -> None:
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
 
 
-def make_run_dir(output_dir: str, run_name: str) -> str:
-    """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path."""
+def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:
+    """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path.
+    reuse=True (resuming) takes the existing directory of that name instead."""
     import torch.distributed as dist
     path = [None]
-    if dist.get_rank() == 0:
+    existing = os.path.join(output_dir, run_name)
+    if dist.get_rank() == 0 and reuse and os.path.isfile(os.path.join(existing, "config.json")):
+        path[0] = existing
+    elif dist.get_rank() == 0:
         os.makedirs(output_dir, exist_ok=True)
         for i in range(1, 1000):
             candidate = os.path.join(output_dir, run_name if i == 1 else f"{run_name}-{i}")
@@ -88,3 +92,18 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown(clean: bool) -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter exit, the backend's
+    threads can die in an order that aborts a rank ("terminate called without an active exception") after a
+    run that succeeded. A clean run first waits for every rank; after an error other ranks may be gone."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer already gone; nothing left to tear down cleanly
+        pass

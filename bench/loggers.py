@@ -33,7 +33,21 @@ class JsonlLogger:
     """metrics.jsonl: one object per line, flushed as written, so a killed run keeps every finished step."""
 
     def __init__(self, path: str):
+        self.path = path
         self._fh = open(path, "a")
+
+    def truncate_after(self, step: int) -> list[dict]:
+        """Resuming from a checkpoint at `step`: drop the lines of later steps (they will be recomputed, and
+        the file must not list a step twice); -> the dropped records."""
+        self._fh.close()
+        with open(self.path) as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+        keep = [r for r in records if r["step"] <= step]
+        with open(self.path + ".tmp", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(self.path + ".tmp", self.path)
+        self._fh = open(self.path, "a")
+        return [r for r in records if r["step"] > step]
 
     def log(self, record: dict) -> None:
         self._fh.write(json.dumps(_finite(record), default=str) + "\n")
@@ -50,7 +64,7 @@ class WandbLogger:
     through a queue to a background thread: the training loop only enqueues, and order is kept.
     """
 
-    def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str]):
+    def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str], resume_id: str = None):
         self.run = None
         if cfg.wandb_mode == "disabled":
             return
@@ -59,6 +73,7 @@ class WandbLogger:
         self.run = wandb.init(
             project=cfg.wandb_project, group=cfg.wandb_group or cfg.model, job_type=cfg.strategy,
             name=run_name, tags=tags, config=config, mode=cfg.wandb_mode, dir=run_dir,
+            id=resume_id, resume="allow" if resume_id else None,  # a resumed run continues its W&B run
             # System stats off: the harness samples devices itself (device_monitor.csv), and on a small
             # host the extra sampler process competes with training for CPU.
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))

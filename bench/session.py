@@ -5,11 +5,13 @@ run ended (completed | failed | oom), and everything recorded before an error st
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
+from dataclasses import asdict
 
-from bench import distributed, metrics, models
+from bench import checkpoint, distributed, metrics, models
 from bench import summary as S
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
@@ -17,7 +19,7 @@ from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies import STRATEGIES, autoep
 from bench.strategies.common import apply_lora, format_sharding, param_counts, param_shapes, sharding_report
 from bench.strategies.pipeline import PipelineRunner
-from bench.train import Console, EngineRunner, Trainer, request_stop_on_signals
+from bench.train import Console, EngineRunner, Trainer, TrainResult, request_stop_on_signals
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the SLURM scripts requeue a job whose run exits with this
 
@@ -36,7 +38,8 @@ class Session:
 
     def run(self) -> int:
         distributed.init(self.cfg.dist_timeout_s)
-        self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name())
+        self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
+                                                reuse=self.cfg.resume == "auto")
         self.summary["run_dir"] = self.run_dir
         if self.is_main:
             self._open_records()
@@ -55,10 +58,12 @@ class Session:
             oom = "OutOfMemoryError" in type(e).__name__
             self.summary.update(status="oom" if oom else "failed",
                                 error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+            self._record_partial()
             traceback.print_exc()
             code = 3 if oom else 1
         finally:
             self._close_records(code)
+            distributed.shutdown(clean=code in (0, PREEMPTED_EXIT))
         return code
 
     # -----------------------------------------------------------------------------------------------------
@@ -69,12 +74,16 @@ class Session:
                   "batch": {"global": p.batch.global_, "micro": p.batch.micro, "grad_accum": p.batch.grad_accum},
                   "peft": p.peft, "device": {"type": p.device_type, "name": p.device_name, "dtype": str(p.dtype)},
                   "model_config": p.model_config.to_dict(), **S.environment()}
+        resume_id = None
+        if self.cfg.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
+            with open(os.path.join(d, "summary.json")) as fh:
+                resume_id = json.load(fh).get("wandb_run_id")
         write_json_atomic(os.path.join(d, "config.json"), config)
         write_json_atomic(os.path.join(d, "summary.json"), self.summary)
         self.jsonl = JsonlLogger(os.path.join(d, "metrics.jsonl"))
         tags = [self.cfg.strategy, os.path.basename(self.cfg.model), f"world{self.env.world_size}",
                 f"peft-{p.peft}", f"zero{self.summary['zero_stage']}"]
-        self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags)
+        self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags, resume_id)
         self.summary["wandb_run_id"] = self.wandb.run_id
 
     def _close_records(self, code: int):
@@ -135,6 +144,7 @@ class Session:
         lora_params = after["total"] - before["total"] if p.peft == "lora" else None
         fpt = models.flops_per_token(p.model_config, cfg.seq_len, lora_params)
         peak = metrics.device_peak_tflops(p.device_name, cfg.peak_tflops)
+        self.summary.update(flops_per_token=fpt, peak_tflops=peak)
         world = env.world_size
         rates = lambda times: metrics.throughput(times, p.batch.global_, cfg.seq_len, world, fpt, peak)  # noqa: E731
 
@@ -150,10 +160,15 @@ class Session:
         val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
         runner = PipelineRunner(engine, device) if p.layout.pp > 1 else EngineRunner(engine)
-        trainer = Trainer(engine, runner, batches, val, p.batch.global_, device, rates,
-                          self._log if self.is_main else None)
+        self.trainer = trainer = Trainer(engine, runner, batches, val, p.batch.global_, device, rates,
+                                         self._log if self.is_main else None)
+        ckpt_dir = cfg.checkpoint_dir or os.path.join(self.run_dir, "checkpoints")
+        start = self._resume(engine, ckpt_dir) if cfg.resume == "auto" else None
+        save = None
+        if cfg.save_interval or cfg.checkpoint_dir or cfg.resume == "auto":  # resumable runs save when preempted
+            save = lambda step, r: checkpoint.save(engine, ckpt_dir, step, {"result": asdict(r)})  # noqa: E731
         request_stop_on_signals()
-        res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval)
+        res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval, start, cfg.save_interval, save)
         if res.preempted:
             self.summary.update(status="preempted", error=f"stopped by a signal after step {len(res.records)}")
         if self.console:
@@ -170,6 +185,37 @@ class Session:
                                   "before_peft": before["total"], "per_rank": local}
         if p.layout.pp > 1:
             self.summary["pipeline"] = _pipeline_summary(p.layout, p.batch.grad_accum, res, local)
+
+
+    def _resume(self, engine, ckpt_dir: str) -> TrainResult:
+        """Continue from the newest complete checkpoint (or from scratch without one). Steps metrics.jsonl holds
+        beyond it were done and lost: they are dropped from the file, recomputed, and their time is counted."""
+        tag = checkpoint.latest_complete(ckpt_dir)
+        res = TrainResult(**checkpoint.load(engine, ckpt_dir, tag)["result"]) if tag else TrainResult()
+        res.preempted = False
+        if tag:
+            res.resumed_at.append(len(res.records))
+        lost = [0, 0.0]
+        if self.is_main:
+            dropped = self.jsonl.truncate_after(len(res.records))
+            lost = [len(dropped), max(0.0, dropped[-1]["elapsed_s"] - res.train_wall_s) if dropped else 0.0]
+        lost = distributed.gather(lost)[0]  # rank 0's file is the record; every rank uses its numbers
+        res.lost_steps += lost[0]
+        res.lost_s += lost[1]
+        res.train_wall_s += lost[1]  # goodput's denominator includes the work that was lost
+        if self.is_main:
+            print(f"resuming after step {len(res.records)} ({tag or 'no checkpoint: from the start'}); "
+                  f"{lost[0]} step(s) lost and recomputed", flush=True)
+        return res
+
+    def _record_partial(self):
+        """After an error: what this rank measured so far, without collectives (other ranks may be gone)."""
+        res = getattr(getattr(self, "trainer", None), "res", None)
+        if res is not None and res.records:
+            S.fill_results(self.summary, res, global_batch=self.plan.batch.global_, seq_len=self.cfg.seq_len,
+                           world_size=self.env.world_size, flops_per_token=self.summary["flops_per_token"] or 0,
+                           peak_tflops=self.summary["peak_tflops"], target_loss=self.cfg.target_loss)
+        self.summary["memory"]["per_rank"] = [{"rank": self.env.rank, **metrics.rank_memory(self.plan.device_type)}]
 
 
 def _pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:

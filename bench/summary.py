@@ -58,6 +58,7 @@ def fill_results(summary: dict, res, *, global_batch: int, seq_len: int, world_s
         "loss": {"first": res.losses[0][1] if res.losses else None,
                  "last": res.losses[-1][1] if res.losses else None},
         "val_loss": res.val_loss, "time_to_target_s": ttt, "steps_to_target": stt,
+        "resumed_at": res.resumed_at, "lost_steps": res.lost_steps, "lost_time_s": res.lost_s,
         "flops_per_token": flops_per_token, "peak_tflops": peak_tflops,
     })
 

@@ -6,6 +6,7 @@ every rank see the slowest rank's time, which is the step's time.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -43,6 +44,9 @@ class TrainResult:
     first_step_end: float | None = None              # time.time() when step 1 finished
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
     preempted: bool = False                          # a rank was signalled; every rank stopped after the same step
+    resumed_at: list = field(default_factory=list)   # checkpoint steps this run resumed from
+    lost_steps: int = 0                              # steps done after the last checkpoint, then recomputed
+    lost_s: float = 0.0                              # the wall time those steps took (part of train_wall_s)
 
 
 class EngineRunner:
@@ -73,6 +77,9 @@ class Trainer:
         self.replicas = dist.get_world_size() // batches.dp
         self.global_batch, self.device = global_batch, device
         self.rates = rates  # step times -> throughput dict (metrics.throughput with this run's constants)
+        self.res = None
+        # Fault injection for the tests: raise an out-of-memory error at this step (CUDA OOM cannot happen on CPU).
+        self.oom_at = int(os.environ.get("BENCH_FAULT_OOM_STEP", 0))
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -92,6 +99,8 @@ class Trainer:
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                  for b in self.batches.step_batches(step - 1)]
         skipped_before = self.engine.skipped_steps
+        if step == self.oom_at:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BENCH_FAULT_OOM_STEP={step})")
         self.sync()  # start the clock on an idle device
         t0 = time.perf_counter()
         loss = self.runner.train_step(micro)
@@ -118,18 +127,23 @@ class Trainer:
         totals = self._gather([loss_x_tokens, tokens]).sum(0)  # replicas cancel in the ratio
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
-    def run(self, max_steps: int, warmup_steps: int, eval_interval: int) -> TrainResult:
-        res = TrainResult()
-        consumed = 0
-        t_start = time.perf_counter()
-        for step in range(1, max_steps + 1):
+    def run(self, max_steps: int, warmup_steps: int, eval_interval: int, res: TrainResult | None = None,
+            save_interval: int = 0, save=None) -> TrainResult:
+        """Steps len(res.records)+1 .. max_steps; res is a checkpoint's result when resuming. save(step, res)
+        writes a checkpoint every save_interval steps and when the ranks stop for a signal."""
+        res = res or TrainResult()
+        self.res = res  # what the session records if the loop dies
+        consumed = len(res.records) * self.global_batch
+        t_start = time.perf_counter() - res.train_wall_s  # elapsed time continues across a resume
+        first = len(res.records) + 1
+        for step in range(first, max_steps + 1):
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s, float(_stop_requested)])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
             step_tokens = int(g[:, 2].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
-            if step == 1:
+            if step == first:  # this process's first step (after a resume too)
                 res.first_step_end = time.time()
             consumed += self.global_batch
             elapsed = time.perf_counter() - t_start
@@ -152,6 +166,9 @@ class Trainer:
             res.records.append(record)
             if self.on_record:
                 self.on_record(record)
+            res.train_wall_s = time.perf_counter() - t_start
+            if save and ((save_interval and step % save_interval == 0) or res.preempted):
+                save(step, res)
             if res.preempted:
                 break
         res.train_wall_s = time.perf_counter() - t_start

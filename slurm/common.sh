@@ -52,11 +52,13 @@ bench_end_block() {
 }
 
 # bench_run ARGS...: bench/run.py on every task (one per GPU); arguments after the script name given to sbatch
-# reach here through "$@" and override the script's own (argparse takes the last value).
+# reach here through "$@" and override the script's own (argparse takes the last value). The run is named after
+# the job (name-id, stable across requeues) and resumes: a requeued job continues from its last checkpoint.
 bench_run() {
     bench_setup_env
     bench_start_block
-    local -a cmd=("${BENCH_PYTHON:-python}" bench/run.py "$@")
+    local -a cmd=("${BENCH_PYTHON:-python}" bench/run.py --run_name "${SLURM_JOB_NAME:-bench}-${SLURM_JOB_ID:-0}"
+                  --resume auto "$@")
     if [ -n "${BENCH_CONTAINER:-}" ]; then
         local runtime; runtime=$(command -v apptainer || command -v singularity)
         cmd=("$runtime" exec --nv "$BENCH_CONTAINER" "${cmd[@]}")

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,12 @@ def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pytho
               env: dict | None = None) -> Result:
     """launcher: python (world 1), deepspeed, torchrun, or srun-env (N plain processes given only the
     SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
+    return finish(start_bench(out_dir, *args, nprocs=nprocs, launcher=launcher, env=env), out_dir, timeout)
+
+
+def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python",
+                env: dict | None = None) -> list:
+    """The processes of one run, started and not waited for (the srun-env launcher gives one per rank)."""
     argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
     # A test run inside a SLURM job or a launcher must not leak its own rank variables into the runs.
     inherited = {k: v for k, v in os.environ.items()
@@ -67,17 +74,25 @@ def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pytho
                 e.pop(k, None)
             e.update(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS=str(nprocs),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a long run cannot block on a full pipe
+        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.log = log
+        procs.append(proc)
+    return procs
+
+
+def finish(procs: list, out_dir: Path, timeout: int = 300) -> Result:
     outputs, code = [], 0
     for p in procs:
         try:
-            out, _ = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
-        outputs.append(out)
+        p.log.seek(0)
+        outputs.append(p.log.read())
+        p.log.close()
         code = code or p.returncode
     return Result(code, "\n".join(outputs), out_dir)
 

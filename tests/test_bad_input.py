@@ -69,6 +69,10 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "--peft lora with tensor parallelism is refused"),
     ("lora-with-ep", ("--strategy", "ep", "--peft", "lora", "--model", "tiny-mixtral", "--ds_config",
                       "ds_configs/ep2.json"), 2, "--peft lora with expert parallelism is refused"),
+    # checkpoints and resume
+    ("checkpoint-dir-is-a-file", ("--checkpoint_dir", "{d}/short.txt", *ZERO2), 1, "exists and is not a directory"),
+    ("resume-without-run-name", ("--resume", "auto", *ZERO2), 1, "--resume auto needs --run_name"),
+    ("negative-save-interval", ("--save_interval", "-1", *ZERO2), 1, "must be >= 0"),
     # pipeline
     ("more-stages-than-layers", ("--strategy", "pp", "--ds_config", "{d}/pp5.json"), 5,
      "5 pipeline stages but the model has only 4 decoder layers"),

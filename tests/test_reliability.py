@@ -1,0 +1,110 @@
+"""Reliability: exact resume after preemption, a killed rank recorded as a failure with its work kept and the lost
+steps recomputed and counted, an injected OOM recorded as `oom`, and concurrent runs that never share a
+directory."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Result, assert_ok, finish, run_bench, start_bench
+
+ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr", "1e-3",
+        "--max_steps", "8", "--warmup_steps", "1", "--seq_len", "128", "--micro_batch_size", "2",
+        "--global_batch_size", "4", "--eval_interval", "0")
+
+
+def wait_for_step(out: Path, name: str, step: int, procs, timeout=120):
+    path = out / name / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= step:
+            return
+        assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    res = run_bench(tmp_path_factory.mktemp("ref"), *ARGS, nprocs=2, launcher="srun-env")
+    assert_ok(res)
+    return res.losses()
+
+
+def test_preempted_run_resumes_exactly(tmp_path, reference):
+    args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "100", "--wandb_mode", "offline")
+    procs = start_bench(tmp_path, *args, "--monitor_interval_s", "0.2", nprocs=2, launcher="srun-env")
+    wait_for_step(tmp_path, "job", 3, procs)
+    procs[1].send_signal(signal.SIGUSR1)  # any rank; the ranks agree at the next step boundary
+    first = finish(procs, tmp_path)
+    assert first.returncode == 75, first.output[-3000:]  # the SLURM scripts requeue on 75
+    s = first.summary()
+    assert s["status"] == "preempted" and 3 <= s["steps"] < 8
+    stopped = s["steps"]
+    assert (tmp_path / "job" / "checkpoints" / f"step{stopped:08d}" / "COMPLETE").exists()
+    wandb_id = s["wandb_run_id"]
+
+    second = run_bench(tmp_path, *args, nprocs=2, launcher="srun-env")  # the requeued job: same command
+    assert_ok(second)
+    assert len(second.run_dirs) == 1, "the resumed run continues in its own directory"
+    s = second.summary()
+    assert s["status"] == "completed" and s["steps"] == 8 and s["resumed_at"] == [stopped]
+    assert s["lost_steps"] == 0, "preemption saved at the stop: nothing was lost"
+    assert s["applied_updates"] == 8 and s["wandb_run_id"] == wandb_id
+    recs = second.records()
+    assert [r["step"] for r in recs] == list(range(1, 9)), "no duplicated or missing steps"
+    assert [r["loss"] for r in recs] == pytest.approx(reference, rel=1e-6)
+    assert "resuming after step" in second.output
+
+
+def test_killed_rank_fails_cleanly_and_lost_work_is_counted(tmp_path, reference):
+    args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
+    procs = start_bench(tmp_path, *args, nprocs=2, launcher="srun-env")
+    wait_for_step(tmp_path, "job", 5, procs)
+    t_kill = time.time()
+    procs[1].send_signal(signal.SIGKILL)
+    crashed = finish(procs, tmp_path, timeout=120)
+    assert time.time() - t_kill < 90, "the surviving rank must not hang"
+    assert crashed.returncode != 0
+    s = crashed.summary()
+    assert s["status"] == "failed" and s["error"], "summary says failed, with the reason"
+    done = len(crashed.records())
+    assert done >= 5 and s["steps"] == done, "everything recorded before the crash is kept"
+    ckpts = sorted(p.name for p in (tmp_path / "job" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert ckpts and all((tmp_path / "job" / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    # a checkpoint cut short (no COMPLETE marker) must never be picked, even though it is the newest
+    (tmp_path / "job" / "checkpoints" / "step99999999").mkdir()
+
+    resumed = run_bench(tmp_path, *args, nprocs=2, launcher="srun-env")
+    assert_ok(resumed)
+    s = resumed.summary()
+    last_ckpt = int(ckpts[-1][4:])
+    assert s["status"] == "completed" and s["resumed_at"] == [last_ckpt]
+    assert s["lost_steps"] == done - last_ckpt and s["lost_time_s"] > 0
+    assert s["applied_updates"] == 8, "recomputed steps are not extra useful updates"
+    assert s["goodput"]["updates_per_s"] == pytest.approx(8 / s["train_wall_time_s"])
+    recs = resumed.records()
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert [r["loss"] for r in recs] == pytest.approx(reference, rel=1e-6)
+
+
+def test_out_of_memory_is_recorded_as_oom(tmp_path):
+    res = run_bench(tmp_path, *ARGS, env={"BENCH_FAULT_OOM_STEP": "3"})
+    assert res.returncode == 3
+    s = res.summary()
+    assert s["status"] == "oom" and "out of memory" in s["error"]
+    assert s["steps"] == 2 and len(res.records()) == 2, "the steps before the OOM are kept"
+    assert s["memory"]["per_rank"][0]["peak_rss_mib"] > 0, "with the memory figures so far"
+    assert s["step_time_s"]["median"] is not None
+
+
+def test_concurrent_runs_never_share_a_directory(tmp_path):
+    procs = [start_bench(tmp_path, *ARGS, "--max_steps", "2", "--run_name", "same") for _ in range(2)]
+    results = [finish(p, tmp_path) for p in procs]
+    assert all(r.returncode == 0 for r in results), results[0].output[-2000:]
+    dirs = sorted(p.name for p in tmp_path.iterdir())
+    assert dirs == ["same", "same-2"]
+    assert all(json.loads((tmp_path / d / "summary.json").read_text())["status"] == "completed" for d in dirs)
