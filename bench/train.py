@@ -41,7 +41,7 @@ class TrainResult:
     applied_updates: int = 0
     useful_tokens: int = 0
     train_wall_s: float = 0.0
-    first_step_end: float | None = None              # time.time() when step 1 finished
+    first_step_end: float | None = None              # time.time() at the end of this process's first step
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
     preempted: bool = False                          # a rank was signalled; every rank stopped after the same step
     resumed_at: list = field(default_factory=list)   # checkpoint steps this run resumed from

@@ -66,3 +66,12 @@ def test_slurm_environment_maps_to_ranks(monkeypatch):
         monkeypatch.delenv(k)
     with pytest.raises(BenchError, match="MASTER_ADDR"):
         distributed.discover()
+
+
+def test_readme_documents_every_flag():
+    from dataclasses import fields
+    from pathlib import Path
+    from bench.config import RunConfig
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in fields(RunConfig) if f"`--{f.name}`" not in readme]
+    assert not missing, f"flags missing from the README's flag table: {missing}"

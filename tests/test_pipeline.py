@@ -23,11 +23,13 @@ def runs(tmp_path_factory):
         r[f"hybrid-{peft}"] = run_bench(root / f"hy-{peft}", "--strategy", "hybrid", "--ds_config",
                                         "ds_configs/pp2_dp2.json", *ARGS, *extra, nprocs=4, launcher="deepspeed",
                                         timeout=400)
+    r["pp2uniform-none"] = run_bench(root / "uni", "--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json",
+                                     *ARGS, "--peft", "none", nprocs=2, launcher="deepspeed")
     return r
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-@pytest.mark.parametrize("layout", ["pp2", "hybrid"])
+@pytest.mark.parametrize("layout,peft", [("pp2", "none"), ("pp2", "lora"), ("hybrid", "none"), ("hybrid", "lora"),
+                                         ("pp2uniform", "none")])  # uniform partitioning: one run is enough
 def test_loss_matches_single_process(runs, layout, peft):
     ref, run = runs[f"w1-{peft}"], runs[f"{layout}-{peft}"]
     assert_ok(ref)
