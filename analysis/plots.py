@@ -34,6 +34,15 @@ def _save(fig, path):
     return path
 
 
+def _line_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
 def _name(r: Run) -> str:
     return f"{r.label} @{r.gpus}"
 
@@ -76,12 +85,7 @@ def loss_curves(runs: list[Run], out_dir: str) -> str:
         pts = [(h["step"], h["loss"]) for h in r.history if h.get("loss") is not None]
         if pts:
             ax.plot(*zip(*pts), label=f"{_name(r)}" + ("" if r.ok else f" [{r.status}]"), linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (reduced over ranks)")
-    ax.set_title("Loss curves")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
+    _line_axes(ax, "optimizer step", "train loss (reduced over ranks)", "Loss curves")
     return _save(fig, os.path.join(out_dir, "loss.png"))
 
 
@@ -103,12 +107,8 @@ def scaling(runs: list[Run], out_dir: str) -> str:
             eff = metrics.scaling_efficiency(r.summary["tokens_per_s"], r.gpus, base.summary["tokens_per_s"], base.gpus)
             ax.annotate(f"{eff:.0%}", (r.gpus, r.summary["tokens_per_s"]), fontsize=8,
                         textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("GPUs (processes)")
-    ax.set_ylabel("throughput (tokens/s)")
-    ax.set_title("Scaling: measured (solid, % of ideal) vs ideal linear (dashed)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
+    _line_axes(ax, "GPUs (processes)", "throughput (tokens/s)",
+               "Scaling: measured (solid, % of ideal) vs ideal linear (dashed)")
     return _save(fig, os.path.join(out_dir, "scaling.png"))
 
 

@@ -1,7 +1,7 @@
 """One benchmark run from process group to summary.json: build, train, record.
 
 Rank 0 owns the run directory's files. Whatever happens after the directory exists, summary.json says how the
-run ended (completed | failed | oom), and everything recorded before an error stays on disk.
+run ended (completed | failed | oom | preempted), and everything recorded before an error stays on disk.
 """
 from __future__ import annotations
 
