@@ -1,10 +1,10 @@
 """The analysis step on real tiny runs: exact scaling ratios, failed/OOM runs shown as such, valid PNGs, an HTML
 report that renders in headless Chromium, the W&B table and report objects."""
 import json
+import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from matplotlib import image
@@ -41,7 +41,7 @@ def report(runs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     res = subprocess.run([sys.executable, "-m", "analysis", "report", str(runs_dir), "--out", str(out),
                           "--wandb-table", "--project", "bench-test"], cwd=REPO, capture_output=True, text=True,
-                         env={**__import__("os").environ, "WANDB_MODE": "offline"})
+                         env={**os.environ, "WANDB_MODE": "offline"})
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

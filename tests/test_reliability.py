@@ -2,14 +2,13 @@
 steps recomputed and counted, an injected OOM recorded as `oom`, and concurrent runs that never share a
 directory."""
 import json
-import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Result, assert_ok, finish, run_bench, start_bench
+from conftest import assert_ok, finish, run_bench, start_bench
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr", "1e-3",
         "--max_steps", "8", "--warmup_steps", "1", "--seq_len", "128", "--micro_batch_size", "2",
