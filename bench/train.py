@@ -78,8 +78,11 @@ class Trainer:
         self.global_batch, self.device = global_batch, device
         self.rates = rates  # step times -> throughput dict (metrics.throughput with this run's constants)
         self.res = None
-        # Fault injection for the tests: raise an out-of-memory error at this step (CUDA OOM cannot happen on CPU).
-        self.oom_at = int(os.environ.get("BENCH_FAULT_OOM_STEP", 0))
+        # Fault injection for the tests, at the start of a given step on BENCH_FAULT_RANK (default: every rank):
+        # an out-of-memory error (CUDA OOM cannot happen on the CPU), or the process SIGKILLing itself.
+        on_this_rank = int(os.environ.get("BENCH_FAULT_RANK", dist.get_rank())) == dist.get_rank()
+        self.oom_at = int(os.environ.get("BENCH_FAULT_OOM_STEP", 0)) if on_this_rank else 0
+        self.kill_at = int(os.environ.get("BENCH_FAULT_KILL_STEP", 0)) if on_this_rank else 0
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -101,6 +104,8 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         if step == self.oom_at:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BENCH_FAULT_OOM_STEP={step})")
+        if step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         self.sync()  # start the clock on an idle device
         t0 = time.perf_counter()
         loss = self.runner.train_step(micro)
