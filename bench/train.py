@@ -111,7 +111,7 @@ class Trainer:
         loss = self.runner.train_step(micro)
         self.sync()  # wait for the last kernels (optimizer step) before reading the clock
         dt = time.perf_counter() - t0
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        tokens = sum(target_tokens(b) for b in micro)
         applied = self.engine.skipped_steps == skipped_before
         return dt, float(loss), tokens, applied
 
@@ -125,7 +125,7 @@ class Trainer:
             b = {k: v.to(self.device) for k, v in b.items()}
             loss = self.runner.eval_loss(b)
             if loss is not None:
-                n = int((b["labels"][:, 1:] != IGNORE).sum())
+                n = target_tokens(b)
                 loss_x_tokens += loss * n
                 tokens += n
         self.engine.train()
@@ -178,6 +178,11 @@ class Trainer:
                 break
         res.train_wall_s = time.perf_counter() - t_start
         return res
+
+
+def target_tokens(batch: dict) -> int:
+    """Tokens the loss is computed on: labels shifted by one (next-token prediction), minus the ignored ones."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def _maybe_float(x):
