@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 
 from analysis import collect, plots, report, tables
+from bench.config import print_error
 
 
 def build_parser():
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         comparison = tables.comparison(runs, baseline)
         tables.write_csv(runs, os.path.join(args.out, "runs.csv"))
         images = plots.all_plots(runs, args.out)
-        statuses = ", ".join(f"{n} {s}" for s, n in _count(r.status for r in runs).items())
+        statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in runs).items())
         intro = f"{len(runs)} runs ({statuses})."
         md, html_path = report.write(args.out, args.title, intro, scaling, comparison,
                                      baseline.name if baseline else None, images)
@@ -58,16 +60,9 @@ def main(argv=None) -> int:
             where = wandb_export.publish_or_save(rep, args.out, online=args.wandb_report and mode == "online")
             print(f"W&B report: {where}")
     except (OSError, ValueError, KeyError) as e:
-        os.write(2, f"error: {e}\n".encode())
+        print_error(str(e))
         return 2
     return 0
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for i in items:
-        out[i] = out.get(i, 0) + 1
-    return out
 
 
 if __name__ == "__main__":

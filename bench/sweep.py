@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from bench.config import print_error
+
 GPUS_PER_NODE = 8
 SBATCH = """#!/bin/bash
 #SBATCH --job-name={name}
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
             for r in status(sweep_dir):
                 print(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        os.write(2, f"error: {e}\n".encode())
+        print_error(str(e))
         return 2
     return 0
 

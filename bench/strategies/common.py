@@ -22,9 +22,13 @@ def meta_model(model_config):
         return AutoModelForCausalLM.from_config(model_config)
 
 
+def _target_names(cfg) -> list[str]:
+    return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+
+
 def lora_targets(cfg, model_config) -> list[str]:
     """The --lora_targets names, checked against the architecture."""
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    targets = _target_names(cfg)
     model = meta_model(model_config)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
@@ -37,8 +41,7 @@ def lora_targets(cfg, model_config) -> list[str]:
 def apply_lora(model, cfg):
     """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
     from peft import LoraConfig, get_peft_model
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_target_names(cfg),
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
