@@ -98,12 +98,22 @@ def shutdown(clean: bool) -> None:
     """Tear the process group down before the interpreter exits: left to interpreter exit, the backend's
     threads can die in an order that aborts a rank ("terminate called without an active exception") after a
     run that succeeded. A clean run first waits for every rank; after an error other ranks may be gone."""
+    import glob
     import torch.distributed as dist
     if not dist.is_initialized():
         return
+    rank = dist.get_rank()
     try:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a peer already gone; nothing left to tear down cleanly
         pass
+    # DeepSpeed's CPU shared-memory all-reduce never unlinks its buffers (/dev/shm/deepspeed_allreduce_buffer_
+    # <i>_<addr>_<port>_<rank>): left behind, every CPU run keeps RAM until the machine reboots.
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
