@@ -16,7 +16,7 @@ class DistEnv:
     world_size: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +46,7 @@ def discover() -> DistEnv:
         raise BenchError("WORLD_SIZE > 1 but MASTER_ADDR is not set; the launcher or sbatch script must export "
                          "MASTER_ADDR and MASTER_PORT (see slurm/)")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+    env.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     return DistEnv(rank, local, world)
 
 

@@ -2,11 +2,14 @@
 ds_config, GPUs), and a status per job that can be listed at any time.
 
     python -m bench.sweep submit MATRIX.json --name NAME [--dry_run] [-- extra bench/run.py args]
+    python -m bench.sweep local MATRIX.json --name NAME [-- extra bench/run.py args]
     python -m bench.sweep status NAME
 
 MATRIX.json is a list of {"model", "strategy", "ds_config", "gpus", optional "args": [...], "sbatch": [...],
 "name"}. Everything lands in sweeps/NAME/: jobs/<job>.sh (the scripts, which source slurm/common.sh like the
 hand-written ones), runs/<job>*/ (each run's directory), sweep.json (job ids) and status.json (the last listing).
+`local` runs the same matrix on this machine, one job after another under the deepspeed launcher (one node, no
+SLURM: a workstation, or the CPU), with each job's output in logs/<job>.log and the same status listing.
 A job's status comes from its run's summary.json where one exists, corrected by SLURM's own job state (a job
 killed at its time limit leaves a summary that still says "running").
 """
@@ -20,6 +23,7 @@ import sys
 import time
 
 from bench.config import print_error
+from bench.distributed import free_port
 
 GPUS_PER_NODE = 8
 SBATCH = """#!/bin/bash
@@ -57,10 +61,15 @@ def render(entry: dict, sweep_dir: str, extra: list[str], cpus: int = 8, time_li
     if gpus % nodes:
         raise ValueError(f"{job_name(entry)}: {gpus} GPUs do not split evenly over {nodes} nodes")
     name = job_name(entry)
-    args = ["--strategy", entry["strategy"], "--ds_config", entry["ds_config"], "--model", entry["model"],
-            "--output_dir", os.path.join(sweep_dir, "runs"), "--run_name", name, *entry.get("args", []), *extra]
     return SBATCH.format(name=name, nodes=nodes, per_node=gpus // nodes, cpus=cpus, time=time_limit,
-                         log_dir=os.path.join(sweep_dir, "logs"), args=" ".join(args))
+                         log_dir=os.path.join(sweep_dir, "logs"), args=" ".join(run_args(entry, sweep_dir, extra)))
+
+
+def run_args(entry: dict, sweep_dir: str, extra: list[str]) -> list[str]:
+    """bench/run.py's arguments for one matrix entry: the entry's own, then the sweep-wide extras (which win)."""
+    return ["--strategy", entry["strategy"], "--ds_config", entry["ds_config"], "--model", entry["model"],
+            "--output_dir", os.path.join(sweep_dir, "runs"), "--run_name", job_name(entry), *entry.get("args", []),
+            *extra]
 
 
 def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) -> list[dict]:
@@ -81,9 +90,43 @@ def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) 
             job["job_id"] = out.stdout.strip().split(";")[0]
         jobs.append(job)
         print(f"{'wrote' if dry_run else 'submitted ' + job['job_id']}: {path}")
+    _write_jobs(sweep_dir, jobs)
+    return jobs
+
+
+def run_local(matrix: list[dict], sweep_dir: str, extra: list[str]) -> list[dict]:
+    """Run every entry here, one after another; sweep.json is rewritten after each job so `status` can follow."""
+    os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
+    for entry in matrix:
+        if int(entry["gpus"]) > GPUS_PER_NODE:
+            raise ValueError(f"{job_name(entry)}: {entry['gpus']} GPUs need more than one node; use `submit`")
+    jobs = [{"name": job_name(e), "script": None, "entry": e, "job_id": None, "returncode": None} for e in matrix]
+    entry_point = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
+    for job in jobs:
+        job["submitted"] = time.time()
+        _write_jobs(sweep_dir, jobs)
+        log = os.path.join(sweep_dir, "logs", f"{job['name']}.log")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(job["entry"]["gpus"]),
+               "--master_port", str(free_port()), entry_point, *run_args(job["entry"], sweep_dir, extra)]
+        with open(log, "w") as fh:
+            job["returncode"] = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        print(f"{job['name']}: exit {job['returncode']} (log: {log})", flush=True)
+    _write_jobs(sweep_dir, jobs)
+    return jobs
+
+
+def _write_jobs(sweep_dir: str, jobs: list[dict]) -> None:
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as fh:
         json.dump(jobs, fh, indent=2)
-    return jobs
+
+
+def local_state(job: dict) -> str | None:
+    """A local job's exit code in SLURM's terms, so `combine` treats both kinds of sweep alike."""
+    if "returncode" not in job:
+        return None
+    if job["returncode"] is None:
+        return "RUNNING" if "submitted" in job else "PENDING"
+    return "COMPLETED" if job["returncode"] == 0 else "FAILED"
 
 
 def slurm_state(job_id: str | None) -> str | None:
@@ -131,7 +174,7 @@ def status(sweep_dir: str) -> list[dict]:
     rows = []
     for job in jobs:
         summary = run_summary(sweep_dir, job["name"])
-        state = slurm_state(job["job_id"])
+        state = slurm_state(job["job_id"]) if job["job_id"] else local_state(job)
         rows.append({"name": job["name"], "job_id": job["job_id"], "slurm_state": state,
                      "status": combine(summary and summary.get("status"), state),
                      "error": summary and summary.get("error"), "run_dir": summary and summary.get("run_dir")})
@@ -148,6 +191,10 @@ def main(argv=None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--sweeps_dir", default="sweeps")
     s.add_argument("--dry_run", action="store_true", help="write the scripts, submit nothing")
+    lo = sub.add_parser("local", help="run every matrix entry on this machine, one after another (no SLURM)")
+    lo.add_argument("matrix")
+    lo.add_argument("--name", required=True)
+    lo.add_argument("--sweeps_dir", default="sweeps")
     st = sub.add_parser("status", help="list every job's status")
     st.add_argument("name")
     st.add_argument("--sweeps_dir", default="sweeps")
@@ -156,11 +203,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     sweep_dir = os.path.join(args.sweeps_dir, args.name)
     try:
-        if args.cmd == "submit":
+        if args.cmd in ("submit", "local"):
             with open(args.matrix) as fh:
                 matrix = json.load(fh)
-            submit(matrix, sweep_dir, extra, args.dry_run)
-        else:
+            if args.cmd == "submit":
+                submit(matrix, sweep_dir, extra, args.dry_run)
+            else:
+                run_local(matrix, sweep_dir, extra)
+        if args.cmd in ("status", "local"):
             for r in status(sweep_dir):
                 print(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:

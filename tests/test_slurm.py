@@ -164,3 +164,22 @@ def test_preemption_signal_records_preempted(cluster, tmp_path):
     assert len(lines) == s["steps"], "every finished step is kept"
     log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
     assert "Exit code     : 75" in log
+
+
+def test_local_sweep_runs_the_matrix_here_and_lists_statuses(tmp_path):
+    """`bench.sweep local`: the same matrix without SLURM, under the deepspeed launcher, one job after another."""
+    good = {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
+            "args": TINY[2:], "name": "good"}
+    bad = {**good, "args": [*TINY[2:], "--global_batch_size", "6"], "name": "bad"}  # 6 != micro 2 x k x dp 2
+    (tmp_path / "m.json").write_text(json.dumps([good, bad]))
+    cmd = [sys.executable, "-m", "bench.sweep"]
+    out = subprocess.run([*cmd, "local", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
+                          "--", "--max_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^good\s+-\s+completed", out.stdout, re.M), out.stdout
+    assert re.search(r"^bad\s+-\s+failed", out.stdout, re.M), out.stdout
+    status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
+    assert status == {"good": "completed", "bad": "failed"}
+    s = json.loads((tmp_path / "t" / "runs" / "good" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 2  # the sweep-wide extra wins over the entry's --max_steps 3
+    assert "global_batch_size" in (tmp_path / "t" / "logs" / "bad.log").read_text()  # the refusal is in the log
