@@ -91,7 +91,7 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     """The LoRA study's summary: time reduction, throughput increase and memory reduction against a baseline
     run (same workload assumed: same steps and global batch), plus efficiency and statistical efficiency."""
     rows = []
-    for r in sorted(runs, key=lambda r: (r.model, r.label, r.gpus)):
+    for r in sorted(runs, key=lambda r: (r is not baseline, r.model, r.gpus, r.label)):  # baseline on top
         row = {"run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus, "status": r.status}
         b = baseline if baseline is not None and baseline.ok else None
         measured = {
