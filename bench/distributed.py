@@ -50,10 +50,20 @@ def discover() -> DistEnv:
     return DistEnv(rank, local, world)
 
 
+_started = False
+
+
 def init(timeout_s: int) -> None:
     """Create the process group; a rank that never arrives makes the others fail after timeout_s."""
+    global _started
     import deepspeed
+    _started = True
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def started() -> bool:
+    """Whether this process created (or tried to create) a process group, torn down since or not."""
+    return _started
 
 
 def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:

@@ -43,10 +43,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown: there,
-    # native backend threads destroyed in arbitrary order occasionally abort a rank that finished ("terminate
-    # called without an active exception", seen about once per hundred 2-rank CPU runs), which the launcher then
-    # reports as a failed job.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from bench import distributed
+    if distributed.started():
+        # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown:
+        # there, native backend threads destroyed in arbitrary order occasionally abort a rank that finished
+        # ("terminate called without an active exception", about once per hundred 2-rank CPU runs), which the
+        # launcher then reports as a failed job. (A refusal before the process group exists leaves normally.)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
