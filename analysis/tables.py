@@ -99,7 +99,7 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
             "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),
             "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
-            "goodput (tokens/s)": _get(r, "goodput", "tokens_per_s"),
+            "goodput (target tokens/s)": _get(r, "goodput", "tokens_per_s"),
             "time to target (s)": _get(r, "time_to_target_s"), "peak memory (MiB)": peak_memory_mib(r),
         }
         row.update(measured if r.ok else {k: r.status.upper() for k in measured})
