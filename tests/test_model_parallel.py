@@ -23,6 +23,7 @@ def runs(tmp_path_factory):
     r["llama-w1"] = run_bench(root / "a", *ZERO1, *ARGS, "--global_batch_size", "2")
     r["mixtral-w1-g2"] = run_bench(root / "b", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "2")
     r["mixtral-w1-g4"] = run_bench(root / "c", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4")
+    r["mixtral-w1-g8"] = run_bench(root / "h", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "8")
     r["llama-tp2"] = run_bench(root / "d", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
                                "--global_batch_size", "2", nprocs=2, launcher="deepspeed")
     r["mixtral-tp2"] = run_bench(root / "e", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
@@ -32,11 +33,15 @@ def runs(tmp_path_factory):
     r["mixtral-tp2ep2"] = run_bench(root / "g", "--strategy", "tp_ep", "--ds_config", "ds_configs/tp2_ep2.json",
                                     *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4", nprocs=4,
                                     launcher="deepspeed", timeout=400)
+    r["mixtral-ep4"] = run_bench(root / "i", "--strategy", "ep", "--ds_config", "ds_configs/ep4.json", *ARGS,
+                                 "--model", "tiny-mixtral", "--global_batch_size", "8", nprocs=4, launcher="deepspeed",
+                                 timeout=400)  # one expert per rank, four data streams
     return r
 
 
 @pytest.mark.parametrize("run,ref", [("llama-tp2", "llama-w1"), ("mixtral-tp2", "mixtral-w1-g2"),
-                                     ("mixtral-ep2", "mixtral-w1-g4"), ("mixtral-tp2ep2", "mixtral-w1-g4")])
+                                     ("mixtral-ep2", "mixtral-w1-g4"), ("mixtral-tp2ep2", "mixtral-w1-g4"),
+                                     ("mixtral-ep4", "mixtral-w1-g8")])
 def test_loss_matches_single_process(runs, run, ref):
     assert_ok(runs[ref])
     assert_ok(runs[run])
@@ -74,6 +79,9 @@ def test_layout_and_params_per_rank(runs):
     s = runs["mixtral-tp2ep2"].summary()
     assert s["layout"] == {"dp": 1, "tp": 2, "ep": 2, "pp": 1} and s["world_size"] == 4
     assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * attn // 2 - L * (E // 2) * expert] * 4
+    s = runs["mixtral-ep4"].summary()  # E/4 experts per rank
+    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 4, "pp": 1} and s["experts_per_rank"] == E // 4
+    assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * (E - E // 4) * expert] * 4
 
 
 def test_sharding_is_recorded(runs):
