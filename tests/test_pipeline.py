@@ -1,5 +1,5 @@
-"""Pipeline (PP 2) and pipeline x data parallelism (PP 2 x DP 2) reproduce the single-process run, with LoRA and
-without; per-stage parameters add up to the model; the bubble is recorded next to its theoretical value."""
+"""Pipeline (PP 2, PP 4) and pipeline x data parallelism (PP 2 x DP 2) reproduce the single-process run, with LoRA
+and without; per-stage parameters add up to the model; the bubble is recorded next to its theoretical value."""
 import pytest
 
 from bench import models
@@ -23,13 +23,15 @@ def runs(tmp_path_factory):
         r[f"hybrid-{peft}"] = run_bench(root / f"hy-{peft}", "--strategy", "hybrid", "--ds_config",
                                         "ds_configs/pp2_dp2.json", *ARGS, *extra, nprocs=4, launcher="deepspeed",
                                         timeout=400)
+    r["pp4-none"] = run_bench(root / "pp4", "--strategy", "pp", "--ds_config", "ds_configs/pp4.json", *ARGS,
+                              "--peft", "none", nprocs=4, launcher="deepspeed", timeout=400)  # a layer per stage
     r["pp2uniform-none"] = run_bench(root / "uni", "--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json",
                                      *ARGS, "--peft", "none", nprocs=2, launcher="deepspeed")
     return r
 
 
 @pytest.mark.parametrize("layout,peft", [("pp2", "none"), ("pp2", "lora"), ("hybrid", "none"), ("hybrid", "lora"),
-                                         ("pp2uniform", "none")])  # uniform partitioning: one run is enough
+                                         ("pp2uniform", "none"), ("pp4", "none")])  # full fine-tune is enough
 def test_loss_matches_single_process(runs, layout, peft):
     ref, run = runs[f"w1-{peft}"], runs[f"{layout}-{peft}"]
     assert_ok(ref)
@@ -60,3 +62,15 @@ def test_stage_params_add_up_and_bubble_is_recorded(runs, peft):
     assert s["params"]["before_peft"] == base
     if peft == "lora":
         assert s["params"]["trainable"] < s["params"]["total"] - base + 1  # adapters only
+
+
+def test_four_stages_one_decoder_layer_each(runs):
+    s = runs["pp4-none"].summary()
+    c = models.make_config(models.PRESETS["tiny-llama"])
+    h, v = c.hidden_size, c.vocab_size
+    layer = (s["params"]["total"] - 2 * v * h - h) // c.num_hidden_layers  # untied embedding and head, final norm
+    pipe = s["pipeline"]
+    assert pipe["stages"] == 4 and pipe["micro_batches"] == 4
+    assert pipe["theoretical_bubble"] == pytest.approx(3 / 7)  # (p-1)/(m+p-1)
+    # parameter-balanced: the embedding rides with the first layer, norm + head with the last
+    assert [st["params"] for st in pipe["per_stage"]] == [v * h + layer, layer, layer, layer + h + v * h]
