@@ -47,7 +47,7 @@ if __name__ == "__main__":
     if distributed.started():
         # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown:
         # there, native backend threads destroyed in arbitrary order occasionally abort a rank that finished
-        # ("terminate called without an active exception", about once per hundred 2-rank CPU runs), which the
+        # ("terminate called without an active exception", seen once in a few hundred multi-rank CI runs), which the
         # launcher then reports as a failed job. (A refusal before the process group exists leaves normally.)
         sys.stdout.flush()
         sys.stderr.flush()
