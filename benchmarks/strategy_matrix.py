@@ -75,8 +75,9 @@ def main() -> None:
     for model in dict.fromkeys(e["model"] for e in matrix):
         entries = [e for e in matrix if e["model"] == model]
         out = os.path.join(sweep_dir, f"report-{model}")
-        sh([sys.executable, "-m", "analysis", "report", *[os.path.join(sweep_dir, "runs", job_name(e)) for e in entries],
-            "--out", out, "--baseline", job_name(entries[0]), "--title", f"{model}: strategy comparison"])
+        run_dirs = [os.path.join(sweep_dir, "runs", job_name(e)) for e in entries]
+        sh([sys.executable, "-m", "analysis", "report", *run_dirs, "--out", out, "--baseline", job_name(entries[0]),
+            "--title", f"{model}: strategy comparison"])
         sections.append(f"## {model}\n\n" + report_sections(os.path.join(REPO, out, "report.md")))
 
     first = os.path.join(REPO, sweep_dir, "runs", job_name(matrix[0]), "summary.json")

@@ -20,7 +20,8 @@ def test_strategy_matrix_records_a_results_page(tmp_path):
     assert "deepspeed 0." in text and "--max_steps 4" in text  # hardware/versions and the rerun command
     rows = [ln for ln in text.splitlines() if ln.startswith("| tiny-llama-dp-")]
     comparison = [ln.split(" | ") for ln in rows if " | tiny-llama | " in ln]
-    assert [c[0] for c in comparison] == ["| tiny-llama-dp-dp_zero1-1g", "| tiny-llama-dp-dp_zero2-2g"]  # baseline first
+    # the baseline (the matrix's first entry) comes first
+    assert [c[0] for c in comparison] == ["| tiny-llama-dp-dp_zero1-1g", "| tiny-llama-dp-dp_zero2-2g"]
     assert all(c[4] == "completed" for c in comparison) and comparison[0][6] == "1"  # baseline vs itself: 1x
     s = json.loads((tmp_path / "t" / "runs" / "tiny-llama-dp-dp_zero2-2g" / "summary.json").read_text())
     assert s["steps"] == 4 and s["world_size"] == 2 and s["peft"] == "none"
