@@ -50,20 +50,10 @@ def discover() -> DistEnv:
     return DistEnv(rank, local, world)
 
 
-_started = False
-
-
 def init(timeout_s: int) -> None:
     """Create the process group; a rank that never arrives makes the others fail after timeout_s."""
-    global _started
     import deepspeed
-    _started = True
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
-
-
-def started() -> bool:
-    """Whether this process created (or tried to create) a process group, torn down since or not."""
-    return _started
 
 
 def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:
@@ -105,9 +95,8 @@ def gather(obj) -> list:
 
 
 def shutdown(clean: bool) -> None:
-    """Tear the process group down before the interpreter exits: left to interpreter exit, the backend's
-    threads can die in an order that aborts a rank ("terminate called without an active exception") after a
-    run that succeeded. A clean run first waits for every rank; after an error other ranks may be gone."""
+    """Tear the process group down once this rank is done (bench/run.py then leaves without the interpreter's
+    teardown; see there why). A clean run first waits for every rank; after an error other ranks may be gone."""
     import glob
     import torch.distributed as dist
     if not dist.is_initialized():

@@ -24,6 +24,7 @@ from bench.config import BenchError, parse_args, print_error  # noqa: E402
 
 
 def main(argv=None) -> int:
+    """-> the exit code of a refusal or dry run; a run that started leaves the process itself (os._exit)."""
     try:
         cfg = parse_args(argv)
         from bench import distributed
@@ -38,18 +39,15 @@ def main(argv=None) -> int:
     if cfg.dry_run:
         return 0
     from bench.session import Session
-    return Session(cfg, env, plan, PROCESS_START).run()
+    code = Session(cfg, env, plan, PROCESS_START).run()
+    # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown: there,
+    # native backend threads destroyed in arbitrary order occasionally abort a rank that finished ("terminate
+    # called without an active exception", seen once in a few hundred multi-rank CI runs), which the launcher then
+    # reports as a failed job. Refusals above return normally: no process group exists yet.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    code = main()
-    from bench import distributed
-    if distributed.started():
-        # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown:
-        # there, native backend threads destroyed in arbitrary order occasionally abort a rank that finished
-        # ("terminate called without an active exception", seen once in a few hundred multi-rank CI runs), which the
-        # launcher then reports as a failed job. (A refusal before the process group exists leaves normally.)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

@@ -12,21 +12,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, run  # benchmarks/common.py, next to this script
+
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
                 "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",
                 "--eval_interval", "0", "--eval_batches", "1"]
-
-
-def run(cmd):
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    return out.stdout
 
 
 def harness_once(args, out_dir):

@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, run  # benchmarks/common.py, next to this script
+
 sys.path.insert(0, REPO)
 from bench.sweep import job_name  # noqa: E402
 
@@ -25,13 +25,6 @@ from bench.sweep import job_name  # noqa: E402
 DEFAULT_ARGS = ["--peft", "none", "--max_steps", "30", "--warmup_steps", "5", "--seq_len", "128",
                 "--micro_batch_size", "2", "--global_batch_size", "8", "--eval_interval", "0",
                 "--wandb_mode", "disabled"]
-
-
-def sh(cmd: list[str]) -> str:
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    return out.stdout
 
 
 def cpu_name() -> str:
@@ -68,7 +61,7 @@ def main() -> None:
     sweep_dir = os.path.join(args.sweeps_dir, args.name)
 
     t0 = time.time()
-    listing = sh([sys.executable, "-m", "bench.sweep", "local", args.matrix, "--name", args.name,
+    listing = run([sys.executable, "-m", "bench.sweep", "local", args.matrix, "--name", args.name,
                   "--sweeps_dir", args.sweeps_dir, "--", *run_args])
     wall = time.time() - t0
     sections = []
@@ -76,7 +69,7 @@ def main() -> None:
         entries = [e for e in matrix if e["model"] == model]
         out = os.path.join(sweep_dir, f"report-{model}")
         run_dirs = [os.path.join(sweep_dir, "runs", job_name(e)) for e in entries]
-        sh([sys.executable, "-m", "analysis", "report", *run_dirs, "--out", out, "--baseline", job_name(entries[0]),
+        run([sys.executable, "-m", "analysis", "report", *run_dirs, "--out", out, "--baseline", job_name(entries[0]),
             "--title", f"{model}: strategy comparison"])
         sections.append(f"## {model}\n\n" + report_sections(os.path.join(REPO, out, "report.md")))
 
