@@ -115,6 +115,9 @@ class Session:
         import torch
         from deepspeed.accelerator import get_accelerator
         cfg, p, env = self.cfg, self.plan, self.env
+        torch.set_num_threads(env.cpu_threads)  # torch may have been imported before OMP_NUM_THREADS was set
+        self.summary["cpu_threads"] = {"per_rank": torch.get_num_threads(), "source": env.cpu_threads_source,
+                                       "local_ranks": env.local_world_size}
         if p.device_type == "cuda":
             get_accelerator().set_device(env.local_rank)
         device = torch.device(get_accelerator().device_name(env.local_rank) if p.device_type == "cuda" else "cpu")

@@ -8,9 +8,16 @@
 # cluster) and Chromium (renders the HTML report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = --with-test-deps ] && ! command -v slurmctld munged chromium >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge chromium >/dev/null
+if [ "${1:-}" = --with-test-deps ]; then
+    missing=$(bash scripts/missing_test_deps.sh)  # each dependency checked on its own
+    if [ -n "$missing" ]; then
+        echo "installing the tests' system packages: $(echo $missing)"
+        apt-get update -qq
+        # shellcheck disable=SC2086 - one word per package
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    else
+        echo "the tests' system packages are present (SLURM, munge, Chromium)"
+    fi
 fi
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
