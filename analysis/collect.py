@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from bench.summary import unflatten
+
 
 @dataclass
 class Run:
@@ -69,20 +71,6 @@ def from_dirs(patterns: list[str]) -> list[Run]:
     if not found:
         raise FileNotFoundError(f"no run directory (with a summary.json) in {' '.join(patterns)}")
     return [load_dir(p) for p in dict.fromkeys(found)]
-
-
-def unflatten(flat: dict) -> dict:
-    """W&B summary keys 'step_time_s/median' back into summary.json's nested shape."""
-    out: dict = {}
-    for key, value in flat.items():
-        if key.startswith("_"):
-            continue
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def from_wandb(path: str, group: str | None = None) -> list[Run]:

@@ -4,9 +4,9 @@ measured cell instead of disappearing."""
 from __future__ import annotations
 
 import csv
-import json
 
 from bench import metrics
+from bench.summary import flatten
 from analysis.collect import Run
 
 
@@ -107,19 +107,9 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     return rows
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-    return out
-
-
 def write_csv(runs: list[Run], path: str) -> None:
     """Every run, every summary field (nested keys joined with '/', lists as JSON)."""
-    flat = [{"run": r.name, "path": r.path, **flatten(r.summary)} for r in runs]
+    flat = [{"run": r.name, "path": r.path, **flatten(r.summary, lists_as_json=True)} for r in runs]
     keys = list(dict.fromkeys(k for row in flat for k in row))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)

@@ -124,6 +124,11 @@ def parse_args(argv=None) -> RunConfig:
     return cfg
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage a ds_config asks for (0 when it has no zero_optimization section)."""
+    return (ds.get("zero_optimization") or {}).get("stage", 0)
+
+
 def load_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise BenchError(f"ds_config not found: {path} (see ds_configs/ for the shipped layouts)")

@@ -8,6 +8,8 @@ import queue
 import sys
 import threading
 
+from bench.summary import flatten
+
 
 def write_json_atomic(path: str, obj) -> None:
     """Readers (analysis, a watching user) never see a half-written file."""
@@ -94,11 +96,11 @@ class WandbLogger:
 
     def log(self, record: dict) -> None:
         if self.run is not None:
-            self._queue.put(("log", _finite(_flatten(record))))
+            self._queue.put(("log", _finite(flatten(record))))
 
     def summary(self, summary: dict) -> None:
         if self.run is not None:
-            self._queue.put(("summary", _finite(_flatten(summary))))
+            self._queue.put(("summary", _finite(flatten(summary))))
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
@@ -115,14 +117,3 @@ class WandbLogger:
     def run_id(self):
         return self.run.id if self.run is not None else None
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Nested dicts become W&B-style keys ('step_time_s/median'); lists of dicts stay as they are."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out

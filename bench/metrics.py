@@ -1,4 +1,6 @@
-"""Every formula the harness reports, in one place (docs/metrics.md documents each one).
+"""Every formula the harness reports, in one place (docs/metrics.md documents each one), except parameter counts
+and FLOPs per token, which depend on the architecture and live in bench/models.py (count_params_from_config,
+flops_per_token).
 
 Inputs are plain numbers gathered by the training loop, so each formula is testable without a run.
 """
@@ -11,15 +13,23 @@ import statistics
 import sys
 from collections import Counter
 
-# bf16 dense peak TFLOP/s per device (no sparsity), matched against the CUDA device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# bf16 dense peak TFLOP/s (no sparsity), matched in this order against the CUDA device name, so the H100 variants
+# are told apart before the plain "H100" (SXM) matches. Sources: NVIDIA's H100, H200, B200 and A100 datasheets.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),        # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+)
 
 
 def device_peak_tflops(device_name: str | None, override: float | None) -> float | None:
     """--peak_tflops wins; otherwise a known GPU's bf16 peak; otherwise None (MFU is never invented)."""
     if override:
         return float(override)
-    for key, peak in PEAK_BF16_TFLOPS.items():
+    for key, peak in PEAK_BF16_TFLOPS:
         if device_name and key in device_name:
             return peak
     return None

@@ -173,10 +173,15 @@ def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_conf
 # ---------------------------------------------------------------------------------------------------------
 # Parameter counts and FLOPs: the one place these formulas live (documented in docs/metrics.md).
 
+def head_dim(c) -> int:
+    """Per-head width: the config's head_dim where it sets one (LLaMA 3.2 1B), else hidden / heads."""
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def count_params_from_config(c) -> dict:
     """Parameter counts straight from the architecture numbers (no model needed)."""
     h, L, v = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    hd = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    hd = head_dim(c)
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
     attn = h * q + 2 * h * kv + q * h
     experts = getattr(c, "num_local_experts", 0) or 0
@@ -206,8 +211,7 @@ def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) 
     """
     c = model_config
     n = count_params_from_config(c)["active_matmul"] + (lora_params or 0)
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention = 12 * c.num_hidden_layers * c.num_attention_heads * hd * seq_len
+    attention = 12 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * seq_len
     if lora_params is None:
         return 6 * n + attention
     return 4 * n + 2 * lora_params + attention

@@ -8,27 +8,38 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bench import config as C
-from bench import data as D
-from bench import models as M
-from bench.strategies import STRATEGIES
-from bench.strategies.common import lora_targets
+from bench import config, data, metrics, models
+from bench.strategies import STRATEGIES, Strategy
+from bench.strategies.common import lora_adapter_params
 
 
 @dataclass
 class Plan:
-    cfg: C.RunConfig
+    cfg: config.RunConfig
+    strategy: Strategy
     ds: dict                  # resolved ds_config: what DeepSpeed gets and what is recorded
-    layout: C.Layout
-    batch: C.Batch
+    layout: config.Layout
+    batch: config.Batch
     peft: str
     model_config: object
     tokenizer_source: str
-    train_data: D.Tokenized
-    val_data: D.Tokenized
+    train_data: data.Tokenized
+    val_data: data.Tokenized
     device_type: str
     device_name: str | None
+    lora_params: int | None   # adapter parameters LoRA adds (None: full fine-tune)
+    flops_per_token: float    # bench/models.py: flops_per_token
+    peak_tflops: float | None  # MFU's denominator; None where the device's peak is unknown
     phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
+
+    @property
+    def zero_stage(self) -> int:
+        return config.zero_stage(self.ds)
+
+    def throughput(self, step_times: list[float]) -> dict:
+        """metrics.throughput with this run's constants: tokens/s, samples/s, TFLOP/s and MFU."""
+        return metrics.throughput(step_times, self.batch.global_, self.cfg.seq_len, self.layout.world_size,
+                                  self.flops_per_token, self.peak_tflops)
 
     @property
     def dtype(self):
@@ -41,24 +52,26 @@ class Plan:
 
     def table(self) -> str:
         c, b, mc = self.cfg, self.batch, self.model_config
-        zero = (self.ds.get("zero_optimization") or {}).get("stage", 0)
         rows = [
             ("strategy", c.strategy), ("ds_config", c.ds_config), ("layout", self.layout.describe()),
-            ("zero_stage", zero), ("model", f"{c.model} ({type(mc).__name__}, init={c.init})"),
+            ("zero_stage", self.zero_stage), ("model", f"{c.model} ({type(mc).__name__}, init={c.init})"),
             ("architecture", f"L={mc.num_hidden_layers} hidden={mc.hidden_size} heads={mc.num_attention_heads}/"
                              f"{mc.num_key_value_heads} vocab={mc.vocab_size}"
-                             + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}" if M.is_moe(mc) else "")),
+                             + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}" if models.is_moe(mc) else "")),
             ("peft", self.peft + (f" (r={c.lora_r}, alpha={c.lora_alpha}, targets={c.lora_targets})"
                                   if self.peft == "lora" else "")),
             ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),
             ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x data-parallel "
                       f"{self.layout.data_parallel}" + (" (dp x ep)" if self.layout.ep > 1 else "")),
             ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
+            ("FLOPs per token", f"{self.flops_per_token:.4g} (training, matmuls; docs/metrics.md)"),
+            ("MFU peak", f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops else
+                         "unknown (MFU not reported; --peak_tflops sets it)"),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
             ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
         ]
-        return C.format_table(rows, "resolved configuration")
+        return config.format_table(rows, "resolved configuration")
 
 
 def _device() -> tuple[str, str | None, bool]:
@@ -70,35 +83,37 @@ def _device() -> tuple[str, str | None, bool]:
     return kind, None, False  # CPU: bf16 "auto" means off (no fast bf16 GEMMs to measure)
 
 
-def resolve(cfg: C.RunConfig, env) -> Plan:
+def resolve(cfg: config.RunConfig, env) -> Plan:
     t0 = time.time()
     if cfg.strategy not in STRATEGIES:
-        raise C.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[cfg.strategy]
-    ds_raw = C.load_ds_config(cfg.ds_config)
-    layout = C.Layout.from_ds_config(ds_raw, env.world_size)
-    batch = C.resolve_batch(cfg, ds_raw, layout.data_parallel)
-    model_config, tok_source, _ = M.load_config(cfg.model, cfg.init)
+    ds_raw = config.load_ds_config(cfg.ds_config)
+    layout = config.Layout.from_ds_config(ds_raw, env.world_size)
+    batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
+    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init)
     if cfg.peft == "auto":
         cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
     peft = cfg.peft
     strategy.check(cfg, ds_raw, layout, model_config)
-    if peft == "lora":
-        lora_targets(cfg, model_config)
+    lora_params = lora_adapter_params(cfg, model_config) if peft == "lora" else None
     if cfg.seq_len > model_config.max_position_embeddings:
-        raise C.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                           f"({model_config.max_position_embeddings})")
+        raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                                f"({model_config.max_position_embeddings})")
     device_type, device_name, bf16_ok = _device()
-    ds = strategy.resolve_ds(C.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
+    ds = strategy.resolve_ds(config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
     t_data = time.time()
-    tok = M.load_tokenizer(tok_source)
+    tok = models.load_tokenizer(tok_source)
     if tok.vocab_size > model_config.vocab_size:
-        raise C.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_config.vocab_size}")
-    train, val = D.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
+        raise config.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
+                                f"{model_config.vocab_size}")
+    train, val = data.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
     dp = layout.data_parallel
-    D.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
+    data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
     if val.input_ids.shape[0] < batch.micro * dp:
-        raise C.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one micro "
-                           f"batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    return Plan(cfg, ds, layout, batch, peft, model_config, tok_source, train, val, device_type, device_name,
+        raise config.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one "
+                                f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
+    return Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, device_type,
+                device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
+                metrics.device_peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})

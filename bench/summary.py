@@ -1,6 +1,12 @@
-"""summary.json: the metrics contract every consumer (analysis, W&B, tests) relies on. See docs/metrics.md."""
+"""summary.json, the metrics contract every consumer (analysis, W&B, tests) relies on, and its only writer.
+
+KEYS lists every top-level key with a one-line meaning; docs/metrics.md explains each one (a test keeps the two
+in step), and RunRecord refuses to write a key that is not listed. flatten/unflatten are the one mapping between
+the nested record and the flat "a/b" keys of W&B and runs.csv.
+"""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -8,6 +14,39 @@ import socket
 from bench import metrics
 
 STATUSES = ("running", "completed", "failed", "oom", "preempted")
+
+KEYS = {
+    "status": "running | completed | failed | oom | preempted",
+    "error": "one line, or null",
+    "strategy": "--strategy", "model": "--model", "peft": "lora | none, resolved",
+    "world_size": "ranks", "layout": "{dp, tp, ep, pp}", "zero_stage": "ZeRO stage of the resolved ds_config",
+    "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
+    "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
+    "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
+    "step_time_s": "{median, mean, p90} slowest-rank step time over measured steps",
+    "tokens_per_s": "global tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
+    "samples_per_s": "global samples per second", "tflops_per_gpu": "model TFLOP/s per GPU",
+    "mfu": "tflops_per_gpu / peak_tflops, null when the peak is unknown",
+    "goodput": "{updates_per_s, tokens_per_s} of applied updates over the training phase",
+    "applied_updates": "steps whose update every rank applied", "train_wall_time_s": "training phase wall time",
+    "loss": "{first, last} reduced train loss", "val_loss": "last token-weighted validation loss",
+    "target_loss": "--target_loss", "time_to_target_s": "training time until the loss reached the target",
+    "steps_to_target": "first step at or below the target",
+    "resumed_at": "checkpoint steps this run resumed from", "lost_steps": "steps recomputed after a resume",
+    "lost_time_s": "wall time of the lost steps",
+    "total_wall_time_s": "process start to end", "time_to_first_step_s": "process start to the end of step 1",
+    "startup_s": "start-up phases in seconds", "flops_per_token": "training FLOPs per token",
+    "peak_tflops": "device peak used for MFU", "cpu_threads": "{per_rank, source, local_ranks}",
+    "memory": "{per_rank[], device[]}", "params": "{total, trainable, before_peft, per_rank[]}",
+    "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",
+    "experts_per_rank": "expert-parallel runs: experts each rank holds",
+    "pipeline": "pipeline runs: stages, micro-batches, bubble, per-stage parameters",
+    "versions": "python and library versions", "host": "hostname of rank 0", "slurm_job_id": "$SLURM_JOB_ID",
+    "slurm_array_task_id": "$SLURM_ARRAY_TASK_ID", "run_dir": "the run directory",
+    "wandb_run_id": "the W&B run's id, null when W&B is disabled",
+}
+# Written only by the strategies that have them (bench/strategies/*: after_initialize, after_training).
+STRATEGY_SECTIONS = ("sharding", "experts_per_rank", "pipeline")
 
 
 def versions() -> dict:
@@ -26,41 +65,86 @@ def environment() -> dict:
             "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
 
 
-def skeleton(cfg, layout, batch, ds: dict, world_size: int, peft: str) -> dict:
-    """The keys known before training; a run that dies early still has a readable summary with its status."""
-    return {
-        "status": "running", "error": None, "strategy": cfg.strategy, "model": cfg.model, "peft": peft,
-        "world_size": world_size,
-        "layout": {"dp": layout.dp, "tp": layout.tp, "ep": layout.ep, "pp": layout.pp},
-        "zero_stage": (ds.get("zero_optimization") or {}).get("stage", 0),
-        "global_batch_size": batch.global_, "micro_batch_size": batch.micro, "grad_accum": batch.grad_accum,
-        "seq_len": cfg.seq_len, "steps": 0, "max_steps": cfg.max_steps, "warmup_steps": cfg.warmup_steps,
-        "step_time_s": metrics.step_time_stats([]), **metrics.throughput([], 0, 0, 1, 0, None),
-        "goodput": {"updates_per_s": None, "tokens_per_s": None},
-        "loss": {"first": None, "last": None}, "val_loss": None, "target_loss": cfg.target_loss,
-        "time_to_target_s": None, "steps_to_target": None,
-        "total_wall_time_s": None, "time_to_first_step_s": None, "startup_s": {},
-        "flops_per_token": None, "peak_tflops": None,
-        "memory": {"per_rank": [], "device": []}, "params": {"total": None, "trainable": None, "per_rank": []},
-        **environment(), "run_dir": None, "wandb_run_id": None,
-    }
+class RunRecord:
+    """The summary of one run. Starts with every key known before training (a run that dies early still has a
+    readable summary with its status) and is completed through the methods below, never by hand."""
+
+    def __init__(self, plan, world_size: int):
+        cfg, layout, batch = plan.cfg, plan.layout, plan.batch
+        self.data: dict = {}
+        self.set(
+            status="running", error=None, strategy=cfg.strategy, model=cfg.model, peft=plan.peft,
+            world_size=world_size, layout={"dp": layout.dp, "tp": layout.tp, "ep": layout.ep, "pp": layout.pp},
+            zero_stage=plan.zero_stage, global_batch_size=batch.global_, micro_batch_size=batch.micro,
+            grad_accum=batch.grad_accum, seq_len=cfg.seq_len, steps=0, max_steps=cfg.max_steps,
+            warmup_steps=cfg.warmup_steps, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
+            goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,
+            loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.target_loss,
+            time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
+            total_wall_time_s=None, time_to_first_step_s=None, startup_s={},
+            flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops, cpu_threads=None,
+            memory={"per_rank": [], "device": []}, params={"total": None, "trainable": None, "per_rank": []},
+            **environment(), run_dir=None, wandb_run_id=None)
+
+    def set(self, **values) -> None:
+        unknown = [k for k in values if k not in KEYS]
+        if unknown:  # a programming error: every key is documented before it is written
+            raise KeyError(f"summary keys {unknown} are not in bench.summary.KEYS")
+        self.data.update(values)
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def startup(self, **phases: float) -> None:
+        self.data["startup_s"].update(phases)
+
+    def end(self, status: str, error: str | None = None) -> None:
+        assert status in STATUSES, status
+        self.set(status=status, error=error)
+
+    def fill_results(self, res, plan) -> None:
+        """Everything the training loop measured, turned into the contract's numbers (formulas in metrics.py)."""
+        ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
+        self.set(
+            steps=len(res.records), step_time_s=metrics.step_time_stats(res.step_times),
+            **plan.throughput(res.step_times),
+            goodput=metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
+            applied_updates=res.applied_updates, train_wall_time_s=res.train_wall_s,
+            loss={"first": res.losses[0][1] if res.losses else None,
+                  "last": res.losses[-1][1] if res.losses else None},
+            val_loss=res.val_loss, time_to_target_s=ttt, steps_to_target=stt,
+            resumed_at=res.resumed_at, lost_steps=res.lost_steps, lost_time_s=res.lost_s)
+
+    def write(self, path: str) -> None:
+        from bench.loggers import write_json_atomic
+        write_json_atomic(path, self.data)
 
 
-def fill_results(summary: dict, res, *, global_batch: int, seq_len: int, world_size: int,
-                 flops_per_token: float, peak_tflops: float | None, target_loss: float | None) -> None:
-    """Everything the training loop measured, turned into the contract's numbers (formulas in metrics.py)."""
-    ttt, stt = metrics.time_to_target(res.losses, target_loss)
-    summary.update({
-        "steps": len(res.records), "step_time_s": metrics.step_time_stats(res.step_times),
-        **metrics.throughput(res.step_times, global_batch, seq_len, world_size, flops_per_token, peak_tflops),
-        "goodput": metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
-        "applied_updates": res.applied_updates, "train_wall_time_s": res.train_wall_s,
-        "loss": {"first": res.losses[0][1] if res.losses else None,
-                 "last": res.losses[-1][1] if res.losses else None},
-        "val_loss": res.val_loss, "time_to_target_s": ttt, "steps_to_target": stt,
-        "resumed_at": res.resumed_at, "lost_steps": res.lost_steps, "lost_time_s": res.lost_s,
-        "flops_per_token": flops_per_token, "peak_tflops": peak_tflops,
-    })
+def flatten(d: dict, prefix: str = "", lists_as_json: bool = False) -> dict:
+    """Nested dicts -> "a/b" keys (W&B's summary, runs.csv). Lists stay as they are, or become JSON text for
+    a CSV cell."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/", lists_as_json))
+        else:
+            out[key] = json.dumps(v) if lists_as_json and isinstance(v, list) else v
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    """"a/b" keys back into the nested shape; W&B's own keys (leading underscore) are dropped."""
+    out: dict = {}
+    for key, value in flat.items():
+        if key.startswith("_"):
+            continue
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def result_table(s: dict) -> list[tuple[str, object]]:

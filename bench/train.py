@@ -49,27 +49,6 @@ class TrainResult:
     lost_s: float = 0.0                              # the wall time those steps took (part of train_wall_s)
 
 
-class EngineRunner:
-    """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""
-
-    busy_s = 0.0  # only pipeline stages measure their busy time
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def train_step(self, micro_batches: list[dict]):
-        loss_sum = 0.0
-        for b in micro_batches:
-            out = self.engine(**b)
-            self.engine.backward(out.loss)
-            self.engine.step()  # applies the update only at the accumulation boundary
-            loss_sum = loss_sum + out.loss.detach().float()
-        return loss_sum / len(micro_batches)
-
-    def eval_loss(self, batch: dict) -> float:
-        return float(self.engine(**batch).loss)
-
-
 class Trainer:
     def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record):
         self.engine, self.runner, self.batches, self.val = engine, runner, batches, val_batches

@@ -6,10 +6,10 @@ experts), so the data-parallel degree of an EP run is dp x ep.
 """
 from __future__ import annotations
 
-from bench.config import BenchError
+from bench.config import BenchError, zero_stage
 from bench.models import is_moe
 from bench.strategies import autotp
-from bench.strategies.common import reject_foreign_sections
+from bench.strategies.common import ModelParallel, reject_foreign_sections
 
 
 def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
@@ -28,7 +28,7 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     if section.get("preset_model") not in (None, "mixtral"):
         raise BenchError(f"expert_parallel.preset_model {section['preset_model']!r}: this harness runs the "
                          "'mixtral' preset")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoEP here runs with ZeRO stage 0-2, got stage {stage}")
     if cfg.peft == "lora":
@@ -36,22 +36,22 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
                          "fine-tune; use --peft none")
 
 
-def check(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("ep", ds, allowed=("expert_parallel",))
-    check_ep(cfg, ds, layout, model_config, "ep")
+class AutoEP(ModelParallel):
+    """deepspeed.initialize swaps in the expert-parallel MoE layers from the ds_config (prepare: nothing)."""
+    name, default_peft = "ep", "none"
+
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("ep", ds, allowed=("expert_parallel",))
+        check_ep(cfg, ds, layout, model_config, "ep")
 
 
-def check_tp_ep(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("tp_ep", ds, allowed=("expert_parallel", "tensor_parallel"))
-    autotp.check_tp(cfg, ds, layout, model_config, "tp_ep")
-    check_ep(cfg, ds, layout, model_config, "tp_ep")
+class AutoTPxEP(ModelParallel):
+    name, default_peft = "tp_ep", "none"
 
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("tp_ep", ds, allowed=("expert_parallel", "tensor_parallel"))
+        autotp.check_tp(cfg, ds, layout, model_config, "tp_ep")
+        check_ep(cfg, ds, layout, model_config, "tp_ep")
 
-def prepare(model, cfg, ds: dict):
-    return model  # deepspeed.initialize swaps in the expert-parallel MoE layers from the ds_config
-
-
-def experts_per_rank(module) -> int | None:
-    """Experts each rank holds after AutoEP replaced the MoE blocks (E / ep)."""
-    counts = {m.num_local_experts for m in module.modules() if type(m).__name__ == "AutoEPMoELayer"}
-    return counts.pop() if len(counts) == 1 else None
+    def resolve_ds(self, ds: dict, model_config) -> dict:
+        return autotp.with_moe_partition(ds, model_config)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import re
 
-from bench.config import BenchError
-from bench.strategies.common import meta_model, reject_foreign_sections
+from bench.config import BenchError, zero_stage
+from bench.strategies.common import ModelParallel, meta_model, reject_foreign_sections
 
 MOE_ATTENTION_ONLY = {
     "use_default_specs": False,
@@ -31,7 +31,7 @@ def check_tp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     if heads % tp or kv % tp:
         raise BenchError(f"TP {tp} must divide the attention heads ({heads}) and key/value heads ({kv}) of "
                          f"{cfg.model}; choose a TP size among the common divisors")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoTP training here runs with ZeRO stage 0-2, got stage {stage}; "
                          "ZeRO-3 with AutoTP is not exercised by this harness")
@@ -55,11 +55,6 @@ def check_partition_matches(partition: dict, model_config, source: str) -> None:
                                  f"{names[1]!r}; end them in \\.weight$), so nothing would be sharded")
 
 
-def check(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("tp", ds, allowed=("tensor_parallel",))
-    check_tp(cfg, ds, layout, model_config, "tp")
-
-
 def with_moe_partition(ds: dict, model_config) -> dict:
     """The resolved ds_config for an MoE model: attention-only sharding unless one is given."""
     from bench.models import is_moe
@@ -70,5 +65,13 @@ def with_moe_partition(ds: dict, model_config) -> dict:
     return ds
 
 
-def prepare(model, cfg, ds: dict):
-    return model  # deepspeed.initialize shards the model from the ds_config
+class AutoTP(ModelParallel):
+    """deepspeed.initialize shards the model from the ds_config (prepare: nothing)."""
+    name, default_peft = "tp", "none"
+
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("tp", ds, allowed=("tensor_parallel",))
+        check_tp(cfg, ds, layout, model_config, "tp")
+
+    def resolve_ds(self, ds: dict, model_config) -> dict:
+        return with_moe_partition(ds, model_config)

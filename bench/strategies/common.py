@@ -1,7 +1,8 @@
-"""Pieces several strategies share: LoRA wrapping and the parameter summary."""
+"""Pieces several strategies share: LoRA wrapping, the parameter summary and the model-parallel sharding record."""
 from __future__ import annotations
 
 from bench.config import BenchError
+from bench.strategies.base import Strategy
 
 # ds_config sections that turn on a model-parallel dimension, and the strategy that owns each.
 PARALLEL_SECTIONS = {"tensor_parallel": "tp", "expert_parallel": "ep", "pipeline": "pp"}
@@ -26,16 +27,32 @@ def _target_names(cfg) -> list[str]:
     return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
 
 
-def lora_targets(cfg, model_config) -> list[str]:
-    """The --lora_targets names, checked against the architecture."""
+def lora_adapter_params(cfg, model_config) -> int:
+    """The --lora_targets names checked against the architecture; -> the adapter parameters peft will add,
+    r x (in + out) per wrapped linear layer (counted on the meta device, before any weight exists)."""
     targets = _target_names(cfg)
     model = meta_model(model_config)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    modules = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()]
+    present = {leaf for leaf, _ in modules}
     missing = [t for t in targets if t not in present]
     if not targets or missing:
         raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in "
                          f"{type(model).__name__}")
-    return targets
+    sizes = {leaf: _in_out(m) for leaf, m in modules if leaf in targets}
+    unsupported = sorted(leaf for leaf, size in sizes.items() if size is None)
+    if unsupported:
+        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: {unsupported} are neither linear nor embedding "
+                         f"layers in {type(model).__name__}; LoRA wraps those only")
+    return sum(cfg.lora_r * sum(_in_out(m)) for leaf, m in modules if leaf in targets)
+
+
+def _in_out(module) -> tuple[int, int] | None:
+    """(in, out) sizes of the layer a LoRA adapter (A: r x in, B: out x r) wraps."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    if hasattr(module, "num_embeddings"):
+        return module.num_embeddings, module.embedding_dim
+    return None
 
 
 def apply_lora(model, cfg):
@@ -99,3 +116,23 @@ def format_sharding(rows: list[dict]) -> str:
         else:
             lines.append(f"{r['param']}  new {r['local']} x{r['count']}")
     return "\n".join(lines if rows else lines + ["(nothing: every parameter is replicated)"])
+
+
+class ModelParallel(Strategy):
+    """Strategies whose deepspeed.initialize shards or replaces layers (AutoTP, AutoEP): they record what each
+    rank really holds."""
+
+    def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
+        sections = {"sharding": sharding_report(shapes_before, engine.module)}
+        if plan.layout.ep > 1:
+            sections["experts_per_rank"] = experts_per_rank(engine.module)
+        return sections
+
+    def describe(self, sections: dict) -> str | None:
+        return format_sharding(sections["sharding"])
+
+
+def experts_per_rank(module) -> int | None:
+    """Experts each rank holds after AutoEP replaced the MoE blocks (E / ep)."""
+    counts = {m.num_local_experts for m in module.modules() if type(m).__name__ == "AutoEPMoELayer"}
+    return counts.pop() if len(counts) == 1 else None

@@ -15,9 +15,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.config import BenchError
+from bench import metrics
+from bench.config import BenchError, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
+from bench.strategies.base import Strategy
 from bench.strategies.common import reject_foreign_sections
 
 PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
@@ -36,25 +38,9 @@ def check_pp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
                          "decoder layers; use at most one stage per layer")
     if section.get("partition", "parameters") not in PARTITIONS:
         raise BenchError(f"pipeline.partition must be one of {', '.join(PARTITIONS)}, got {section['partition']!r}")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(ds)
     if stage > 1:
         raise BenchError(f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, got stage {stage}")
-
-
-def check(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("pp", ds, allowed=("pipeline",))
-    check_pp(cfg, ds, layout, model_config, "pp")
-    if layout.dp > 1:
-        raise BenchError(f"--strategy pp with {layout.describe()}: the world has room for data parallelism too; "
-                         "use --strategy hybrid (e.g. ds_configs/pp2_dp2.json) or as many processes as stages")
-
-
-def check_hybrid(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("hybrid", ds, allowed=("pipeline",))
-    check_pp(cfg, ds, layout, model_config, "hybrid")
-    if layout.dp < 2:
-        raise BenchError(f"--strategy hybrid needs data parallelism beside the pipeline, got {layout.describe()}; "
-                         f"launch a multiple of {layout.pp} processes greater than {layout.pp}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,7 +82,7 @@ def causal_lm_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def prepare(model, cfg, ds: dict):
+def build_stages(model, ds: dict):
     from deepspeed.pipe import PipelineModule
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
@@ -152,4 +138,55 @@ class PipelineRunner:
 
     def stage(self) -> int:
         return self.engine.stage_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The strategies
+
+class Pipeline(Strategy):
+    name, default_peft = "pp", "lora"
+
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("pp", ds, allowed=("pipeline",))
+        check_pp(cfg, ds, layout, model_config, "pp")
+        if layout.dp > 1:
+            raise BenchError(f"--strategy pp with {layout.describe()}: the world has room for data parallelism "
+                             "too; use --strategy hybrid (e.g. ds_configs/pp2_dp2.json) or as many processes as "
+                             "stages")
+
+    def prepare(self, model, cfg, ds: dict):
+        return build_stages(model, ds)
+
+    def build_runner(self, engine, device):
+        return PipelineRunner(engine, device)
+
+    def after_training(self, plan, res, params_per_rank: list) -> dict:
+        return {"pipeline": pipeline_summary(plan.layout, plan.batch.grad_accum, res, params_per_rank)}
+
+
+class Hybrid(Pipeline):
+    """Pipeline x data parallelism."""
+    name = "hybrid"
+
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("hybrid", ds, allowed=("pipeline",))
+        check_pp(cfg, ds, layout, model_config, "hybrid")
+        if layout.dp < 2:
+            raise BenchError(f"--strategy hybrid needs data parallelism beside the pipeline, got "
+                             f"{layout.describe()}; launch a multiple of {layout.pp} processes greater than "
+                             f"{layout.pp}")
+
+
+def pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:
+    """Per stage: parameters, and the measured idle fraction next to 1F1B's theoretical bubble. Ranks are
+    (stage, data) with the stage as the outer axis, as DeepSpeed's PipeDataParallelTopology numbers them."""
+    stages = []
+    for s in range(layout.pp):
+        ranks = range(s * layout.dp, (s + 1) * layout.dp)
+        idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks]
+        stages.append({"stage": s, "ranks": list(ranks), "params": per_rank[ranks[0]]["total"],
+                       "trainable": per_rank[ranks[0]]["trainable"],
+                       "measured_idle_fraction": sum(idle) / len(idle)})
+    return {"stages": layout.pp, "micro_batches": micro_batches,
+            "theoretical_bubble": metrics.pipeline_bubble(layout.pp, micro_batches), "per_stage": stages}
 

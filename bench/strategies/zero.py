@@ -3,18 +3,19 @@ a partition of it) and a different slice of each global batch."""
 from __future__ import annotations
 
 from bench.config import BenchError
+from bench.strategies.base import Strategy
 from bench.strategies.common import reject_foreign_sections
 
 
-def check(cfg, ds: dict, layout, model_config) -> None:
-    reject_foreign_sections("dp", ds)
-    zero = ds.get("zero_optimization")
-    if not isinstance(zero, dict) or "stage" not in zero:
-        raise BenchError(f"--strategy dp needs a 'zero_optimization' section with a 'stage' in {cfg.ds_config} "
-                         "(see ds_configs/dp_zero*.json)")
-    if zero["stage"] not in (0, 1, 2, 3):
-        raise BenchError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+class ZeroDP(Strategy):
+    name, default_peft = "dp", "lora"
 
-
-def prepare(model, cfg, ds: dict):
-    return model  # the ds_config's zero_optimization does the work inside deepspeed.initialize
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        reject_foreign_sections("dp", ds)
+        zero = ds.get("zero_optimization")
+        if not isinstance(zero, dict) or "stage" not in zero:
+            raise BenchError(f"--strategy dp needs a 'zero_optimization' section with a 'stage' in {cfg.ds_config} "
+                             "(see ds_configs/dp_zero*.json)")
+        if zero["stage"] not in (0, 1, 2, 3):
+            raise BenchError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+    # prepare: nothing; the ds_config's zero_optimization does the work inside deepspeed.initialize

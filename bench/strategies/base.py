@@ -1,0 +1,61 @@
+"""What a strategy is: everything that differs between parallelism strategies, behind one interface.
+
+The plan resolves a run through `check` and `resolve_ds`; the session builds it through `prepare` and
+`build_runner` and records it through `after_initialize` and `after_training`. Neither knows which strategy it
+holds, so adding one is a module here, a ds_config, tests, and one line in the registry (__init__.py).
+"""
+from __future__ import annotations
+
+
+class Strategy:
+    name: str = ""
+    default_peft: str = "none"     # what --peft auto means for this strategy
+
+    def check(self, cfg, ds: dict, layout, model_config) -> None:
+        """Refuse a ds_config, model or flag this strategy cannot run (raise BenchError with one line)."""
+        raise NotImplementedError
+
+    def resolve_ds(self, ds: dict, model_config) -> dict:
+        """The resolved ds_config with this strategy's presets filled in."""
+        return ds
+
+    def prepare(self, model, cfg, ds: dict):
+        """The model deepspeed.initialize gets (LoRA-wrapped already if --peft lora): e.g. pipeline stages."""
+        return model
+
+    def build_runner(self, engine, device):
+        """train_step / eval_loss over the engine deepspeed.initialize returned."""
+        return EngineRunner(engine)
+
+    def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
+        """Summary sections known once the engine exists (e.g. the sharding actually applied)."""
+        return {}
+
+    def after_training(self, plan, res, params_per_rank: list) -> dict:
+        """Summary sections that need the training result (e.g. the measured pipeline bubble)."""
+        return {}
+
+    def describe(self, sections: dict) -> str | None:
+        """Console text for the sections after_initialize returned, or None."""
+        return None
+
+
+class EngineRunner:
+    """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""
+
+    busy_s = 0.0  # only pipeline stages measure their busy time
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def train_step(self, micro_batches: list[dict]):
+        loss_sum = 0.0
+        for b in micro_batches:
+            out = self.engine(**b)
+            self.engine.backward(out.loss)
+            self.engine.step()  # applies the update only at the accumulation boundary
+            loss_sum = loss_sum + out.loss.detach().float()
+        return loss_sum / len(micro_batches)
+
+    def eval_loss(self, batch: dict) -> float:
+        return float(self.engine(**batch).loss)
