@@ -101,8 +101,8 @@ def scaling(runs: list[Run], out_dir: str) -> str:
         base = members[0]
         gpus = [r.gpus for r in members]
         line, = ax.plot(gpus, [r.summary["tokens_per_s"] for r in members], marker="o", label=members[0].label)
-        ax.plot(gpus, [base.summary["tokens_per_s"] * g / base.gpus for g in gpus], linestyle="--",
-                color=line.get_color(), alpha=0.6)
+        ideal = [metrics.ideal_throughput(base.summary["tokens_per_s"], base.gpus, g) for g in gpus]
+        ax.plot(gpus, ideal, linestyle="--", color=line.get_color(), alpha=0.6)
         for r in members:
             eff = metrics.scaling_efficiency(r.summary["tokens_per_s"], r.gpus, base.summary["tokens_per_s"], base.gpus)
             ax.annotate(f"{eff:.0%}", (r.gpus, r.summary["tokens_per_s"]), fontsize=8,

@@ -50,8 +50,39 @@ def discover() -> DistEnv:
                          "MASTER_ADDR and MASTER_PORT (see slurm/)")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
+    use_own_extension_cache()
     local_ranks = local_world_size(world)
     return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks))
+
+
+def extension_cache() -> str:
+    """This environment's own cache of DeepSpeed's JIT-built ops, next to its packages."""
+    import sys
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
+def use_own_extension_cache() -> None:
+    """DeepSpeed's CPU shared-memory communication op is compiled on first use (45-120 s on 2 cores) into torch's
+    default cache in the home directory, which every environment of the user shares, so two environments rebuild
+    it in turn. scripts/install.sh builds it into this environment's cache; point torch there too (a
+    TORCH_EXTENSIONS_DIR the user set wins)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(os.path.dirname(extension_cache()), os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()
+
+
+def build_cpu_comm_op() -> str:
+    """Build (or find) the op a CPU run loads when its process group starts; install.sh calls this so the first
+    run does not pay for the compile. -> what happened, one line."""
+    use_own_extension_cache()
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        return "accelerator is not the CPU: no CPU communication op needed"
+    import deepspeed.ops
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return "DeepSpeed's shared-memory op is not compatible here; gloo alone is used"
+    builder.load(verbose=False)
+    return f"{builder.NAME} ready in {os.environ['TORCH_EXTENSIONS_DIR']}"
 
 
 def local_world_size(world: int) -> int:

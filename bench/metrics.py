@@ -146,8 +146,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def ideal_throughput(tput_base: float, gpus_base: int, gpus_n: int) -> float:
+    """Linear scaling from the baseline: tput_base * N / N_base."""
+    return tput_base * gpus_n / gpus_base
+
+
 def scaling_efficiency(tput_n: float | None, gpus_n: int, tput_base: float | None, gpus_base: int) -> float | None:
     """Throughput at N GPUs over ideal linear scaling from the baseline: tput_N / (tput_base * N / N_base)."""
     if tput_n is None or not tput_base or not gpus_n or not gpus_base:
         return None
-    return tput_n / (tput_base * gpus_n / gpus_base)
+    return tput_n / ideal_throughput(tput_base, gpus_base, gpus_n)

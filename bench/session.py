@@ -27,20 +27,31 @@ class Session:
         self.cfg, self.env, self.plan, self.t0 = cfg, env, plan, process_start
         self.is_main = env.rank == 0
         self.record = RunRecord(plan, env.world_size)
-        self.record.startup(imports_and_resolve_s=time.time() - process_start, **plan.phases)
+        # Start-up phases are consecutive, so they add up to time_to_first_step_s (docs/metrics.md).
+        self._phase_start = time.time()
+        resolving = sum(plan.phases.values())
+        self.record.startup(imports_s=self._phase_start - process_start - resolving, **plan.phases)
         self.jsonl = self.wandb = self.monitor = self.trainer = None
 
     def _default_name(self) -> str:
         model = os.path.basename(self.cfg.model.rstrip("/"))
         return f"{model}-{self.cfg.strategy}-{self.plan.peft}-w{self.env.world_size}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    def _phase(self, name: str) -> None:
+        """Closes the start-up phase `name` (seconds since the previous one ended)."""
+        now = time.time()
+        self.record.startup(**{name: now - self._phase_start})
+        self._phase_start = now
+
     def run(self) -> int:
         distributed.init(self.cfg.dist_timeout_s)
+        self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
         self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
                                                 reuse=self.cfg.resume == "auto")
         self.record.set(run_dir=self.run_dir)
         if self.is_main:
             self._open_records()
+        self._phase("run_records_s")
         code = 0
         try:
             self._train()
@@ -116,11 +127,14 @@ class Session:
     def _train(self):
         device = self._set_up_device()
         model, counts = self._build_model(device)
+        self._phase("model_build_s")
         engine = self._initialize(model)
+        self._phase("ds_initialize_s")
         self._start_monitor()
         trainer = self._make_trainer(engine, device)
         start, save = self._checkpointing(engine)
         request_stop_on_signals()
+        self._phase("setup_s")
         res = trainer.run(self.cfg.max_steps, self.cfg.warmup_steps, self.cfg.eval_interval, start,
                           self.cfg.save_interval, save)
         if res.preempted:
@@ -145,7 +159,6 @@ class Session:
         """The model as the strategy wants it (weights, LoRA, stages); -> (model, parameter counts before and
         after LoRA)."""
         cfg, p = self.cfg, self.plan
-        t = time.time()
         zero3 = p.ds if p.zero_stage == 3 else None
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
                                                     cfg.seed)
@@ -156,17 +169,14 @@ class Session:
         model = p.strategy.prepare(model, cfg, p.ds)
         if self.is_main:
             print(_param_table(before, after, p.peft), flush=True)
-        self.record.startup(model_build_s=time.time() - t)
         return model, (before, after)
 
     def _initialize(self, model):
         import deepspeed
         p = self.plan
         shapes = param_shapes(model)
-        t = time.time()
         engine, *_ = deepspeed.initialize(model=model, config=p.ds,
                                           model_parameters=[q for q in model.parameters() if q.requires_grad])
-        self.record.startup(ds_initialize_s=time.time() - t)
         sections = p.strategy.after_initialize(p, engine, shapes)
         self.record.set(**sections)
         text = p.strategy.describe(sections) if sections else None
@@ -207,7 +217,9 @@ class Session:
         p, env = self.plan, self.env
         before, after = counts
         self.record.fill_results(res, p)
-        self.record.set(time_to_first_step_s=res.first_step_end - self.t0)
+        if res.first_step_end is not None:  # None: a resumed run that had no step left to do
+            self.record.startup(first_step_s=res.first_step_end - self._phase_start)
+            self.record.set(time_to_first_step_s=res.first_step_end - self.t0)
         mem = distributed.gather({"rank": env.rank, **metrics.rank_memory(p.device_type)})
         held = param_counts(engine.module)  # after deepspeed.initialize: TP shards, EP experts, ZeRO-3 partitions
         local = distributed.gather({"rank": env.rank, "total": held["local"], "trainable": held["local_trainable"]})

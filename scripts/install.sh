@@ -26,3 +26,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
 python -c "import torch, deepspeed, transformers, peft, wandb; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| wandb', wandb.__version__)"
+# DeepSpeed compiles its CPU communication op on first use (45-120 s on 2 cores); build it now, into this
+# environment's own cache (bench/distributed.py points every run there), so the first run starts in seconds.
+python -c "from bench.distributed import build_cpu_comm_op; print('DeepSpeed CPU op:', build_cpu_comm_op())"

@@ -13,6 +13,24 @@ import pytest
 from bench.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+KINDS = ("unit", "multiproc", "cluster", "browser")  # registered in setup.cfg
+_in_unit_test = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test says what it needs, so `-m unit` is the whole fast suite and nothing else."""
+    unmarked = [f"{item.nodeid} {sorted(kinds)}" for item in items
+                if len(kinds := {m.name for m in item.iter_markers()} & set(KINDS)) != 1]
+    if unmarked:
+        raise pytest.UsageError(f"tests need exactly one of the markers {KINDS}: " + "; ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_launch_nothing(request):
+    global _in_unit_test
+    _in_unit_test = request.node.get_closest_marker("unit") is not None
+    yield
+    _in_unit_test = False
 
 
 class Result:
@@ -42,6 +60,7 @@ def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pytho
 def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python",
                 env: dict | None = None) -> list:
     """The processes of one run, started and not waited for (the srun-env launcher gives one per rank)."""
+    assert not _in_unit_test, "a test marked unit must not launch runs; mark it multiproc"
     argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
     # A test run inside a SLURM job or a launcher must not leak its own rank variables into the runs.
     inherited = {k: v for k, v in os.environ.items()
@@ -97,10 +116,39 @@ def assert_ok(res: Result) -> None:
     assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
 
 
-@pytest.fixture(scope="session")
-def bench_runs(tmp_path_factory):
-    """Runs shared by several test modules, started once per session (each costs 5-20 s of CPU)."""
-    return tmp_path_factory.mktemp("runs")
+# What a launcher or bench.distributed.discover() sets in the environment.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "LOCAL_SIZE",
+               "OMP_NUM_THREADS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE",
+               "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    """A clean launcher environment for in-process tests: every variable a launcher or discover() sets is
+    cleared now and restored afterwards. -> set(**vars)."""
+    for k in LAUNCH_VARS:
+        monkeypatch.setenv(k, "")  # registers the variable, so monkeypatch restores what discover() writes
+        monkeypatch.delenv(k)
+
+    def set_vars(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+    return set_vars
+
+
+@pytest.fixture
+def refuse(launch_env, capfd, tmp_path):
+    """Runs bench/run.py's main() in this process as rank 0 of a world of `ranks` (as a launcher would start
+    it, without any process group: refusals happen before one exists). -> (exit code, error lines)."""
+    from bench.run import main
+
+    def run(*args: str, ranks: int = 1) -> tuple[int, list[str]]:
+        launch_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+        code = main(["--output_dir", str(tmp_path / "runs"), "--wandb_mode", "disabled", *args])
+        err = capfd.readouterr().err
+        assert not (tmp_path / "runs").exists(), "a refused run leaves no run directory"
+        return code, [line for line in err.splitlines() if line.startswith("error:")]
+    return run
 
 
 PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1",

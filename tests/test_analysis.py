@@ -46,6 +46,7 @@ def report(runs_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.multiproc
 def test_scaling_ratios_are_exact(runs_dir):
     runs = collect.from_dirs([str(runs_dir)])
     series = tables.scaling_tables(runs)
@@ -65,6 +66,7 @@ def test_scaling_ratios_are_exact(runs_dir):
     assert by_name["lora-w3-failed"]["GPU0 peak (MiB)"] == "FAILED"
 
 
+@pytest.mark.multiproc
 def test_comparison_against_baseline(runs_dir):
     runs = collect.from_dirs([str(runs_dir)])
     base = tables.pick_baseline(runs, "lora-w1")
@@ -81,6 +83,7 @@ def test_comparison_against_baseline(runs_dir):
         tables.pick_baseline(runs, "nope")
 
 
+@pytest.mark.multiproc
 def test_report_files(report, runs_dir):
     md = (report / "report.md").read_text()
     for name in ("lora-w1", "lora-w2", "full-w2", "lora-w4-oom", "lora-w3-failed"):
@@ -96,6 +99,7 @@ def test_report_files(report, runs_dir):
     assert len(csv_lines) == 6 and "step_time_s/median" in csv_lines[0]
 
 
+@pytest.mark.browser
 def test_html_renders_in_chromium(report, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -114,6 +118,7 @@ def test_html_renders_in_chromium(report, tmp_path):
     assert (top < 0.5).mean() > 0.005 and ((top > 0.85) & (top < 0.97)).mean() > 0.005, "no table visible"
 
 
+@pytest.mark.multiproc
 def test_wandb_table_has_every_row(report):
     tables_json = list((report / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json"))
     assert len(tables_json) == 1
@@ -123,6 +128,7 @@ def test_wandb_table_has_every_row(report):
     assert names == {"lora-w1", "lora-w2", "full-w2", "lora-w4-oom", "lora-w3-failed"}
 
 
+@pytest.mark.multiproc
 def test_wandb_report_object(report):
     rep = wandb_export.build_report("my-team", "bench-test", "tiny-llama", "t")
     grid = rep.blocks[1]

@@ -1,4 +1,7 @@
-"""Bad input: one clear line, non-zero exit, every rank exits promptly, no run directory left behind."""
+"""Bad input: one clear line, non-zero exit, every rank exits promptly, no run directory left behind.
+
+Every case runs in-process through bench/run.py's main() (refusals happen before a process group exists, on
+every rank alike); a handful also run as real multi-rank launches to prove every rank says it and exits."""
 import json
 import time
 
@@ -86,13 +89,31 @@ CASES = [  # (id, args, ranks, expected part of the error line)
 ]
 
 
+def _args(case, files) -> list[str]:
+    return [a.replace("{d}", str(files)) for a in case[1]]
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_cleanly(tmp_path, files, case):
-    _, args, ranks, expected = case
-    args = [a.replace("{d}", str(files)) for a in args]
+def test_bad_input_is_refused_with_one_line(refuse, files, case):
+    _, _, ranks, expected = case
+    code, errors = refuse(*_args(case, files), ranks=ranks)
+    assert code == 2
+    assert len(errors) == 1 and expected in errors[0], errors
+
+
+LAUNCHED = ["missing-ds-config", "batch-arithmetic", "tp-not-dividing-kv-heads", "ep-not-dividing-experts",
+            "more-stages-than-layers"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in LAUNCHED], ids=LAUNCHED)
+def test_every_rank_of_a_real_launch_refuses_and_exits(tmp_path, files, case):
+    _, _, ranks, expected = case
     out = tmp_path / "runs"
     t0 = time.time()
-    res = run_bench(out, *args, nprocs=ranks, launcher="deepspeed" if ranks > 1 else "python", timeout=180)
+    res = run_bench(out, *_args(case, files), nprocs=ranks, launcher="deepspeed" if ranks > 1 else "python",
+                    timeout=180)
     assert res.returncode != 0
     assert time.time() - t0 < 120, "every rank must exit promptly"
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
@@ -103,11 +124,14 @@ def test_bad_input_is_refused_cleanly(tmp_path, files, case):
     assert not out.exists() or not any(out.iterdir()), "no run directory for a run that never started"
 
 
-def test_dry_run_validates_and_exits_without_training(tmp_path):
+@pytest.mark.unit
+def test_dry_run_validates_and_exits_without_training(launch_env, tmp_path, capfd):
+    from bench.run import main
     out = tmp_path / "runs"
-    res = run_bench(out, "--dry_run", "--strategy", "dp", *ZERO2, "--global_batch_size", "8")
-    assert res.returncode == 0, res.output
-    assert "resolved configuration" in res.output
-    assert "global 8 = micro 2 x grad_accum 4 x data-parallel 1" in res.output
-    assert "iteration" not in res.output
+    code = main(["--output_dir", str(out), "--dry_run", "--strategy", "dp", *ZERO2, "--global_batch_size", "8"])
+    printed = capfd.readouterr().out
+    assert code == 0, printed
+    assert "resolved configuration" in printed
+    assert "global 8 = micro 2 x grad_accum 4 x data-parallel 1" in printed
+    assert "iteration" not in printed
     assert not out.exists()

@@ -3,6 +3,8 @@ import pytest
 
 from bench.config import BenchError, Layout, parse_args, resolve_batch, resolve_ds_config
 
+pytestmark = pytest.mark.unit
+
 
 def test_batch_defaults_and_precedence():
     cfg = parse_args([])
@@ -50,11 +52,8 @@ def test_layout_factors():
         Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
 
 
-def test_slurm_environment_maps_to_ranks(monkeypatch):
+def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):
     from bench import distributed
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(k, "")  # registers the variable, so monkeypatch restores what discover() writes
-        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "8")

@@ -1,9 +1,12 @@
 """Data: the bundled sample, loss masking, packing, and sharding that is identical for every DP size."""
 import json
 
+import pytest
 import torch
 
 from bench import data, models
+
+pytestmark = pytest.mark.unit
 
 
 def tokenizer():

@@ -2,7 +2,11 @@
 architecture resolved without any download, and packed text data from a JSONL file."""
 import json
 
+import pytest
+
 from conftest import assert_ok, run_bench
+
+pytestmark = pytest.mark.multiproc
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "3", "--warmup_steps", "1",
         "--seq_len", "64", "--eval_interval", "0")

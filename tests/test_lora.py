@@ -2,8 +2,12 @@
 and the loss falls."""
 import json
 
+import pytest
+
 from bench import models
 from conftest import assert_ok, run_bench
+
+pytestmark = pytest.mark.multiproc
 
 
 def expected_lora_params(config, r: int) -> int:

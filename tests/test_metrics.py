@@ -4,6 +4,8 @@ import pytest
 
 from bench import metrics
 
+pytestmark = pytest.mark.unit
+
 
 def test_percentile_matches_numpy():
     rng = np.random.default_rng(0)
@@ -55,6 +57,8 @@ def test_device_stats_peak_avg_mode():
 
 @pytest.mark.parametrize("name,override,expected", [
     ("NVIDIA H100 80GB HBM3", None, 989.0), ("NVIDIA H200", None, 989.0), ("NVIDIA A100-SXM4-80GB", None, 312.0),
+    ("NVIDIA H100 PCIe", None, 756.0), ("NVIDIA H100 NVL", None, 835.0), ("NVIDIA B200", None, 2250.0),
+    ("NVIDIA GH200 480GB", None, 989.0),
     ("NVIDIA L4", None, None), (None, None, None), (None, 123.0, 123.0), ("NVIDIA H100", 500.0, 500.0)])
 def test_device_peak(name, override, expected):
     assert metrics.device_peak_tflops(name, override) == expected

@@ -5,6 +5,8 @@ import pytest
 from bench import models
 from conftest import assert_ok, run_bench
 
+pytestmark = pytest.mark.multiproc
+
 # fp32 on the CPU. TP splits each GEMM's reduction (row-parallel all-reduce) and EP moves tokens through an
 # all-to-all and back; both only reorder floating-point sums, which moves the loss in the 6th-7th significant
 # digit. Routing ties (two experts with equal scores) could flip top-k choices between layouts; random fp32

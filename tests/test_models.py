@@ -7,6 +7,8 @@ from bench import models
 from bench.config import BenchError
 from bench.strategies.common import apply_lora, param_counts
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name", list(models.PRESETS))
 def test_param_count_formula_matches_the_model(name):
@@ -72,6 +74,21 @@ def test_moe_flops_count_active_experts_only():
     config = models.make_config(models.PRESETS["mixtral-8x7b"])
     counts = models.count_params_from_config(config)
     assert counts["active_matmul"] < 0.35 * counts["total"]  # ~13B active of ~47B
+
+
+@pytest.mark.parametrize("name,targets", [("tiny-llama", "q_proj,k_proj,v_proj,o_proj"),
+                                          ("tiny-mixtral", "q_proj,o_proj"), ("llama3.1-8b", "q_proj,v_proj")])
+def test_planned_lora_parameters_equal_pefts(name, targets):
+    """The plan counts the adapters before any weight exists (FLOPs per token needs them); peft's real
+    wrapping of the same architecture must add exactly that many."""
+    from peft import LoraConfig, get_peft_model
+    from bench.config import parse_args
+    from bench.strategies.common import lora_adapter_params, meta_model
+    cfg = parse_args(["--lora_r", "4", "--lora_targets", targets])
+    config = models.make_config(models.PRESETS[name])
+    planned = lora_adapter_params(cfg, config)
+    wrapped = get_peft_model(meta_model(config), LoraConfig(r=4, target_modules=targets.split(",")))
+    assert planned == sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n) > 0
 
 
 def test_unknown_model_is_refused():

@@ -5,6 +5,8 @@ import pytest
 from bench import models
 from conftest import assert_ok, run_bench
 
+pytestmark = pytest.mark.multiproc
+
 LOSS_RTOL = 1e-5  # fp32: only the order of sums changes (see docs/parity.md)
 ARGS = ("--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batch_size", "1",
         "--global_batch_size", "4", "--seq_len", "128", "--eval_interval", "0", "--eval_batches", "4")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from bench import summary
 from conftest import assert_ok
 
-CONTRACT = ["status", "error", "strategy", "model", "peft", "world_size", "layout", "zero_stage",
-            "global_batch_size", "micro_batch_size", "grad_accum", "seq_len", "steps", "step_time_s",
-            "tokens_per_s", "tokens_per_s_per_gpu", "samples_per_s", "tflops_per_gpu", "mfu", "goodput", "loss",
-            "val_loss", "target_loss", "time_to_target_s", "steps_to_target", "total_wall_time_s",
-            "time_to_first_step_s", "memory", "params", "versions", "host", "slurm_job_id"]
+pytestmark = pytest.mark.multiproc
+
+# Every key bench/summary.py writes for every run (strategy sections come only with their strategies).
+CONTRACT = [k for k in summary.KEYS if k not in summary.STRATEGY_SECTIONS]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,16 @@ def test_summary_has_every_contract_key_with_sane_values(run):
     assert all(d["peak_mib"] >= d["avg_mib"] > 0 for d in devs)
     assert s["params"]["total"] == s["params"]["trainable"] > 100_000
     assert s["versions"]["deepspeed"] and s["versions"]["torch"]
+
+
+def test_startup_phases_add_up_to_time_to_first_step(run):
+    s = run.summary()
+    phases = s["startup_s"]
+    assert list(phases) == ["imports_s", "resolve_s", "data_s", "process_group_s", "run_records_s", "model_build_s",
+                            "ds_initialize_s", "setup_s", "first_step_s"]
+    assert all(v >= 0 for v in phases.values()), phases
+    assert sum(phases.values()) == pytest.approx(s["time_to_first_step_s"], abs=1e-3)
+    assert s["cpu_threads"]["local_ranks"] == 2 and s["cpu_threads"]["per_rank"] >= 1
 
 
 def test_metrics_jsonl_has_one_line_per_step(run):

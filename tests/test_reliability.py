@@ -10,6 +10,8 @@ import pytest
 
 from conftest import assert_ok, finish, run_bench, start_bench
 
+pytestmark = pytest.mark.multiproc
+
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr", "1e-3",
         "--max_steps", "8", "--warmup_steps", "1", "--seq_len", "128", "--micro_batch_size", "2",
         "--global_batch_size", "4", "--eval_interval", "0")

@@ -35,6 +35,7 @@ def check_directives(text: str, where: str) -> None:
         assert 'slurm/common.sh"' in text and '"$@"' in text, where
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sbatch_scripts(), ids=lambda p: str(p.relative_to(REPO)))
 def test_sbatch_script_rules(path):
     text = path.read_text()
@@ -42,6 +43,7 @@ def test_sbatch_script_rules(path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
+@pytest.mark.unit
 def test_every_experiment_of_both_tracks_has_a_script():
     have = {str(p.relative_to(REPO / "slurm")) for p in sbatch_scripts()}
     want = {f"data_parallel/llama31_8b/{n}_gpus.sh" for n in (1, 2, 4, 8)}
@@ -52,6 +54,7 @@ def test_every_experiment_of_both_tracks_has_a_script():
     assert want <= have, want - have
 
 
+@pytest.mark.unit
 def test_generated_sweep_scripts_follow_the_rules(tmp_path):
     for gpus, nodes in ((1, 1), (8, 1), (16, 2)):
         text = sweep.render({"model": "llama3.1-8b", "strategy": "dp", "ds_config": "ds_configs/dp_zero3.json",
@@ -60,6 +63,7 @@ def test_generated_sweep_scripts_follow_the_rules(tmp_path):
         assert f"--nodes={nodes}" in text and f"--ntasks-per-node={gpus // nodes}" in text
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("summary,state,expected", [
     (None, "PENDING", "pending"), ("running", "RUNNING", "running"), ("completed", "COMPLETED", "completed"),
     ("failed", "FAILED", "failed"), ("running", "TIMEOUT", "timeout"), (None, "OUT_OF_MEMORY", "oom"),
@@ -103,27 +107,33 @@ def wait_for(env, job_id, timeout=240, until=("COMPLETED", "FAILED", "CANCELLED"
     raise TimeoutError(f"job {job_id} still not done after {timeout}s")
 
 
-def sbatch(env, *args):
-    out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True)
+def sbatch(env, log_dir: Path, *args):
+    """Submits from the repository root as the scripts expect; the job's log goes to log_dir, not the
+    repository's logs/ (the command line's --output overrides the script's)."""
+    log_dir.mkdir(exist_ok=True)
+    out = subprocess.run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
+@pytest.mark.cluster
 def test_real_script_runs_and_records(cluster, tmp_path):
-    (REPO / "logs").mkdir(exist_ok=True)
-    job = sbatch(cluster, *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
-                 "--output_dir", str(tmp_path))
+    runs = tmp_path / "runs"
+    job = sbatch(cluster, tmp_path / "logs", *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
+                 "--output_dir", str(runs))
     assert wait_for(cluster, job) == "COMPLETED"
-    log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
+    log = next((tmp_path / "logs").glob(f"*-{job}.out")).read_text()
     assert "Start time    :" in log and "End time      :" in log
     assert re.search(r"Total time    : \d\d:\d\d:\d\d", log)
     assert "iteration 3/3" in log
-    (run_dir,) = list(tmp_path.iterdir())
+    (run_dir,) = list(runs.iterdir())
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["world_size"] == 2 and s["slurm_job_id"] == job
     assert s["model"] == "tiny-llama", "arguments after the script name override the script's"
 
 
+@pytest.mark.cluster
 def test_sweep_lists_completed_and_failed(cluster, tmp_path):
     matrix = [{"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
                "args": TINY[2:], "sbatch": SMALL_NODE, "name": "good"},
@@ -147,25 +157,28 @@ def test_sweep_lists_completed_and_failed(cluster, tmp_path):
     assert re.search(r"^good\s+\d+\s+completed", listing, re.M) and re.search(r"^bad\s+\d+\s+failed", listing, re.M)
 
 
+@pytest.mark.cluster
 def test_preemption_signal_records_preempted(cluster, tmp_path):
-    job = sbatch(cluster, *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY, "--max_steps", "100000",
-                 "--output_dir", str(tmp_path))
+    runs = tmp_path / "runs"
+    job = sbatch(cluster, tmp_path / "logs", *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
+                 "--max_steps", "100000", "--output_dir", str(runs))
     t0 = time.time()
-    while not list(tmp_path.glob("*/metrics.jsonl")) or not list(tmp_path.glob("*/metrics.jsonl"))[0].stat().st_size:
+    while not list(runs.glob("*/metrics.jsonl")) or not list(runs.glob("*/metrics.jsonl"))[0].stat().st_size:
         assert time.time() - t0 < 120, "the run never started"
         time.sleep(1)
     # what --signal=B:USR1@300 does ahead of the time limit: signal the batch shell, which passes it on
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
     wait_for(cluster, job)
-    (run_dir,) = list(tmp_path.iterdir())
+    (run_dir,) = list(runs.iterdir())
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "preempted" and 0 < s["steps"] < 100000
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == s["steps"], "every finished step is kept"
-    log = next((REPO / "logs").glob(f"*-{job}.out")).read_text()
+    log = next((tmp_path / "logs").glob(f"*-{job}.out")).read_text()
     assert "Exit code     : 75" in log
 
 
+@pytest.mark.multiproc
 def test_local_sweep_runs_the_matrix_here_and_lists_statuses(tmp_path):
     """`bench.sweep local`: the same matrix without SLURM, under the deepspeed launcher, one job after another."""
     good = {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,

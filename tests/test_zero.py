@@ -3,6 +3,8 @@ import pytest
 
 from conftest import assert_ok
 
+pytestmark = pytest.mark.multiproc
+
 # fp32 on the CPU; the only difference between layouts is the order of the gradient reduction
 # (gloo all-reduce vs local accumulation), which moves the loss in the 7th significant digit (seen: <= 1e-7 relative).
 LOSS_RTOL = 1e-5

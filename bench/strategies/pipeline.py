@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench import metrics
 from bench.config import BenchError, zero_stage
@@ -79,7 +78,8 @@ class HeadStage(torch.nn.Module):
 
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss: next-token cross-entropy, mean over the micro-batch's target tokens."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE)
 
 
 def build_stages(model, ds: dict):

@@ -2,7 +2,7 @@
 
 It reads a harness run's config.json so it trains the same model with the same resolved ds_config, batch and
 data; it times the same steps the same way (device-synchronized wall clock) and prints one JSON line.
-    python benchmarks/bare_deepspeed.py RUN_DIR
+    python measurements/bare_deepspeed.py RUN_DIR
 """
 import json
 import os

@@ -2,7 +2,7 @@
 (`python -m bench.sweep local`), then one analysis report per model, then a results page with the hardware and
 versions it was measured on.
 
-    python benchmarks/strategy_matrix.py [--matrix benchmarks/cpu_matrix.json] [--name NAME]
+    python measurements/strategy_matrix.py [--matrix measurements/cpu_matrix.json] [--name NAME]
                                          [--out docs/results/strategy_matrix_cpu.md] [-- bench/run.py args]
 
 Every run of one model does the same work (same steps, global batch, sequence length and full fine-tune), so the
@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 
-from common import REPO, run  # benchmarks/common.py, next to this script
+from common import REPO, run  # measurements/common.py, next to this script
 
 sys.path.insert(0, REPO)
 from bench.sweep import job_name  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--matrix", default="benchmarks/cpu_matrix.json")
+    p.add_argument("--matrix", default="measurements/cpu_matrix.json")
     p.add_argument("--name", default=f"strategy-matrix-{time.strftime('%Y%m%d-%H%M%S')}")
     p.add_argument("--out", default="docs/results/strategy_matrix_cpu.md")
     p.add_argument("--sweeps_dir", default="sweeps")
@@ -84,7 +84,7 @@ def main() -> None:
         f"Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "python")
         + f"; the whole matrix took {wall / 60:.1f} min.",
         "",
-        "Rerun: `python benchmarks/strategy_matrix.py" + (" -- " + " ".join(extra) if extra else "") + "`"
+        "Rerun: `python measurements/strategy_matrix.py" + (" -- " + " ".join(extra) if extra else "") + "`"
         f" (matrix `{args.matrix}`; every run: `{' '.join(run_args)}`).",
         "",
         "What this shows and what it does not: these are the tiny CPU models on gloo, with more processes than",

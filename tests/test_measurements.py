@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.multiproc
 
 
 def test_strategy_matrix_records_a_results_page(tmp_path):
@@ -11,7 +15,7 @@ def test_strategy_matrix_records_a_results_page(tmp_path):
               {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2}]
     (tmp_path / "m.json").write_text(json.dumps(matrix))
     page = tmp_path / "page.md"
-    out = subprocess.run([sys.executable, "benchmarks/strategy_matrix.py", "--matrix", str(tmp_path / "m.json"),
+    out = subprocess.run([sys.executable, "measurements/strategy_matrix.py", "--matrix", str(tmp_path / "m.json"),
                           "--name", "t", "--sweeps_dir", str(tmp_path), "--out", str(page),
                           "--", "--max_steps", "4", "--warmup_steps", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=400)

@@ -1,7 +1,7 @@
 """How much the harness costs: its wall time per measured step against a bare DeepSpeed loop doing the same
-work (benchmarks/bare_deepspeed.py), plus the harness's time to first step split by phase.
+work (measurements/bare_deepspeed.py), plus the harness's time to first step split by phase.
 
-    python benchmarks/harness_overhead.py [--repeats 5] [--out docs/results/harness_overhead_cpu.md] [-- harness args]
+    python measurements/harness_overhead.py [--repeats 5] [--out docs/results/harness_overhead_cpu.md] [-- harness args]
 
 The harness's per-step cost (all-gather of step stats, metrics.jsonl, W&B offline log, console line, the
 device-monitor thread) is inside its wall time, since the wall clock runs from the end of the warm-up step to
@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 
-from common import REPO, run  # benchmarks/common.py, next to this script
+from common import REPO, run  # measurements/common.py, next to this script
 
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
                 "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",
@@ -56,7 +56,7 @@ def main():
                 run_dir, per_step, s = harness_once(base + args, os.path.join(tmp, f"h{i}-{j}"))
                 per_variant[name].append(per_step)
                 startups.append({**s["startup_s"], "time_to_first_step_s": s["time_to_first_step_s"]})
-            b = json.loads(run([sys.executable, "benchmarks/bare_deepspeed.py", run_dir]).strip().splitlines()[-1])
+            b = json.loads(run([sys.executable, "measurements/bare_deepspeed.py", run_dir]).strip().splitlines()[-1])
             bare.append(b["wall_s"] / b["measured_steps"])
             print(f"repeat {i}: bare {bare[-1] * 1e3:.2f} ms/step; harness "
                   + ", ".join(f"{v[-1] * 1e3:.2f}" for v in per_variant.values()), flush=True)
@@ -71,7 +71,7 @@ def main():
                     f"{(h - b) * 1e3:+.2f} ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in xs)} |")
     lines = [
         "# Harness overhead vs a bare DeepSpeed loop", "",
-        f"- command: `python benchmarks/harness_overhead.py --repeats {opts.repeats} {' '.join(extra)}`".rstrip(),
+        f"- command: `python measurements/harness_overhead.py --repeats {opts.repeats} {' '.join(extra)}`".rstrip(),
         f"- common harness args: `{' '.join(base)}`",
         f"- host: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; python {platform.python_version()}, "
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}; device: "

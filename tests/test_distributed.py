@@ -1,0 +1,42 @@
+"""Launcher environment -> ranks on this host -> CPU threads per rank, decided before torch starts its pools."""
+import os
+
+import pytest
+
+from bench import distributed
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("env,world,expected", [
+    ({"LOCAL_WORLD_SIZE": "4"}, 8, 4),             # torchrun
+    ({"LOCAL_SIZE": "2"}, 2, 2),                   # deepspeed launcher
+    ({"SLURM_NTASKS_PER_NODE": "4"}, 8, 4),        # srun with --ntasks-per-node
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, 8, 4),
+    ({"SLURM_TASKS_PER_NODE": "3,2"}, 5, 3),
+    ({}, 3, 3),                                    # nothing said: one host
+    ({"LOCAL_WORLD_SIZE": "16"}, 4, 4),            # never more than the world
+])
+def test_local_world_size(launch_env, env, world, expected):
+    launch_env(**env)
+    assert distributed.local_world_size(world) == expected
+
+
+def test_each_rank_gets_its_share_of_the_cores(launch_env):
+    cores = len(os.sched_getaffinity(0))
+    threads, source = distributed.set_cpu_threads(2)
+    assert threads == max(1, cores // 2) and os.environ["OMP_NUM_THREADS"] == str(threads)
+    assert source == f"{cores} cores // 2 local ranks"
+    assert distributed.set_cpu_threads(10 * cores)[0] == 1  # more ranks than cores: one thread each
+
+
+def test_the_users_omp_num_threads_wins(launch_env):
+    launch_env(OMP_NUM_THREADS=7)
+    assert distributed.set_cpu_threads(2) == (7, "OMP_NUM_THREADS")
+
+
+def test_discover_records_threads_and_local_ranks(launch_env):
+    launch_env(RANK=1, LOCAL_RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=1234, LOCAL_SIZE=2)
+    env = distributed.discover()
+    assert (env.rank, env.local_world_size) == (1, 2)
+    assert env.cpu_threads == int(os.environ["OMP_NUM_THREADS"]) >= 1
