@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import torch
 import torch.distributed as dist
+
+from bench.config import BenchError
 
 MARKER = "COMPLETE"
 
@@ -49,13 +52,42 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, ckpt_dir: str, step: int, harness_state: dict) -> str:
     tag = tag_for(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"harness": {**harness_state, "rng": rng_state()}})
-    dist.barrier()  # every rank's shard is on disk before the marker says so
+    path = os.path.join(ckpt_dir, tag)
+    failed = [None]
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"harness": {**harness_state, "rng": rng_state()}})
+    except (OSError, RuntimeError) as e:
+        failed[0] = io_error(e, path)
+        if failed[0] is None:
+            raise
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failed[0])  # every shard is on disk before the marker says so
+    reasons = [r for r in everyone if r]
+    if reasons:
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)  # never resumable; and its space lets the summary be written
+        raise BenchError(f"could not write checkpoint {reasons[0]}; earlier checkpoints are intact")
     if dist.get_rank() == 0:
-        with open(os.path.join(ckpt_dir, tag, MARKER), "w") as fh:
+        with open(os.path.join(path, MARKER), "w") as fh:
             json.dump({"step": step}, fh)
     dist.barrier()
     return tag
+
+
+WRITE_FAILURES = ("file write failed", "basic_ios::clear", "PytorchStreamWriter failed", "inline_container")
+
+
+def io_error(e: BaseException, path: str) -> str | None:
+    """'<path>: <reason>' when e (or what it was raised while handling) is a failed write (a full disk, a quota,
+    a read-only filesystem), else None. torch's checkpoint writer reports a full disk as RuntimeErrors
+    ("basic_ios::clear: iostream error", then "[enforce fail at inline_container.cc] unexpected pos")."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return f"{e.filename or path}: {e.strerror or e}"
+        if any(s in str(e) for s in WRITE_FAILURES):
+            return f"{path}: write failed (is the disk full?)"
+        e = e.__context__
+    return None
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:

@@ -1,6 +1,7 @@
 """Process-group setup that works under every launcher: deepspeed, torchrun, srun, or plain python."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -50,9 +51,29 @@ def discover() -> DistEnv:
                          "MASTER_ADDR and MASTER_PORT (see slurm/)")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
+    if world > 1 and rank == 0:
+        check_port_free(env["MASTER_ADDR"], int(env["MASTER_PORT"]))
     use_own_extension_cache()
     local_ranks = local_world_size(world)
     return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks))
+
+
+def port_taken_error(addr: str, port: int) -> BenchError:
+    return BenchError(f"rendezvous port {port} on {addr} is already in use (another job on this host?); start on "
+                      "a free port: deepspeed/torchrun --master_port N, or export MASTER_PORT=N under srun")
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """Rank 0 will serve the rendezvous on this port: say at once, before the heavy imports, when another process
+    holds it. (The store's own bind, later, stays the authoritative check; a port freed meanwhile is fine.)"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for the store too
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise port_taken_error(addr, port) from None
+            # EADDRNOTAVAIL and friends: not this host's address; the store's bind will tell
 
 
 def extension_cache() -> str:
@@ -110,10 +131,68 @@ def set_cpu_threads(local_ranks: int) -> tuple[int, str]:
     return threads, f"{cores} cores // {local_ranks} local ranks"
 
 
-def init(timeout_s: int) -> None:
-    """Create the process group; a rank that never arrives makes the others fail after timeout_s."""
+def init(env: DistEnv, timeout_s: int) -> None:
+    """Create the process group. Every wait in it ends within timeout_s with one line that says what it waited
+    for: a rank that never arrives, a rank 0 that cannot be reached, a port another job holds."""
     import deepspeed
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    timeout = timedelta(seconds=timeout_s)
+    backend = get_accelerator().communication_backend_name()
+    if env.world_size > 1:
+        store = rendezvous_store(env, timeout_s)
+        extra = {}
+        if get_accelerator().device_name() == "cuda":  # as DeepSpeed does: binds the rank's GPU to the group
+            extra["device_id"] = torch.device("cuda", env.local_rank)
+        try:
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    **extra)
+        except (RuntimeError, dist.DistError) as e:
+            raise BenchError(f"rendezvous at {_address()}: rank {env.rank} waited {timeout_s} s for the other "
+                             f"{env.world_size - 1} rank(s) of a world of {env.world_size} and gave up "
+                             f"({_first_line(e)}); were all ranks started, with the same MASTER_ADDR/MASTER_PORT? "
+                             "(--dist_timeout_s sets the wait)") from None
+    # DeepSpeed adopts the group created above (world 1: it creates its own on a free local port).
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+
+
+def _address() -> str:
+    return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def rendezvous_store(env: DistEnv, timeout_s: int):
+    """Rank 0 serves the rendezvous store on MASTER_PORT; the others connect to it. Keys live under a prefix
+    unique to this job, so a rank that reaches another job's store (two launches on one port: the second job's
+    rank 0 cannot bind, its other ranks connect to the first job's server) cannot disturb that job."""
+    import torch.distributed as dist
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(addr, port, env.world_size, is_master=env.rank == 0,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (RuntimeError, dist.DistError) as e:
+        if env.rank == 0 and ("EADDRINUSE" in str(e) or "address already in use" in str(e).lower()):
+            raise port_taken_error(addr, port) from None
+        raise BenchError(f"rendezvous: rank {env.rank} could not reach rank 0 at {addr}:{port} within "
+                         f"{timeout_s} s ({_first_line(e)}); is rank 0 running, and MASTER_ADDR/MASTER_PORT "
+                         "right? (--dist_timeout_s sets the wait)") from None
+    return dist.PrefixStore(f"bench/{job_token(env)}/", store)
+
+
+def job_token(env: DistEnv) -> str:
+    """The same on every rank of one job, different between concurrent jobs on one host: srun's job and step
+    ids; for a single-host launcher (deepspeed, torchrun) the launcher's pid, every rank's parent. Multi-host
+    launches without SLURM share one token (they rely on distinct ports, as before)."""
+    e = os.environ
+    if "SLURM_PROCID" in e and "SLURM_JOB_ID" in e:
+        return f"slurm-{e['SLURM_JOB_ID']}.{e.get('SLURM_STEP_ID', 'batch')}"
+    if env.local_world_size == env.world_size:
+        return f"launcher-{os.getppid()}"
+    return "multi-host"
 
 
 def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:

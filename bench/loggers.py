@@ -12,12 +12,18 @@ from bench.summary import flatten
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Readers (analysis, a watching user) never see a half-written file."""
+    """Readers (analysis, a watching user) never see a half-written file, and a failed write (a full disk)
+    leaves the previous version in place."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _finite(obj):
@@ -43,7 +49,9 @@ class JsonlLogger:
         the file must not list a step twice); -> the dropped records."""
         self._fh.close()
         with open(self.path) as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+            lines = [line for line in fh if line.strip()]
+        # A line cut short (the disk filled up mid-write, the process was killed) is not a record.
+        records = [json.loads(line) for line in lines if line.endswith("\n")]
         keep = [r for r in records if r["step"] <= step]
         with open(self.path + ".tmp", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in keep)

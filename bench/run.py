@@ -20,11 +20,13 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 if __package__ in (None, ""):  # run as a script (deepspeed bench/run.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import signals  # noqa: E402
 from bench.config import BenchError, parse_args, print_error  # noqa: E402
 
 
 def main(argv=None) -> int:
     """-> the exit code of a refusal or dry run; a run that started leaves the process itself (os._exit)."""
+    signals.install()  # from here on no signal ends the process without saying how
     try:
         cfg = parse_args(argv)
         from bench import distributed
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
     except BenchError as e:
         print_error(str(e))
         return 2
+    except signals.Stopped as e:
+        print_error(f"{e.status}: {e} before the run started (nothing was recorded)")
+        return signals.EXIT_CODE[e.status]
     if env.rank == 0:
         print(plan.table(), flush=True)
     if cfg.dry_run:

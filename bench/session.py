@@ -1,7 +1,8 @@
 """One benchmark run from process group to summary.json: build, train, record.
 
 Rank 0 owns the run directory's files. Whatever happens after the directory exists, summary.json says how the
-run ended (completed | failed | oom | preempted), and everything recorded before an error stays on disk.
+run ended (completed | failed | oom | preempted | interrupted), and everything recorded before an error stays on
+disk.
 """
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import time
 import traceback
 from dataclasses import asdict
 
-from bench import checkpoint, distributed, metrics, models
+from bench import checkpoint, distributed, metrics, models, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies.common import apply_lora, param_counts, param_shapes
 from bench.summary import RunRecord, environment, result_table
-from bench.train import Console, Trainer, TrainResult, request_stop_on_signals
+from bench.train import Console, Trainer, TrainResult
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the SLURM scripts requeue a job whose run exits with this
 
 
 class Session:
@@ -44,25 +44,45 @@ class Session:
         self._phase_start = now
 
     def run(self) -> int:
-        distributed.init(self.cfg.dist_timeout_s)
-        self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
-        self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
-                                                reuse=self.cfg.resume == "auto")
-        self.record.set(run_dir=self.run_dir)
-        if self.is_main:
-            self._open_records()
-        self._phase("run_records_s")
-        code = 0
         try:
+            distributed.init(self.env, self.cfg.dist_timeout_s)
+        except (BenchError, signals.Stopped) as e:  # before the run directory exists: refused like bad input
+            stopped = isinstance(e, signals.Stopped)
+            print_error(f"{e.status}: {e} during start-up" if stopped else str(e))
+            distributed.shutdown(clean=False)
+            return signals.EXIT_CODE[e.status] if stopped else 2
+        self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
+        code, together = 0, False
+        try:
+            self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
+                                                    reuse=self.cfg.resume == "auto")
+            self.record.set(run_dir=self.run_dir)
+            if self.is_main:
+                self._open_records()
+            self._phase("run_records_s")
             self._train()
-            if self.record["status"] == "preempted":
-                code = PREEMPTED_EXIT
+            together = True  # every rank left the loop after the same step, so they can meet once more
+            if self.record["status"] in signals.EXIT_CODE:
+                code = signals.EXIT_CODE[self.record["status"]]
             else:
                 self.record.end("completed")
+        except signals.Stopped as e:  # before training began, or a second Ctrl-C
+            res = self.trainer.res if self.trainer is not None else None
+            where = "during start-up" if res is None else f"during step {len(res.records) + 1} (signalled twice)"
+            self.record.end(e.status, f"{e} {where}")
+            self._record_partial()
+            print_error(f"{e.status}: {self.record['error']}")
+            code = signals.EXIT_CODE[e.status]
         except BenchError as e:
             self.record.end("failed", str(e))
+            self._record_partial()
             print_error(str(e))
             code = 2
+        except OSError as e:  # a full disk, a lost mount: the path and the reason, not a traceback
+            self.record.end("failed", f"I/O error: {e.filename or ''}: {e.strerror or e}")
+            self._record_partial()
+            print_error(self.record["error"])
+            code = 1
         except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
             oom = "OutOfMemoryError" in type(e).__name__
             self.record.end("oom" if oom else "failed",
@@ -72,7 +92,7 @@ class Session:
             code = 3 if oom else 1
         finally:
             self._close_records(code)
-            distributed.shutdown(clean=code in (0, PREEMPTED_EXIT))
+            distributed.shutdown(clean=together)
         return code
 
     # -----------------------------------------------------------------------------------------------------
@@ -98,17 +118,28 @@ class Session:
         self.record.set(wandb_run_id=self.wandb.run_id)
 
     def _close_records(self, code: int):
+        """Whatever ended the run, and however far start-up got: the summary says how it ended."""
+        signals.closing()
         if self.monitor is not None:
             devices = self.monitor.stop()
             if self.is_main:
                 self.record.set(memory={**self.record["memory"], "device": devices})
-        if not self.is_main:
+        if not self.is_main or self.record["run_dir"] is None:
             return
         self.record.set(total_wall_time_s=time.time() - self.t0)
-        self.record.write(os.path.join(self.run_dir, "summary.json"))
-        self.jsonl.close()
-        self.wandb.summary(self.record.data)
-        self.wandb.finish(exit_code=code)
+        path = os.path.join(self.run_dir, "summary.json")
+        try:
+            self.record.write(path)
+        except OSError as e:  # the previous summary.json stays as it was (written atomically)
+            print_error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
+        if self.jsonl is not None:
+            try:
+                self.jsonl.close()
+            except OSError:
+                pass  # its last line may be cut short; readers skip it
+        if self.wandb is not None:
+            self.wandb.summary(self.record.data)
+            self.wandb.finish(exit_code=code)
         print(format_table(result_table(self.record.data), "result"), flush=True)
 
     def _log(self, record: dict):
@@ -133,12 +164,12 @@ class Session:
         self._start_monitor()
         trainer = self._make_trainer(engine, device)
         start, save = self._checkpointing(engine)
-        request_stop_on_signals()
         self._phase("setup_s")
         res = trainer.run(self.cfg.max_steps, self.cfg.warmup_steps, self.cfg.eval_interval, start,
                           self.cfg.save_interval, save)
         if res.preempted:
-            self.record.end("preempted", f"stopped by a signal after step {len(res.records)}")
+            by = signals.requested_signal() or "a signal to another rank"
+            self.record.end(res.stop_status, f"stopped by {by} after step {len(res.records)}")
         if self.console:
             self.console.close()
         self._record_results(res, engine, counts)
@@ -159,6 +190,7 @@ class Session:
         """The model as the strategy wants it (weights, LoRA, stages); -> (model, parameter counts before and
         after LoRA)."""
         cfg, p = self.cfg, self.plan
+        time.sleep(float(os.environ.get("BENCH_FAULT_SLOW_LOAD_S", 0)))  # tests: a model load that takes a while
         zero3 = p.ds if p.zero_stage == 3 else None
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
                                                     cfg.seed)
@@ -233,7 +265,7 @@ class Session:
         beyond it were done and lost: they are dropped from the file, recomputed, and their time is counted."""
         tag = checkpoint.latest_complete(ckpt_dir)
         res = TrainResult(**checkpoint.load(engine, ckpt_dir, tag)["result"]) if tag else TrainResult()
-        res.preempted = False
+        res.preempted, res.stop_status = False, None
         if tag:
             res.resumed_at.append(len(res.records))
         lost = [0, 0.0]

@@ -13,10 +13,10 @@ import socket
 
 from bench import metrics
 
-STATUSES = ("running", "completed", "failed", "oom", "preempted")
+STATUSES = ("running", "completed", "failed", "oom", "preempted", "interrupted")
 
 KEYS = {
-    "status": "running | completed | failed | oom | preempted",
+    "status": "running | completed | failed | oom | preempted | interrupted",
     "error": "one line, or null",
     "strategy": "--strategy", "model": "--model", "peft": "lora | none, resolved",
     "world_size": "ranks", "layout": "{dp, tp, ep, pp}", "zero_stage": "ZeRO stage of the resolved ds_config",

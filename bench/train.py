@@ -15,21 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from bench import signals
 from bench.data import IGNORE
-
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_stop_requested = False
-
-
-def request_stop_on_signals() -> None:
-    """SIGTERM/SIGUSR1 (SLURM's warning ahead of preemption or the time limit) only set a flag; the ranks agree
-    on it at the next step boundary and stop together."""
-    def handler(signum, frame):
-        global _stop_requested
-        _stop_requested = True
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, handler)
 
 
 @dataclass
@@ -44,6 +31,7 @@ class TrainResult:
     first_step_end: float | None = None              # time.time() at the end of this process's first step
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
     preempted: bool = False                          # a rank was signalled; every rank stopped after the same step
+    stop_status: str | None = None                   # then: "preempted" or "interrupted" (bench/signals.py)
     resumed_at: list = field(default_factory=list)   # checkpoint steps this run resumed from
     lost_steps: int = 0                              # steps done after the last checkpoint, then recomputed
     lost_s: float = 0.0                              # the wall time those steps took (part of train_wall_s)
@@ -117,13 +105,21 @@ class Trainer:
         writes a checkpoint every save_interval steps and when the ranks stop for a signal."""
         res = res or TrainResult()
         self.res = res  # what the session records if the loop dies
+        signals.training(True)
+        try:
+            return self._run(res, max_steps, warmup_steps, eval_interval, save_interval, save)
+        finally:
+            signals.training(False)
+
+    def _run(self, res, max_steps, warmup_steps, eval_interval, save_interval, save) -> TrainResult:
         consumed = len(res.records) * self.global_batch
         t_start = time.perf_counter() - res.train_wall_s  # elapsed time continues across a resume
         first = len(res.records) + 1
         for step in range(first, max_steps + 1):
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
-            g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s, float(_stop_requested)])
+            g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
+                              float(signals.STOP_CODES[signals.requested()])])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
             step_tokens = int(g[:, 2].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
@@ -144,7 +140,9 @@ class Trainer:
                       "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed,
                       "target_tokens": step_tokens, "applied": all_applied, "warmup": warmup, "elapsed_s": elapsed,
                       **_memory_now(self.device)}
-            res.preempted = bool(g[:, 5].max() > 0)
+            stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
+            res.preempted = stop > 0
+            res.stop_status = next((k for k, v in signals.STOP_CODES.items() if v == stop), None)
             if not res.preempted and ((eval_interval and step % eval_interval == 0) or step == max_steps):
                 res.val_loss = record["val_loss"] = self.evaluate()
             res.records.append(record)

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 
-from common import REPO, run  # measurements/common.py, next to this script
+from common import run  # measurements/common.py, next to this script
 
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
                 "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",

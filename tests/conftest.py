@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,12 @@ def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pytho
 
 
 def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python",
-                env: dict | None = None) -> list:
-    """The processes of one run, started and not waited for (the srun-env launcher gives one per rank)."""
+                env: dict | None = None, port: int | None = None, only_ranks: list | None = None,
+                own_session: bool = False) -> list:
+    """The processes of one run, started and not waited for (the srun-env launcher gives one per rank;
+    only_ranks starts some of them, as if the others never came). port: the rendezvous port (default: a free
+    one). own_session: the launch gets its own process group, which a test can signal as a terminal's Ctrl-C
+    signals the foreground job."""
     assert not _in_unit_test, "a test marked unit must not launch runs; mark it multiproc"
     argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
     # A test run inside a SLURM job or a launcher must not leak its own rank variables into the runs.
@@ -67,7 +72,7 @@ def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pyt
                  if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                                "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-    port = str(free_port())
+    port = str(port or free_port())
     if launcher == "python":
         cmds = [[sys.executable, *argv]]
     elif launcher == "deepspeed":
@@ -82,6 +87,8 @@ def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pyt
         raise ValueError(launcher)
     procs = []
     for i, cmd in enumerate(cmds):
+        if only_ranks is not None and i not in only_ranks:
+            continue
         e = dict(full_env)
         if launcher == "srun-env":
             for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -89,7 +96,10 @@ def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pyt
             e.update(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS=str(nprocs),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a long run cannot block on a full pipe
-        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True)
+        # SIGINT back to its default: a test run in the background starts with it ignored, and so would the run.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=own_session,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         proc.log = log
         procs.append(proc)
     return procs
@@ -125,15 +135,18 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
 @pytest.fixture
 def launch_env(monkeypatch):
     """A clean launcher environment for in-process tests: every variable a launcher or discover() sets is
-    cleared now and restored afterwards. -> set(**vars)."""
+    cleared now and restored afterwards, and so are the signal handlers. -> set(**vars)."""
     for k in LAUNCH_VARS:
         monkeypatch.setenv(k, "")  # registers the variable, so monkeypatch restores what discover() writes
         monkeypatch.delenv(k)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def set_vars(**values):
         for k, v in values.items():
             monkeypatch.setenv(k, str(v))
-    return set_vars
+    yield set_vars
+    for s, h in handlers.items():  # bench.run.main() installs the run's own handlers in this process
+        signal.signal(s, h)
 
 
 @pytest.fixture

@@ -1,0 +1,68 @@
+"""How a signalled run ends: recorded, never left "running".
+
+SIGTERM and SIGUSR1 (SLURM's warning ahead of preemption or the time limit) mean "preempted": a resumable run
+saves and the job is requeued (exit 75). SIGINT (Ctrl-C) means "interrupted" (exit 130). During training the
+ranks only note the signal and agree on it at the next step boundary, so they stop together after the same step
+with every finished step recorded; a second Ctrl-C leaves at once. Before training starts there is nothing to
+finish, so the signal stops the start-up where it is (raises Stopped), and the run records how it ended.
+"""
+from __future__ import annotations
+
+import signal
+
+STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted"}
+EXIT_CODE = {"interrupted": 130, "preempted": 75}  # 130 = 128 + SIGINT; 75 = EX_TEMPFAIL, requeued by slurm/
+STOP_CODES = {None: 0, "preempted": 1, "interrupted": 2}  # what a rank tells the others at a step boundary
+
+_requested: tuple[str, str] | None = None  # (status, signal name) of the first signal
+_training = False
+_closing = False  # recording how the run ended: nothing may interrupt that
+
+
+class Stopped(Exception):
+    """A signal ended the run before (or, a second Ctrl-C, during) a step boundary."""
+
+    def __init__(self, status: str, signame: str):
+        super().__init__(f"stopped by {signame}")
+        self.status, self.signame = status, signame
+
+
+def _handler(signum, frame):
+    global _requested
+    if _closing:
+        return
+    first = _requested is None
+    if first:
+        _requested = (STATUS[signum], signal.Signals(signum).name)
+    if not _training or (not first and signum == signal.SIGINT):
+        raise Stopped(*_requested)
+
+
+def install() -> None:
+    """From process start: every one of these signals is handled, whatever phase the run is in."""
+    for sig in STATUS:
+        signal.signal(sig, _handler)
+
+
+def training(active: bool) -> None:
+    """Inside the training loop signals wait for the step boundary; outside they stop the run at once."""
+    global _training
+    _training = active
+    if active and _requested is not None:  # signalled just before the loop began
+        raise Stopped(*_requested)
+
+
+def closing() -> None:
+    """From here on the run only records how it ended and leaves; later signals are ignored (the deepspeed
+    launcher follows a Ctrl-C with SIGTERM to every rank, which must not cut the summary short)."""
+    global _closing
+    _closing = True
+
+
+def requested() -> str | None:
+    """The status a signal asked for ("preempted" / "interrupted"), or None."""
+    return _requested[0] if _requested else None
+
+
+def requested_signal() -> str | None:
+    return _requested[1] if _requested else None

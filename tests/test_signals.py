@@ -1,0 +1,155 @@
+"""Every way a run ends is recorded truthfully: Ctrl-C (once: at the next step boundary; twice: at once), a
+signal during start-up, a full disk. Real signals, a real full filesystem; nothing is left "running"."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from bench import signals
+from bench.distributed import free_port
+from conftest import finish, start_bench
+
+TINY = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--eval_interval", "0",
+        "--warmup_steps", "1")
+
+
+@pytest.fixture
+def handlers(monkeypatch):
+    """bench.signals installed in this process, fresh, and the previous handlers back afterwards."""
+    saved = {s: signal.getsignal(s) for s in signals.STATUS}
+    monkeypatch.setattr(signals, "_requested", None)
+    monkeypatch.setattr(signals, "_training", False)
+    monkeypatch.setattr(signals, "_closing", False)
+    signals.install()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.unit
+def test_outside_training_a_signal_stops_at_once(handlers):
+    with pytest.raises(signals.Stopped) as e:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode
+    assert (e.value.status, e.value.signame) == ("preempted", "SIGTERM")
+    assert signals.EXIT_CODE["preempted"] == 75
+
+
+@pytest.mark.unit
+def test_in_training_one_ctrl_c_waits_for_the_step_boundary_and_two_leave(handlers):
+    signals.training(True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert signals.requested() == "interrupted" and signals.requested_signal() == "SIGINT"
+    os.kill(os.getpid(), signal.SIGTERM)  # the launcher's follow-up SIGTERM does not cut the step short
+    time.sleep(0.1)
+    assert signals.requested() == "interrupted"
+    with pytest.raises(signals.Stopped):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    signals.closing()
+    os.kill(os.getpid(), signal.SIGINT)  # while the run records how it ended: ignored
+    time.sleep(0.1)
+
+
+@pytest.mark.unit
+def test_a_signal_just_before_the_loop_stops_it_from_starting(handlers):
+    signals._requested = ("preempted", "SIGUSR1")  # arrived while the loop was being set up
+    with pytest.raises(signals.Stopped):
+        signals.training(True)
+
+
+def wait_for_steps(out, procs, n: int, timeout: float = 120) -> None:
+    t0 = time.time()
+    while True:
+        files = glob.glob(f"{out}/*/metrics.jsonl")
+        if files and len(open(files[0]).read().splitlines()) >= n:
+            return
+        assert time.time() - t0 < timeout and all(p.poll() is None for p in procs), "no training steps seen"
+        time.sleep(0.2)
+
+
+def the_summary(out) -> dict:
+    (path,) = glob.glob(f"{out}/*/summary.json")
+    return json.loads(open(path).read())
+
+
+@pytest.mark.multiproc
+def test_ctrl_c_stops_every_rank_at_a_step_boundary(tmp_path):
+    port = free_port()
+    procs = start_bench(tmp_path, *TINY, "--seq_len", "64", "--max_steps", "100000", nprocs=2,
+                        launcher="deepspeed", port=port, own_session=True)
+    wait_for_steps(tmp_path, procs, 3)
+    os.killpg(procs[0].pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the launcher and every rank
+    res = finish(procs, tmp_path, timeout=120)
+    s = res.summary()
+    assert s["status"] == "interrupted" and "stopped by SIGINT after step" in s["error"], s["error"]
+    assert 3 <= s["steps"] < 100000 and len(res.records()) == s["steps"], "every finished step is kept"
+    assert s["step_time_s"]["median"] > 0 and s["total_wall_time_s"] > 0
+    # (the deepspeed CLI itself prints a KeyboardInterrupt traceback of its own wait; the ranks print none)
+    assert not re.search(r'File ".*/bench/', res.output), res.output[-3000:]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "shared memory cleaned up"
+
+
+@pytest.mark.multiproc
+def test_a_second_ctrl_c_leaves_at_once_and_still_records(tmp_path):
+    # steps of about a second on 2 cores, so the second Ctrl-C lands inside the step after the first
+    procs = start_bench(tmp_path, *TINY, "--seq_len", "1024", "--micro_batch_size", "8", "--global_batch_size",
+                        "32", "--max_steps", "100000", own_session=True)
+    wait_for_steps(tmp_path, procs, 2)
+    os.killpg(procs[0].pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(procs[0].pid, signal.SIGINT)
+    res = finish(procs, tmp_path, timeout=120)
+    assert res.returncode == 130, res.output[-2000:]
+    s = res.summary()
+    assert s["status"] == "interrupted" and "(signalled twice)" in s["error"], s["error"]
+    assert s["steps"] == len(res.records()) >= 2
+
+
+@pytest.mark.multiproc
+def test_a_signal_during_start_up_is_recorded(tmp_path):
+    procs = start_bench(tmp_path, *TINY, "--max_steps", "5", env={"BENCH_FAULT_SLOW_LOAD_S": "30"})
+    t0 = time.time()
+    while not glob.glob(f"{tmp_path}/*/summary.json"):
+        assert time.time() - t0 < 60 and procs[0].poll() is None, "the run directory never appeared"
+        time.sleep(0.1)
+    procs[0].send_signal(signal.SIGTERM)  # SLURM's preemption notice, while the model is still loading
+    res = finish(procs, tmp_path, timeout=60)
+    assert time.time() - t0 < 30, "left without waiting for the slow load"
+    assert res.returncode == 75  # requeued by the SLURM scripts
+    s = res.summary()
+    assert s["status"] == "preempted" and s["error"] == "stopped by SIGTERM during start-up" and s["steps"] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB filesystem (tmpfs), root only; the tests run as root in CI."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("a full-disk test needs root to mount a small tmpfs (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.multiproc
+def test_a_full_disk_gives_one_line_and_damages_nothing(small_disk):
+    # a checkpoint of tiny-llama with Adam is 3.4 MB: the first fits, the second fills the disk
+    res = finish(start_bench(small_disk, *TINY, "--max_steps", "12", "--save_interval", "2"), small_disk, 120)
+    assert res.returncode != 0
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output[-3000:]
+    assert "No space left on device" in errors[0] or "is the disk full" in errors[0], errors[0]
+    assert "Traceback" not in res.output
+    s = res.summary()
+    assert s["status"] == "failed" and "could not write checkpoint" in s["error"]
+    assert s["steps"] == len(res.records()) > 2
+    ckpts = sorted((res.run_dir / "checkpoints").glob("step*"))
+    assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts), "only complete checkpoints remain"
