@@ -25,15 +25,53 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def latest_complete(ckpt_dir: str) -> str | None:
-    """The newest checkpoint tag with its COMPLETE marker (rank 0 decides; every rank gets the same answer)."""
-    tag = [None]
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Checkpoint tags with their COMPLETE marker, newest first (rank 0 decides; every rank gets the same list)."""
+    tags = [[]]
     if dist.get_rank() == 0 and os.path.isdir(ckpt_dir):
-        done = [t for t in os.listdir(ckpt_dir)
-                if t.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, t, MARKER))]
-        tag[0] = max(done) if done else None
-    dist.broadcast_object_list(tag, src=0)
-    return tag[0]
+        tags[0] = sorted((t for t in os.listdir(ckpt_dir)
+                          if t.startswith("step") and os.path.isfile(os.path.join(ckpt_dir, t, MARKER))), reverse=True)
+    dist.broadcast_object_list(tags, src=0)
+    return tags[0]
+
+
+def load_newest_readable(engine, ckpt_dir: str, warn) -> tuple[str | None, dict | None]:
+    """The newest complete checkpoint every rank can read, and its harness state; (None, None) if none. A
+    checkpoint a rank cannot read (a truncated file) is skipped with a warning, and all ranks try the previous
+    one together."""
+    for tag in complete_tags(ckpt_dir):
+        state, reason = None, None
+        try:
+            state = load(engine, ckpt_dir, tag)
+        except Exception as e:  # noqa: BLE001 - any unreadable file; the reason goes into the warning
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        bad = [r for r in reasons if r]
+        if not bad:
+            return tag, state
+        warn(f"checkpoint {os.path.join(ckpt_dir, tag)} is unreadable ({bad[0]}); trying the previous one")
+    return None, None
+
+
+# What defines an experiment: a resume whose settings differ from these would mix two experiments in one run.
+RUN_DEFINING = ("model", "init", "strategy", "data", "seq_len", "seed", "peft", "lora_r", "lora_alpha",
+                "lora_targets", "val_fraction")
+
+
+def resume_differences(recorded: dict, now: dict) -> list[str]:
+    """One line per setting that differs between a run's config.json and the resume's (max_steps may grow)."""
+    lines = []
+    pairs = [(f"--{k}", recorded["run"].get(k), now["run"].get(k)) for k in RUN_DEFINING]
+    pairs += [("world_size", recorded.get("world_size"), now.get("world_size")),
+              ("layout", recorded.get("layout"), now.get("layout"))]
+    pairs += [(f"batch {k}", recorded["batch"].get(k), now["batch"].get(k)) for k in ("global", "micro", "grad_accum")]
+    ds_old, ds_new = recorded.get("ds_config", {}), now.get("ds_config", {})
+    pairs += [(f"ds_config {k}", ds_old.get(k), ds_new.get(k)) for k in sorted(set(ds_old) | set(ds_new))]
+    for name, old, new in pairs:
+        if old != new:
+            lines.append(f"{name}: {json.dumps(old)} when the run started, {json.dumps(new)} now")
+    return lines
 
 
 def rng_state() -> dict:

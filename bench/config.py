@@ -17,8 +17,9 @@ class BenchError(Exception):
 
 
 def print_error(message: str) -> None:
-    """One write(2) per line, so the lines of ranks sharing a terminal or log never interleave."""
-    os.write(2, f"error: {message}\n".encode())
+    """One write(2) per message, so the lines of ranks sharing a terminal or log never interleave; every line of
+    a message that lists several problems carries the prefix."""
+    os.write(2, "".join(f"error: {line}\n" for line in message.splitlines()).encode())
 
 
 def _f(default, help, **kw):

@@ -5,6 +5,8 @@ before a process group exists that could hang.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +37,17 @@ class Plan:
     @property
     def zero_stage(self) -> int:
         return config.zero_stage(self.ds)
+
+    def config_record(self, world_size: int) -> dict:
+        """config.json: everything that defines this run, resolved (no "auto" left)."""
+        from bench.summary import environment
+        b = self.batch
+        return {"run": self.cfg.to_dict(), "ds_config": self.ds,
+                "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "ep": self.layout.ep, "pp": self.layout.pp},
+                "world_size": world_size, "batch": {"global": b.global_, "micro": b.micro, "grad_accum": b.grad_accum},
+                "peft": self.peft, "device": {"type": self.device_type, "name": self.device_name,
+                                              "dtype": str(self.dtype)},
+                "model_config": self.model_config.to_dict(), **environment()}
 
     def throughput(self, step_times: list[float]) -> dict:
         """metrics.throughput with this run's constants: tokens/s, samples/s, TFLOP/s and MFU."""
@@ -113,7 +126,25 @@ def resolve(cfg: config.RunConfig, env) -> Plan:
     if val.input_ids.shape[0] < batch.micro * dp:
         raise config.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    return Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, device_type,
+    plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 metrics.device_peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})
+    if cfg.resume == "auto":
+        check_resume(plan, env.world_size)
+    return plan
+
+
+def check_resume(plan: Plan, world_size: int) -> None:
+    """Resuming continues the same experiment: refuse, one line per difference, when the run directory was
+    started with other settings (every rank reads the same config.json, before any process group exists)."""
+    from bench.checkpoint import resume_differences
+    path = os.path.join(plan.cfg.output_dir, plan.cfg.run_name, "config.json")
+    if not os.path.isfile(path):
+        return  # nothing to resume yet: this is the run's first start
+    with open(path) as fh:
+        recorded = json.load(fh)
+    lines = resume_differences(recorded, json.loads(json.dumps(plan.config_record(world_size), default=str)))
+    if lines:
+        raise config.BenchError("\n".join([f"--resume auto: {path} was started with other settings; resuming "
+                                           "would mix two experiments (start a new --run_name instead):", *lines]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import asdict
@@ -17,7 +18,7 @@ from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies.common import apply_lora, param_counts, param_shapes
-from bench.summary import RunRecord, environment, result_table
+from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
 
 
@@ -100,11 +101,7 @@ class Session:
 
     def _open_records(self):
         d, p = self.run_dir, self.plan
-        config = {"run": self.cfg.to_dict(), "ds_config": p.ds,
-                  "layout": self.record["layout"], "world_size": self.env.world_size,
-                  "batch": {"global": p.batch.global_, "micro": p.batch.micro, "grad_accum": p.batch.grad_accum},
-                  "peft": p.peft, "device": {"type": p.device_type, "name": p.device_name, "dtype": str(p.dtype)},
-                  "model_config": p.model_config.to_dict(), **environment()}
+        config = p.config_record(self.env.world_size)
         resume_id = None
         if self.cfg.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
             with open(os.path.join(d, "summary.json")) as fh:
@@ -141,6 +138,10 @@ class Session:
             self.wandb.summary(self.record.data)
             self.wandb.finish(exit_code=code)
         print(format_table(result_table(self.record.data), "result"), flush=True)
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _log(self, record: dict):
         """Every step goes to metrics.jsonl; W&B and the console get every --log_interval-th step, the steps
@@ -263,8 +264,8 @@ class Session:
     def _resume(self, engine, ckpt_dir: str) -> TrainResult:
         """Continue from the newest complete checkpoint (or from scratch without one). Steps metrics.jsonl holds
         beyond it were done and lost: they are dropped from the file, recomputed, and their time is counted."""
-        tag = checkpoint.latest_complete(ckpt_dir)
-        res = TrainResult(**checkpoint.load(engine, ckpt_dir, tag)["result"]) if tag else TrainResult()
+        tag, state = checkpoint.load_newest_readable(engine, ckpt_dir, warn=self._warn)
+        res = TrainResult(**state["result"]) if tag else TrainResult()
         res.preempted, res.stop_status = False, None
         if tag:
             res.resumed_at.append(len(res.records))

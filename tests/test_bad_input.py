@@ -102,8 +102,7 @@ def test_bad_input_is_refused_with_one_line(refuse, files, case):
     assert len(errors) == 1 and expected in errors[0], errors
 
 
-LAUNCHED = ["missing-ds-config", "batch-arithmetic", "tp-not-dividing-kv-heads", "ep-not-dividing-experts",
-            "more-stages-than-layers"]
+LAUNCHED = ["missing-ds-config", "batch-arithmetic", "tp-not-dividing-kv-heads"]  # 1, 2 and 4 ranks
 
 
 @pytest.mark.multiproc

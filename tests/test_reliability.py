@@ -107,3 +107,32 @@ def test_concurrent_runs_never_share_a_directory(tmp_path):
     dirs = sorted(p.name for p in tmp_path.iterdir())
     assert dirs == ["same", "same-2"]
     assert all(json.loads((tmp_path / d / "summary.json").read_text())["status"] == "completed" for d in dirs)
+
+
+def test_resume_refuses_other_settings_and_skips_an_unreadable_checkpoint(tmp_path):
+    args = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--seq_len", "64",
+            "--warmup_steps", "1", "--eval_interval", "0", "--run_name", "job", "--resume", "auto",
+            "--save_interval", "2")
+    first = run_bench(tmp_path, *args, "--max_steps", "6")
+    assert_ok(first)
+    summary_before = (tmp_path / "job" / "summary.json").read_bytes()
+    # another global batch (and seed): one line per difference, nothing recorded is touched
+    refused = run_bench(tmp_path, *args, "--max_steps", "8", "--global_batch_size", "4", "--seed", "7")
+    assert refused.returncode == 2
+    errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "would mix two experiments" in errors[0]
+    assert any(e.startswith("error: --seed: 42 when the run started, 7 now") for e in errors), errors
+    assert any(e.startswith("error: batch global: 2 when the run started, 4 now") for e in errors), errors
+    assert (tmp_path / "job" / "summary.json").read_bytes() == summary_before
+    # the newest checkpoint cut short: a warning, then the previous complete one (step 4); steps 5-6 are redone
+    newest = tmp_path / "job" / "checkpoints" / "step00000006"
+    for f in newest.glob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    resumed = run_bench(tmp_path, *args, "--max_steps", "8")  # max_steps may grow
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert any(line.startswith("warning: checkpoint") and "step00000006 is unreadable" in line
+               for line in resumed.output.splitlines()), resumed.output[-3000:]
+    s = resumed.summary()
+    assert s["status"] == "completed" and s["steps"] == 8
+    assert s["resumed_at"] == [4] and s["lost_steps"] == 2
+    assert [r["step"] for r in resumed.records()] == list(range(1, 9))
