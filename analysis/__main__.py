@@ -1,4 +1,5 @@
-"""python -m analysis report RUN_DIR_OR_GLOB... --out DIR  (also installed as `bench-report`)."""
+"""python -m analysis report RUN_DIR_OR_GLOB... --out DIR  (also installed as `bench-report`, where the
+`report` subcommand may be left out: `bench-report 'runs/*' --out DIR`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ def build_parser():
     r = sub.add_parser("report", help="tables, plots, report.md/html, CSV (and W&B table/report)")
     r.add_argument("runs", nargs="*", help="run directories, directories of runs, or globs")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--baseline", help="run name the comparison is relative to (default: smallest completed)")
+    r.add_argument("--baseline", help="run name its model's comparison is relative to (default: each model's "
+                                      "smallest completed run)")
     r.add_argument("--baseline-gpus", type=int, help="GPU count the scaling tables are relative to")
     r.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of disk")
     r.add_argument("--group", help="with --wandb: only this W&B group")
@@ -28,6 +30,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in ("report", "-h", "--help"):
+        argv = ["report", *argv]  # `report` is the only subcommand: bench-report RUNS --out DIR works as well
     args = build_parser().parse_args(argv)
     try:
         if args.wandb:
@@ -37,21 +42,26 @@ def main(argv=None) -> int:
         else:
             raise ValueError("give run directories (or --wandb ENTITY/PROJECT)")
         os.makedirs(args.out, exist_ok=True)
-        baseline = tables.pick_baseline(runs, args.baseline)
-        scaling = tables.scaling_tables(runs, args.baseline_gpus)
-        comparison = tables.comparison(runs, baseline)
+        tables.check_baseline(runs, args.baseline)
+        sections, everything = [], []
+        for model, done in tables.by_model(runs).items():  # one section and one baseline per model
+            baseline = tables.pick_baseline(done, args.baseline)
+            comparison = tables.comparison(done, baseline)
+            images, notes = plots.model_plots(done, args.out)
+            sections.append({"model": model, "baseline": baseline.name, "comparison": comparison,
+                             "scaling": tables.scaling_tables(done, args.baseline_gpus), "plots": images,
+                             "notes": notes})
+            everything += comparison
         tables.write_csv(runs, os.path.join(args.out, "runs.csv"))
-        images = plots.all_plots(runs, args.out)
         statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in runs).items())
-        intro = f"{len(runs)} runs ({statuses})."
-        md, html_path = report.write(args.out, args.title, intro, scaling, comparison,
-                                     baseline.name if baseline else None, images)
-        print(f"wrote {md}, {html_path}, runs.csv and {len(images)} plots to {args.out}")
+        intro = f"{len(runs)} runs ({statuses}); {len(sections)} model(s), each compared only with itself."
+        md, html_path = report.write(args.out, args.title, intro, sections, tables.incomplete(runs))
+        print(f"wrote {md}, {html_path}, runs.csv and {sum(len(s['plots']) for s in sections)} plots to {args.out}")
         entity, _, project = args.project.rpartition("/")
         mode = os.environ.get("WANDB_MODE", "offline")
         if args.wandb_table:
             from analysis import wandb_export
-            run_id = wandb_export.log_table(comparison, project, entity or None, mode, args.out)
+            run_id = wandb_export.log_table(everything, project, entity or None, mode, args.out)
             print(f"W&B ({mode}): comparison table logged in run {run_id}")
         if args.wandb_report or args.wandb_table:
             from analysis import wandb_export

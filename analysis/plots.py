@@ -1,5 +1,5 @@
-"""PNG plots with labelled axes and units. Runs that did not complete are drawn as empty bars labelled with
-their status, so a missing bar never reads as "zero"."""
+"""PNG plots of one model's completed runs, with labelled axes and units and the model in every label; a plot
+is drawn only where it carries information (scaling needs two or more GPU counts in a series)."""
 from __future__ import annotations
 
 import os
@@ -11,17 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench import metrics  # noqa: E402
 from analysis.collect import Run  # noqa: E402
-from analysis.tables import family  # noqa: E402
+from analysis.tables import family, memory_kind  # noqa: E402
 
 
-def _bars(ax, labels, values, statuses, ylabel):
+def _bars(ax, labels, values, ylabel):
     xs = range(len(labels))
-    # a run that did not complete gets an empty bar and its status: partial numbers are not results
-    ax.bar(xs, [(v or 0) if s == "completed" else 0 for v, s in zip(values, statuses)],
-           color=["tab:blue" if s == "completed" else "lightgray" for s in statuses])
-    for x, v, s in zip(xs, values, statuses):
-        if s != "completed":
-            ax.text(x, 0, s.upper(), ha="center", va="bottom", rotation=90, fontsize=8, color="darkred")
+    ax.bar(xs, [v or 0 for v in values], color="tab:blue")
     ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
@@ -44,63 +39,76 @@ def _line_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
 
 
 def _name(r: Run) -> str:
-    return f"{r.label} @{r.gpus}"
+    return f"{r.model} {r.label} @{r.gpus}"
 
 
-def throughput(runs: list[Run], out_dir: str) -> str:
+def slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in os.path.basename(model.rstrip("/")))
+
+
+def throughput(runs: list[Run], path: str) -> str:
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    _bars(ax, [_name(r) for r in runs], [r.summary.get("tokens_per_s") for r in runs], [r.status for r in runs],
+    _bars(ax, [_name(r) for r in runs], [r.summary.get("tokens_per_s") for r in runs],
           "throughput (tokens/s, all GPUs)")
-    ax.set_title("Throughput by strategy and GPU count")
-    return _save(fig, os.path.join(out_dir, "throughput.png"))
+    ax.set_title(f"{runs[0].model}: throughput by strategy and GPU count")
+    return _save(fig, path)
 
 
 def _per_device(runs: list[Run], key: str, ylabel: str, title: str, path: str) -> str:
-    labels, values, statuses = [], [], []
+    labels, values = [], []
     for r in runs:
         devices = (r.summary.get("memory") or {}).get("device") or [{}]
         for d in devices:
             labels.append(f"{_name(r)} dev{d.get('index', '?')}")
             values.append(d.get(key))
-            statuses.append(r.status)
     fig, ax = plt.subplots(figsize=(max(9, 0.35 * len(labels)), 4.5))
-    _bars(ax, labels, values, statuses, ylabel)
-    ax.set_title(title)
+    _bars(ax, labels, values, ylabel)
+    ax.set_title(f"{runs[0].model}: {title}")
     return _save(fig, path)
 
 
-def memory(runs: list[Run], out_dir: str) -> str:
-    return _per_device(runs, "peak_mib", "peak memory (MiB)", "Peak memory per device",
-                       os.path.join(out_dir, "memory.png"))
+def memory(runs: list[Run], path: str) -> str:
+    kind = memory_kind(runs)
+    return _per_device(runs, "peak_mib", f"peak {kind} (MiB)", f"peak {kind} per device", path)
 
 
-def utilization(runs: list[Run], out_dir: str) -> str:
-    return _per_device(runs, "util_avg_pct", "mean utilization (%)", "Device utilization",
-                       os.path.join(out_dir, "utilization.png"))
+def utilization(runs: list[Run], path: str) -> str:
+    label = "mean utilization (%)" if memory_kind(runs) == "GPU memory" else "mean CPU utilization (%)"
+    return _per_device(runs, "util_avg_pct", label, "utilization per device", path)
 
 
-def loss_curves(runs: list[Run], out_dir: str) -> str:
+def loss_curves(runs: list[Run], path: str) -> str:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in runs:
         pts = [(h["step"], h["loss"]) for h in r.history if h.get("loss") is not None]
         if pts:
-            ax.plot(*zip(*pts), label=f"{_name(r)}" + ("" if r.ok else f" [{r.status}]"), linewidth=1.2)
-    _line_axes(ax, "optimizer step", "train loss (reduced over ranks)", "Loss curves")
-    return _save(fig, os.path.join(out_dir, "loss.png"))
+            ax.plot(*zip(*pts), label=_name(r), linewidth=1.2)
+    _line_axes(ax, "optimizer step", "train loss (reduced over ranks)", f"{runs[0].model}: loss curves")
+    return _save(fig, path)
 
 
-def scaling(runs: list[Run], out_dir: str) -> str:
-    """Per scaling series: tokens/s against GPUs, with ideal linear scaling from the series' smallest run."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+def scaling_series(runs: list[Run]) -> list[list[Run]]:
+    """Series (same model, strategy, ZeRO stage, peft) measured at two or more GPU counts, each by GPUs."""
     series: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.ok and r.summary.get("tokens_per_s"):
             series.setdefault(family(r), []).append(r)
-    for key, members in series.items():
+    return [sorted(m, key=lambda r: r.gpus) for m in series.values() if len({r.gpus for r in m}) >= 2]
+
+
+def scaling(runs: list[Run], path: str) -> str | None:
+    """Per scaling series: tokens/s against GPUs, with ideal linear scaling from the series' smallest run; None
+    when no series has two GPU counts (a one-point "scaling" plot carries no information)."""
+    series = scaling_series(runs)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for members in series:
         members.sort(key=lambda r: r.gpus)
         base = members[0]
         gpus = [r.gpus for r in members]
-        line, = ax.plot(gpus, [r.summary["tokens_per_s"] for r in members], marker="o", label=members[0].label)
+        line, = ax.plot(gpus, [r.summary["tokens_per_s"] for r in members], marker="o",
+                        label=f"{base.model} {base.label}")
         ideal = [metrics.ideal_throughput(base.summary["tokens_per_s"], base.gpus, g) for g in gpus]
         ax.plot(gpus, ideal, linestyle="--", color=line.get_color(), alpha=0.6)
         for r in members:
@@ -108,9 +116,20 @@ def scaling(runs: list[Run], out_dir: str) -> str:
             ax.annotate(f"{eff:.0%}", (r.gpus, r.summary["tokens_per_s"]), fontsize=8,
                         textcoords="offset points", xytext=(4, 4))
     _line_axes(ax, "GPUs (processes)", "throughput (tokens/s)",
-               "Scaling: measured (solid, % of ideal) vs ideal linear (dashed)")
-    return _save(fig, os.path.join(out_dir, "scaling.png"))
+               f"{runs[0].model}: measured (solid, % of ideal) vs ideal linear scaling (dashed)")
+    ax.set_xticks(sorted({r.gpus for m in series for r in m}))
+    return _save(fig, path)
 
 
-def all_plots(runs: list[Run], out_dir: str) -> list[str]:
-    return [f(runs, out_dir) for f in (throughput, memory, utilization, loss_curves, scaling)]
+def model_plots(runs: list[Run], out_dir: str) -> tuple[list[str], list[str]]:
+    """One model's completed runs -> (plot paths, notes on plots left out and why)."""
+    prefix = os.path.join(out_dir, slug(runs[0].model))
+    paths = [throughput(runs, f"{prefix}-throughput.png"), memory(runs, f"{prefix}-memory.png"),
+             utilization(runs, f"{prefix}-utilization.png"), loss_curves(runs, f"{prefix}-loss.png")]
+    notes = []
+    scaled = scaling(runs, f"{prefix}-scaling.png")
+    if scaled:
+        paths.append(scaled)
+    else:
+        notes.append("No scaling plot: no strategy of this model was measured at two or more GPU counts.")
+    return paths, notes

@@ -1,6 +1,6 @@
-"""The report's tables: the seeds' per-model scaling table, the strategy comparison, and a CSV of everything.
-Ratios come from bench/metrics.py; a run that did not complete shows its status (OOM, FAILED, ...) in every
-measured cell instead of disappearing."""
+"""The report's tables: per model, the seeds' scaling tables and the strategy comparison against that model's
+baseline; the runs that did not complete, listed apart (never dropped, never mixed into results); a CSV of
+everything. Ratios come from bench/metrics.py."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,27 @@ def hms(seconds: float | None) -> str | None:
         return None
     s = int(round(seconds))
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def by_model(runs: list[Run]) -> dict[str, list[Run]]:
+    """Completed runs per model, models in first-seen order: comparisons never cross models."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.ok:
+            out.setdefault(r.model, []).append(r)
+    return out
+
+
+def incomplete(runs: list[Run]) -> list[dict]:
+    """Runs that are still running, failed, ran out of memory or were stopped: listed apart from the results."""
+    return [{"run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus, "status": r.status,
+             "steps": _get(r, "steps"), "error": _get(r, "error")} for r in runs if not r.ok]
+
+
+def memory_kind(runs: list[Run]) -> str:
+    """What the device monitor's memory means for these runs: NVML device memory on GPUs, process RSS on CPUs."""
+    kinds = {(r.config.get("device") or {}).get("type", "cuda") for r in runs}
+    return "GPU memory" if kinds == {"cuda"} else "process RSS" if "cuda" not in kinds else "GPU memory / RSS"
 
 
 def device0(run: Run) -> dict:
@@ -42,68 +63,72 @@ def family(run: Run) -> tuple:
 
 
 def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[str, list[dict]]:
-    """{series title: rows}, one row per run ordered by GPUs; baseline = the smallest completed GPU count
-    (or baseline_gpus)."""
+    """{series title: rows} for completed runs, one row per run ordered by GPUs; baseline = the series' smallest
+    GPU count (or baseline_gpus)."""
     series: dict[tuple, list[Run]] = {}
     for r in runs:
-        series.setdefault(family(r), []).append(r)
+        if r.ok:
+            series.setdefault(family(r), []).append(r)
     out = {}
     for key, members in series.items():
         members.sort(key=lambda r: (r.gpus, r.name))
-        done = [r for r in members if r.ok]
-        base = next((r for r in done if r.gpus == baseline_gpus), None) if baseline_gpus else None
-        base = base or (done[0] if done else None)
+        base = next((r for r in members if r.gpus == baseline_gpus), None) if baseline_gpus else None
+        base = base or members[0]
+        dev = "GPU0" if memory_kind(members) == "GPU memory" else "rank 0 RSS"
         rows = []
         for r in members:
             d0 = device0(r)
-            row = {"run": r.name, "GPUs": r.gpus, "batch per GPU": _get(r, "micro_batch_size"),
-                   "status": r.status}
-            measured = {
+            rows.append({
+                "run": r.name, "GPUs": r.gpus, "batch per GPU": _get(r, "micro_batch_size"),
                 "total job time": hms(_get(r, "total_wall_time_s")),
                 "train step time (s)": _get(r, "step_time_s", "median"),
                 "last train loss": _get(r, "loss", "last"),
-                "GPU0 peak (MiB)": d0.get("peak_mib"), "GPU0 avg (MiB)": d0.get("avg_mib"),
-                "GPU0 mode (MiB)": d0.get("mode_mib"),
-                "time scaling (t_base/t_N)": metrics.ratio(base and _get(base, "total_wall_time_s"),
-                                                           _get(r, "total_wall_time_s")) if base else None,
-                "memory scaling (peak_base/peak_N)": metrics.ratio(base and device0(base).get("peak_mib"),
-                                                                   d0.get("peak_mib")) if base else None,
-            }
-            row.update(measured if r.ok else {k: r.status.upper() for k in measured})
-            rows.append(row)
+                f"{dev} peak (MiB)": d0.get("peak_mib"), f"{dev} avg (MiB)": d0.get("avg_mib"),
+                f"{dev} mode (MiB)": d0.get("mode_mib"),
+                "time scaling (t_base/t_N)": metrics.ratio(_get(base, "total_wall_time_s"),
+                                                           _get(r, "total_wall_time_s")),
+                "memory scaling (peak_base/peak_N)": metrics.ratio(device0(base).get("peak_mib"), d0.get("peak_mib")),
+            })
         model, strategy, zero, peft = key
         title = f"{model}: {strategy}" + (f" ZeRO-{zero}" if strategy == "dp" else "") + f", peft {peft}"
-        out[title + (f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})" if base else "")] = rows
+        out[title + f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
     return out
 
 
 def pick_baseline(runs: list[Run], name: str | None) -> Run | None:
+    """The named run if it belongs to these runs, else the smallest completed one."""
     if name:
         for r in runs:
             if r.name == name:
                 return r
-        raise ValueError(f"--baseline {name!r} is not one of the runs: {', '.join(r.name for r in runs)}")
     done = sorted((r for r in runs if r.ok), key=lambda r: (r.gpus, r.name))
     return done[0] if done else None
 
 
+def check_baseline(runs: list[Run], name: str | None) -> None:
+    if name and not any(r.name == name for r in runs):
+        raise ValueError(f"--baseline {name!r} is not one of the runs: {', '.join(r.name for r in runs)}")
+    if name and not next(r for r in runs if r.name == name).ok:
+        raise ValueError(f"--baseline {name!r} did not complete; choose a completed run")
+
+
 def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
-    """The LoRA study's summary: time reduction, throughput increase and memory reduction against a baseline
-    run (same workload assumed: same steps and global batch), plus efficiency and statistical efficiency."""
+    """The LoRA study's summary for one model's completed runs: time reduction, throughput increase and memory
+    reduction against the baseline (same workload assumed: same steps and global batch), plus efficiency and
+    statistical efficiency."""
     rows = []
-    for r in sorted(runs, key=lambda r: (r is not baseline, r.model, r.gpus, r.label)):  # baseline on top
-        row = {"run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus, "status": r.status}
-        b = baseline if baseline is not None and baseline.ok else None
-        measured = {
+    mem = f"peak {memory_kind(runs)} (MiB)"
+    for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
+        b = baseline
+        rows.append({
+            "run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus,
             "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
             "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),
             "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
             "goodput (target tokens/s)": _get(r, "goodput", "tokens_per_s"),
-            "time to target (s)": _get(r, "time_to_target_s"), "peak memory (MiB)": peak_memory_mib(r),
-        }
-        row.update(measured if r.ok else {k: r.status.upper() for k in measured})
-        rows.append(row)
+            "time to target (s)": _get(r, "time_to_target_s"), mem: peak_memory_mib(r),
+        })
     return rows
 
 

@@ -19,7 +19,7 @@ def log_table(rows: list[dict], project: str, entity: str | None, mode: str, out
     """Logs the comparison rows as a wandb.Table and a 'comparison' artifact; returns the run id."""
     import wandb
     keys = list(rows[0]) if rows else []
-    # a column holds numbers and, for runs that did not complete, their status ("OOM")
+    # completed runs only (the report lists the others apart); mixed types stay allowed for n/a cells
     table = wandb.Table(columns=keys, data=[[_cell(r.get(k)) for k in keys] for r in rows], allow_mixed_types=True)
     run = wandb.init(project=project, entity=entity, job_type="analysis", name="strategy-comparison", mode=mode,
                      dir=out_dir, settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))

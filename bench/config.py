@@ -58,6 +58,8 @@ class RunConfig:
     wandb_project: str = _f("ds-parallel-bench", "W&B project")
     wandb_group: str = _f(None, "W&B group (default: the model name)")
     dry_run: bool = _f(False, "resolve and validate everything, print the configuration, exit")
+    world_size: int = _f(None, "with --dry_run: plan the layout for this many processes from this one (no process "
+                         "group); a launch takes its world size from the launcher")
     peak_tflops: float = _f(None, "device peak TFLOP/s for MFU (default: known bf16 dense peak of the GPU)")
     log_interval: int = _f(1, "console line and W&B record every N steps (metrics.jsonl gets every step)")
     monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
@@ -98,7 +100,7 @@ def parse_args(argv=None) -> RunConfig:
     ns.pop("local_rank", None)
     cfg = RunConfig(**ns)
     for name in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "lora_r", "lora_alpha",
-                 "eval_batches", "log_interval"):
+                 "eval_batches", "log_interval", "world_size"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise BenchError(f"--{name} must be positive, got {value}")
@@ -108,6 +110,9 @@ def parse_args(argv=None) -> RunConfig:
             raise BenchError(f"--{name} must be positive, got {value}")
     if cfg.warmup_steps < 0 or cfg.eval_interval < 0 or cfg.save_interval < 0:
         raise BenchError("--warmup_steps, --eval_interval and --save_interval must be >= 0")
+    if cfg.world_size is not None and not cfg.dry_run:
+        raise BenchError(f"--world_size only plans a layout with --dry_run; to run {cfg.world_size} processes, "
+                         f"launch them: deepspeed --num_gpus {cfg.world_size} bench/run.py ...")
     if cfg.resume == "auto" and not cfg.run_name:
         raise BenchError("--resume auto needs --run_name, so that a restarted job finds its own run directory "
                          "(the SLURM scripts pass <job name>-<job id>)")
@@ -183,7 +188,9 @@ class Layout:
         model_par = tp * ep * pp
         if world_size % model_par:
             raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp}) != WORLD_SIZE({world_size}); "
-                             f"WORLD_SIZE must be a multiple of tp*ep*pp = {model_par}")
+                             f"WORLD_SIZE must be a multiple of tp*ep*pp = {model_par}: start that many processes "
+                             f"(deepspeed --num_gpus {model_par} bench/run.py ..., torchrun --nproc_per_node "
+                             f"{model_par}), or plan it from one with --dry_run --world_size {model_par}")
         return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp)
 
     def describe(self) -> str:

@@ -51,11 +51,17 @@ def discover() -> DistEnv:
                          "MASTER_ADDR and MASTER_PORT (see slurm/)")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
-    if world > 1 and rank == 0:
+    if world > 1 and rank == 0 and not agent_store():
         check_port_free(env["MASTER_ADDR"], int(env["MASTER_PORT"]))
     use_own_extension_cache()
     local_ranks = local_world_size(world)
     return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks))
+
+
+def agent_store() -> bool:
+    """torchrun (and accelerate launch, which uses it) serves the store on MASTER_PORT from its own agent process;
+    every rank is then a client, as torch's env:// rendezvous does."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def port_taken_error(addr: str, port: int) -> BenchError:
@@ -172,7 +178,7 @@ def rendezvous_store(env: DistEnv, timeout_s: int):
     import torch.distributed as dist
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     try:
-        store = dist.TCPStore(addr, port, env.world_size, is_master=env.rank == 0,
+        store = dist.TCPStore(addr, port, env.world_size, is_master=env.rank == 0 and not agent_store(),
                               timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     except (RuntimeError, dist.DistError) as e:
         if env.rank == 0 and ("EADDRINUSE" in str(e) or "address already in use" in str(e).lower()):

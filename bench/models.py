@@ -123,11 +123,13 @@ def resolve_model_source(name: str, init: str) -> tuple[Preset | None, str | Non
     raise BenchError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a checkpoint directory or a hub id")
 
 
-def load_config(name: str, init: str):
-    """The model config and tokenizer source, without materializing any weights."""
+def load_config(name: str, init: str, offline: bool = False):
+    """The model config and tokenizer source, without materializing any weights. A real preset with no local
+    copy uses its bundled architecture (the published numbers) and the bundled tokenizer when nothing will be
+    downloaded: --init random, or offline (a dry run plans without weights)."""
     from transformers import AutoConfig
     preset, source = resolve_model_source(name, init)
-    if source is None:  # random init of a real preset with no local copy: the bundled tokenizer stands in
+    if preset is not None and not preset.tiny and (source is None or (offline and source == preset.hub_id)):
         return make_config(preset), ensure_tiny("tiny-llama"), preset
     try:
         return AutoConfig.from_pretrained(source), source, preset
@@ -198,7 +200,11 @@ def count_params_from_config(c) -> dict:
     # The GEMM-bearing parameters one token actually multiplies with: every linear layer, the active
     # experts only, and the LM head (tied or not); embedding lookups and norms do no matmul.
     active_matmul = L * (attn + mlp_active) + v * h
-    return {"total": total, "active_matmul": active_matmul, "embedding": embed}
+    # per decoder layer: attention (q, k, v, o), one expert's or the dense MLP's (gate, up, down), the router,
+    # the two norms; the strategies shard these (bench/strategies/*: params_per_rank)
+    layer = {"attention": attn, "mlp": mlp_one, "experts": experts, "router": h * experts, "norms": norms}
+    return {"total": total, "active_matmul": active_matmul, "embedding": embed, "head": head, "layer": layer,
+            "layers": L, "final_norm": h}
 
 
 def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:

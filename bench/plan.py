@@ -38,6 +38,24 @@ class Plan:
     def zero_stage(self) -> int:
         return config.zero_stage(self.ds)
 
+    @property
+    def total_params(self) -> int:
+        """The model's parameters, LoRA adapters included."""
+        return models.count_params_from_config(self.model_config)["total"] + (self.lora_params or 0)
+
+    def _params_row(self) -> str:
+        total = self.total_params
+        trainable = self.lora_params if self.peft == "lora" else total
+        per_rank = self.strategy.params_per_rank(self)
+        groups: list[list] = []  # consecutive ranks holding the same count
+        for rank, n in enumerate(per_rank):
+            if groups and groups[-1][0] == n:
+                groups[-1][2] = rank
+            else:
+                groups.append([n, rank, rank])
+        ranks = ", ".join(f"{n:,} (rank{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''})" for n, a, b in groups)
+        return f"total {total:,}, trainable {trainable:,}; held per rank: {ranks}"
+
     def config_record(self, world_size: int) -> dict:
         """config.json: everything that defines this run, resolved (no "auto" left)."""
         from bench.summary import environment
@@ -77,6 +95,7 @@ class Plan:
             ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x data-parallel "
                       f"{self.layout.data_parallel}" + (" (dp x ep)" if self.layout.ep > 1 else "")),
             ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
+            ("parameters", self._params_row()),
             ("FLOPs per token", f"{self.flops_per_token:.4g} (training, matmuls; docs/metrics.md)"),
             ("MFU peak", f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops else
                          "unknown (MFU not reported; --peak_tflops sets it)"),
@@ -102,9 +121,10 @@ def resolve(cfg: config.RunConfig, env) -> Plan:
         raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[cfg.strategy]
     ds_raw = config.load_ds_config(cfg.ds_config)
-    layout = config.Layout.from_ds_config(ds_raw, env.world_size)
+    world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
+    layout = config.Layout.from_ds_config(ds_raw, world)
     batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
-    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init)
+    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
     if cfg.peft == "auto":
         cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
     peft = cfg.peft
@@ -131,7 +151,7 @@ def resolve(cfg: config.RunConfig, env) -> Plan:
                 metrics.device_peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})
     if cfg.resume == "auto":
-        check_resume(plan, env.world_size)
+        check_resume(plan, world)
     return plan
 
 

@@ -94,25 +94,48 @@ def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) 
     return jobs
 
 
-def run_local(matrix: list[dict], sweep_dir: str, extra: list[str]) -> list[dict]:
-    """Run every entry here, one after another; sweep.json is rewritten after each job so `status` can follow."""
+def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: float = 5.0) -> list[dict]:
+    """Run every entry here, one after another; sweep.json is rewritten after each job so `status` can follow,
+    and a progress line (job i of N, its status and step) is printed while each job runs."""
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
     for entry in matrix:
         if int(entry["gpus"]) > GPUS_PER_NODE:
             raise ValueError(f"{job_name(entry)}: {entry['gpus']} GPUs need more than one node; use `submit`")
     jobs = [{"name": job_name(e), "script": None, "entry": e, "job_id": None, "returncode": None} for e in matrix]
     entry_point = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
-    for job in jobs:
+    for i, job in enumerate(jobs, 1):
         job["submitted"] = time.time()
         _write_jobs(sweep_dir, jobs)
         log = os.path.join(sweep_dir, "logs", f"{job['name']}.log")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(job["entry"]["gpus"]),
                "--master_port", str(free_port()), entry_point, *run_args(job["entry"], sweep_dir, extra)]
         with open(log, "w") as fh:
-            job["returncode"] = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
-        print(f"{job['name']}: exit {job['returncode']} (log: {log})", flush=True)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                print(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job['name'])}", flush=True)
+                try:
+                    proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            job["returncode"] = proc.returncode
+        summary = run_summary(sweep_dir, job["name"])
+        print(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
+              f"(exit {job['returncode']}, log: {log})", flush=True)
     _write_jobs(sweep_dir, jobs)
     return jobs
+
+
+def _progress(sweep_dir: str, name: str) -> str:
+    """'starting', or 'running, step k/N' from the run's own records while it trains."""
+    summary = run_summary(sweep_dir, name)
+    if summary is None or not summary.get("run_dir"):
+        return "starting"
+    try:
+        with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as fh:
+            steps = sum(1 for line in fh if line.endswith("\n"))
+    except OSError:
+        steps = 0
+    return f"{summary.get('status')}, step {steps}/{summary.get('max_steps')}"
 
 
 def _write_jobs(sweep_dir: str, jobs: list[dict]) -> None:
@@ -121,7 +144,7 @@ def _write_jobs(sweep_dir: str, jobs: list[dict]) -> None:
 
 
 def local_state(job: dict) -> str | None:
-    """A local job's exit code in SLURM's terms, so `combine` treats both kinds of sweep alike."""
+    """A local job's state from its process (pending, running, exited 0 or not), in the terms `combine` reads."""
     if "returncode" not in job:
         return None
     if job["returncode"] is None:
@@ -174,8 +197,11 @@ def status(sweep_dir: str) -> list[dict]:
     rows = []
     for job in jobs:
         summary = run_summary(sweep_dir, job["name"])
-        state = slurm_state(job["job_id"]) if job["job_id"] else local_state(job)
-        rows.append({"name": job["name"], "job_id": job["job_id"], "slurm_state": state,
+        local = not job["job_id"]
+        state = local_state(job) if local else slurm_state(job["job_id"])
+        rows.append({"name": job["name"], "job_id": job["job_id"], "runner": "local" if local else "slurm",
+                     "slurm_state": None if local else state,
+                     "exit_code": job.get("returncode") if local else None,
                      "status": combine(summary and summary.get("status"), state),
                      "error": summary and summary.get("error"), "run_dir": summary and summary.get("run_dir")})
     with open(os.path.join(sweep_dir, "status.json"), "w") as fh:

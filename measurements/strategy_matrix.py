@@ -39,11 +39,11 @@ def cpu_name() -> str:
 
 
 def report_sections(md_path: str) -> str:
-    """The tables of an analysis report.md, one heading level down, without its title and plot links."""
+    """The tables of a one-model analysis report.md, without its title and plot links."""
     with open(md_path) as fh:
         lines = fh.read().splitlines()
-    body = lines[lines.index("## Strategy comparison"):lines.index("## Plots")]
-    return "\n".join("#" + ln if ln.startswith("##") else ln for ln in body)
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("### Strategy comparison"))
+    return "\n".join(lines[start:lines.index("### Plots")])
 
 
 def main() -> None:

@@ -53,8 +53,8 @@ class Result:
 
 def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python", timeout: int = 300,
               env: dict | None = None) -> Result:
-    """launcher: python (world 1), deepspeed, torchrun, or srun-env (N plain processes given only the
-    SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
+    """launcher: python (world 1), deepspeed, torchrun, accelerate (accelerate launch), or srun-env (N plain
+    processes given only the SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
     return finish(start_bench(out_dir, *args, nprocs=nprocs, launcher=launcher, env=env), out_dir, timeout)
 
 
@@ -81,6 +81,10 @@ def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "pyt
     elif launcher == "torchrun":
         cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
                  "--master_port", port, *argv]]
+    elif launcher == "accelerate":  # accelerate launch drives torchrun: the same agent-hosted store
+        cmds = [[str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                 str(nprocs), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", port, *argv]]
     elif launcher == "srun-env":
         cmds = [[sys.executable, *argv] for _ in range(nprocs)]
     else:
@@ -164,6 +168,16 @@ def refuse(launch_env, capfd, tmp_path):
     return run
 
 
+def planned_params_per_rank(*args: str, world: int) -> list[int]:
+    """What a dry run of these arguments predicts each rank will hold (resolved in this process)."""
+    from bench.config import parse_args
+    from bench.distributed import DistEnv
+    from bench.plan import resolve
+    plan = resolve(parse_args(["--dry_run", "--world_size", str(world), "--wandb_mode", "disabled", *args]),
+                   DistEnv(0, 0, 1))
+    return plan.strategy.params_per_rank(plan)
+
+
 PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1",
                "--global_batch_size", "4", "--micro_batch_size", "2", "--seq_len", "128", "--eval_interval", "0")
 
@@ -171,7 +185,8 @@ PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_step
 @pytest.fixture(scope="session")
 def zero_runs(tmp_path_factory):
     """The same model, data and global batch of 4: one process (grad_accum 2) and two processes under
-    ZeRO-1 (torchrun), ZeRO-2 (deepspeed launcher, W&B offline) and ZeRO-3 (srun-style environment)."""
+    ZeRO-1 (torchrun), ZeRO-2 (deepspeed launcher, W&B offline; and accelerate launch) and ZeRO-3 (srun-style
+    environment)."""
     root = tmp_path_factory.mktemp("zero")
     runs = {"w1": run_bench(root / "w1", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json")}
     runs["zero1"] = run_bench(root / "zero1", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero1.json",
@@ -180,4 +195,6 @@ def zero_runs(tmp_path_factory):
                               "--wandb_mode", "offline", "--target_loss", "100", nprocs=2, launcher="deepspeed")
     runs["zero3"] = run_bench(root / "zero3", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero3.json",
                               nprocs=2, launcher="srun-env")
+    runs["zero2-accelerate"] = run_bench(root / "acc", *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json",
+                                         nprocs=2, launcher="accelerate")
     return runs

@@ -53,6 +53,10 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("batch-arithmetic", ("--global_batch_size", "6", "--micro_batch_size", "2", *ZERO2), 2,
      "global batch 6 is not divisible by micro batch 2 x DP 2 = 4"),
     ("layout-mismatch", ("--ds_config", "{d}/tp4.json"), 2, "dp(?)*tp(4)*ep(1)*pp(1) != WORLD_SIZE(2)"),
+    ("too-few-processes", ("--strategy", "tp", "--ds_config", "ds_configs/tp2.json"), 1,
+     "start that many processes (deepspeed --num_gpus 2 bench/run.py ..."),
+    ("world-size-without-dry-run", ("--world_size", "2", *ZERO2), 1,
+     "--world_size only plans a layout with --dry_run"),
     ("foreign-section", ("--ds_config", "{d}/tp2.json"), 2, "'tensor_parallel' section"),
     # model parallelism (tp, ep, tp_ep)
     ("tp-without-section", ("--strategy", "tp", *ZERO2), 1, "--strategy tp needs \"tensor_parallel\""),
@@ -121,6 +125,33 @@ def test_every_rank_of_a_real_launch_refuses_and_exits(tmp_path, files, case):
     assert expected in errors[0], errors[0]
     assert "Traceback" not in res.output
     assert not out.exists() or not any(out.iterdir()), "no run directory for a run that never started"
+
+
+def _mixtral_per_rank(tp: int, ep: int) -> int:
+    """Mixtral 8x7B's parameters on one rank, from its published shape: TP halves attention (the MoE preset
+    shards attention only), EP keeps E/ep of the experts."""
+    L, h, heads, kv, hd, inter, E, vocab = 32, 4096, 32, 8, 128, 14336, 8, 32000
+    attn = 2 * h * heads * hd + 2 * h * kv * hd
+    expert = 3 * h * inter
+    layer = attn // tp + (E // ep) * expert + h * E + 2 * h
+    return 2 * vocab * h + L * layer + h
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("ds_config,strategy,world,tp,ep", [("ds_configs/tp2_ep2.json", "tp_ep", 4, 2, 2),
+                                                           ("ds_configs/ep8.json", "ep", 8, 1, 8)])
+def test_dry_run_plans_any_layout_from_one_process_offline(launch_env, tmp_path, capfd, monkeypatch, ds_config,
+                                                          strategy, world, tp, ep):
+    from bench.run import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the bundled architecture and tokenizer are enough
+    monkeypatch.setenv("BENCH_MODELS_DIR", str(tmp_path / "no-local-copies"))
+    code = main(["--dry_run", "--world_size", str(world), "--model", "mixtral-8x7b", "--strategy", strategy,
+                 "--ds_config", ds_config, "--output_dir", str(tmp_path / "runs")])
+    printed = capfd.readouterr().out
+    assert code == 0, printed
+    assert f"dp(1)*tp({tp})*ep({ep})*pp(1) = {world}" in printed
+    assert f"held per rank: {_mixtral_per_rank(tp, ep):,} (ranks 0-{world - 1})" in printed
+    assert "total 46,702,792,704" in printed and "FLOPs per token" in printed and "MFU peak" in printed
 
 
 @pytest.mark.unit

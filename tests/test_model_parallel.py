@@ -3,7 +3,7 @@ at the same model, data and global batch, and each rank holds exactly its share 
 import pytest
 
 from bench import models
-from conftest import assert_ok, run_bench
+from conftest import assert_ok, planned_params_per_rank, run_bench
 
 pytestmark = pytest.mark.multiproc
 
@@ -17,28 +17,38 @@ ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", 
 ZERO1 = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json")
 
 
+# name -> (bench/run.py arguments, processes); references run as one process, the rest under deepspeed
+RUNS = {
+    # references: one process; global 2 = one data stream (TP), global 4 = two data streams (EP, TP x EP)
+    "llama-w1": ((*ZERO1, *ARGS, "--global_batch_size", "2"), 1),
+    "mixtral-w1-g2": ((*ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "2"), 1),
+    "mixtral-w1-g4": ((*ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4"), 1),
+    "mixtral-w1-g8": ((*ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "8"), 1),
+    "llama-tp2": (("--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS, "--global_batch_size", "2"), 2),
+    "mixtral-tp2": (("--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS, "--model", "tiny-mixtral",
+                     "--global_batch_size", "2"), 2),
+    "mixtral-ep2": (("--strategy", "ep", "--ds_config", "ds_configs/ep2.json", *ARGS, "--model", "tiny-mixtral",
+                     "--global_batch_size", "4"), 2),
+    "mixtral-tp2ep2": (("--strategy", "tp_ep", "--ds_config", "ds_configs/tp2_ep2.json", *ARGS, "--model",
+                        "tiny-mixtral", "--global_batch_size", "4"), 4),
+    # one expert per rank, four data streams
+    "mixtral-ep4": (("--strategy", "ep", "--ds_config", "ds_configs/ep4.json", *ARGS, "--model", "tiny-mixtral",
+                     "--global_batch_size", "8"), 4),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    r = {}
-    # references: one process; global 2 = one data stream (TP), global 4 = two data streams (EP, TP x EP)
-    r["llama-w1"] = run_bench(root / "a", *ZERO1, *ARGS, "--global_batch_size", "2")
-    r["mixtral-w1-g2"] = run_bench(root / "b", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "2")
-    r["mixtral-w1-g4"] = run_bench(root / "c", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4")
-    r["mixtral-w1-g8"] = run_bench(root / "h", *ZERO1, *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "8")
-    r["llama-tp2"] = run_bench(root / "d", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
-                               "--global_batch_size", "2", nprocs=2, launcher="deepspeed")
-    r["mixtral-tp2"] = run_bench(root / "e", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", *ARGS,
-                                 "--model", "tiny-mixtral", "--global_batch_size", "2", nprocs=2, launcher="deepspeed")
-    r["mixtral-ep2"] = run_bench(root / "f", "--strategy", "ep", "--ds_config", "ds_configs/ep2.json", *ARGS,
-                                 "--model", "tiny-mixtral", "--global_batch_size", "4", nprocs=2, launcher="deepspeed")
-    r["mixtral-tp2ep2"] = run_bench(root / "g", "--strategy", "tp_ep", "--ds_config", "ds_configs/tp2_ep2.json",
-                                    *ARGS, "--model", "tiny-mixtral", "--global_batch_size", "4", nprocs=4,
-                                    launcher="deepspeed", timeout=400)
-    r["mixtral-ep4"] = run_bench(root / "i", "--strategy", "ep", "--ds_config", "ds_configs/ep4.json", *ARGS,
-                                 "--model", "tiny-mixtral", "--global_batch_size", "8", nprocs=4, launcher="deepspeed",
-                                 timeout=400)  # one expert per rank, four data streams
-    return r
+    return {name: run_bench(root / name, *args, nprocs=n, launcher="deepspeed" if n > 1 else "python", timeout=400)
+            for name, (args, n) in RUNS.items()}
+
+
+@pytest.mark.parametrize("name", [n for n, (_, procs) in RUNS.items() if procs > 1])
+def test_the_dry_run_predicts_what_each_rank_holds(runs, name):
+    args, procs = RUNS[name]
+    recorded = [r["total"] for r in runs[name].summary()["params"]["per_rank"]]
+    assert planned_params_per_rank(*args, world=procs) == recorded
 
 
 @pytest.mark.parametrize("run,ref", [("llama-tp2", "llama-w1"), ("mixtral-tp2", "mixtral-w1-g2"),

@@ -3,7 +3,7 @@ and without; per-stage parameters add up to the model; the bubble is recorded ne
 import pytest
 
 from bench import models
-from conftest import assert_ok, run_bench
+from conftest import assert_ok, planned_params_per_rank, run_bench
 
 pytestmark = pytest.mark.multiproc
 
@@ -64,6 +64,16 @@ def test_stage_params_add_up_and_bubble_is_recorded(runs, peft):
     assert s["params"]["before_peft"] == base
     if peft == "lora":
         assert s["params"]["trainable"] < s["params"]["total"] - base + 1  # adapters only
+
+
+@pytest.mark.parametrize("name,args,procs", [
+    ("pp2-lora", ("--strategy", "pp", "--ds_config", "ds_configs/pp2.json", "--peft", "lora"), 2),
+    ("hybrid-none", ("--strategy", "hybrid", "--ds_config", "ds_configs/pp2_dp2.json", "--peft", "none"), 4),
+    ("pp4-none", ("--strategy", "pp", "--ds_config", "ds_configs/pp4.json", "--peft", "none"), 4),
+    ("pp2uniform-none", ("--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json", "--peft", "none"), 2)])
+def test_the_dry_run_predicts_each_stages_parameters(runs, name, args, procs):
+    recorded = [r["total"] for r in runs[name].summary()["params"]["per_rank"]]
+    assert planned_params_per_rank(*args, *ARGS, world=procs) == recorded
 
 
 def test_four_stages_one_decoder_layer_each(runs):

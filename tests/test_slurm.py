@@ -191,8 +191,12 @@ def test_local_sweep_runs_the_matrix_here_and_lists_statuses(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert re.search(r"^good\s+-\s+completed", out.stdout, re.M), out.stdout
     assert re.search(r"^bad\s+-\s+failed", out.stdout, re.M), out.stdout
-    status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
-    assert status == {"good": "completed", "bad": "failed"}
+    rows = json.loads((tmp_path / "t" / "status.json").read_text())
+    assert {r["name"]: r["status"] for r in rows} == {"good": "completed", "bad": "failed"}
+    assert all(r["runner"] == "local" and r["slurm_state"] is None for r in rows), "no SLURM state for local jobs"
+    assert [r["exit_code"] for r in rows][0] == 0 and rows[1]["exit_code"] != 0
+    assert "[1/2] good: completed (exit 0" in out.stdout and "[2/2] bad: failed" in out.stdout, out.stdout
+    assert re.search(r"^\[1/2\] good: (starting|running, step \d+/2)$", out.stdout, re.M), "progress while it runs"
     s = json.loads((tmp_path / "t" / "runs" / "good" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 2  # the sweep-wide extra wins over the entry's --max_steps 3
     assert "global_batch_size" in (tmp_path / "t" / "logs" / "bad.log").read_text()  # the refusal is in the log

@@ -1,7 +1,7 @@
 """ZeRO data parallelism on 2 real processes reproduces the single-process run at the same global batch."""
 import pytest
 
-from conftest import assert_ok
+from conftest import PARITY_ARGS, assert_ok, planned_params_per_rank
 
 pytestmark = pytest.mark.multiproc
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.multiproc
 LOSS_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "zero2-accelerate"])
 def test_world2_matches_world1(zero_runs, layout):
     base, run = zero_runs["w1"], zero_runs[layout]
     assert_ok(base)
@@ -18,13 +18,17 @@ def test_world2_matches_world1(zero_runs, layout):
     s = run.summary()
     assert s["world_size"] == 2 and s["layout"]["dp"] == 2 and s["grad_accum"] == 1
     assert base.summary()["grad_accum"] == 2
-    assert s["zero_stage"] == int(layout[-1])
+    assert s["zero_stage"] == int(layout[4])
     a, b = base.losses(), run.losses()
     assert len(a) == len(b) == 5
     assert a[-1] < a[0] - 0.05, f"loss should fall over 5 full fine-tuning steps: {a}"
     for x, y in zip(a, b):
         assert y == pytest.approx(x, rel=LOSS_RTOL), (a, b)
     assert s["val_loss"] == pytest.approx(base.summary()["val_loss"], rel=LOSS_RTOL)
+    # parity is the gradient too: the clipped-before norm DeepSpeed reports at every step
+    ga, gb = [r["grad_norm"] for r in base.records()], [r["grad_norm"] for r in run.records()]
+    assert None not in ga and None not in gb, (ga, gb)
+    assert gb == pytest.approx(ga, rel=1e-4)
 
 
 def test_zero3_partitions_parameters(zero_runs):
@@ -32,5 +36,8 @@ def test_zero3_partitions_parameters(zero_runs):
     per_rank = [r["total"] for r in s["params"]["per_rank"]]
     # each rank holds about half of every partitioned parameter (small ones may be kept whole)
     assert all(n < 0.75 * s["params"]["total"] for n in per_rank), per_rank
+    assert per_rank == planned_params_per_rank(*PARITY_ARGS, "--ds_config", "ds_configs/dp_zero3.json", world=2)
     s2 = zero_runs["zero2"].summary()
     assert [r["total"] for r in s2["params"]["per_rank"]] == [s2["params"]["total"]] * 2
+    assert planned_params_per_rank(*PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json", world=2) == \
+        [s2["params"]["total"]] * 2

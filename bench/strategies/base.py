@@ -39,6 +39,16 @@ class Strategy:
         """Console text for the sections after_initialize returned, or None."""
         return None
 
+    def params_per_rank(self, plan) -> list[int]:
+        """Parameters each rank will hold once deepspeed.initialize has run (what summary.json's params.per_rank
+        records), predicted from the architecture: every rank holds the whole model, or its ZeRO-3 partition of
+        each parameter (ceil(n / world), DeepSpeed pads every parameter to a multiple of the world)."""
+        from bench.strategies.common import parameter_sizes
+        world = plan.layout.world_size
+        if plan.zero_stage == 3:
+            return [sum(-(-n // world) for n in parameter_sizes(plan))] * world
+        return [plan.total_params] * world
+
 
 class EngineRunner:
     """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""

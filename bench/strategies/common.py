@@ -55,6 +55,19 @@ def _in_out(module) -> tuple[int, int] | None:
     return None
 
 
+def parameter_sizes(plan) -> list[int]:
+    """numel of every parameter the model will have, LoRA's A and B included, from the meta device."""
+    sizes = [p.numel() for p in meta_model(plan.model_config).parameters()]
+    if plan.peft == "lora":
+        targets = _target_names(plan.cfg)
+        r = plan.cfg.lora_r
+        for name, m in meta_model(plan.model_config).named_modules():
+            if name.rsplit(".", 1)[-1] in targets:
+                n_in, n_out = _in_out(m)
+                sizes += [r * n_in, n_out * r]
+    return sizes
+
+
 def apply_lora(model, cfg):
     """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
     from peft import LoraConfig, get_peft_model
@@ -130,6 +143,21 @@ class ModelParallel(Strategy):
 
     def describe(self, sections: dict) -> str | None:
         return format_sharding(sections["sharding"])
+
+    def params_per_rank(self, plan) -> list[int]:
+        """The whole model minus what tensor parallelism splits (weights the ds_config's TP shards: /tp) and what
+        expert parallelism distributes (experts: E/ep per rank)."""
+        from bench.models import count_params_from_config
+        from bench.strategies.autotp import tp_sharded_params
+        c, lay = count_params_from_config(plan.model_config), plan.layout
+        held = plan.total_params
+        if lay.tp > 1:
+            sharded = tp_sharded_params(plan)
+            held -= sharded - sharded // lay.tp
+        if lay.ep > 1:
+            experts = c["layers"] * c["layer"]["experts"] * c["layer"]["mlp"]
+            held -= experts - experts // lay.ep
+        return [held] * lay.world_size
 
 
 def experts_per_rank(module) -> int | None:

@@ -163,6 +163,25 @@ class Pipeline(Strategy):
     def after_training(self, plan, res, params_per_rank: list) -> dict:
         return {"pipeline": pipeline_summary(plan.layout, plan.batch.grad_accum, res, params_per_rank)}
 
+    def params_per_rank(self, plan) -> list[int]:
+        """DeepSpeed's own partitioner over the stages' layers ([embedding] + decoder layers + [norm + head]),
+        weighted as PipelineModule weighs them: trainable parameters per layer ('parameters'), or layer count
+        ('uniform'). Ranks are (stage, data) with the stage outermost."""
+        from deepspeed.runtime import utils as ds_utils
+        from bench.models import count_params_from_config
+        c = count_params_from_config(plan.model_config)
+        lora_per_layer = (plan.lora_params or 0) // c["layers"]
+        layer = sum(c["layer"][k] for k in ("attention", "mlp", "norms")) + lora_per_layer
+        full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + c["head"]]
+        trainable = [0] + [lora_per_layer] * c["layers"] + [0] if plan.peft == "lora" else full
+        stages = plan.layout.pp
+        if (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform":
+            bounds = ds_utils.partition_uniform(len(full), stages)
+        else:
+            bounds = ds_utils.partition_balanced(trainable, stages)
+        per_stage = [sum(full[bounds[s]:bounds[s + 1]]) for s in range(stages)]
+        return [per_stage[rank // plan.layout.dp] for rank in range(plan.layout.world_size)]
+
 
 class Hybrid(Pipeline):
     """Pipeline x data parallelism."""
