@@ -87,7 +87,11 @@ def cluster(tmp_path_factory):
             pytest.fail(reason)
         print(f"SKIPPED: {reason} (needs root; CI runs as root)")
         pytest.skip(reason)
+    # The scripts keep their caches under the repository by default (BENCH_CACHE_BASE); tests write nothing
+    # there: the caches go to the test's directory, the tiny models stay where every other test finds them.
+    from bench.models import cache_dir
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "BENCH_REQUEUE": "0",
+           "BENCH_CACHE_BASE": str(d / "cache"), "BENCH_CACHE": cache_dir(),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for k in list(env):
         if k.startswith("SLURM_") and k != "SLURM_CONF":
