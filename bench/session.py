@@ -22,7 +22,6 @@ from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
 
 
-
 class Session:
     def __init__(self, cfg, env, plan, process_start: float):
         self.cfg, self.env, self.plan, self.t0 = cfg, env, plan, process_start

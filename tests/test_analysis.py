@@ -10,7 +10,7 @@ import pytest
 from matplotlib import image
 
 from analysis import collect, tables, wandb_export
-from conftest import REPO, assert_ok, run_bench
+from conftest import REPO, assert_ok, run_many
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "4", "--warmup_steps", "1",
         "--seq_len", "128", "--micro_batch_size", "2", "--eval_interval", "0")
@@ -20,11 +20,13 @@ ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_st
 def runs_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     runs = root / "runs"
-    for name, extra, n, launcher in [("lora-w1", ("--peft", "lora"), 1, "python"),
-                                     ("lora-w2", ("--peft", "lora"), 2, "deepspeed"),
-                                     ("full-w2", ("--peft", "none"), 2, "deepspeed"),
-                                     ("mixtral-w1", ("--peft", "none", "--model", "tiny-mixtral"), 1, "python")]:
-        res = run_bench(root / name, *ARGS, *extra, "--run_name", name, nprocs=n, launcher=launcher)
+    specs = {name: (root / name, (*ARGS, *extra, "--run_name", name), {"nprocs": n, "launcher": launcher})
+             for name, extra, n, launcher in [("lora-w1", ("--peft", "lora"), 1, "python"),
+                                              ("lora-w2", ("--peft", "lora"), 2, "deepspeed"),
+                                              ("full-w2", ("--peft", "none"), 2, "deepspeed"),
+                                              ("mixtral-w1", ("--peft", "none", "--model", "tiny-mixtral"), 1,
+                                               "python")]}
+    for name, res in run_many(specs).items():
         assert_ok(res)
         shutil.move(str(res.run_dir), str(runs / name))
     # Two runs that did not finish, as the harness records them: an OOM and a failure (status + error line).
@@ -95,8 +97,8 @@ def test_report_files(report, runs_dir):
         assert name in md, name  # nothing silently dropped
     results, apart = md.split("## Runs that did not complete")
     assert "lora-w4-oom" not in results and "| oom |" in apart and "| failed |" in apart
-    assert "## tiny-llama" in results and "## tiny-mixtral" in results  # one section per model
-    mixtral = results.split("## tiny-mixtral")[1]
+    assert "\n## tiny-llama\n" in results and "\n## tiny-mixtral\n" in results  # one section per model
+    mixtral = results.split("\n## tiny-mixtral\n")[1]
     assert "baseline: `mixtral-w1`" in mixtral and "lora-w1" not in mixtral, "never compared across models"
     assert "No scaling plot: no strategy of this model was measured at two or more GPU counts." in mixtral
     pngs = sorted(p.name for p in report.glob("*.png"))

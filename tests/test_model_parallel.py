@@ -3,7 +3,7 @@ at the same model, data and global batch, and each rank holds exactly its share 
 import pytest
 
 from bench import models
-from conftest import assert_ok, planned_params_per_rank, run_bench
+from conftest import assert_ok, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -40,8 +40,8 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    return {name: run_bench(root / name, *args, nprocs=n, launcher="deepspeed" if n > 1 else "python", timeout=400)
-            for name, (args, n) in RUNS.items()}
+    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "deepspeed" if n > 1 else "python"})
+                     for name, (args, n) in RUNS.items()})
 
 
 @pytest.mark.parametrize("name", [n for n, (_, procs) in RUNS.items() if procs > 1])

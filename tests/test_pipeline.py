@@ -3,7 +3,7 @@ and without; per-stage parameters add up to the model; the bubble is recorded ne
 import pytest
 
 from bench import models
-from conftest import assert_ok, planned_params_per_rank, run_bench
+from conftest import assert_ok, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -15,21 +15,21 @@ ARGS = ("--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batc
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
-    r = {}
+    specs = {}
     for peft in ("none", "lora"):
         extra = ("--peft", peft) + (("--lr", "1e-2") if peft == "lora" else ())
-        r[f"w1-{peft}"] = run_bench(root / f"w1-{peft}", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json",
-                                    *ARGS, *extra)
-        r[f"pp2-{peft}"] = run_bench(root / f"pp2-{peft}", "--strategy", "pp", "--ds_config", "ds_configs/pp2.json",
-                                     *ARGS, *extra, nprocs=2, launcher="deepspeed")
-        r[f"hybrid-{peft}"] = run_bench(root / f"hy-{peft}", "--strategy", "hybrid", "--ds_config",
-                                        "ds_configs/pp2_dp2.json", *ARGS, *extra, nprocs=4, launcher="deepspeed",
-                                        timeout=400)
-    r["pp4-none"] = run_bench(root / "pp4", "--strategy", "pp", "--ds_config", "ds_configs/pp4.json", *ARGS,
-                              "--peft", "none", nprocs=4, launcher="deepspeed", timeout=400)  # a layer per stage
-    r["pp2uniform-none"] = run_bench(root / "uni", "--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json",
-                                     *ARGS, "--peft", "none", nprocs=2, launcher="deepspeed")
-    return r
+        specs[f"w1-{peft}"] = (root / f"w1-{peft}", ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json",
+                                                     *ARGS, *extra), {})
+        specs[f"pp2-{peft}"] = (root / f"pp2-{peft}", ("--strategy", "pp", "--ds_config", "ds_configs/pp2.json",
+                                                       *ARGS, *extra), {"nprocs": 2, "launcher": "deepspeed"})
+        specs[f"hybrid-{peft}"] = (root / f"hy-{peft}", ("--strategy", "hybrid", "--ds_config",
+                                                         "ds_configs/pp2_dp2.json", *ARGS, *extra),
+                                   {"nprocs": 4, "launcher": "deepspeed"})
+    specs["pp4-none"] = (root / "pp4", ("--strategy", "pp", "--ds_config", "ds_configs/pp4.json", *ARGS,
+                                        "--peft", "none"), {"nprocs": 4, "launcher": "deepspeed"})  # a layer/stage
+    specs["pp2uniform-none"] = (root / "uni", ("--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json",
+                                               *ARGS, "--peft", "none"), {"nprocs": 2, "launcher": "deepspeed"})
+    return run_many(specs)
 
 
 @pytest.mark.parametrize("layout,peft", [("pp2", "none"), ("pp2", "lora"), ("hybrid", "none"), ("hybrid", "lora"),

@@ -187,7 +187,7 @@ def test_local_sweep_runs_the_matrix_here_and_lists_statuses(tmp_path):
     """`bench.sweep local`: the same matrix without SLURM, under the deepspeed launcher, one job after another."""
     good = {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
             "args": TINY[2:], "name": "good"}
-    bad = {**good, "args": [*TINY[2:], "--global_batch_size", "6"], "name": "bad"}  # 6 != micro 2 x k x dp 2
+    bad = {**good, "gpus": 1, "args": [*TINY[2:], "--global_batch_size", "3"], "name": "bad"}  # 3 != micro 2 x k
     (tmp_path / "m.json").write_text(json.dumps([good, bad]))
     cmd = [sys.executable, "-m", "bench.sweep"]
     out = subprocess.run([*cmd, "local", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
