@@ -30,3 +30,12 @@ def host_line() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"host: {platform.node()}, {cores} cores available, {platform.machine()}; python "
             f"{platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}")
+
+
+def write_page(lines: list[str], out: str | None) -> None:
+    """Print a results page and, with --out, write it (docs/results/...)."""
+    page = "\n".join(lines) + "\n"
+    print(page)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(page)

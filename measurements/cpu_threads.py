@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from common import free_port, host_line, run  # measurements/common.py, next to this script
+from common import free_port, host_line, run, write_page  # measurements/common.py, next to this script
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 VARIANTS = {  # name -> (extra args, extra environment)
@@ -77,11 +77,7 @@ def main():
         f"The default job's whole launch (deepspeed launcher start to exit, after install): median "
         f"{statistics.median(walls):.1f} s over {len(walls)} runs ({', '.join(f'{w:.1f}' for w in walls)}).",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if opts.out:
-        with open(opts.out, "w") as fh:
-            fh.write(report)
+    write_page(lines, opts.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 
-from common import run  # measurements/common.py, next to this script
+from common import run, write_page  # measurements/common.py, next to this script
 
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
                 "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",
@@ -80,14 +80,9 @@ def main():
         "| | median ms/step | ratio to bare | all repeats (ms) |", "|---|---|---|---|", *rows, "",
         "Time to first step (median over all harness runs), from process start:", "", "| phase | s |", "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in st.items()], "",
-        "imports_and_resolve_s covers Python imports (torch, deepspeed, transformers) and resolving config, "
-        "model config and data; resolve_s and data_s are parts of it.",
+        "The phases are consecutive and add up to time_to_first_step_s (docs/metrics.md: startup_s).",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if opts.out:
-        with open(opts.out, "w") as fh:
-            fh.write(report)
+    write_page(lines, opts.out)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_bad_input_is_refused_with_one_line(refuse, files, case):
     assert len(errors) == 1 and expected in errors[0], errors
 
 
-LAUNCHED = ["missing-ds-config", "batch-arithmetic", "tp-not-dividing-kv-heads"]  # 1, 2 and 4 ranks
+LAUNCHED = ["missing-ds-config", "batch-arithmetic", "layout-mismatch"]  # 1, 2 and 2 ranks
 
 
 @pytest.mark.multiproc

@@ -40,7 +40,9 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "deepspeed" if n > 1 else "python"})
+    # srun-style ranks: real DeepSpeed processes without a launcher's own two Python processes per run (the
+    # deepspeed launcher itself is exercised by test_zero, test_signals, test_rendezvous and the sweeps)
+    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "srun-env" if n > 1 else "python"})
                      for name, (args, n) in RUNS.items()})
 
 

@@ -21,15 +21,15 @@ def runs(tmp_path_factory):
         specs[f"w1-{peft}"] = (root / f"w1-{peft}", ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json",
                                                      *ARGS, *extra), {})
         specs[f"pp2-{peft}"] = (root / f"pp2-{peft}", ("--strategy", "pp", "--ds_config", "ds_configs/pp2.json",
-                                                       *ARGS, *extra), {"nprocs": 2, "launcher": "deepspeed"})
+                                                       *ARGS, *extra), {"nprocs": 2, "launcher": "srun-env"})
         specs[f"hybrid-{peft}"] = (root / f"hy-{peft}", ("--strategy", "hybrid", "--ds_config",
                                                          "ds_configs/pp2_dp2.json", *ARGS, *extra),
-                                   {"nprocs": 4, "launcher": "deepspeed"})
+                                   {"nprocs": 4, "launcher": "srun-env"})
     specs["pp4-none"] = (root / "pp4", ("--strategy", "pp", "--ds_config", "ds_configs/pp4.json", *ARGS,
-                                        "--peft", "none"), {"nprocs": 4, "launcher": "deepspeed"})  # a layer/stage
+                                        "--peft", "none"), {"nprocs": 4, "launcher": "srun-env"})  # a layer/stage
     specs["pp2uniform-none"] = (root / "uni", ("--strategy", "pp", "--ds_config", "ds_configs/pp2_uniform.json",
-                                               *ARGS, "--peft", "none"), {"nprocs": 2, "launcher": "deepspeed"})
-    return run_many(specs)
+                                               *ARGS, "--peft", "none"), {"nprocs": 2, "launcher": "srun-env"})
+    return run_many(specs)  # srun-style ranks: see test_model_parallel.py
 
 
 @pytest.mark.parametrize("layout,peft", [("pp2", "none"), ("pp2", "lora"), ("hybrid", "none"), ("hybrid", "lora"),
