@@ -93,8 +93,16 @@ def use_own_extension_cache() -> None:
     default cache in the home directory, which every environment of the user shares, so two environments rebuild
     it in turn. scripts/install.sh builds it into this environment's cache; point torch there too (a
     TORCH_EXTENSIONS_DIR the user set wins)."""
+    import sys
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(os.path.dirname(extension_cache()), os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()
+    # torch's JIT build runs the first `ninja` on PATH. Ninja 1.11 and 1.12+ hash commands differently in the
+    # build log, so alternating between the system's ninja and this environment's (a run started as
+    # .venv/bin/python without activating the venv, then one with it) rebuilt the op every time: 40 s each.
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
 def build_cpu_comm_op() -> str:
