@@ -50,7 +50,7 @@ def main():
     opts, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
     steps = {name: [] for name in VARIANTS}
-    walls, threads = [], {}
+    walls, first_steps, threads = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(opts.repeats):
             for j, (name, (args, env)) in enumerate(VARIANTS.items()):
@@ -59,6 +59,7 @@ def main():
                 threads[name] = s["cpu_threads"]
                 if j == 0:
                     walls.append(wall)
+                    first_steps.append(s["time_to_first_step_s"])
             print(f"repeat {i}: " + ", ".join(f"{v[-1] * 1e3:.1f} ms" for v in steps.values()), flush=True)
     med = {name: statistics.median(v) for name, v in steps.items()}
     lora, none, over = (med[n] for n in VARIANTS)
@@ -75,7 +76,9 @@ def main():
         f"LoRA / no LoRA: **{lora / none:.2f}x** (required: at most 1.2x). "
         f"Oversubscribed / default: **{over / lora:.1f}x** slower.", "",
         f"The default job's whole launch (deepspeed launcher start to exit, after install): median "
-        f"{statistics.median(walls):.1f} s over {len(walls)} runs ({', '.join(f'{w:.1f}' for w in walls)}).",
+        f"{statistics.median(walls):.1f} s over {len(walls)} runs ({', '.join(f'{w:.1f}' for w in walls)}); "
+        f"its time to first step (process start to the end of step 1, rank 0): median "
+        f"{statistics.median(first_steps):.1f} s ({', '.join(f'{t:.1f}' for t in first_steps)}).",
     ]
     write_page(lines, opts.out)
 
