@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,7 +85,6 @@ def check_port_free(addr: str, port: int) -> None:
 
 def extension_cache() -> str:
     """This environment's own cache of DeepSpeed's JIT-built ops, next to its packages."""
-    import sys
     return os.path.join(sys.prefix, "torch_extensions")
 
 
@@ -93,7 +93,6 @@ def use_own_extension_cache() -> None:
     default cache in the home directory, which every environment of the user shares, so two environments rebuild
     it in turn. scripts/install.sh builds it into this environment's cache; point torch there too (a
     TORCH_EXTENSIONS_DIR the user set wins)."""
-    import sys
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(os.path.dirname(extension_cache()), os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()
     # torch's JIT build runs the first `ninja` on PATH. Ninja 1.11 and 1.12+ hash commands differently in the

@@ -68,7 +68,9 @@ class Session:
                 self.record.end("completed")
         except signals.Stopped as e:  # before training began, or a second Ctrl-C
             res = self.trainer.res if self.trainer is not None else None
-            where = "during start-up" if res is None else f"during step {len(res.records) + 1} (signalled twice)"
+            steps = len(res.records) if res is not None else 0
+            where = ("during start-up" if res is None else f"during step {steps + 1} (signalled twice)" if e.twice
+                     else f"after step {steps}, while recording the results")
             self.record.end(e.status, f"{e} {where}")
             self._record_partial()
             print_error(f"{e.status}: {self.record['error']}")

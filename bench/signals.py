@@ -22,9 +22,9 @@ _closing = False  # recording how the run ended: nothing may interrupt that
 class Stopped(Exception):
     """A signal ended the run before (or, a second Ctrl-C, during) a step boundary."""
 
-    def __init__(self, status: str, signame: str):
+    def __init__(self, status: str, signame: str, twice: bool = False):
         super().__init__(f"stopped by {signame}")
-        self.status, self.signame = status, signame
+        self.status, self.signame, self.twice = status, signame, twice
 
 
 def _handler(signum, frame):
@@ -34,8 +34,10 @@ def _handler(signum, frame):
     first = _requested is None
     if first:
         _requested = (STATUS[signum], signal.Signals(signum).name)
-    if not _training or (not first and signum == signal.SIGINT):
+    if not _training:
         raise Stopped(*_requested)
+    if not first and signum == signal.SIGINT:
+        raise Stopped(*_requested, twice=True)
 
 
 def install() -> None:

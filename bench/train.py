@@ -109,7 +109,10 @@ class Trainer:
         try:
             return self._run(res, max_steps, warmup_steps, eval_interval, save_interval, save)
         finally:
-            signals.training(False)
+            if res.preempted:
+                signals.closing()  # stopped for a signal: what follows only records it (the launcher may resend)
+            else:
+                signals.training(False)
 
     def _run(self, res, max_steps, warmup_steps, eval_interval, save_interval, save) -> TrainResult:
         consumed = len(res.records) * self.global_batch
