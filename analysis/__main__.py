@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             sections.append({"model": model, "baseline": baseline.name, "comparison": comparison,
                              "scaling": tables.scaling_tables(done, args.baseline_gpus), "plots": images,
                              "notes": notes})
-            everything += comparison
+            everything += [{**row, "baseline": baseline.name} for row in comparison]  # W&B: one table
         tables.write_csv(runs, os.path.join(args.out, "runs.csv"))
         statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in runs).items())
         intro = f"{len(runs)} runs ({statuses}); {len(sections)} model(s), each compared only with itself."

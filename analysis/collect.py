@@ -55,7 +55,8 @@ def load_dir(path: str) -> Run:
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.isfile(metrics):
         with open(metrics) as fh:
-            history = [json.loads(line) for line in fh if line.strip()]
+            # a line cut short (a full disk, a killed run) is not a record
+            history = [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
     return Run(os.path.basename(os.path.normpath(path)), summary, config, history, path)
 
 

@@ -43,7 +43,8 @@ def _name(r: Run) -> str:
 
 
 def slug(model: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in os.path.basename(model.rstrip("/")))
+    """A file-name prefix from the whole model name (a hub id and a local directory may share a basename)."""
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in model.strip("/"))
 
 
 def throughput(runs: list[Run], path: str) -> str:
@@ -104,7 +105,6 @@ def scaling(runs: list[Run], path: str) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for members in series:
-        members.sort(key=lambda r: r.gpus)
         base = members[0]
         gpus = [r.gpus for r in members]
         line, = ax.plot(gpus, [r.summary["tokens_per_s"] for r in members], marker="o",

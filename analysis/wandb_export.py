@@ -18,7 +18,7 @@ PANELS = [  # (kind, title, metrics): what the report shows, in order
 def log_table(rows: list[dict], project: str, entity: str | None, mode: str, out_dir: str) -> str | None:
     """Logs the comparison rows as a wandb.Table and a 'comparison' artifact; returns the run id."""
     import wandb
-    keys = list(rows[0]) if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # models may name a column differently (memory)
     # completed runs only (the report lists the others apart); mixed types stay allowed for n/a cells
     table = wandb.Table(columns=keys, data=[[_cell(r.get(k)) for k in keys] for r in rows], allow_mixed_types=True)
     run = wandb.init(project=project, entity=entity, job_type="analysis", name="strategy-comparison", mode=mode,

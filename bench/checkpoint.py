@@ -39,6 +39,7 @@ def load_newest_readable(engine, ckpt_dir: str, warn) -> tuple[str | None, dict 
     """The newest complete checkpoint every rank can read, and its harness state; (None, None) if none. A
     checkpoint a rank cannot read (a truncated file) is skipped with a warning, and all ranks try the previous
     one together."""
+    tried = False
     for tag in complete_tags(ckpt_dir):
         state, reason = None, None
         try:
@@ -51,6 +52,10 @@ def load_newest_readable(engine, ckpt_dir: str, warn) -> tuple[str | None, dict 
         if not bad:
             return tag, state
         warn(f"checkpoint {os.path.join(ckpt_dir, tag)} is unreadable ({bad[0]}); trying the previous one")
+        tried = True
+    if tried:  # a failed load may have changed part of the engine's state: never train on from that
+        raise BenchError(f"no checkpoint in {ckpt_dir} could be read on every rank; resume is impossible without "
+                         "one: start a new --run_name (or repair the newest checkpoint)")
     return None, None
 
 

@@ -198,14 +198,14 @@ def rendezvous_store(env: DistEnv, timeout_s: int):
 
 def job_token(env: DistEnv) -> str:
     """The same on every rank of one job, different between concurrent jobs on one host: srun's job and step
-    ids; for a single-host launcher (deepspeed, torchrun) the launcher's pid, every rank's parent. Multi-host
-    launches without SLURM share one token (they rely on distinct ports, as before)."""
+    ids; for a single-host launcher (deepspeed, torchrun) the launcher's pid, every rank's parent."""
     e = os.environ
     if "SLURM_PROCID" in e and "SLURM_JOB_ID" in e:
         return f"slurm-{e['SLURM_JOB_ID']}.{e.get('SLURM_STEP_ID', 'batch')}"
-    if env.local_world_size == env.world_size:
+    launched = "LOCAL_SIZE" in e or "LOCAL_WORLD_SIZE" in e  # deepspeed / torchrun: every rank is its child
+    if launched and env.local_world_size == env.world_size:
         return f"launcher-{os.getppid()}"
-    return "multi-host"
+    return "shared"  # ranks started by hand, or on several hosts: they rely on distinct ports, as before
 
 
 def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:

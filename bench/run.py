@@ -37,6 +37,7 @@ def main(argv=None) -> int:
         print_error(str(e))
         return 2
     except signals.Stopped as e:
+        signals.closing()
         print_error(f"{e.status}: {e} before the run started (nothing was recorded)")
         return signals.EXIT_CODE[e.status]
     if env.rank == 0:

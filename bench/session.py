@@ -47,6 +47,7 @@ class Session:
         try:
             distributed.init(self.env, self.cfg.dist_timeout_s)
         except (BenchError, signals.Stopped) as e:  # before the run directory exists: refused like bad input
+            signals.closing()
             stopped = isinstance(e, signals.Stopped)
             print_error(f"{e.status}: {e} during start-up" if stopped else str(e))
             distributed.shutdown(clean=False)
@@ -68,24 +69,25 @@ class Session:
                 self.record.end("completed")
         except signals.Stopped as e:  # before training began, or a second Ctrl-C
             res = self.trainer.res if self.trainer is not None else None
-            steps = len(res.records) if res is not None else 0
-            where = ("during start-up" if res is None else f"during step {steps + 1} (signalled twice)" if e.twice
-                     else f"after step {steps}, while recording the results")
+            where = f"during step {len(res.records) + 1} (signalled twice)" if e.twice else "during start-up"
             self.record.end(e.status, f"{e} {where}")
             self._record_partial()
             print_error(f"{e.status}: {self.record['error']}")
             code = signals.EXIT_CODE[e.status]
         except BenchError as e:
+            signals.closing()  # leaving: a launcher's SIGTERM to the ranks must not cut the recording short
             self.record.end("failed", str(e))
             self._record_partial()
             print_error(str(e))
             code = 2
         except OSError as e:  # a full disk, a lost mount: the path and the reason, not a traceback
+            signals.closing()
             self.record.end("failed", f"I/O error: {e.filename or ''}: {e.strerror or e}")
             self._record_partial()
             print_error(self.record["error"])
             code = 1
         except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
+            signals.closing()
             oom = "OutOfMemoryError" in type(e).__name__
             self.record.end("oom" if oom else "failed",
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])

@@ -19,8 +19,9 @@ _training = False
 _closing = False  # recording how the run ended: nothing may interrupt that
 
 
-class Stopped(Exception):
-    """A signal ended the run before (or, a second Ctrl-C, during) a step boundary."""
+class Stopped(BaseException):
+    """A signal ended the run before (or, a second Ctrl-C, during) a step boundary. A BaseException, like
+    KeyboardInterrupt, so that no library's `except Exception` swallows it."""
 
     def __init__(self, status: str, signame: str, twice: bool = False):
         super().__init__(f"stopped by {signame}")
@@ -28,16 +29,17 @@ class Stopped(Exception):
 
 
 def _handler(signum, frame):
-    global _requested
+    global _requested, _closing
     if _closing:
         return
     first = _requested is None
     if first:
         _requested = (STATUS[signum], signal.Signals(signum).name)
-    if not _training:
-        raise Stopped(*_requested)
-    if not first and signum == signal.SIGINT:
-        raise Stopped(*_requested, twice=True)
+    if not _training or (not first and signum == signal.SIGINT):
+        # Leaving now: a signal that follows (the launcher's SIGTERM after a Ctrl-C, or after a peer failed) must
+        # not interrupt the recording of how the run ended.
+        _closing = True
+        raise Stopped(*_requested, twice=_training)
 
 
 def install() -> None:
@@ -48,9 +50,10 @@ def install() -> None:
 
 def training(active: bool) -> None:
     """Inside the training loop signals wait for the step boundary; outside they stop the run at once."""
-    global _training
+    global _training, _closing
     _training = active
     if active and _requested is not None:  # signalled just before the loop began
+        _closing = True
         raise Stopped(*_requested)
 
 

@@ -83,7 +83,7 @@ class RunRecord:
             time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
             total_wall_time_s=None, time_to_first_step_s=None, startup_s={},
             flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops, cpu_threads=None,
-            memory={"per_rank": [], "device": []}, params={"total": None, "trainable": None, "per_rank": []},
+            memory={"per_rank": [], "device": []}, params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
             **environment(), run_dir=None, wandb_run_id=None)
 
     def set(self, **values) -> None:

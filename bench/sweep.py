@@ -112,22 +112,22 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
             while proc.poll() is None:
-                print(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job['name'])}", flush=True)
+                print(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job)}", flush=True)
                 try:
                     proc.wait(timeout=poll_s)
                 except subprocess.TimeoutExpired:
                     pass
             job["returncode"] = proc.returncode
-        summary = run_summary(sweep_dir, job["name"])
+        summary = run_summary(sweep_dir, job["name"], since=job["submitted"])
         print(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
               f"(exit {job['returncode']}, log: {log})", flush=True)
     _write_jobs(sweep_dir, jobs)
     return jobs
 
 
-def _progress(sweep_dir: str, name: str) -> str:
+def _progress(sweep_dir: str, job: dict) -> str:
     """'starting', or 'running, step k/N' from the run's own records while it trains."""
-    summary = run_summary(sweep_dir, name)
+    summary = run_summary(sweep_dir, job["name"], since=job["submitted"])
     if summary is None or not summary.get("run_dir"):
         return "starting"
     try:
@@ -163,11 +163,13 @@ def slurm_state(job_id: str | None) -> str | None:
     return None
 
 
-def run_summary(sweep_dir: str, name: str) -> dict | None:
-    """The newest run directory of this job (a requeued job's rerun adds name-2, ...)."""
+def run_summary(sweep_dir: str, name: str, since: float | None = None) -> dict | None:
+    """The newest run directory of this job (a requeued job's rerun adds name-2, ...); with `since`, only one
+    written since then (not a directory an earlier sweep of the same name left)."""
     runs = os.path.join(sweep_dir, "runs")
     dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
-    dirs = [d for d in dirs if os.path.basename(d) == name or os.path.basename(d).startswith(name + "-")]
+    dirs = [d for d in dirs if (os.path.basename(d) == name or os.path.basename(d).startswith(name + "-"))
+            and (since is None or os.path.getmtime(d) >= since)]
     for d in sorted(dirs, key=os.path.getmtime, reverse=True):
         try:
             with open(os.path.join(d, "summary.json")) as fh:

@@ -109,10 +109,10 @@ class Trainer:
         try:
             return self._run(res, max_steps, warmup_steps, eval_interval, save_interval, save)
         finally:
-            if res.preempted:
-                signals.closing()  # stopped for a signal: what follows only records it (the launcher may resend)
-            else:
-                signals.training(False)
+            # Every rank is past its last step: what follows only records the run (collectives included), so a
+            # signal now must not make one rank leave while the others wait for it. A signal noted during the
+            # last step is already in the result.
+            signals.closing()
 
     def _run(self, res, max_steps, warmup_steps, eval_interval, save_interval, save) -> TrainResult:
         consumed = len(res.records) * self.global_batch

@@ -14,14 +14,6 @@ def run(cmd: list[str]) -> str:
     return out.stdout
 
 
-def free_port() -> int:
-    """A rendezvous port nobody uses now: concurrent launches on one host never share one."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def host_line() -> str:
     """Hardware and versions, for a results page."""
     import platform

@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 
-from common import free_port, host_line, run, write_page  # measurements/common.py, next to this script
+from common import host_line, run, write_page  # measurements/common.py, next to this script
+
+from bench.distributed import free_port
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 VARIANTS = {  # name -> (extra args, extra environment)

@@ -136,3 +136,10 @@ def test_resume_refuses_other_settings_and_skips_an_unreadable_checkpoint(tmp_pa
     assert s["status"] == "completed" and s["steps"] == 8
     assert s["resumed_at"] == [4] and s["lost_steps"] == 2
     assert [r["step"] for r in resumed.records()] == list(range(1, 9))
+    # no checkpoint readable at all: refused, never trained on from a half-loaded engine
+    for f in (tmp_path / "job" / "checkpoints").glob("step*/*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    hopeless = run_bench(tmp_path, *args, "--max_steps", "10")
+    assert hopeless.returncode == 2
+    assert any("could be read on every rank; resume is impossible" in line for line in hopeless.output.splitlines()
+               if line.startswith("error:")), hopeless.output[-3000:]

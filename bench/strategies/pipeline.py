@@ -172,7 +172,9 @@ class Pipeline(Strategy):
         c = count_params_from_config(plan.model_config)
         lora_per_layer = (plan.lora_params or 0) // c["layers"]
         layer = sum(c["layer"][k] for k in ("attention", "mlp", "norms")) + lora_per_layer
-        full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + c["head"]]
+        # the last stage holds lm_head even when the model ties it to the embedding (its stage has its own copy)
+        head = c["embedding"] if plan.model_config.tie_word_embeddings else c["head"]
+        full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + head]
         trainable = [0] + [lora_per_layer] * c["layers"] + [0] if plan.peft == "lora" else full
         stages = plan.layout.pp
         if (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform":
