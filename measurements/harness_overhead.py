@@ -78,6 +78,8 @@ def main():
         + ("cuda" if s["memory"]["per_rank"][0]["peak_allocated_mib"] else "cpu"),
         "- wall time per measured step (warm-up excluded); harness and bare runs alternate within each repeat", "",
         "| | median ms/step | ratio to bare | all repeats (ms) |", "|---|---|---|---|", *rows, "",
+        f"Noise: the bare loop's own repeats differ by {100 * (max(bare) / min(bare) - 1):.0f} % here (slowest over "
+        "fastest); a ratio closer to 1 than that is not a measured difference.", "",
         "Time to first step (median over all harness runs), from process start:", "", "| phase | s |", "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in st.items()], "",
         "The phases are consecutive and add up to time_to_first_step_s (docs/metrics.md: startup_s).",
