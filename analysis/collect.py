@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from bench.loggers import read_records
 from bench.summary import unflatten
 
 
@@ -54,9 +55,7 @@ def load_dir(path: str) -> Run:
     history = []
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.isfile(metrics):
-        with open(metrics) as fh:
-            # a line cut short (a full disk, a killed run) is not a record
-            history = [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
+        history = read_records(metrics)
     return Run(os.path.basename(os.path.normpath(path)), summary, config, history, path)
 
 

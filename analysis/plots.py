@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench import metrics  # noqa: E402
 from analysis.collect import Run  # noqa: E402
-from analysis.tables import family, memory_kind  # noqa: E402
+from analysis.tables import memory_kind, series  # noqa: E402
 
 
 def _bars(ax, labels, values, ylabel):
@@ -88,23 +88,14 @@ def loss_curves(runs: list[Run], path: str) -> str:
     return _save(fig, path)
 
 
-def scaling_series(runs: list[Run]) -> list[list[Run]]:
-    """Series (same model, strategy, ZeRO stage, peft) measured at two or more GPU counts, each by GPUs."""
-    series: dict[tuple, list[Run]] = {}
-    for r in runs:
-        if r.ok and r.summary.get("tokens_per_s"):
-            series.setdefault(family(r), []).append(r)
-    return [sorted(m, key=lambda r: r.gpus) for m in series.values() if len({r.gpus for r in m}) >= 2]
-
-
 def scaling(runs: list[Run], path: str) -> str | None:
     """Per scaling series: tokens/s against GPUs, with ideal linear scaling from the series' smallest run; None
     when no series has two GPU counts (a one-point "scaling" plot carries no information)."""
-    series = scaling_series(runs)
-    if not series:
+    drawn = [m for m in series(runs).values() if len({r.gpus for r in m}) >= 2 and m[0].summary.get("tokens_per_s")]
+    if not drawn:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for members in series:
+    for members in drawn:
         base = members[0]
         gpus = [r.gpus for r in members]
         line, = ax.plot(gpus, [r.summary["tokens_per_s"] for r in members], marker="o",
@@ -117,7 +108,7 @@ def scaling(runs: list[Run], path: str) -> str | None:
                         textcoords="offset points", xytext=(4, 4))
     _line_axes(ax, "GPUs (processes)", "throughput (tokens/s)",
                f"{runs[0].model}: measured (solid, % of ideal) vs ideal linear scaling (dashed)")
-    ax.set_xticks(sorted({r.gpus for m in series for r in m}))
+    ax.set_xticks(sorted({r.gpus for m in drawn for r in m}))
     return _save(fig, path)
 
 

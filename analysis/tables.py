@@ -62,16 +62,20 @@ def family(run: Run) -> tuple:
     return (s.get("model"), s.get("strategy"), s.get("zero_stage"), s.get("peft"))
 
 
+def series(runs: list[Run]) -> dict[tuple, list[Run]]:
+    """Completed runs by scaling series (family), each ordered by GPUs."""
+    out: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.ok:
+            out.setdefault(family(r), []).append(r)
+    return {key: sorted(members, key=lambda r: (r.gpus, r.name)) for key, members in out.items()}
+
+
 def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[str, list[dict]]:
     """{series title: rows} for completed runs, one row per run ordered by GPUs; baseline = the series' smallest
     GPU count (or baseline_gpus)."""
-    series: dict[tuple, list[Run]] = {}
-    for r in runs:
-        if r.ok:
-            series.setdefault(family(r), []).append(r)
     out = {}
-    for key, members in series.items():
-        members.sort(key=lambda r: (r.gpus, r.name))
+    for key, members in series(runs).items():
         base = next((r for r in members if r.gpus == baseline_gpus), None) if baseline_gpus else None
         base = base or members[0]
         dev = "GPU0" if memory_kind(members) == "GPU memory" else "rank 0 RSS"

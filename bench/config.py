@@ -196,6 +196,10 @@ class Layout:
     def describe(self) -> str:
         return f"dp({self.dp})*tp({self.tp})*ep({self.ep})*pp({self.pp}) = {self.world_size}"
 
+    def as_dict(self) -> dict:
+        """What summary.json and config.json record as "layout"."""
+        return {"dp": self.dp, "tp": self.tp, "ep": self.ep, "pp": self.pp}
+
 
 @dataclass
 class Batch:

@@ -37,6 +37,13 @@ def _finite(obj):
     return obj
 
 
+def read_records(path: str) -> list[dict]:
+    """metrics.jsonl's records; a last line cut short (the disk filled up mid-write, the process was killed) is
+    not a record."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
+
+
 class JsonlLogger:
     """metrics.jsonl: one object per line, flushed as written, so a killed run keeps every finished step."""
 
@@ -48,10 +55,7 @@ class JsonlLogger:
         """Resuming from a checkpoint at `step`: drop the lines of later steps (they will be recomputed, and
         the file must not list a step twice); -> the dropped records."""
         self._fh.close()
-        with open(self.path) as fh:
-            lines = [line for line in fh if line.strip()]
-        # A line cut short (the disk filled up mid-write, the process was killed) is not a record.
-        records = [json.loads(line) for line in lines if line.endswith("\n")]
+        records = read_records(self.path)
         keep = [r for r in records if r["step"] <= step]
         with open(self.path + ".tmp", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in keep)

@@ -61,7 +61,7 @@ class Plan:
         from bench.summary import environment
         b = self.batch
         return {"run": self.cfg.to_dict(), "ds_config": self.ds,
-                "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "ep": self.layout.ep, "pp": self.layout.pp},
+                "layout": self.layout.as_dict(),
                 "world_size": world_size, "batch": {"global": b.global_, "micro": b.micro, "grad_accum": b.grad_accum},
                 "peft": self.peft, "device": {"type": self.device_type, "name": self.device_name,
                                               "dtype": str(self.dtype)},
@@ -88,7 +88,8 @@ class Plan:
             ("zero_stage", self.zero_stage), ("model", f"{c.model} ({type(mc).__name__}, init={c.init})"),
             ("architecture", f"L={mc.num_hidden_layers} hidden={mc.hidden_size} heads={mc.num_attention_heads}/"
                              f"{mc.num_key_value_heads} vocab={mc.vocab_size}"
-                             + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}" if models.is_moe(mc) else "")),
+                             + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}"
+                                if models.is_moe(mc) else "")),
             ("peft", self.peft + (f" (r={c.lora_r}, alpha={c.lora_alpha}, targets={c.lora_targets})"
                                   if self.peft == "lora" else "")),
             ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),

@@ -123,7 +123,7 @@ class Session:
         if self.monitor is not None:
             devices = self.monitor.stop()
             if self.is_main:
-                self.record.set(memory={**self.record["memory"], "device": devices})
+                self.record.memory(device=devices)
         if not self.is_main or self.record["run_dir"] is None:
             return
         self.record.set(total_wall_time_s=time.time() - self.t0)
@@ -259,8 +259,8 @@ class Session:
         mem = distributed.gather({"rank": env.rank, **metrics.rank_memory(p.device_type)})
         held = param_counts(engine.module)  # after deepspeed.initialize: TP shards, EP experts, ZeRO-3 partitions
         local = distributed.gather({"rank": env.rank, "total": held["local"], "trainable": held["local_trainable"]})
-        self.record.set(memory={**self.record["memory"], "per_rank": mem},
-                        params={"total": after["total"], "trainable": after["trainable"],
+        self.record.memory(per_rank=mem)
+        self.record.set(params={"total": after["total"], "trainable": after["trainable"],
                                 "before_peft": before["total"], "per_rank": local})
         self.record.set(**p.strategy.after_training(p, res, local))
 
@@ -290,8 +290,7 @@ class Session:
         res = self.trainer.res if self.trainer is not None else None
         if res is not None and res.records:
             self.record.fill_results(res, self.plan)
-        per_rank = [{"rank": self.env.rank, **metrics.rank_memory(self.plan.device_type)}]
-        self.record.set(memory={**self.record["memory"], "per_rank": per_rank})
+        self.record.memory(per_rank=[{"rank": self.env.rank, **metrics.rank_memory(self.plan.device_type)}])
 
 
 def _param_table(before: dict, after: dict, peft: str) -> str:

@@ -70,11 +70,11 @@ class RunRecord:
     readable summary with its status) and is completed through the methods below, never by hand."""
 
     def __init__(self, plan, world_size: int):
-        cfg, layout, batch = plan.cfg, plan.layout, plan.batch
+        cfg, batch = plan.cfg, plan.batch
         self.data: dict = {}
         self.set(
             status="running", error=None, strategy=cfg.strategy, model=cfg.model, peft=plan.peft,
-            world_size=world_size, layout={"dp": layout.dp, "tp": layout.tp, "ep": layout.ep, "pp": layout.pp},
+            world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, global_batch_size=batch.global_, micro_batch_size=batch.micro,
             grad_accum=batch.grad_accum, seq_len=cfg.seq_len, steps=0, max_steps=cfg.max_steps,
             warmup_steps=cfg.warmup_steps, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
@@ -83,7 +83,8 @@ class RunRecord:
             time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
             total_wall_time_s=None, time_to_first_step_s=None, startup_s={},
             flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops, cpu_threads=None,
-            memory={"per_rank": [], "device": []}, params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
+            memory={"per_rank": [], "device": []},
+            params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
             **environment(), run_dir=None, wandb_run_id=None)
 
     def set(self, **values) -> None:
@@ -97,6 +98,10 @@ class RunRecord:
 
     def startup(self, **phases: float) -> None:
         self.data["startup_s"].update(phases)
+
+    def memory(self, **parts: list) -> None:
+        """memory.per_rank (rank-local figures, gathered) and memory.device (the device monitor's)."""
+        self.data["memory"].update(parts)
 
     def end(self, status: str, error: str | None = None) -> None:
         assert status in STATUSES, status

@@ -24,6 +24,7 @@ import time
 
 from bench.config import print_error
 from bench.distributed import free_port
+from bench.loggers import read_records
 
 GPUS_PER_NODE = 8
 SBATCH = """#!/bin/bash
@@ -131,8 +132,7 @@ def _progress(sweep_dir: str, job: dict) -> str:
     if summary is None or not summary.get("run_dir"):
         return "starting"
     try:
-        with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as fh:
-            steps = sum(1 for line in fh if line.endswith("\n"))
+        steps = len(read_records(os.path.join(summary["run_dir"], "metrics.jsonl")))
     except OSError:
         steps = 0
     return f"{summary.get('status')}, step {steps}/{summary.get('max_steps')}"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,18 @@ def finish(procs: list, out_dir: Path, timeout: int = 300) -> Result:
         p.log.close()
         code = code or p.returncode
     return Result(code, "\n".join(outputs), out_dir)
+
+
+def wait_for_steps(out_dir: Path, procs: list, n: int, timeout: float = 120) -> None:
+    """Until the run under out_dir has recorded n steps (while its processes are still alive)."""
+    t0 = time.time()
+    while True:
+        files = list(out_dir.glob("*/metrics.jsonl"))
+        if files and len(files[0].read_text().splitlines()) >= n:
+            return
+        assert all(p.poll() is None for p in procs), "the run ended before reaching that step"
+        assert time.time() - t0 < timeout, f"no step {n} in {out_dir} after {timeout} s"
+        time.sleep(0.1)
 
 
 def run_many(runs: dict, parallel: int = 2, timeout: int = 400) -> dict:

@@ -4,28 +4,16 @@ directory."""
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_ok, finish, run_bench, start_bench
+from conftest import assert_ok, finish, run_bench, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr", "1e-3",
         "--max_steps", "8", "--warmup_steps", "1", "--seq_len", "128", "--micro_batch_size", "2",
         "--global_batch_size", "4", "--eval_interval", "0")
-
-
-def wait_for_step(out: Path, name: str, step: int, procs, timeout=120):
-    path = out / name / "metrics.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.exists() and len(path.read_text().splitlines()) >= step:
-            return
-        assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} never reached step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def reference(tmp_path_factory):
 def test_preempted_run_resumes_exactly(tmp_path, reference):
     args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "100", "--wandb_mode", "offline")
     procs = start_bench(tmp_path, *args, "--monitor_interval_s", "0.2", nprocs=2, launcher="srun-env")
-    wait_for_step(tmp_path, "job", 3, procs)
+    wait_for_steps(tmp_path, procs, 3)
     procs[1].send_signal(signal.SIGUSR1)  # any rank; the ranks agree at the next step boundary
     first = finish(procs, tmp_path)
     assert first.returncode == 75, first.output[-3000:]  # the SLURM scripts requeue on 75

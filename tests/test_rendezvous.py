@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bench.distributed import free_port
-from conftest import finish, start_bench
+from conftest import finish, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 TINY = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--seq_len", "64",
@@ -19,11 +19,7 @@ def error_lines(res) -> list[str]:
 def test_a_taken_port_is_refused_and_the_running_job_goes_on(tmp_path):
     port = free_port()
     first = start_bench(tmp_path / "first", *TINY, "--max_steps", "300", nprocs=2, launcher="deepspeed", port=port)
-    t0 = time.time()
-    while not list((tmp_path / "first").glob("*/metrics.jsonl")) or \
-            not list((tmp_path / "first").glob("*/metrics.jsonl"))[0].stat().st_size:
-        assert time.time() - t0 < 120 and first[0].poll() is None, "the first job never started training"
-        time.sleep(0.5)
+    wait_for_steps(tmp_path / "first", first, 1)
     t1 = time.time()
     second = finish(start_bench(tmp_path / "second", *TINY, "--max_steps", "3", nprocs=2, launcher="deepspeed",
                                 port=port), tmp_path / "second", timeout=120)

@@ -12,7 +12,7 @@ import pytest
 
 from bench import signals
 from bench.distributed import free_port
-from conftest import finish, start_bench
+from conftest import finish, start_bench, wait_for_steps
 
 TINY = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--eval_interval", "0",
         "--warmup_steps", "1")
@@ -62,16 +62,6 @@ def test_a_signal_just_before_the_loop_stops_it_from_starting(handlers):
     signals._requested = ("preempted", "SIGUSR1")  # arrived while the loop was being set up
     with pytest.raises(signals.Stopped):
         signals.training(True)
-
-
-def wait_for_steps(out, procs, n: int, timeout: float = 120) -> None:
-    t0 = time.time()
-    while True:
-        files = glob.glob(f"{out}/*/metrics.jsonl")
-        if files and len(open(files[0]).read().splitlines()) >= n:
-            return
-        assert time.time() - t0 < timeout and all(p.poll() is None for p in procs), "no training steps seen"
-        time.sleep(0.2)
 
 
 def the_summary(out) -> dict:

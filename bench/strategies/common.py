@@ -38,12 +38,11 @@ def lora_adapter_params(cfg, model_config) -> int:
     if not targets or missing:
         raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in "
                          f"{type(model).__name__}")
-    sizes = {leaf: _in_out(m) for leaf, m in modules if leaf in targets}
-    unsupported = sorted(leaf for leaf, size in sizes.items() if size is None)
+    unsupported = sorted({leaf for leaf, m in modules if leaf in targets and _in_out(m) is None})
     if unsupported:
         raise BenchError(f"--lora_targets {cfg.lora_targets!r}: {unsupported} are neither linear nor embedding "
                          f"layers in {type(model).__name__}; LoRA wraps those only")
-    return sum(cfg.lora_r * sum(_in_out(m)) for leaf, m in modules if leaf in targets)
+    return sum(_adapter_sizes(cfg, model))
 
 
 def _in_out(module) -> tuple[int, int] | None:
@@ -55,17 +54,21 @@ def _in_out(module) -> tuple[int, int] | None:
     return None
 
 
+def _adapter_sizes(cfg, model) -> list[int]:
+    """numel of every LoRA tensor (A, then B, per wrapped layer) peft adds to `model`."""
+    targets, r, sizes = _target_names(cfg), cfg.lora_r, []
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            n_in, n_out = _in_out(m)
+            sizes += [r * n_in, n_out * r]
+    return sizes
+
+
 def parameter_sizes(plan) -> list[int]:
     """numel of every parameter the model will have, LoRA's A and B included, from the meta device."""
-    sizes = [p.numel() for p in meta_model(plan.model_config).parameters()]
-    if plan.peft == "lora":
-        targets = _target_names(plan.cfg)
-        r = plan.cfg.lora_r
-        for name, m in meta_model(plan.model_config).named_modules():
-            if name.rsplit(".", 1)[-1] in targets:
-                n_in, n_out = _in_out(m)
-                sizes += [r * n_in, n_out * r]
-    return sizes
+    model = meta_model(plan.model_config)
+    sizes = [p.numel() for p in model.parameters()]
+    return sizes + (_adapter_sizes(plan.cfg, model) if plan.peft == "lora" else [])
 
 
 def apply_lora(model, cfg):
