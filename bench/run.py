@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         return 2
     except signals.Stopped as e:
         signals.closing()
-        print_error(f"{e.status}: {e} before the run started (nothing was recorded)")
+        # Not an error line: this is also how a launcher stops the other ranks when one refused to start.
+        print(f"note: {e} before the run started; nothing was recorded", file=sys.stderr, flush=True)
         return signals.EXIT_CODE[e.status]
     if env.rank == 0:
         print(plan.table(), flush=True)

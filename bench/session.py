@@ -49,7 +49,10 @@ class Session:
         except (BenchError, signals.Stopped) as e:  # before the run directory exists: refused like bad input
             signals.closing()
             stopped = isinstance(e, signals.Stopped)
-            print_error(f"{e.status}: {e} during start-up" if stopped else str(e))
+            if stopped:  # not an error line: a launcher stops the other ranks this way when one failed to start
+                print(f"note: {e} during start-up, before the run directory existed", file=sys.stderr, flush=True)
+            else:
+                print_error(str(e))
             distributed.shutdown(clean=False)
             return signals.EXIT_CODE[e.status] if stopped else 2
         self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
