@@ -1,10 +1,15 @@
-"""Where a run's records go: the run directory first (source of truth), then W&B (rank 0, imported lazily)."""
+"""Where a run's records go: the run directory first (source of truth), then W&B (from rank 0, through a process
+of its own: bench/wandb_writer.py)."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import queue
+import secrets
+import select
+import string
+import subprocess
 import sys
 import threading
 
@@ -74,58 +79,65 @@ class JsonlLogger:
 class WandbLogger:
     """One W&B run per benchmark run, from rank 0. Mirrors metrics.jsonl lines and summary.json.
 
-    wandb.log costs milliseconds of Python per call, as much as a small model's whole step, so records go
-    through a queue to a background thread: the training loop only enqueues, and order is kept.
+    W&B itself runs in a separate, lowest-priority process (bench/wandb_writer.py); this side only hands each
+    record to a background thread that writes it, as a JSON line, to that process's pipe. A full pipe blocks the
+    thread, never the training loop.
     """
 
+    FINISH_TIMEOUT_S = 600  # an online run's upload at the end; the run's own files are complete before it
+
     def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str], resume_id: str = None):
-        self.run = None
+        self.run_id = self._proc = None
         if cfg.wandb_mode == "disabled":
             return
-        import wandb  # lazy: a disabled run never pays the import
         os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
-        self.run = wandb.init(
-            project=cfg.wandb_project, group=cfg.wandb_group or cfg.model, job_type=cfg.strategy,
-            name=run_name, tags=tags, config=config, mode=cfg.wandb_mode, dir=run_dir,
-            id=resume_id, resume="allow" if resume_id else None,  # a resumed run continues its W&B run
-            # System stats off: the harness samples devices itself (device_monitor.csv), and on a small
-            # host the extra sampler process competes with training for CPU.
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
-        # Every metric is plotted against the optimizer step, not W&B's internal call counter.
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
+        # The id is chosen here, so summary.json has it at once and a resumed run continues the same W&B run.
+        # (secrets, not random: the harness seeds random, and two runs must not share an id)
+        self.run_id = resume_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        init = {"project": cfg.wandb_project, "group": cfg.wandb_group or cfg.model, "job_type": cfg.strategy,
+                "name": run_name, "tags": tags, "config": config, "mode": cfg.wandb_mode, "dir": run_dir,
+                "id": self.run_id, "resume": "allow" if resume_id else None}
+        # Its own session: a Ctrl-C in the terminal reaches the ranks, which then finish the W&B run in order. The
+        # writer leaves this process's tree (see wandb_writer.py) and says it is done by closing its end of `done`.
+        self._done, done_w = os.pipe()
+        self._proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "wandb_writer.py"),
+                                       str(done_w)], stdin=subprocess.PIPE, text=True, start_new_session=True,
+                                      pass_fds=(done_w,))
+        os.close(done_w)
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, name="wandb-logger", daemon=True)
+        self._thread = threading.Thread(target=self._drain, name="wandb-pipe", daemon=True)
         self._thread.start()
+        self._queue.put({"init": init})
 
     def _drain(self):
         while (item := self._queue.get()) is not None:
-            kind, payload = item
             try:
-                self.run.log(payload) if kind == "log" else self.run.summary.update(payload)
-            except Exception as e:  # noqa: BLE001 - W&B trouble must not stop the run; disk has it all
-                print(f"warning: W&B {kind} failed: {e}", file=sys.stderr)
+                self._proc.stdin.write(json.dumps(item, default=str) + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):  # the writer died; it said why on stderr
+                return
 
     def log(self, record: dict) -> None:
-        if self.run is not None:
-            self._queue.put(("log", _finite(flatten(record))))
+        if self._proc is not None:
+            self._queue.put({"log": _finite(flatten(record))})
 
     def summary(self, summary: dict) -> None:
-        if self.run is not None:
-            self._queue.put(("summary", _finite(flatten(summary))))
+        if self._proc is not None:
+            self._queue.put({"summary": _finite(flatten(summary))})
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is None:
+        if self._proc is None:
             return
+        self._queue.put({"finish": exit_code})
         self._queue.put(None)
         self._thread.join()
         try:
-            self.run.finish(exit_code=exit_code)
-        except Exception as e:  # noqa: BLE001
-            print(f"warning: W&B finish failed: {e}", file=sys.stderr)
-        self.run = None
-
-    @property
-    def run_id(self):
-        return self.run.id if self.run is not None else None
-
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        self._proc.wait()  # the writer's first process, which left at once
+        if not select.select([self._done], [], [], self.FINISH_TIMEOUT_S)[0]:  # readable: closed, the writer ended
+            print(f"warning: the W&B writer did not finish within {self.FINISH_TIMEOUT_S} s; leaving it to finish "
+                  "on its own (the run directory holds every record)", file=sys.stderr)
+        os.close(self._done)
+        self._proc = None

@@ -123,15 +123,18 @@ def peak_rss_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-_SELF = None
-
-
 def current_rss_mib() -> float:
-    global _SELF
-    if _SELF is None:
+    """Resident memory now. Read every step, so from /proc directly where it exists (10 us, against 120 us for
+    psutil's full memory_info)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE / 2**20
+    except OSError:
         import psutil
-        _SELF = psutil.Process(os.getpid())
-    return _SELF.memory_info().rss / 2**20
+        return psutil.Process().memory_info().rss / 2**20
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # ---------------------------------------------------------------------------------------------------------

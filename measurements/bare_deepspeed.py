@@ -1,61 +1,39 @@
 """The reference a harness run is measured against: a bare DeepSpeed training loop with nothing but the work.
 
-It reads a harness run's config.json so it trains the same model with the same resolved ds_config, batch and
-data; it times the same steps the same way (device-synchronized wall clock) and prints one JSON line.
-    python measurements/bare_deepspeed.py RUN_DIR
+It redoes a harness run's job (measurements/same_job.py: same model, weights, LoRA, resolved ds_config and
+batches), times each step the way the harness does (device-synchronized, around forward/backward/step), and
+writes each rank's steps to OUT/bare-rankR.json. Launch it as the harness run was launched, e.g.
+    torchrun --nproc_per_node 2 --master_port 29611 measurements/bare_deepspeed.py RUN_DIR OUT
 """
-import json
-import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import same_job  # measurements/same_job.py, next to this script
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str, out_dir: str) -> None:
+    env, plan = same_job.load(run_dir)
     import deepspeed
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from bench import data, models
-    from bench.strategies.common import apply_lora
-    from bench.config import RunConfig
-
-    with open(os.path.join(run_dir, "config.json")) as fh:
-        recorded = json.load(fh)
-    cfg, ds = RunConfig(**recorded["run"]), recorded["ds_config"]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29517"}.items():
-        os.environ.setdefault(k, v)
     deepspeed.init_distributed(verbose=False)
-    _, source = models.resolve_model_source(cfg.model, cfg.init)
-    tok = models.load_tokenizer(source)
-    train, _ = data.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(source)
-    model.config.use_cache = False
-    if cfg.peft == "lora":
-        model = apply_lora(model, cfg)
-    engine, *_ = deepspeed.initialize(model=model, config=ds,
+    device = torch.device("cuda", env.local_rank) if plan.device_type == "cuda" else torch.device("cpu")
+    model, keep_alive = same_job.build_model(plan, device)
+    engine, *_ = deepspeed.initialize(model=model, config=plan.ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
-    batches = data.ShardedBatches(train, ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
-                                  1, 0, cfg.seed)
-    device = engine.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_measure = None
-    for step in range(cfg.max_steps):
-        if step == cfg.warmup_steps:
-            sync()
-            t_measure = time.perf_counter()
-        for b in batches.step_batches(step):
-            out = engine(**{k: v.to(device) for k, v in b.items()})
+    del keep_alive
+    batches, rec = same_job.batches(plan, env), same_job.StepRecorder(device)
+    for step in range(plan.cfg.max_steps):
+        micro = [{k: v.to(device) for k, v in b.items()} for b in batches.step_batches(step)]
+        rec.begin()
+        loss_sum = 0.0
+        for b in micro:
+            out = engine(**b)
             engine.backward(out.loss)
             engine.step()
-        float(out.loss)  # the harness reads the loss every step too
-    sync()
-    wall = time.perf_counter() - t_measure
-    print(json.dumps({"measured_steps": cfg.max_steps - cfg.warmup_steps, "wall_s": wall}))
+            loss_sum = loss_sum + out.loss.detach().float()
+        rec.stop()
+        rec.result(float(loss_sum / len(micro)), engine.get_global_grad_norm())
+    rec.write(out_dir, "bare", env.rank)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the repository root and running a step that must succeed."""
+"""What the benchmark scripts share: the repository root, running a step that must succeed, launching a script
+on N local processes, a harness run's records, and writing a results page."""
 import os
 import subprocess
 import sys
@@ -12,6 +13,26 @@ def run(cmd: list[str]) -> str:
     if out.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
     return out.stdout
+
+
+def launch(nprocs: int, script: str, *args: str) -> list[str]:
+    """The command that runs script on nprocs local processes under torchrun, on a free port (every way a
+    benchmark compares gets the same launcher, so the same rendezvous and threads per rank)."""
+    sys.path.insert(0, REPO)
+    from bench.distributed import free_port
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
+            str(free_port()), script, *args]
+
+
+def harness(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict, list[dict]]:
+    """One bench/run.py run in a fresh output directory. -> (run directory, summary, metrics.jsonl records)."""
+    import json
+    run(launch(nprocs, "bench/run.py", "--output_dir", out_dir, *args))
+    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    from bench.loggers import read_records
+    return run_dir, summary, read_records(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def host_line() -> str:

@@ -3,36 +3,30 @@ work (measurements/bare_deepspeed.py), plus the harness's time to first step spl
 
     python measurements/harness_overhead.py [--repeats 5] [--out docs/results/harness_overhead_cpu.md] [-- harness args]
 
-The harness's per-step cost (all-gather of step stats, metrics.jsonl, W&B offline log, console line, the
-device-monitor thread) is inside its wall time, since the wall clock runs from the end of the warm-up step to
-the end of the last step. Runs alternate harness/bare so drift in machine load hits both alike.
+The harness's per-step cost (all-gather of step stats, metrics.jsonl, the hand-off to the W&B writer, console
+line, the device-monitor thread) is inside its wall time, since the wall clock runs from the end of the warm-up
+step to the end of the last step. Runs alternate harness/bare so drift in machine load hits both alike. Beside
+the ratio, which machine noise blurs, the page gives the part measured within each run: the time between one
+step's clock stopping and the next one's starting (the harness's bookkeeping, or the bare loop's nothing).
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 
-from common import run, write_page  # measurements/common.py, next to this script
+from common import harness, host_line, launch, run, write_page  # measurements/common.py, next to this script
+import same_job
 
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
                 "--warmup_steps", "5", "--micro_batch_size", "8", "--global_batch_size", "8", "--seq_len", "256",
                 "--eval_interval", "0", "--eval_batches", "1"]
 
 
-def harness_once(args, out_dir):
-    run([sys.executable, "bench/run.py", "--output_dir", out_dir, *args])
-    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
-    with open(os.path.join(run_dir, "summary.json")) as fh:
-        s = json.load(fh)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        recs = [json.loads(line) for line in fh]
-    w = s["warmup_steps"]
-    # wall clock from the end of the last warm-up step to the end of the last step (elapsed_s is wall time)
-    wall = recs[-1]["elapsed_s"] - recs[w - 1]["elapsed_s"]
-    return run_dir, wall / (len(recs) - w), s
+def per_step(elapsed: list[float], step_times: list[float], warmup: int) -> tuple[float, float]:
+    """-> (wall seconds per measured step, median seconds between a step's end and the next step's start)."""
+    wall = (elapsed[-1] - elapsed[warmup - 1]) / (len(elapsed) - warmup)
+    gaps = [b - a - t for a, b, t in zip(elapsed[warmup - 1:], elapsed[warmup:], step_times[warmup:])]
+    return wall, statistics.median(gaps)
 
 
 VARIANTS = {  # harness variants, each against the same bare loop
@@ -53,33 +47,39 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(opts.repeats):
             for j, (name, args) in enumerate(VARIANTS.items()):
-                run_dir, per_step, s = harness_once(base + args, os.path.join(tmp, f"h{i}-{j}"))
-                per_variant[name].append(per_step)
+                run_dir, s, recs = harness(1, base + args, os.path.join(tmp, f"h{i}-{j}"))
+                per_variant[name].append(per_step([r["elapsed_s"] for r in recs], [r["step_time_s"] for r in recs],
+                                                  s["warmup_steps"]))
                 startups.append({**s["startup_s"], "time_to_first_step_s": s["time_to_first_step_s"]})
-            b = json.loads(run([sys.executable, "measurements/bare_deepspeed.py", run_dir]).strip().splitlines()[-1])
-            bare.append(b["wall_s"] / b["measured_steps"])
-            print(f"repeat {i}: bare {bare[-1] * 1e3:.2f} ms/step; harness "
-                  + ", ".join(f"{v[-1] * 1e3:.2f}" for v in per_variant.values()), flush=True)
-    b = statistics.median(bare)
+            run(launch(1, "measurements/bare_deepspeed.py", run_dir, os.path.join(tmp, f"b{i}")))
+            m = same_job.merge(os.path.join(tmp, f"b{i}"), "bare")
+            bare.append(per_step(m["elapsed_s"], m["step_time_s"], s["warmup_steps"]))
+            print(f"repeat {i}: bare {bare[-1][0] * 1e3:.2f} ms/step; harness "
+                  + ", ".join(f"{v[-1][0] * 1e3:.2f}" for v in per_variant.values()), flush=True)
+    b, b_gap = (statistics.median(x[k] for x in bare) for k in (0, 1))
     st = {k: statistics.median(x[k] for x in startups) for k in startups[0]}
-    import torch
-    import deepspeed
-    rows = [f"| bare DeepSpeed loop | {b * 1e3:.2f} | 1 | {', '.join(f'{x * 1e3:.2f}' for x in bare)} |"]
+    rows = [f"| bare DeepSpeed loop | {b * 1e3:.2f} | 1 | {b_gap * 1e3:.3f} | "
+            f"{', '.join(f'{x[0] * 1e3:.2f}' for x in bare)} |"]
     for name, xs in per_variant.items():
-        h = statistics.median(xs)
-        rows.append(f"| harness, {name} | {h * 1e3:.2f} | **{h / b:.3f}** ({100 * (h / b - 1):+.1f} %, "
-                    f"{(h - b) * 1e3:+.2f} ms/step) | {', '.join(f'{x * 1e3:.2f}' for x in xs)} |")
+        h, gap = (statistics.median(x[k] for x in xs) for k in (0, 1))
+        ratios = [x[0] / y[0] for x, y in zip(xs, bare)]  # within a repeat: the same machine state
+        r = statistics.median(ratios)
+        rows.append(f"| harness, {name} | {h * 1e3:.2f} | **{r:.3f}** ({100 * (r - 1):+.1f} %; "
+                    f"{', '.join(f'{x:.3f}' for x in ratios)}) | {gap * 1e3:.3f} ({100 * (gap - b_gap) / b:+.2f} % "
+                    f"of a bare step) | {', '.join(f'{x[0] * 1e3:.2f}' for x in xs)} |")
+    bare_walls = [x[0] for x in bare]
     lines = [
         "# Harness overhead vs a bare DeepSpeed loop", "",
         f"- command: `python measurements/harness_overhead.py --repeats {opts.repeats} {' '.join(extra)}`".rstrip(),
         f"- common harness args: `{' '.join(base)}`",
-        f"- host: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; python {platform.python_version()}, "
-        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}; device: "
-        + ("cuda" if s["memory"]["per_rank"][0]["peak_allocated_mib"] else "cpu"),
-        "- wall time per measured step (warm-up excluded); harness and bare runs alternate within each repeat", "",
-        "| | median ms/step | ratio to bare | all repeats (ms) |", "|---|---|---|---|", *rows, "",
-        f"Noise: the bare loop's own repeats differ by {100 * (max(bare) / min(bare) - 1):.0f} % here (slowest over "
-        "fastest); a ratio closer to 1 than that is not a measured difference.", "",
+        f"- {host_line()}; device: " + ("cuda" if s["memory"]["per_rank"][0]["peak_allocated_mib"] else "cpu"),
+        "- wall time per measured step (warm-up excluded); harness and bare runs alternate within each repeat, and "
+        "the ratio to bare is taken within each repeat (median, then every repeat's)", "",
+        "| | median wall ms/step | ratio to bare | ms between steps (median) | all repeats (ms/step) |",
+        "|---|---|---|---|---|", *rows, "",
+        f"Noise: the bare loop's own repeats differ by {100 * (max(bare_walls) / min(bare_walls) - 1):.0f} % here "
+        "(slowest over fastest); a ratio closer to 1 than that is not a measured difference. The time between "
+        "steps is measured within each run, so machine drift does not blur it.", "",
         "Time to first step (median over all harness runs), from process start:", "", "| phase | s |", "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in st.items()], "",
         "The phases are consecutive and add up to time_to_first_step_s (docs/metrics.md: startup_s).",

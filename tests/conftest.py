@@ -51,6 +51,22 @@ class Result:
     def losses(self) -> list[float]:
         return [r["loss"] for r in self.records()]
 
+    def wandb_records(self) -> list[dict]:
+        """The run's one offline W&B run, read back with wandb's own transaction-log reader."""
+        files = list((self.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, "rank 0 alone writes one W&B run"
+        out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json",
+                              str(files[0])], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+    def wandb_summary(self) -> dict:
+        summary = {}
+        for r in self.wandb_records():
+            if r["type"] == "summary":
+                summary.update(r["summary"].get("update", {}))
+        return summary
+
 
 def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python", timeout: int = 300,
               env: dict | None = None) -> Result:

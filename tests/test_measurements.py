@@ -2,10 +2,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bench.distributed import free_port
 from conftest import REPO
+
+sys.path.insert(0, str(REPO / "measurements"))
+import same_job  # noqa: E402 - measurements/same_job.py
 
 pytestmark = pytest.mark.multiproc
 
@@ -29,3 +34,30 @@ def test_strategy_matrix_records_a_results_page(tmp_path):
     assert comparison[0][4] == "1"  # time reduction of the baseline against itself: 1x
     s = json.loads((tmp_path / "t" / "runs" / "tiny-llama-dp-dp_zero2-2g" / "summary.json").read_text())
     assert s["steps"] == 4 and s["world_size"] == 2 and s["peft"] == "none"
+
+
+def redo(way: str, run, nprocs: int, out: Path, *extra: str) -> dict:
+    """measurements/bare_deepspeed.py or hf_trainer.py redoing a harness run's job -> same_job.merge's record."""
+    script = {"bare": "measurements/bare_deepspeed.py", "trainer": "measurements/hf_trainer.py"}[way]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
+           str(free_port()), script, str(run.run_dir), str(out), *extra]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return same_job.merge(str(out), way)
+
+
+def test_bare_loop_and_trainer_compute_what_the_harness_computes(zero_runs, tmp_path):
+    """measurements/side_by_side.py's premise: the three ways train the same thing. ZeRO-3 on 2 processes, and
+    one process with 2 accumulated micro-batches per step, against the harness's own records."""
+    for name, nprocs, ways in (("zero3", 2, ("bare", "trainer")), ("w1", 1, ("trainer",))):
+        harness = zero_runs[name].records()
+        for way in ways:
+            m = redo(way, zero_runs[name], nprocs, tmp_path / f"{name}-{way}")
+            assert m["loss"] == pytest.approx([r["loss"] for r in harness], rel=1e-4), (name, way)
+            assert m["grad_norm"] == pytest.approx([r["grad_norm"] for r in harness], rel=1e-4), (name, way)
+            assert len(m["step_time_s"]) == len(harness) and min(m["step_time_s"]) > 0
+    # The Trainer's own default weights the loss by target tokens across the accumulated micro-batches
+    # (docs/parity.md): with answer-only labels, micro-batches hold different numbers of them, so it differs.
+    m = redo("trainer", zero_runs["w1"], 1, tmp_path / "w1-token-weighted", "--token_weighted")
+    harness = [r["loss"] for r in zero_runs["w1"].records()]
+    assert max(abs(a - b) / b for a, b in zip(m["loss"], harness)) > 1e-3

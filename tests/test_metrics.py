@@ -62,3 +62,11 @@ def test_device_stats_peak_avg_mode():
     ("NVIDIA L4", None, None), (None, None, None), (None, 123.0, 123.0), ("NVIDIA H100", 500.0, 500.0)])
 def test_device_peak(name, override, expected):
     assert metrics.device_peak_tflops(name, override) == expected
+
+
+def test_current_rss_matches_psutil():
+    import psutil
+    keep = bytearray(64 * 2**20)  # noqa: F841 - 64 MiB touched, so a wrong unit or field shows
+    for i in range(0, len(keep), 4096):
+        keep[i] = 1
+    assert metrics.current_rss_mib() == pytest.approx(psutil.Process().memory_info().rss / 2**20, abs=1.0)

@@ -72,14 +72,19 @@ def the_summary(out) -> dict:
 @pytest.mark.multiproc
 def test_ctrl_c_stops_every_rank_at_a_step_boundary(tmp_path):
     port = free_port()
-    procs = start_bench(tmp_path, *TINY, "--seq_len", "64", "--max_steps", "100000", nprocs=2,
-                        launcher="deepspeed", port=port, own_session=True)
+    procs = start_bench(tmp_path, *TINY, "--seq_len", "64", "--max_steps", "100000", "--wandb_mode", "offline",
+                        "--log_interval", "1", nprocs=2, launcher="deepspeed", port=port, own_session=True)
     wait_for_steps(tmp_path, procs, 3)
     os.killpg(procs[0].pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the launcher and every rank
     res = finish(procs, tmp_path, timeout=120)
     s = res.summary()
     assert s["status"] == "interrupted" and "stopped by SIGINT after step" in s["error"], s["error"]
     assert 3 <= s["steps"] < 100000 and len(res.records()) == s["steps"], "every finished step is kept"
+    # The W&B writer (a process of its own) is not cut short by the Ctrl-C: every step and the status reach it.
+    wandb = res.wandb_records()
+    assert [r["history"]["item"]["step"] for r in wandb if r["type"] == "history"] == list(range(1, s["steps"] + 1))
+    assert res.wandb_summary()["status"] == "interrupted"
+    assert [r["exit"]["exit_code"] for r in wandb if r["type"] == "exit"] == [130]
     assert s["step_time_s"]["median"] > 0 and s["total_wall_time_s"] > 0
     # (the deepspeed CLI itself prints a KeyboardInterrupt traceback of its own wait; the ranks print none)
     assert not re.search(r'File ".*/bench/', res.output), res.output[-3000:]

@@ -1,0 +1,98 @@
+"""What the bare DeepSpeed loop and the Hugging Face Trainer share when they redo a harness run's job.
+
+The job is the harness's own plan, rebuilt from the run's config.json (bench/plan.py: model, weights, LoRA, the
+resolved ds_config, the data and its batches in the same order), so all three train the same thing. Each rank
+writes what it measured to OUT/WAY-rankR.json; `merge` combines the ranks as the harness does (bench/train.py):
+a step's time is the slowest rank's, its loss the mean over ranks.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(run_dir: str):
+    """-> (env, plan) for this process. discover() sets the launcher defaults, the shared extension cache and
+    the threads per rank exactly as a harness rank does, before torch is imported."""
+    from bench import distributed, plan as planning
+    from bench.config import RunConfig
+    env = distributed.discover()
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        recorded = json.load(fh)
+    cfg = RunConfig(**{**recorded["run"], "resume": "none", "wandb_mode": "disabled"})
+    plan = planning.resolve(cfg, env)
+    if plan.layout.world_size != env.world_size or plan.ds != recorded["ds_config"]:
+        sys.exit(f"{run_dir} ran on {recorded['layout']['world_size']} processes with another resolved ds_config; "
+                 f"launch {plan.layout.world_size} processes here")
+    return env, plan
+
+
+def build_model(plan, device):
+    """The harness's model build (bench/session.py): same seed, weights and LoRA adapters. -> (model, the ZeRO-3
+    construction context, which must stay alive until deepspeed.initialize)."""
+    from bench import models
+    from bench.strategies.common import apply_lora
+    cfg = plan.cfg
+    zero3 = plan.ds if plan.zero_stage == 3 else None
+    model, keep_alive = models.build_model(cfg.model, cfg.init, plan.model_config, plan.dtype, device, zero3, cfg.seed)
+    if plan.peft == "lora":
+        model = apply_lora(model, cfg)
+    return model, keep_alive
+
+
+def batches(plan, env):
+    """This rank's micro-batches, step by step, as the harness's ZeRO data parallelism feeds them."""
+    from bench.data import ShardedBatches
+    return ShardedBatches(plan.train_data, plan.batch.micro, plan.batch.grad_accum, plan.layout.data_parallel,
+                          env.rank, plan.cfg.seed)
+
+
+class StepRecorder:
+    """Per optimizer step on this rank: device-synchronized time of the step, time since the end of the first
+    step, loss (mean over its micro-batches) and grad norm."""
+
+    def __init__(self, device):
+        import torch
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.device_type = device.type
+        self.steps, self._t0, self._first_end = [], None, None
+
+    def begin(self) -> None:
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self._first_end = self._first_end or now
+        self._stopped = {"step_time_s": now - self._t0, "since_first_s": now - self._first_end}
+
+    def result(self, loss: float, grad_norm) -> None:
+        """The step just stopped computed this loss and grad norm."""
+        self.steps.append({**self._stopped, "loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm)})
+
+    def write(self, out_dir: str, way: str, rank: int) -> None:
+        from bench.metrics import rank_memory
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{way}-rank{rank}.json"), "w") as fh:
+            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type)}, fh)
+
+
+def merge(out_dir: str, way: str) -> dict:
+    """The ranks' records as one run: per step the slowest rank's time, the mean loss, rank 0's grad norm (the
+    global norm, equal on every rank) and the elapsed time on rank 0; the peak memory of the largest rank."""
+    ranks = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith(f"{way}-rank"):
+            with open(os.path.join(out_dir, name)) as fh:
+                ranks.append(json.load(fh))
+    steps = [list(s) for s in zip(*(r["steps"] for r in ranks))]
+    return {
+        "step_time_s": [max(x["step_time_s"] for x in s) for s in steps],
+        "elapsed_s": [s[0]["since_first_s"] for s in steps],
+        "loss": [sum(x["loss"] for x in s) / len(s) for s in steps],
+        "grad_norm": [s[0]["grad_norm"] for s in steps],
+        "peak_memory_mib": max(r["memory"]["peak_allocated_mib"] or r["memory"]["peak_rss_mib"] for r in ranks),
+    }
