@@ -49,6 +49,16 @@ def peak_memory_mib(run: Run) -> float | None:
     return max(peaks) if peaks else None
 
 
+def held_mib(run: Run, *kinds: str) -> float | None:
+    """The most any rank holds of these kinds (summary.accounting: params, grads, optimizer, activation), in MiB;
+    None when a run did not count them all (older runs, pipeline stages' activations)."""
+    ranks = (run.summary.get("accounting") or {}).get("per_rank") or []
+    totals = [[r.get(f"{k}_bytes") for k in kinds] for r in ranks]
+    if not totals or any(v is None for t in totals for v in t):
+        return None
+    return max(sum(t) for t in totals) / 2**20
+
+
 def _get(run: Run, *keys):
     node = run.summary
     for k in keys:
@@ -116,6 +126,9 @@ def check_baseline(runs: list[Run], name: str | None) -> None:
         raise ValueError(f"--baseline {name!r} did not complete; choose a completed run")
 
 
+MODEL_STATES = ("params", "grads", "optimizer")
+
+
 def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     """The LoRA study's summary for one model's completed runs: time reduction, throughput increase and memory
     reduction against the baseline (same workload assumed: same steps and global batch), plus efficiency and
@@ -132,6 +145,10 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
             "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
             "goodput (target tokens/s)": _get(r, "goodput", "tokens_per_s"),
             "time to target (s)": _get(r, "time_to_target_s"), mem: peak_memory_mib(r),
+            # What the strategy divides, counted from the tensors (on the CPU, RSS hides it under the runtime's own)
+            "model-state reduction (x)": metrics.ratio(b and held_mib(b, *MODEL_STATES), held_mib(r, *MODEL_STATES)),
+            "model states / rank (MiB)": held_mib(r, *MODEL_STATES),
+            "activations / rank (MiB)": held_mib(r, "activation"),
         })
     return rows
 

@@ -263,9 +263,21 @@ class Session:
         held = param_counts(engine.module)  # after deepspeed.initialize: TP shards, EP experts, ZeRO-3 partitions
         local = distributed.gather({"rank": env.rank, "total": held["local"], "trainable": held["local_trainable"]})
         self.record.memory(per_rank=mem)
+        self.record.set(accounting={"per_rank": distributed.gather({"rank": env.rank, **self._accounting(engine)})})
         self.record.set(params={"total": after["total"], "trainable": after["trainable"],
                                 "before_peft": before["total"], "per_rank": local})
         self.record.set(**p.strategy.after_training(p, res, local))
+
+    def _accounting(self, engine) -> dict:
+        """What the runner counted during its first step; runners that cannot count everything (pipeline
+        stages) give the model states and null for the rest."""
+        counted = getattr(self.trainer.runner, "accounting", None)
+        if counted:
+            return counted
+        from bench.accounting import model_states
+        states = model_states(engine)
+        return {"params_bytes": states["params_bytes"], "grads_bytes": None,
+                "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": None, "logits_bytes": None}
 
     def _resume(self, engine, ckpt_dir: str) -> TrainResult:
         """Continue from the newest complete checkpoint (or from scratch without one). Steps metrics.jsonl holds

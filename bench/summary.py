@@ -38,6 +38,7 @@ KEYS = {
     "startup_s": "start-up phases in seconds", "flops_per_token": "training FLOPs per token",
     "peak_tflops": "device peak used for MFU", "cpu_threads": "{per_rank, source, local_ranks}",
     "memory": "{per_rank[], device[]}", "params": "{total, trainable, before_peft, per_rank[]}",
+    "accounting": "{per_rank[]}: bytes each rank holds by kind, counted from its tensors (bench/accounting.py)",
     "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",
     "experts_per_rank": "expert-parallel runs: experts each rank holds",
     "pipeline": "pipeline runs: stages, micro-batches, bubble, per-stage parameters",

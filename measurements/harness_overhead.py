@@ -64,7 +64,8 @@ def main():
         h, gap = (statistics.median(x[k] for x in xs) for k in (0, 1))
         ratios = [x[0] / y[0] for x, y in zip(xs, bare)]  # within a repeat: the same machine state
         r = statistics.median(ratios)
-        rows.append(f"| harness, {name} | {h * 1e3:.2f} | **{r:.3f}** ({100 * (r - 1):+.1f} %; "
+        rows.append(f"| harness, {name} | {h * 1e3:.2f} | **{r:.3f}** ({100 * (r - 1):+.1f} %; geometric mean "
+                    f"{statistics.geometric_mean(ratios):.3f}; "
                     f"{', '.join(f'{x:.3f}' for x in ratios)}) | {gap * 1e3:.3f} ({100 * (gap - b_gap) / b:+.2f} % "
                     f"of a bare step) | {', '.join(f'{x[0] * 1e3:.2f}' for x in xs)} |")
     bare_walls = [x[0] for x in bare]

@@ -74,10 +74,12 @@ class StepRecorder:
         self.steps.append({**self._stopped, "loss": loss, "grad_norm": None if grad_norm is None else float(grad_norm)})
 
     def write(self, out_dir: str, way: str, rank: int) -> None:
+        import torch
         from bench.metrics import rank_memory
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{way}-rank{rank}.json"), "w") as fh:
-            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type)}, fh)
+            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type), "threads": torch.get_num_threads()},
+                      fh)
 
 
 def merge(out_dir: str, way: str) -> dict:

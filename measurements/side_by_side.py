@@ -2,6 +2,7 @@
 (measurements/bare_deepspeed.py) and transformers' Trainer with the same ds_config (measurements/hf_trainer.py).
 
     python measurements/side_by_side.py [--repeats 3] [--steps 40] [--out docs/results/side_by_side_cpu.md]
+    python measurements/side_by_side.py --from_json docs/results/side_by_side_cpu.json --out ...  (page only)
 
 Configurations: ZeRO-2 and ZeRO-3, full fine-tune and LoRA, 1 and 2 processes (torchrun for all three ways).
 Each configuration's three runs follow each other, in an order rotated every repeat, so machine noise hits all
@@ -70,7 +71,17 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--configs", default=None, help="e.g. 2-lora-2,3-none-1 (stage-peft-processes); default: all 8")
     p.add_argument("--out", default=None)
+    p.add_argument("--from_json", default=None, help="rebuild the page from a recorded run's JSON, running nothing")
     opts = p.parse_args()
+    if opts.from_json:
+        with open(opts.from_json) as fh:
+            recorded = json.load(fh)
+        configs = [(r["zero_stage"], r["peft"], r["processes"]) for r in recorded]
+        results = {c: r["runs"] for c, r in zip(configs, recorded)}
+        token_weighted = {c: r["trainer_token_weighted"] for c, r in zip(configs, recorded)
+                          if r["trainer_token_weighted"]}
+        opts.repeats, opts.steps = len(recorded[0]["runs"]["harness"]), len(recorded[0]["runs"]["harness"][0]["loss"])
+        return write_page(page(opts, configs, results, token_weighted), opts.out)
     configs = CONFIGS if not opts.configs else [
         (int(s), f, int(n)) for s, f, n in (c.split("-") for c in opts.configs.split(","))]
     results = {c: {w: [] for w in WAYS} for c in configs}  # per config, per way: one merged record per repeat
@@ -102,7 +113,7 @@ def main():
 
 
 def page(opts, configs, results, token_weighted) -> list[str]:
-    rows, ratios, agree = [], [], []
+    rows, ratios, agree, spreads = [], [], [], []
     for c in configs:
         stage, peft, nprocs = c
         name = f"ZeRO-{stage}, {peft}, {nprocs} proc"
@@ -111,6 +122,8 @@ def page(opts, configs, results, token_weighted) -> list[str]:
         ref = results[c]["harness"][0]
         for w in WAYS:
             med = {k: statistics.median(x[k] for x in t[w]) for k in t[w][0]}
+            walls = [x["wall_ms"] for x in t[w]]
+            spreads.append(max(walls) / min(walls) - 1)
             first = results[c][w][0]
             rows.append(f"| {name} | {w} | {med['median_ms']:.1f} | {med['mean_ms']:.1f} | {med['wall_ms']:.1f} | "
                         f"{med['tokens_per_s']:.0f} | {med['peak_mib']:.0f} | "
@@ -138,6 +151,11 @@ def page(opts, configs, results, token_weighted) -> list[str]:
         "max rel. loss diff vs harness | max rel. grad-norm diff |", "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "Wall time per step, ratios measured in the same repeat (below 1: the harness is faster):", "",
         "| configuration | ratio | median | each repeat |", "|---|---|---|---|", *ratios, "",
+        f"Noise: one way's own repeats of one configuration differ by up to {100 * max(spreads):.0f} % (median "
+        f"{100 * statistics.median(spreads):.0f} %, slowest over fastest) on this shared 2-core virtual machine, "
+        "whose speed drifts within seconds (step times of a single run range over tens of percent). A ratio "
+        "closer to 1 than that spread is not a measured difference; docs/results/harness_overhead_cpu.md measures "
+        "the harness's own cost within each run instead.", "",
         "The Trainer with its own default loss (`average_tokens_across_devices`, loss kwargs passed to the model: "
         "the loss summed over every target token of the accumulated micro-batches on all ranks, divided by their "
         "count) against the harness's per-micro-batch mean (docs/parity.md):", "",

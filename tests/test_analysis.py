@@ -83,6 +83,14 @@ def test_comparison_against_baseline(runs_dir):
     assert full["time reduction (x)"] == s1["total_wall_time_s"] / sf["total_wall_time_s"]
     peak = lambda s: max(d["peak_mib"] for d in s["memory"]["device"])  # noqa: E731
     assert full["memory reduction (x)"] == peak(s1) / peak(sf)
+    held = lambda s: max(r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]  # noqa: E731
+                         for r in s["accounting"]["per_rank"]) / 2**20
+    assert full["model states / rank (MiB)"] == pytest.approx(held(sf))
+    assert full["model-state reduction (x)"] == pytest.approx(held(s1) / held(sf))
+    # a LoRA run holds gradients and Adam states for its adapters only: far less than the full fine-tune
+    assert full["model-state reduction (x)"] < 0.5
+    assert full["activations / rank (MiB)"] == pytest.approx(
+        max(r["activation_bytes"] for r in sf["accounting"]["per_rank"]) / 2**20)
     assert "lora-w4-oom" not in rows
     with pytest.raises(ValueError, match="not one of the runs"):
         tables.check_baseline(runs, "nope")

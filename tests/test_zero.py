@@ -1,4 +1,6 @@
 """ZeRO data parallelism on 2 real processes reproduces the single-process run at the same global batch."""
+import json
+
 import pytest
 
 from conftest import PARITY_ARGS, assert_ok, planned_params_per_rank
@@ -41,3 +43,31 @@ def test_zero3_partitions_parameters(zero_runs):
     assert [r["total"] for r in s2["params"]["per_rank"]] == [s2["params"]["total"]] * 2
     assert planned_params_per_rank(*PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json", world=2) == \
         [s2["params"]["total"]] * 2
+
+
+def test_accounting_counts_what_each_zero_stage_holds(zero_runs):
+    """summary.accounting against what ZeRO keeps per rank in fp32 (the ZeRO paper's 4 + 4 + 12 bytes per parameter
+    on the CPU): parameters whole (stage 1, 2) or halved (3); Adam's two states and the fp32 master copy over half
+    of the parameters; gradients reduced into halves; activations untouched by ZeRO."""
+    acc = {name: zero_runs[name].summary()["accounting"]["per_rank"] for name in ("w1", "zero1", "zero2", "zero3")}
+    n = zero_runs["w1"].summary()["params"]["total"]
+    assert [r["rank"] for r in acc["zero2"]] == [0, 1]
+    assert acc["w1"][0]["params_bytes"] == 4 * n
+    for name in ("zero1", "zero2"):
+        for r in acc[name]:
+            assert r["params_bytes"] == pytest.approx(4 * n, rel=1e-3)  # one flat buffer, padded for alignment
+            assert r["optimizer_bytes"] == pytest.approx(12 * n / 2, rel=1e-3)  # master + exp_avg + exp_avg_sq
+    zero3_params = planned_params_per_rank(*PARITY_ARGS, "--ds_config", "ds_configs/dp_zero3.json", world=2)
+    assert [r["params_bytes"] for r in acc["zero3"]] == [4 * p for p in zero3_params]
+    assert all(r["optimizer_bytes"] < acc["zero2"][0]["optimizer_bytes"] for r in acc["zero3"])
+    # one process holds every gradient; on 2 ranks DeepSpeed reduces them into each rank's half at the boundary
+    # (stage 1 too, in its implementation), plus its reduction buckets (stage 3: larger ones)
+    assert acc["w1"][0]["grads_bytes"] >= 4 * n
+    for name in ("zero1", "zero2"):
+        assert all(4 * n / 2 <= r["grads_bytes"] < 4 * n for r in acc[name]), (name, acc[name])
+    assert all(r["grads_bytes"] >= 4 * n / 2 for r in acc["zero3"])
+    # activations depend on the micro-batch, not on ZeRO: micro 2 x seq 128 everywhere
+    act = [r["activation_bytes"] for name in acc for r in acc[name]]
+    assert max(act) == pytest.approx(min(act), rel=1e-2) and min(act) > 0
+    vocab = json.loads((zero_runs["w1"].run_dir / "config.json").read_text())["model_config"]["vocab_size"]
+    assert {r["logits_bytes"] for name in acc for r in acc[name]} == {2 * 128 * vocab * 4}

@@ -6,6 +6,8 @@ holds, so adding one is a module here, a ds_config, tests, and one line in the r
 """
 from __future__ import annotations
 
+import contextlib
+
 
 class Strategy:
     name: str = ""
@@ -57,14 +59,39 @@ class EngineRunner:
 
     def __init__(self, engine):
         self.engine = engine
+        self.accounting = {}  # what this rank holds, counted during its first step (bench/accounting.py)
 
     def train_step(self, micro_batches: list[dict]):
+        if not self.accounting:
+            return self._counted_step(micro_batches)
         loss_sum = 0.0
         for b in micro_batches:
             out = self.engine(**b)
             self.engine.backward(out.loss)
             self.engine.step()  # applies the update only at the accumulation boundary
             loss_sum = loss_sum + out.loss.detach().float()
+        return loss_sum / len(micro_batches)
+
+    def _counted_step(self, micro_batches: list[dict]):
+        """The same step, counting what the rank holds: activations of the first micro-batch's forward, gradients
+        at the accumulation boundary, parameters and optimizer states after the update."""
+        from bench import accounting
+        held = accounting.model_states(self.engine)["_keys"]
+        activations = accounting.ActivationCounter(exclude=held)
+        loss_sum, grads, logits = 0.0, 0, 0
+        for i, b in enumerate(micro_batches):
+            with activations if i == 0 else contextlib.nullcontext():
+                out = self.engine(**b)
+            logits = logits or out.logits.untyped_storage().nbytes()
+            self.engine.backward(out.loss)
+            if i == len(micro_batches) - 1:
+                grads = accounting.gradient_bytes(self.engine, exclude=held)
+            self.engine.step()
+            loss_sum = loss_sum + out.loss.detach().float()
+        states = accounting.model_states(self.engine)
+        self.accounting = {"params_bytes": states["params_bytes"], "grads_bytes": grads,
+                           "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": activations.bytes,
+                           "logits_bytes": logits}
         return loss_sum / len(micro_batches)
 
     def eval_loss(self, batch: dict) -> float:

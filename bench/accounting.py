@@ -1,0 +1,100 @@
+"""What each rank holds, counted from the tensors themselves (summary.json "accounting"; docs/metrics.md).
+
+- params_bytes: the storages behind the module's parameters (under ZeRO-3, each parameter's partition), each
+  storage once: ZeRO-1/2's flat buffers hold every parameter as a view and count once, at their padded size.
+- optimizer_bytes: the inner optimizer's states (Adam's exp_avg and exp_avg_sq, step counters) and the
+  parameters it updates where they are not the module's own (ZeRO's fp32 master partitions).
+- grads_bytes: at the accumulation boundary (after the step's last backward, before its update), the gradients
+  and gradient buffers the engine holds: the parameters' .grad and every other tensor the ZeRO optimizer holds
+  that is neither a parameter nor an optimizer state (its reduction buckets and gradient partitions).
+- activation_bytes: the tensors autograd saves for backward during one micro-batch's forward (saved-tensor
+  hooks), each storage once, parameters excluded; logits_bytes: the logits tensor of that forward.
+
+Counting storages, not tensors, is what makes views, flat buffers and tied weights count once.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (s.data_ptr(), t.device.type, t.device.index) if s.nbytes() else None
+
+
+def storage_bytes(tensors, exclude: set = frozenset()) -> tuple[int, set]:
+    """Bytes of the distinct non-empty storages behind tensors, leaving out the keys in exclude.
+    -> (bytes, the keys counted)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = _storage_key(t)
+        if key is None or key in exclude or key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total, seen
+
+
+def _tensors_in(obj, depth: int = 3):
+    """Tensors held in obj's attributes, lists, tuples and dicts (a few levels: ZeRO keeps lists of lists)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth and isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors_in(x, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors_in(x, depth - 1)
+
+
+def _parameters(module):
+    for p in module.parameters():
+        yield p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: the partition this rank holds
+
+
+def _inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+
+
+def model_states(engine) -> dict:
+    """params_bytes and optimizer_bytes (any time after deepspeed.initialize; the optimizer's states exist after
+    the first update), and the keys they cover, for grads_bytes to leave out."""
+    params, p_keys = storage_bytes(_parameters(engine.module))
+    inner = _inner_optimizer(engine)
+    held = [t for state in inner.state.values() for t in _tensors_in(state)]
+    held += [p for group in inner.param_groups for p in group["params"]]
+    optimizer, o_keys = storage_bytes(held, exclude=p_keys)
+    return {"params_bytes": params, "optimizer_bytes": optimizer, "_keys": p_keys | o_keys}
+
+
+def gradient_bytes(engine, exclude: set) -> int:
+    """grads_bytes (see the module docstring), called at the accumulation boundary."""
+    held = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if engine.optimizer is not _inner_optimizer(engine):  # a ZeRO optimizer: its buffers, one level down
+        held += [t for v in vars(engine.optimizer).values() for t in _tensors_in(v)]
+    return storage_bytes(held, exclude=exclude)[0]
+
+
+class ActivationCounter:
+    """Saved-for-backward bytes of the forwards run inside `with counter:`, each storage once. Parameters, which
+    autograd saves by reference (under ZeRO-3: the gathered full weight, which is freed after use), and the
+    storages in exclude (what the rank holds anyway) are left out."""
+
+    def __init__(self, exclude: set = frozenset()):
+        self.exclude, self.keys, self.bytes = exclude, set(), 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        key = None if isinstance(t, torch.nn.Parameter) else _storage_key(t)
+        if key is not None and key not in self.keys and key not in self.exclude:
+            self.keys.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
