@@ -78,8 +78,8 @@ class StepRecorder:
         from bench.metrics import rank_memory
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{way}-rank{rank}.json"), "w") as fh:
-            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type), "threads": torch.get_num_threads()},
-                      fh)
+            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type),
+                       "threads": torch.get_num_threads()}, fh)
 
 
 def merge(out_dir: str, way: str) -> dict:

@@ -3,9 +3,6 @@ and the W&B offline run, read back with wandb's own reader."""
 import csv
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
