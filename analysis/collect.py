@@ -36,12 +36,14 @@ class Run:
 
     @property
     def label(self) -> str:
-        """What the run compares as: strategy, layout, ZeRO stage, peft, e.g. 'dp zero2 lora (dp2)'."""
+        """What the run compares as: strategy, layout, ZeRO stage, peft, activation checkpointing ("ckpt"),
+        e.g. 'dp zero2 lora (dp2)'."""
         s = self.summary
         lay = s.get("layout") or {}
         parts = [f"{k}{v}" for k, v in lay.items() if v and v > 1]
         zero = f" zero{s.get('zero_stage')}" if s.get("strategy") == "dp" else ""
-        return f"{s.get('strategy')}{zero} {s.get('peft')} ({'x'.join(parts) or 'single'})"
+        recompute = " ckpt" if (self.config.get("run") or {}).get("activation_checkpointing") else ""
+        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute} ({'x'.join(parts) or 'single'})"
 
 
 def _read_json(path: str) -> dict:

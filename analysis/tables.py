@@ -67,9 +67,11 @@ def _get(run: Run, *keys):
 
 
 def family(run: Run) -> tuple:
-    """Runs that form one scaling series: same model, strategy, ZeRO stage and peft; only the GPU count varies."""
+    """Runs that form one scaling series: same model, strategy, ZeRO stage, peft and activation checkpointing;
+    only the GPU count varies."""
     s = run.summary
-    return (s.get("model"), s.get("strategy"), s.get("zero_stage"), s.get("peft"))
+    recompute = bool((run.config.get("run") or {}).get("activation_checkpointing"))
+    return (s.get("model"), s.get("strategy"), s.get("zero_stage"), s.get("peft"), recompute)
 
 
 def series(runs: list[Run]) -> dict[tuple, list[Run]]:
@@ -103,8 +105,9 @@ def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[st
                                                            _get(r, "total_wall_time_s")),
                 "memory scaling (peak_base/peak_N)": metrics.ratio(device0(base).get("peak_mib"), d0.get("peak_mib")),
             })
-        model, strategy, zero, peft = key
-        title = f"{model}: {strategy}" + (f" ZeRO-{zero}" if strategy == "dp" else "") + f", peft {peft}"
+        model, strategy, zero, peft, recompute = key
+        title = (f"{model}: {strategy}" + (f" ZeRO-{zero}" if strategy == "dp" else "") + f", peft {peft}"
+                 + (", activation checkpointing" if recompute else ""))
         out[title + f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
     return out
 

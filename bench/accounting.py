@@ -98,3 +98,42 @@ class ActivationCounter:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+
+
+# deepspeed.comm's collectives by kind (the function names its comms logger reports)
+COMM_KINDS = {
+    "all_reduce": ("all_reduce", "inference_all_reduce", "all_reduce_coalesced", "reduce"),
+    "reduce_scatter": ("reduce_scatter_tensor", "reduce_scatter"),
+    "all_gather": ("all_gather", "all_gather_into_tensor"),
+    "all_to_all": ("all_to_all_single", "all_to_all"),
+    "send_recv": ("send", "recv", "isend", "irecv", "batch_isend_irecv"),
+    "broadcast": ("broadcast", "broadcast_object_list"),
+}
+_KIND_OF = {name: kind for kind, names in COMM_KINDS.items() for name in names}
+
+
+class CommCounter:
+    """Bytes and calls of DeepSpeed's collectives while active, by kind: what DeepSpeed's own comms logger sees
+    (every call through deepspeed.comm; the harness's own bookkeeping uses torch.distributed and is not counted).
+    A call's bytes are those of the tensor it names, as the logger counts them: for all-gather and reduce-scatter
+    the whole, unsharded buffer. The logger synchronizes the device around every call, so count one step only."""
+
+    def __init__(self):
+        self.bytes, self.calls = {}, {}
+
+    def _append(self, raw_name, record_name, latency, msg_size):
+        kind = _KIND_OF.get(raw_name, raw_name)
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(msg_size)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def __enter__(self):
+        from deepspeed.comm import comm
+        self._logger = comm.comms_logger
+        self._saved = (self._logger.enabled, self._logger.prof_all)
+        self._logger.enabled, self._logger.prof_all = True, True
+        self._logger.append = self._append  # instead of its own record (which keeps every latency)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.enabled, self._logger.prof_all = self._saved
+        del self._logger.append  # the class's method again

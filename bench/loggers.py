@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 
-from bench.summary import flatten
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -68,9 +67,12 @@ class JsonlLogger:
         self._fh = open(self.path, "a")
         return [r for r in records if r["step"] > step]
 
-    def log(self, record: dict) -> None:
-        self._fh.write(json.dumps(_finite(record), default=str) + "\n")
+    def log(self, record: dict) -> str:
+        """-> the line written (W&B gets the same text: the record is serialized once)."""
+        line = json.dumps(_finite(record), default=str)
+        self._fh.write(line + "\n")
         self._fh.flush()
+        return line
 
     def close(self) -> None:
         self._fh.close()
@@ -107,28 +109,31 @@ class WandbLogger:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="wandb-pipe", daemon=True)
         self._thread.start()
-        self._queue.put({"init": init})
+        self._queue.put(("init", init))
 
     def _drain(self):
         while (item := self._queue.get()) is not None:
+            kind, payload = item
+            line = payload if isinstance(payload, str) else json.dumps(_finite(payload), default=str)
             try:
-                self._proc.stdin.write(json.dumps(item, default=str) + "\n")
+                self._proc.stdin.write(f'{{"{kind}": {line}}}\n')
                 self._proc.stdin.flush()
             except (BrokenPipeError, ValueError, OSError):  # the writer died; it said why on stderr
                 return
 
-    def log(self, record: dict) -> None:
+    def log(self, line: str) -> None:
+        """One metrics.jsonl line, as written there; the writer flattens it (a step costs the rank a queue put)."""
         if self._proc is not None:
-            self._queue.put({"log": _finite(flatten(record))})
+            self._queue.put(("log", line))
 
     def summary(self, summary: dict) -> None:
         if self._proc is not None:
-            self._queue.put({"summary": _finite(flatten(summary))})
+            self._queue.put(("summary", summary))
 
     def finish(self, exit_code: int = 0) -> None:
         if self._proc is None:
             return
-        self._queue.put({"finish": exit_code})
+        self._queue.put(("finish", exit_code))
         self._queue.put(None)
         self._thread.join()
         try:

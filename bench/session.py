@@ -152,11 +152,11 @@ class Session:
     def _log(self, record: dict):
         """Every step goes to metrics.jsonl; W&B and the console get every --log_interval-th step, the steps
         that evaluated, and the last one (like torchtitan's log_freq: W&B costs ~1 ms of CPU per record)."""
-        self.jsonl.log(record)
+        line = self.jsonl.log(record)
         step = record["step"]
         show = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps or "val_loss" in record
         if show:
-            self.wandb.log(record)
+            self.wandb.log(line)
         self.console(record, show)
 
     # -----------------------------------------------------------------------------------------------------
@@ -201,6 +201,11 @@ class Session:
         zero3 = p.ds if p.zero_stage == 3 else None
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
                                                     cfg.seed)
+        if cfg.activation_checkpointing:
+            # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
+            # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no
+            # enable_input_require_grads, and ZeRO-3's parameter hooks see the recomputation.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = param_counts(model)
         if p.peft == "lora":
             model = apply_lora(model, cfg)
@@ -269,15 +274,16 @@ class Session:
         self.record.set(**p.strategy.after_training(p, res, local))
 
     def _accounting(self, engine) -> dict:
-        """What the runner counted during its first step; runners that cannot count everything (pipeline
+        """What the runner counted during its first two steps; runners that cannot count everything (pipeline
         stages) give the model states and null for the rest."""
         counted = getattr(self.trainer.runner, "accounting", None)
+        unknown = dict.fromkeys(("grads_bytes", "activation_bytes", "logits_bytes", "comm_bytes_per_step",
+                                 "comm_calls_per_step"))
         if counted:
-            return counted
+            return {**unknown, **counted}  # a run of one step counted no communication
         from bench.accounting import model_states
         states = model_states(engine)
-        return {"params_bytes": states["params_bytes"], "grads_bytes": None,
-                "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": None, "logits_bytes": None}
+        return {**unknown, "params_bytes": states["params_bytes"], "optimizer_bytes": states["optimizer_bytes"]}
 
     def _resume(self, engine, ckpt_dir: str) -> TrainResult:
         """Continue from the newest complete checkpoint (or from scratch without one). Steps metrics.jsonl holds

@@ -105,6 +105,9 @@ class Trainer:
         writes a checkpoint every save_interval steps and when the ranks stop for a signal."""
         res = res or TrainResult()
         self.res = res  # what the session records if the loop dies
+        # from_pretrained returns the model in eval mode: training mode turns on dropout where a model has it, and
+        # the activation checkpointing of --activation_checkpointing, which Hugging Face applies only in training.
+        self.engine.train()
         signals.training(True)
         try:
             return self._run(res, max_steps, warmup_steps, eval_interval, save_interval, save)

@@ -6,13 +6,17 @@ Why a process of its own: inside the rank, W&B with a record every step added 1.
 the ranks for the cores. Here it uses only cores the ranks leave idle, and what it has not written yet waits in
 the pipe; the run directory's metrics.jsonl stays the source of truth.
 
-Lines: {"init": wandb.init kwargs}, then any of {"log": record}, {"summary": dict}, and {"finish": exit code}.
-Standalone on purpose (no torch, no bench imports): it starts in a fraction of a second.
+Lines: {"init": wandb.init kwargs}, then any of {"log": record}, {"summary": dict}, and {"finish": exit code};
+records and summaries nested as in metrics.jsonl and summary.json, flattened here ("a/b" keys). No torch imports:
+it starts in a fraction of a second.
 """
 import json
 import os
 import signal
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.summary import flatten  # noqa: E402 - the one nested -> "a/b" mapping (light: no torch)
 
 
 def lowest_priority() -> None:
@@ -58,7 +62,7 @@ def main(done_fd: int) -> int:
             exit_code = payload
             break
         try:
-            run.log(payload) if kind == "log" else run.summary.update(payload)
+            run.log(flatten(payload)) if kind == "log" else run.summary.update(flatten(payload))
         except Exception as e:  # noqa: BLE001
             print(f"warning: W&B {kind} failed: {e}", file=sys.stderr, flush=True)
     run.finish(exit_code=exit_code)

@@ -20,6 +20,7 @@ def main(run_dir: str, out_dir: str) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=plan.ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     del keep_alive
+    engine.train()  # as the harness and the Trainer do (from_pretrained returns the model in eval mode)
     batches, rec = same_job.batches(plan, env), same_job.StepRecorder(device)
     for step in range(plan.cfg.max_steps):
         micro = [{k: v.to(device) for k, v in b.items()} for b in batches.step_batches(step)]

@@ -5,7 +5,8 @@ work (measurements/bare_deepspeed.py), plus the harness's time to first step spl
 
 The harness's per-step cost (all-gather of step stats, metrics.jsonl, the hand-off to the W&B writer, console
 line, the device-monitor thread) is inside its wall time, since the wall clock runs from the end of the warm-up
-step to the end of the last step. Runs alternate harness/bare so drift in machine load hits both alike. Beside
+step to the end of the last step. Runs alternate harness/bare, each way in a different position every repeat,
+so drift in machine load hits all alike. Beside
 the ratio, which machine noise blurs, the page gives the part measured within each run: the time between one
 step's clock stopping and the next one's starting (the harness's bookkeeping, or the bare loop's nothing).
 """
@@ -45,15 +46,19 @@ def main():
     per_variant = {name: [] for name in VARIANTS}
     bare, startups = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        job, s, _ = harness(1, base + ["--wandb_mode", "disabled"], os.path.join(tmp, "job"))  # what bare redoes
+        ways = ["bare", *VARIANTS]
         for i in range(opts.repeats):
-            for j, (name, args) in enumerate(VARIANTS.items()):
-                run_dir, s, recs = harness(1, base + args, os.path.join(tmp, f"h{i}-{j}"))
-                per_variant[name].append(per_step([r["elapsed_s"] for r in recs], [r["step_time_s"] for r in recs],
-                                                  s["warmup_steps"]))
+            for j, way in enumerate(ways[i % len(ways):] + ways[:i % len(ways)]):  # every way in every position
+                if way == "bare":
+                    run(launch(1, "measurements/bare_deepspeed.py", job, os.path.join(tmp, f"b{i}")))
+                    m = same_job.merge(os.path.join(tmp, f"b{i}"), "bare")
+                    bare.append(per_step(m["elapsed_s"], m["step_time_s"], s["warmup_steps"]))
+                    continue
+                _, s, recs = harness(1, base + VARIANTS[way], os.path.join(tmp, f"h{i}-{j}"))
+                per_variant[way].append(per_step([r["elapsed_s"] for r in recs], [r["step_time_s"] for r in recs],
+                                                 s["warmup_steps"]))
                 startups.append({**s["startup_s"], "time_to_first_step_s": s["time_to_first_step_s"]})
-            run(launch(1, "measurements/bare_deepspeed.py", run_dir, os.path.join(tmp, f"b{i}")))
-            m = same_job.merge(os.path.join(tmp, f"b{i}"), "bare")
-            bare.append(per_step(m["elapsed_s"], m["step_time_s"], s["warmup_steps"]))
             print(f"repeat {i}: bare {bare[-1][0] * 1e3:.2f} ms/step; harness "
                   + ", ".join(f"{v[-1][0] * 1e3:.2f}" for v in per_variant.values()), flush=True)
     b, b_gap = (statistics.median(x[k] for x in bare) for k in (0, 1))
@@ -74,8 +79,8 @@ def main():
         f"- command: `python measurements/harness_overhead.py --repeats {opts.repeats} {' '.join(extra)}`".rstrip(),
         f"- common harness args: `{' '.join(base)}`",
         f"- {host_line()}; device: " + ("cuda" if s["memory"]["per_rank"][0]["peak_allocated_mib"] else "cpu"),
-        "- wall time per measured step (warm-up excluded); harness and bare runs alternate within each repeat, and "
-        "the ratio to bare is taken within each repeat (median, then every repeat's)", "",
+        "- wall time per measured step (warm-up excluded); the four ways run in turn within each repeat, in an order "
+        "rotated every repeat, and the ratio to bare is taken within each repeat (median, then every repeat's)", "",
         "| | median wall ms/step | ratio to bare | ms between steps (median) | all repeats (ms/step) |",
         "|---|---|---|---|---|", *rows, "",
         f"Noise: the bare loop's own repeats differ by {100 * (max(bare_walls) / min(bare_walls) - 1):.0f} % here "

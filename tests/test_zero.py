@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import PARITY_ARGS, assert_ok, planned_params_per_rank
+from conftest import PARITY_ARGS, assert_ok, planned_params_per_rank, run_bench
 
 pytestmark = pytest.mark.multiproc
 
@@ -71,3 +71,16 @@ def test_accounting_counts_what_each_zero_stage_holds(zero_runs):
     assert max(act) == pytest.approx(min(act), rel=1e-2) and min(act) > 0
     vocab = json.loads((zero_runs["w1"].run_dir / "config.json").read_text())["model_config"]["vocab_size"]
     assert {r["logits_bytes"] for name in acc for r in acc[name]} == {2 * 128 * vocab * 4}
+
+
+def test_activation_checkpointing_recomputes_the_same_model(zero_runs, tmp_path):
+    """--activation_checkpointing changes what is kept, not what is computed: the same loss and gradient norm as
+    the run without it, and far fewer activation bytes kept for backward."""
+    base = zero_runs["w1"]
+    res = run_bench(tmp_path, *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json", "--activation_checkpointing")
+    assert_ok(res)
+    assert res.losses() == pytest.approx(base.losses(), rel=1e-6)
+    assert [r["grad_norm"] for r in res.records()] == pytest.approx([r["grad_norm"] for r in base.records()], rel=1e-5)
+    kept = res.summary()["accounting"]["per_rank"][0]["activation_bytes"]
+    assert 0 < kept < 0.5 * base.summary()["accounting"]["per_rank"][0]["activation_bytes"]
+    assert json.loads((res.run_dir / "config.json").read_text())["run"]["activation_checkpointing"] is True

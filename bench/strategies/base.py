@@ -64,6 +64,15 @@ class EngineRunner:
     def train_step(self, micro_batches: list[dict]):
         if not self.accounting:
             return self._counted_step(micro_batches)
+        if "comm_bytes_per_step" not in self.accounting:  # the second step: the first one sets things up
+            from bench.accounting import CommCounter
+            with CommCounter() as comm:
+                loss = self._step(micro_batches)
+            self.accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
+            return loss
+        return self._step(micro_batches)
+
+    def _step(self, micro_batches: list[dict]):
         loss_sum = 0.0
         for b in micro_batches:
             out = self.engine(**b)
@@ -73,8 +82,9 @@ class EngineRunner:
         return loss_sum / len(micro_batches)
 
     def _counted_step(self, micro_batches: list[dict]):
-        """The same step, counting what the rank holds: activations of the first micro-batch's forward, gradients
-        at the accumulation boundary, parameters and optimizer states after the update."""
+        """The first step, counting what the rank holds: activations of the first micro-batch's forward,
+        gradients at the accumulation boundary, parameters and optimizer states after the update. (The second
+        step counts the communication.)"""
         from bench import accounting
         held = accounting.model_states(self.engine)["_keys"]
         activations = accounting.ActivationCounter(exclude=held)
