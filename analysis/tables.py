@@ -59,6 +59,15 @@ def held_mib(run: Run, *kinds: str) -> float | None:
     return max(sum(t) for t in totals) / 2**20
 
 
+def comm_mib(run: Run) -> float | None:
+    """The most any rank sends through DeepSpeed's collectives in one step, all kinds (summary.accounting)."""
+    ranks = (run.summary.get("accounting") or {}).get("per_rank") or []
+    per_rank = [r.get("comm_bytes_per_step") for r in ranks]
+    if not per_rank or any(c is None for c in per_rank):
+        return None
+    return max(sum(c.values()) for c in per_rank) / 2**20
+
+
 def _get(run: Run, *keys):
     node = run.summary
     for k in keys:
@@ -152,6 +161,7 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
             "model-state reduction (x)": metrics.ratio(b and held_mib(b, *MODEL_STATES), held_mib(r, *MODEL_STATES)),
             "model states / rank (MiB)": held_mib(r, *MODEL_STATES),
             "activations / rank (MiB)": held_mib(r, "activation"),
+            "communication / rank / step (MiB)": comm_mib(r),
         })
     return rows
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import secrets
 import select
 import string
 import subprocess
 import sys
-import threading
 
 
 
@@ -81,9 +79,10 @@ class JsonlLogger:
 class WandbLogger:
     """One W&B run per benchmark run, from rank 0. Mirrors metrics.jsonl lines and summary.json.
 
-    W&B itself runs in a separate, lowest-priority process (bench/wandb_writer.py); this side only hands each
-    record to a background thread that writes it, as a JSON line, to that process's pipe. A full pipe blocks the
-    thread, never the training loop.
+    W&B itself runs in a separate, lowest-priority process (bench/wandb_writer.py); this side writes each record,
+    as a JSON line, to that process's pipe without blocking: what the pipe cannot take yet waits here and goes
+    with the next record. No thread: a thread woken every step competed with the training loop for the GIL and a
+    core (0.7 ms per step on 2 cores, docs/results/harness_overhead_cpu.md).
     """
 
     FINISH_TIMEOUT_S = 600  # an online run's upload at the end; the run's own files are complete before it
@@ -103,39 +102,45 @@ class WandbLogger:
         # writer leaves this process's tree (see wandb_writer.py) and says it is done by closing its end of `done`.
         self._done, done_w = os.pipe()
         self._proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "wandb_writer.py"),
-                                       str(done_w)], stdin=subprocess.PIPE, text=True, start_new_session=True,
+                                       str(done_w)], stdin=subprocess.PIPE, start_new_session=True,
                                       pass_fds=(done_w,))
         os.close(done_w)
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, name="wandb-pipe", daemon=True)
-        self._thread.start()
-        self._queue.put(("init", init))
+        self._pipe = self._proc.stdin.fileno()
+        os.set_blocking(self._pipe, False)
+        self._pending = bytearray()  # appended to per record; written from the front as the pipe takes it
+        self._send("init", json.dumps(init, default=str))
 
-    def _drain(self):
-        while (item := self._queue.get()) is not None:
-            kind, payload = item
-            line = payload if isinstance(payload, str) else json.dumps(_finite(payload), default=str)
-            try:
-                self._proc.stdin.write(f'{{"{kind}": {line}}}\n')
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError):  # the writer died; it said why on stderr
-                return
+    def _send(self, kind: str, payload: str) -> None:
+        if self._pipe is None:
+            return
+        self._pending += f'{{"{kind}": {payload}}}\n'.encode()
+        try:
+            while self._pending:
+                del self._pending[:os.write(self._pipe, self._pending)]
+        except BlockingIOError:
+            pass  # the writer is behind; the rest goes with the next record
+        except OSError:  # the writer died; it said why on stderr
+            self._pipe = None
 
     def log(self, line: str) -> None:
-        """One metrics.jsonl line, as written there; the writer flattens it (a step costs the rank a queue put)."""
+        """One metrics.jsonl line, as written there; the writer flattens it."""
         if self._proc is not None:
-            self._queue.put(("log", line))
+            self._send("log", line)
 
     def summary(self, summary: dict) -> None:
         if self._proc is not None:
-            self._queue.put(("summary", summary))
+            self._send("summary", json.dumps(_finite(summary), default=str))
 
     def finish(self, exit_code: int = 0) -> None:
         if self._proc is None:
             return
-        self._queue.put(("finish", exit_code))
-        self._queue.put(None)
-        self._thread.join()
+        self._send("finish", json.dumps(exit_code))
+        if self._pipe is not None:
+            os.set_blocking(self._pipe, True)  # the run is over: now wait for the writer to take the rest
+            try:
+                os.write(self._pipe, self._pending)
+            except OSError:
+                pass
         try:
             self._proc.stdin.close()
         except OSError:

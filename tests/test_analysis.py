@@ -91,6 +91,8 @@ def test_comparison_against_baseline(runs_dir):
     assert full["model-state reduction (x)"] < 0.5
     assert full["activations / rank (MiB)"] == pytest.approx(
         max(r["activation_bytes"] for r in sf["accounting"]["per_rank"]) / 2**20)
+    comm = [sum(r["comm_bytes_per_step"].values()) for r in sf["accounting"]["per_rank"]]
+    assert full["communication / rank / step (MiB)"] == pytest.approx(max(comm) / 2**20) and min(comm) > 0
     assert "lora-w4-oom" not in rows
     with pytest.raises(ValueError, match="not one of the runs"):
         tables.check_baseline(runs, "nope")
