@@ -46,8 +46,11 @@ def main(done_fd: int) -> int:
     import wandb
     init = json.loads(first)["init"]
     try:
-        # System stats off: the harness samples devices itself (device_monitor.csv).
-        run = wandb.init(**init, settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        # System stats off: the harness samples devices itself (device_monitor.csv). The summary is the harness's
+        # own (summary.json, sent at the end), so W&B need not derive one from history after every record, which
+        # doubled the records it writes per step.
+        run = wandb.init(**init, settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                                         x_server_side_derived_summary=True))
     except Exception as e:  # noqa: BLE001 - W&B trouble must not stop the run; the run directory has it all
         print(f"warning: W&B init failed, this run is not in W&B: {e}", file=sys.stderr, flush=True)
         for _ in sys.stdin:  # keep reading so the rank's writes never block on a full pipe
