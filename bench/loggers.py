@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 
-
 def write_json_atomic(path: str, obj) -> None:
     """Readers (analysis, a watching user) never see a half-written file, and a failed write (a full disk)
     leaves the previous version in place."""
@@ -81,8 +80,8 @@ class WandbLogger:
 
     W&B itself runs in a separate, lowest-priority process (bench/wandb_writer.py); this side writes each record,
     as a JSON line, to that process's pipe without blocking: what the pipe cannot take yet waits here and goes
-    with the next record. No thread: a thread woken every step competed with the training loop for the GIL and a
-    core (0.7 ms per step on 2 cores, docs/results/harness_overhead_cpu.md).
+    with the next record. No thread: a thread woken every step competes with the training loop for the GIL and a
+    core. What W&B still costs the rank shows in docs/results/harness_overhead_cpu.md (time between steps).
     """
 
     FINISH_TIMEOUT_S = 600  # an online run's upload at the end; the run's own files are complete before it

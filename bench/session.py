@@ -204,7 +204,7 @@ class Session:
         if cfg.activation_checkpointing:
             # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
             # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no
-            # enable_input_require_grads, and ZeRO-3's parameter hooks see the recomputation.
+            # enable_input_require_grads.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = param_counts(model)
         if p.peft == "lora":
