@@ -14,6 +14,8 @@ Counting storages, not tensors, is what makes views, flat buffers and tied weigh
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -98,6 +100,37 @@ class ActivationCounter:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+
+
+FIELDS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes",
+          "comm_bytes_per_step", "comm_calls_per_step")  # summary.accounting.per_rank[], besides "rank"
+
+
+class StepCounter:
+    """Counts one training step of a DeepSpeedEngine as it runs (EngineRunner calls the hooks): the first
+    micro-batch's forward under an ActivationCounter, the gradients at the accumulation boundary, and the model
+    states after the update. -> result()."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.held = model_states(engine)["_keys"]  # what the rank holds anyway: not activations, not gradients
+        self.activations = ActivationCounter(exclude=self.held)
+        self.grads = self.logits = 0
+
+    def forward(self, index: int):
+        return self.activations if index == 0 else contextlib.nullcontext()
+
+    def after_forward(self, out) -> None:
+        self.logits = self.logits or out.logits.untyped_storage().nbytes()
+
+    def at_boundary(self) -> None:
+        self.grads = gradient_bytes(self.engine, exclude=self.held)
+
+    def result(self) -> dict:
+        states = model_states(self.engine)  # after the update: Adam's states exist now
+        return {"params_bytes": states["params_bytes"], "grads_bytes": self.grads,
+                "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": self.activations.bytes,
+                "logits_bytes": self.logits}
 
 
 # deepspeed.comm's collectives by kind (the function names its comms logger reports)

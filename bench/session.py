@@ -276,12 +276,11 @@ class Session:
     def _accounting(self, engine) -> dict:
         """What the runner counted during its first two steps; runners that cannot count everything (pipeline
         stages) give the model states and null for the rest."""
+        from bench.accounting import FIELDS, model_states
+        unknown = dict.fromkeys(FIELDS)
         counted = getattr(self.trainer.runner, "accounting", None)
-        unknown = dict.fromkeys(("grads_bytes", "activation_bytes", "logits_bytes", "comm_bytes_per_step",
-                                 "comm_calls_per_step"))
         if counted:
             return {**unknown, **counted}  # a run of one step counted no communication
-        from bench.accounting import model_states
         states = model_states(engine)
         return {**unknown, "params_bytes": states["params_bytes"], "optimizer_bytes": states["optimizer_bytes"]}
 

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the repository root, running a step that must succeed, launching a script
-on N local processes, a harness run's records, and writing a results page."""
+on N local processes, a harness run and the bare loop or Trainer redoing its job, and writing a results page."""
 import os
 import subprocess
 import sys
@@ -24,15 +24,27 @@ def launch(nprocs: int, script: str, *args: str) -> list[str]:
             str(free_port()), script, *args]
 
 
-def harness(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict, list[dict]]:
-    """One bench/run.py run in a fresh output directory. -> (run directory, summary, metrics.jsonl records)."""
+def harness(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict, dict]:
+    """One bench/run.py run in a fresh output directory. -> (run directory, summary, its steps in
+    same_job.merge's shape)."""
     import json
+    import same_job
+    from bench.loggers import read_records
     run(launch(nprocs, "bench/run.py", "--output_dir", out_dir, *args))
     (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
     with open(os.path.join(run_dir, "summary.json")) as fh:
         summary = json.load(fh)
-    from bench.loggers import read_records
-    return run_dir, summary, read_records(os.path.join(run_dir, "metrics.jsonl"))
+    return run_dir, summary, same_job.from_harness(summary, read_records(os.path.join(run_dir, "metrics.jsonl")))
+
+
+REDO = {"bare": "measurements/bare_deepspeed.py", "trainer": "measurements/hf_trainer.py"}
+
+
+def redo(way: str, job_dir: str, nprocs: int, out_dir: str, *extra: str) -> dict:
+    """The bare loop or the Trainer redoing a harness run's job. -> its steps, merged (same_job.merge)."""
+    import same_job
+    run(launch(nprocs, REDO[way], job_dir, out_dir, *extra))
+    return same_job.merge(out_dir, way)
 
 
 def host_line() -> str:

@@ -15,7 +15,7 @@ import os
 import statistics
 import tempfile
 
-from common import harness, host_line, launch, run, write_page  # measurements/common.py, next to this script
+from common import harness, host_line, redo, write_page  # measurements/common.py, next to this script
 import same_job
 
 DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--max_steps", "80",
@@ -23,11 +23,11 @@ DEFAULT_ARGS = ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "
                 "--eval_interval", "0", "--eval_batches", "1"]
 
 
-def per_step(elapsed: list[float], step_times: list[float], warmup: int) -> tuple[float, float]:
+def per_step(m: dict, warmup: int) -> tuple[float, float]:
     """-> (wall seconds per measured step, median seconds between a step's end and the next step's start)."""
-    wall = (elapsed[-1] - elapsed[warmup - 1]) / (len(elapsed) - warmup)
-    gaps = [b - a - t for a, b, t in zip(elapsed[warmup - 1:], elapsed[warmup:], step_times[warmup:])]
-    return wall, statistics.median(gaps)
+    e = m["elapsed_s"]
+    gaps = [b - a - t for a, b, t in zip(e[warmup - 1:], e[warmup:], m["step_time_s"][warmup:])]
+    return same_job.wall_per_step(m, warmup), statistics.median(gaps)
 
 
 VARIANTS = {  # harness variants, each against the same bare loop
@@ -51,13 +51,10 @@ def main():
         for i in range(opts.repeats):
             for j, way in enumerate(ways[i % len(ways):] + ways[:i % len(ways)]):  # every way in every position
                 if way == "bare":
-                    run(launch(1, "measurements/bare_deepspeed.py", job, os.path.join(tmp, f"b{i}")))
-                    m = same_job.merge(os.path.join(tmp, f"b{i}"), "bare")
-                    bare.append(per_step(m["elapsed_s"], m["step_time_s"], s["warmup_steps"]))
+                    bare.append(per_step(redo("bare", job, 1, os.path.join(tmp, f"b{i}")), s["warmup_steps"]))
                     continue
-                _, s, recs = harness(1, base + VARIANTS[way], os.path.join(tmp, f"h{i}-{j}"))
-                per_variant[way].append(per_step([r["elapsed_s"] for r in recs], [r["step_time_s"] for r in recs],
-                                                 s["warmup_steps"]))
+                _, s, m = harness(1, base + VARIANTS[way], os.path.join(tmp, f"h{i}-{j}"))
+                per_variant[way].append(per_step(m, s["warmup_steps"]))
                 startups.append({**s["startup_s"], "time_to_first_step_s": s["time_to_first_step_s"]})
             print(f"repeat {i}: bare {bare[-1][0] * 1e3:.2f} ms/step; harness "
                   + ", ".join(f"{v[-1][0] * 1e3:.2f}" for v in per_variant.values()), flush=True)

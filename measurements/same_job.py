@@ -96,5 +96,23 @@ def merge(out_dir: str, way: str) -> dict:
         "elapsed_s": [s[0]["since_first_s"] for s in steps],
         "loss": [sum(x["loss"] for x in s) / len(s) for s in steps],
         "grad_norm": [s[0]["grad_norm"] for s in steps],
-        "peak_memory_mib": max(r["memory"]["peak_allocated_mib"] or r["memory"]["peak_rss_mib"] for r in ranks),
+        "peak_memory_mib": peak_mib([r["memory"] for r in ranks]),
     }
+
+
+def from_harness(summary: dict, records: list[dict]) -> dict:
+    """A harness run (summary.json, metrics.jsonl) in merge's shape: its records already hold the slowest rank's
+    time and the mean loss."""
+    return {**{k: [r[k] for r in records] for k in ("step_time_s", "elapsed_s", "loss", "grad_norm")},
+            "peak_memory_mib": peak_mib(summary["memory"]["per_rank"])}
+
+
+def peak_mib(per_rank: list[dict]) -> float:
+    """The largest rank's peak: the allocator's on GPUs, RSS on the CPU."""
+    return max(r["peak_allocated_mib"] or r["peak_rss_mib"] for r in per_rank)
+
+
+def wall_per_step(m: dict, warmup: int) -> float:
+    """Seconds per measured step, everything between steps included: from the end of the last warm-up step to the
+    end of the last step."""
+    return (m["elapsed_s"][-1] - m["elapsed_s"][warmup - 1]) / (len(m["elapsed_s"]) - warmup)

@@ -21,11 +21,10 @@ import statistics
 import sys
 import tempfile
 
-from common import harness, host_line, launch, run, write_page  # measurements/common.py, next to this script
+from common import harness, host_line, redo, write_page  # measurements/common.py, next to this script
 import same_job
 
 WAYS = ("harness", "bare", "trainer")
-SCRIPTS = {"bare": "measurements/bare_deepspeed.py", "trainer": "measurements/hf_trainer.py"}
 CONFIGS = [(stage, peft, nprocs) for nprocs in (1, 2) for stage in (2, 3) for peft in ("none", "lora")]
 MICRO, ACCUM, SEQ = 4, 2, 256
 
@@ -39,23 +38,8 @@ def job_args(stage: int, peft: str, nprocs: int, steps: int, warmup: int) -> lis
             "--eval_batches", "1", "--wandb_mode", "disabled"]
 
 
-def harness_way(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict]:
-    """A harness run, in same_job.merge's shape. -> (run directory, merged record)."""
-    run_dir, summary, records = harness(nprocs, args, out_dir)
-    peak = max(r["peak_allocated_mib"] or r["peak_rss_mib"] for r in summary["memory"]["per_rank"])
-    return run_dir, {"step_time_s": [r["step_time_s"] for r in records], "elapsed_s": [r["elapsed_s"] for r in records],
-                     "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-                     "peak_memory_mib": peak}
-
-
-def other_way(way: str, job_dir: str, nprocs: int, out_dir: str, *extra: str) -> dict:
-    run(launch(nprocs, SCRIPTS[way], job_dir, out_dir, *extra))
-    return same_job.merge(out_dir, way)
-
-
 def timing(m: dict, warmup: int, tokens_per_step: int) -> dict:
-    steps = m["step_time_s"][warmup:]
-    wall = (m["elapsed_s"][-1] - m["elapsed_s"][warmup - 1]) / len(steps)
+    steps, wall = m["step_time_s"][warmup:], same_job.wall_per_step(m, warmup)
     return {"median_ms": 1e3 * statistics.median(steps), "mean_ms": 1e3 * statistics.fmean(steps),
             "wall_ms": 1e3 * wall, "tokens_per_s": tokens_per_step / wall, "peak_mib": m["peak_memory_mib"]}
 
@@ -94,14 +78,14 @@ def main():
                 for way in order:
                     out = os.path.join(tmp, f"{i}-{stage}-{peft}-{nprocs}-{way}")
                     if way == "harness":
-                        run_dir, m = harness_way(nprocs, job_args(*c, opts.steps, opts.warmup), out)
+                        run_dir, _, m = harness(nprocs, job_args(*c, opts.steps, opts.warmup), out)
                         jobs.setdefault(c, run_dir)
                     else:
-                        m = other_way(way, jobs[c], nprocs, out)
+                        m = redo(way, jobs[c], nprocs, out)
                     results[c][way].append(m)
                 if i == 0 and nprocs > 1:  # the Trainer's own default loss, for the parity note
-                    token_weighted[c] = other_way("trainer", jobs[c], nprocs, os.path.join(tmp, f"tw-{c}"),
-                                                  "--token_weighted")
+                    token_weighted[c] = redo("trainer", jobs[c], nprocs, os.path.join(tmp, f"tw-{c}"),
+                                             "--token_weighted")
                 print(f"repeat {i} {c}: " + ", ".join(
                     f"{w} {timing(results[c][w][-1], opts.warmup, 1)['wall_ms']:.1f} ms/step" for w in WAYS),
                     flush=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.distributed import free_port
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "measurements"))
+import common  # noqa: E402 - measurements/common.py
 import same_job  # noqa: E402 - measurements/same_job.py
 
 pytestmark = pytest.mark.multiproc
@@ -37,10 +37,9 @@ def test_strategy_matrix_records_a_results_page(tmp_path):
 
 
 def redo(way: str, run, nprocs: int, out: Path, *extra: str) -> dict:
-    """measurements/bare_deepspeed.py or hf_trainer.py redoing a harness run's job -> same_job.merge's record."""
-    script = {"bare": "measurements/bare_deepspeed.py", "trainer": "measurements/hf_trainer.py"}[way]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
-           str(free_port()), script, str(run.run_dir), str(out), *extra]
+    """measurements/bare_deepspeed.py or hf_trainer.py redoing a harness run's job -> same_job.merge's record
+    (common.redo's launch, with a timeout and the output on failure)."""
+    cmd = common.launch(nprocs, common.REDO[way], str(run.run_dir), str(out), *extra)
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return same_job.merge(str(out), way)

@@ -59,49 +59,34 @@ class EngineRunner:
 
     def __init__(self, engine):
         self.engine = engine
-        self.accounting = {}  # what this rank holds, counted during its first step (bench/accounting.py)
+        self.accounting = {}  # what this rank holds and moves, counted in its first two steps (bench/accounting.py)
 
     def train_step(self, micro_batches: list[dict]):
-        if not self.accounting:
-            return self._counted_step(micro_batches)
-        if "comm_bytes_per_step" not in self.accounting:  # the second step: the first one sets things up
-            from bench.accounting import CommCounter
+        if "comm_bytes_per_step" in self.accounting:  # every step after the second
+            return self._step(micro_batches)
+        from bench.accounting import CommCounter, StepCounter
+        if not self.accounting:  # the first step: what the rank holds
+            counter = StepCounter(self.engine)
+            loss = self._step(micro_batches, counter)
+            self.accounting = counter.result()
+        else:  # the second: what it communicates (the first one sets things up)
             with CommCounter() as comm:
                 loss = self._step(micro_batches)
             self.accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
-            return loss
-        return self._step(micro_batches)
+        return loss
 
-    def _step(self, micro_batches: list[dict]):
+    def _step(self, micro_batches: list[dict], counter=None):
         loss_sum = 0.0
-        for b in micro_batches:
-            out = self.engine(**b)
+        for i, b in enumerate(micro_batches):
+            with counter.forward(i) if counter else contextlib.nullcontext():
+                out = self.engine(**b)
+            if counter:
+                counter.after_forward(out)
             self.engine.backward(out.loss)
+            if counter and i == len(micro_batches) - 1:
+                counter.at_boundary()
             self.engine.step()  # applies the update only at the accumulation boundary
             loss_sum = loss_sum + out.loss.detach().float()
-        return loss_sum / len(micro_batches)
-
-    def _counted_step(self, micro_batches: list[dict]):
-        """The first step, counting what the rank holds: activations of the first micro-batch's forward,
-        gradients at the accumulation boundary, parameters and optimizer states after the update. (The second
-        step counts the communication.)"""
-        from bench import accounting
-        held = accounting.model_states(self.engine)["_keys"]
-        activations = accounting.ActivationCounter(exclude=held)
-        loss_sum, grads, logits = 0.0, 0, 0
-        for i, b in enumerate(micro_batches):
-            with activations if i == 0 else contextlib.nullcontext():
-                out = self.engine(**b)
-            logits = logits or out.logits.untyped_storage().nbytes()
-            self.engine.backward(out.loss)
-            if i == len(micro_batches) - 1:
-                grads = accounting.gradient_bytes(self.engine, exclude=held)
-            self.engine.step()
-            loss_sum = loss_sum + out.loss.detach().float()
-        states = accounting.model_states(self.engine)
-        self.accounting = {"params_bytes": states["params_bytes"], "grads_bytes": grads,
-                           "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": activations.bytes,
-                           "logits_bytes": logits}
         return loss_sum / len(micro_batches)
 
     def eval_loss(self, batch: dict) -> float:
