@@ -15,22 +15,24 @@ def run(cmd: list[str]) -> str:
     return out.stdout
 
 
-def launch(nprocs: int, script: str, *args: str) -> list[str]:
+def launch(nprocs: int, script: str, *args: str, cores: str | None = None) -> list[str]:
     """The command that runs script on nprocs local processes under torchrun, on a free port (every way a
-    benchmark compares gets the same launcher, so the same rendezvous and threads per rank)."""
+    benchmark compares gets the same launcher, so the same rendezvous and threads per rank). cores (e.g. "1")
+    pins the launcher and everything it starts to those cores; each rank then takes its share of them."""
     sys.path.insert(0, REPO)
     from bench.distributed import free_port
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
+    pin = ["taskset", "-c", cores] if cores else []
+    return [*pin, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
             str(free_port()), script, *args]
 
 
-def harness(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict, dict]:
+def harness(nprocs: int, args: list[str], out_dir: str, cores: str | None = None) -> tuple[str, dict, dict]:
     """One bench/run.py run in a fresh output directory. -> (run directory, summary, its steps in
     same_job.merge's shape)."""
     import json
     import same_job
     from bench.loggers import read_records
-    run(launch(nprocs, "bench/run.py", "--output_dir", out_dir, *args))
+    run(launch(nprocs, "bench/run.py", "--output_dir", out_dir, *args, cores=cores))
     (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir)]
     with open(os.path.join(run_dir, "summary.json")) as fh:
         summary = json.load(fh)
@@ -40,10 +42,10 @@ def harness(nprocs: int, args: list[str], out_dir: str) -> tuple[str, dict, dict
 REDO = {"bare": "measurements/bare_deepspeed.py", "trainer": "measurements/hf_trainer.py"}
 
 
-def redo(way: str, job_dir: str, nprocs: int, out_dir: str, *extra: str) -> dict:
+def redo(way: str, job_dir: str, nprocs: int, out_dir: str, *extra: str, cores: str | None = None) -> dict:
     """The bare loop or the Trainer redoing a harness run's job. -> its steps, merged (same_job.merge)."""
     import same_job
-    run(launch(nprocs, REDO[way], job_dir, out_dir, *extra))
+    run(launch(nprocs, REDO[way], job_dir, out_dir, *extra, cores=cores))
     return same_job.merge(out_dir, way)
 
 
