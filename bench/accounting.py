@@ -1,16 +1,20 @@
 """What each rank holds, counted from the tensors themselves (summary.json "accounting"; docs/metrics.md).
 
-- params_bytes: the storages behind the module's parameters (under ZeRO-3, each parameter's partition), each
-  storage once: ZeRO-1/2's flat buffers hold every parameter as a view and count once, at their padded size.
+- params_bytes: the storages behind the module's parameters (under ZeRO-3, each parameter's partition, plus the
+  whole parameter where it is gathered: the small "persistent" ones stay whole on every rank), each storage once:
+  ZeRO-1/2's flat buffers hold every parameter as a view and count once, at their padded size.
 - optimizer_bytes: the inner optimizer's states (Adam's exp_avg and exp_avg_sq, step counters) and the
   parameters it updates where they are not the module's own (ZeRO's fp32 master partitions).
 - grads_bytes: at the accumulation boundary (after the step's last backward, before its update), the gradients
-  and gradient buffers the engine holds: the parameters' .grad and every other tensor the ZeRO optimizer holds
-  that is neither a parameter nor an optimizer state (its reduction buckets and gradient partitions).
+  the engine holds: the parameters' .grad and every other tensor the ZeRO optimizer holds that is neither a
+  parameter, an optimizer state nor a reduction bucket (its gradient partitions).
+- buffers_bytes: the ZeRO optimizer's reduction buckets held at that moment (ZeRO-3 keeps one for the whole run;
+  ZeRO-1/2 free theirs after each backward, so they count 0 here: the planner adds them to the peak).
 - activation_bytes: the tensors autograd saves for backward during one micro-batch's forward (saved-tensor
   hooks), each storage once, parameters excluded; logits_bytes: the logits tensor of that forward.
 
-Counting storages, not tensors, is what makes views, flat buffers and tied weights count once.
+Counting storages, not tensors, is what makes views, flat buffers and tied weights count once. Meta tensors
+(DeepSpeed keeps shape-only copies) hold no memory and count nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 
 
 def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta":
+        return None
     s = t.untyped_storage()
     return (s.data_ptr(), t.device.type, t.device.index) if s.nbytes() else None
 
@@ -37,21 +43,30 @@ def storage_bytes(tensors, exclude: set = frozenset()) -> tuple[int, set]:
     return total, seen
 
 
-def _tensors_in(obj, depth: int = 3):
-    """Tensors held in obj's attributes, lists, tuples and dicts (a few levels: ZeRO keeps lists of lists)."""
+def _tensors_in(obj, depth: int = 4, path: str = ""):
+    """(attribute path, tensor) for the tensors held in obj's lists, tuples and dicts and in the attributes of
+    DeepSpeed's own helper objects (ZeRO keeps lists of lists, and its buckets in small objects), a few levels
+    deep; modules are not entered (their parameters are counted as parameters)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth and isinstance(obj, (list, tuple)):
+        yield path, obj
+    elif not depth or isinstance(obj, torch.nn.Module):
+        return
+    elif isinstance(obj, (list, tuple)):
         for x in obj:
-            yield from _tensors_in(x, depth - 1)
-    elif depth and isinstance(obj, dict):
+            yield from _tensors_in(x, depth - 1, path)
+    elif isinstance(obj, dict):
         for x in obj.values():
-            yield from _tensors_in(x, depth - 1)
+            yield from _tensors_in(x, depth - 1, path)
+    elif type(obj).__module__.startswith("deepspeed.") and hasattr(obj, "__dict__"):
+        for name, x in vars(obj).items():
+            yield from _tensors_in(x, depth - 1, f"{path}.{name}")
 
 
 def _parameters(module):
     for p in module.parameters():
-        yield p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: the partition this rank holds
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition this rank holds
+            yield p.ds_tensor
+        yield p  # empty (counts nothing) under ZeRO-3 unless gathered, as persistent parameters always are
 
 
 def _inner_optimizer(engine):
@@ -64,18 +79,21 @@ def model_states(engine) -> dict:
     the first update), and the keys they cover, for grads_bytes to leave out."""
     params, p_keys = storage_bytes(_parameters(engine.module))
     inner = _inner_optimizer(engine)
-    held = [t for state in inner.state.values() for t in _tensors_in(state)]
+    held = [t for state in inner.state.values() for _, t in _tensors_in(state)]
     held += [p for group in inner.param_groups for p in group["params"]]
     optimizer, o_keys = storage_bytes(held, exclude=p_keys)
     return {"params_bytes": params, "optimizer_bytes": optimizer, "_keys": p_keys | o_keys}
 
 
-def gradient_bytes(engine, exclude: set) -> int:
-    """grads_bytes (see the module docstring), called at the accumulation boundary."""
-    held = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if engine.optimizer is not _inner_optimizer(engine):  # a ZeRO optimizer: its buffers, one level down
-        held += [t for v in vars(engine.optimizer).values() for t in _tensors_in(v)]
-    return storage_bytes(held, exclude=exclude)[0]
+def gradient_bytes(engine, exclude: set) -> tuple[int, int]:
+    """-> (grads_bytes, buffers_bytes) (see the module docstring), called at the accumulation boundary."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    buckets = []
+    if engine.optimizer is not _inner_optimizer(engine):  # a ZeRO optimizer: its gradient partitions and buckets
+        for name, t in (x for attr, v in vars(engine.optimizer).items() for x in _tensors_in(v, path=attr)):
+            (buckets if "ipg" in name else grads).append(t)  # ipg: its "independent partition gradient" buckets
+    buffers, b_keys = storage_bytes(buckets, exclude=exclude)
+    return storage_bytes(grads, exclude=exclude | b_keys)[0], buffers
 
 
 class ActivationCounter:
@@ -102,8 +120,8 @@ class ActivationCounter:
         self._hooks.__exit__(*exc)
 
 
-FIELDS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes",
-          "comm_bytes_per_step", "comm_calls_per_step")  # summary.accounting.per_rank[], besides "rank"
+FIELDS = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
+          "logits_bytes", "comm_bytes_per_step", "comm_calls_per_step")  # summary.accounting.per_rank[], besides "rank"
 
 
 class StepCounter:
@@ -115,7 +133,7 @@ class StepCounter:
         self.engine = engine
         self.held = model_states(engine)["_keys"]  # what the rank holds anyway: not activations, not gradients
         self.activations = ActivationCounter(exclude=self.held)
-        self.grads = self.logits = 0
+        self.grads = self.buffers = self.logits = 0
 
     def forward(self, index: int):
         return self.activations if index == 0 else contextlib.nullcontext()
@@ -124,12 +142,14 @@ class StepCounter:
         self.logits = self.logits or out.logits.untyped_storage().nbytes()
 
     def at_boundary(self) -> None:
-        self.grads = gradient_bytes(self.engine, exclude=self.held)
+        # the parameters again: a ZeRO-3 gather may have given a whole parameter a new storage since __init__
+        self.grads, self.buffers = gradient_bytes(self.engine, exclude=self.held | model_states(self.engine)["_keys"])
 
     def result(self) -> dict:
         states = model_states(self.engine)  # after the update: Adam's states exist now
         return {"params_bytes": states["params_bytes"], "grads_bytes": self.grads,
-                "optimizer_bytes": states["optimizer_bytes"], "activation_bytes": self.activations.bytes,
+                "optimizer_bytes": states["optimizer_bytes"], "buffers_bytes": self.buffers,
+                "activation_bytes": self.activations.bytes,
                 "logits_bytes": self.logits}
 
 

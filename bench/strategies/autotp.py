@@ -65,17 +65,23 @@ def with_moe_partition(ds: dict, model_config) -> dict:
     return ds
 
 
-def tp_sharded_params(plan) -> int:
+AUTO_POLICY = (r".*\.(q|k|v|o|gate|up|down)_proj\.weight$", r"^lm_head\.weight$")  # AutoTP's LLaMA policy
+
+
+def tp_sharded_names(plan) -> set[str]:
     """Parameters AutoTP splits: for LLaMA its automatic policy (q/k/v/gate/up by column, o/down by row, and the
     LM head by column); with a partition_config (Mixtral's attention-only preset), what its patterns match."""
-    from bench.models import count_params_from_config
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
-    if partition is not None:
-        patterns = [p for spec in partition.get("layer_specs", []) for p in spec.get("patterns", [])]
-        return sum(p.numel() for n, p in meta_model(plan.model_config).named_parameters()
-                   if any(re.match(pattern, n) for pattern in patterns))
-    c = count_params_from_config(plan.model_config)
-    return c["layers"] * (c["layer"]["attention"] + c["layer"]["mlp"]) + c["head"]
+    patterns = AUTO_POLICY if partition is None else \
+        [p for spec in partition.get("layer_specs", []) for p in spec.get("patterns", [])]
+    return {n for n, _ in meta_model(plan.model_config).named_parameters()
+            if any(re.match(pattern, n) for pattern in patterns)}
+
+
+def tp_sharded_params(plan) -> int:
+    """The number of parameters tp_sharded_names holds."""
+    sizes = dict((n, p.numel()) for n, p in meta_model(plan.model_config).named_parameters())
+    return sum(sizes[n] for n in tp_sharded_names(plan))
 
 
 class AutoTP(ModelParallel):

@@ -54,14 +54,19 @@ def _in_out(module) -> tuple[int, int] | None:
     return None
 
 
-def _adapter_sizes(cfg, model) -> list[int]:
-    """numel of every LoRA tensor (A, then B, per wrapped layer) peft adds to `model`."""
+def lora_sizes_by_name(cfg, model) -> list[tuple[str, int]]:
+    """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds to `model`, in order."""
     targets, r, sizes = _target_names(cfg), cfg.lora_r, []
     for name, m in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets:
             n_in, n_out = _in_out(m)
-            sizes += [r * n_in, n_out * r]
+            sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]
     return sizes
+
+
+def _adapter_sizes(cfg, model) -> list[int]:
+    """numel of every LoRA tensor (A, then B, per wrapped layer) peft adds to `model`."""
+    return [n for _, n in lora_sizes_by_name(cfg, model)]
 
 
 def parameter_sizes(plan) -> list[int]:

@@ -164,25 +164,37 @@ class Pipeline(Strategy):
         return {"pipeline": pipeline_summary(plan.layout, plan.batch.grad_accum, res, params_per_rank)}
 
     def params_per_rank(self, plan) -> list[int]:
-        """DeepSpeed's own partitioner over the stages' layers ([embedding] + decoder layers + [norm + head]),
-        weighted as PipelineModule weighs them: trainable parameters per layer ('parameters'), or layer count
-        ('uniform'). Ranks are (stage, data) with the stage outermost."""
-        from deepspeed.runtime import utils as ds_utils
+        """What each stage's layers hold (stage_layers), for every rank of the stage."""
         from bench.models import count_params_from_config
         c = count_params_from_config(plan.model_config)
-        lora_per_layer = (plan.lora_params or 0) // c["layers"]
-        layer = sum(c["layer"][k] for k in ("attention", "mlp", "norms")) + lora_per_layer
-        # the last stage holds lm_head even when the model ties it to the embedding (its stage has its own copy)
-        head = c["embedding"] if plan.model_config.tie_word_embeddings else c["head"]
-        full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + head]
-        trainable = [0] + [lora_per_layer] * c["layers"] + [0] if plan.peft == "lora" else full
-        stages = plan.layout.pp
-        if (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform":
-            bounds = ds_utils.partition_uniform(len(full), stages)
-        else:
-            bounds = ds_utils.partition_balanced(trainable, stages)
-        per_stage = [sum(full[bounds[s]:bounds[s + 1]]) for s in range(stages)]
+        full, _ = _layer_params(plan, c)
+        bounds = stage_bounds(plan)
+        per_stage = [sum(full[bounds[s]:bounds[s + 1]]) for s in range(plan.layout.pp)]
         return [per_stage[rank // plan.layout.dp] for rank in range(plan.layout.world_size)]
+
+
+def _layer_params(plan, c) -> tuple[list[int], list[int]]:
+    """(all, trainable) parameters of the layers PipelineModule partitions: [embedding] + decoder layers +
+    [norm + head]. The last stage holds lm_head even when the model ties it to the embedding (its own copy)."""
+    lora_per_layer = (plan.lora_params or 0) // c["layers"]
+    layer = sum(c["layer"][k] for k in ("attention", "mlp", "norms")) + lora_per_layer
+    head = c["embedding"] if plan.model_config.tie_word_embeddings else c["head"]
+    full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + head]
+    trainable = [0] + [lora_per_layer] * c["layers"] + [0] if plan.peft == "lora" else full
+    return full, trainable
+
+
+def stage_bounds(plan) -> list[int]:
+    """DeepSpeed's own partitioner over the stages' layers, weighted as PipelineModule weighs them: trainable
+    parameters per layer ('parameters'), or layer count ('uniform'). -> stage s runs layers [b[s], b[s+1]) of
+    [embedding] + decoder layers + [norm + head]. Ranks are (stage, data) with the stage outermost."""
+    from deepspeed.runtime import utils as ds_utils
+    from bench.models import count_params_from_config
+    full, trainable = _layer_params(plan, count_params_from_config(plan.model_config))
+    stages = plan.layout.pp
+    if (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform":
+        return ds_utils.partition_uniform(len(full), stages)
+    return ds_utils.partition_balanced(trainable, stages)
 
 
 class Hybrid(Pipeline):

@@ -1,0 +1,347 @@
+"""What a layout will hold, move and compute per rank, predicted before launch from the architecture, the resolved
+ds_config and the layout: the one place these formulas live (docs/planner.md documents each, with its source).
+
+The quantities are the ones bench/accounting.py measures on every run, defined the same way, so a run's
+summary.json shows the prediction's error: parameters, gradients (held at the accumulation boundary), optimizer
+states, ZeRO's reduction buffers, activations saved for backward per micro-batch, the logits, and communication
+per optimizer step as DeepSpeed's comms logger counts it. The peak adds what lives only for part of a step (ZeRO-1's
+unreduced gradients, ZeRO-1/2 reduction buckets, ZeRO-3's gathered parameters, the loss's fp32 logits, pipeline
+micro-batches in flight) and, on a GPU, an allowance for the CUDA context and the allocator.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bench import models
+from bench.config import BenchError
+from bench.strategies.common import parameter_sizes
+
+GIB = 2 ** 30
+# Usable capacity, as torch.cuda.get_device_properties().total_memory reports it (a little under the marketed GB).
+GPUS = {"A100-40GB": 39.4 * GIB, "A100-80GB": 79.2 * GIB, "H100-80GB": 79.1 * GIB, "H100-NVL-94GB": 93.1 * GIB,
+        "H200-141GB": 139.8 * GIB}
+# The CUDA context, cuBLAS workspaces and NCCL's buffers (a fixed allowance), and the caching allocator's
+# fragmentation (a share of everything else): allowances, not measurements (docs/planner.md).
+CONTEXT_BYTES = 1 * GIB
+FRAGMENTATION = 0.05
+# DeepSpeed's defaults where a ds_config leaves them out (deepspeed/runtime/zero/config.py, 0.19.8)
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+PERSISTENCE_THRESHOLD = 100_000
+
+
+def gpu_capacity(name: str | None, gib: float | None) -> int | None:
+    """--gpu NAME or --gpu_memory_gib X -> bytes (None: plan without a capacity, as on the CPU)."""
+    if gib:
+        return int(gib * GIB)
+    if name is None:
+        return None
+    if name not in GPUS:
+        raise BenchError(f"unknown --gpu {name!r}; known: {', '.join(GPUS)} (or give --gpu_memory_gib)")
+    return int(GPUS[name])
+
+
+def _zero(plan) -> dict:
+    return plan.ds.get("zero_optimization") or {}
+
+
+def _width(plan) -> int:
+    return 2 if (plan.ds.get("bf16") or {}).get("enabled") or (plan.ds.get("fp16") or {}).get("enabled") else 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each rank trains: ZeRO partitions each parameter group over the ranks that hold the same copy of it.
+
+@dataclass
+class Group:
+    sizes: list        # numel of each trainable parameter this rank holds in the group, in DeepSpeed's order
+    degree: int        # ranks the group's optimizer states are partitioned over
+    index: int         # this rank's place among them
+
+
+def stage_of(plan, rank: int) -> tuple[int, set | None]:
+    """(pipeline stage, indices of the decoder layers it runs; None: every layer, no pipeline)."""
+    lay = plan.layout
+    if lay.pp == 1:
+        return 0, None
+    from bench.strategies.pipeline import stage_bounds
+    stage = rank // lay.dp
+    b = stage_bounds(plan)
+    # partition positions: 0 is the embedding, 1..L the decoder layers, L+1 the norm and head
+    return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
+
+
+def _on_rank(plan, name: str, rank: int) -> bool:
+    """Whether a parameter of the whole model lives on this rank's pipeline stage."""
+    stage, layers = stage_of(plan, rank)
+    if layers is None:
+        return True
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) in layers
+    return stage == 0 if "embed_tokens" in name else stage == plan.layout.pp - 1
+
+
+def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
+    """(dense, expert) numel of every trainable parameter this rank holds, in module order: TP splits what AutoTP
+    shards by its degree, EP keeps E/ep experts, a pipeline stage its own layers, and a LoRA run trains only the
+    adapters."""
+    from bench.strategies.autotp import tp_sharded_names
+    from bench.strategies.common import lora_sizes_by_name, meta_model
+    lay = plan.layout
+    model = meta_model(plan.model_config)
+    if plan.peft == "lora":
+        return [n for name, n in lora_sizes_by_name(plan.cfg, model) if _on_rank(plan, name, rank)], []
+    sharded = tp_sharded_names(plan) if lay.tp > 1 else set()
+    dense, expert = [], []
+    named = list(model.named_parameters())
+    if lay.pp > 1 and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
+        named.append(("lm_head.weight", model.get_input_embeddings().weight))
+    for name, p in named:
+        if not _on_rank(plan, name, rank):
+            continue
+        n = p.numel() // lay.tp if name in sharded else p.numel()
+        if lay.ep > 1 and ".experts." in name:
+            expert.append(n // lay.ep)
+        else:
+            dense.append(n)
+    return dense, expert
+
+
+def groups(plan, rank: int) -> list[Group]:
+    """The parameter groups ZeRO flattens on this rank (dense and, under EP, expert parameters)."""
+    lay = plan.layout
+    dense, expert = _local_sizes(plan, rank)
+    dp_index = (rank // lay.tp) % lay.data_parallel if lay.pp == 1 else rank % lay.dp
+    out = [Group(dense, lay.data_parallel, dp_index)]
+    if expert:
+        out.append(Group(expert, lay.dp, dp_index // lay.ep))
+    return out
+
+
+def _partition_overlap(g: Group) -> int:
+    """Elements of the whole parameters overlapping this rank's 1/degree of the group's flat buffer: ZeRO-1/2 keep
+    the gradients of whole parameters that cross into their partition (stage_1_and_2.py: grads_in_partition)."""
+    total = sum(g.sizes)
+    part = -(-total // g.degree)
+    lo, hi = g.index * part, (g.index + 1) * part
+    held, offset = 0, 0
+    for n in g.sizes:
+        if offset < hi and offset + n > lo:
+            held += n
+        offset += n
+    return held
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model states and buffers
+
+def model_states(plan, rank: int) -> dict:
+    """params, grads (at the accumulation boundary), optimizer, and the buffers ZeRO keeps, in bytes; and what
+    lives only during backward (transient_bytes)."""
+    w, zero, stage = _width(plan), _zero(plan), plan.zero_stage
+    params = plan.strategy.params_per_rank(plan)[rank] * w
+    gs = groups(plan, rank)
+    trainable = sum(sum(g.sizes) for g in gs)
+    partition = sum(-(-sum(g.sizes) // g.degree) for g in gs)
+    bucket = int(zero.get("reduce_bucket_size", REDUCE_BUCKET)) * w
+    transient = 0
+    if stage == 3:
+        sizes = [n for g in gs for n in g.sizes]
+        world = plan.layout.world_size
+        part3 = sum(-(-n // world) for n in sizes)
+        # parameters at or under the persistence threshold stay whole on every rank beside their partition
+        threshold = zero.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+        params += sum(n for n in parameter_sizes(plan) if n <= threshold) * w
+        master = 4 if w != 4 else 0  # fp32 training updates the partition itself: no separate master copy
+        optimizer = part3 * (8 + master)
+        grads = 2 * part3 * w  # the reduce-scatter target and the averaged partition (stage3.py)
+        buffers = bucket  # one bucket, kept for the whole run
+        prefetch = int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
+        transient = min(sum(sizes), prefetch + _largest_layer(plan)) * w  # gathered parameters
+    elif stage in (1, 2):
+        optimizer = partition * 12 + 4 * len(gs)  # fp32 master + Adam's two states, and a step counter per group
+        grads = sum(_partition_overlap(g) for g in gs) * w
+        overlap = zero.get("overlap_comm", False)
+        buffers = 0
+        transient = (2 if overlap else 1) * bucket if zero.get("contiguous_gradients", True) else 0
+        if stage == 1:
+            transient += trainable * w  # every gradient, whole, until the boundary's reduction
+    else:
+        optimizer = trainable * (8 if w == 4 else 12)  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer keeps fp32
+        grads = trainable * (w if w == 4 else 4 + w)  # ... and fp32 gradient accumulators
+        buffers = 0
+    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "buffers_bytes": buffers,
+            "transient_bytes": transient}
+
+
+def _largest_layer(plan) -> int:
+    c = models.count_params_from_config(plan.model_config)
+    layer = c["layer"]
+    experts = max(1, layer["experts"])
+    return max(c["embedding"], c["head"], layer["attention"] + experts * layer["mlp"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations
+
+def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None = None) -> dict:
+    """What one micro-batch's forward saves for backward on this rank (saved-tensor hooks, each storage once; the
+    harness's padded batches carry an attention mask), and the logits. Per decoder layer, counted tensor by tensor
+    from Hugging Face's LLaMA/Mixtral forward under SDPA (docs/planner.md): the two RMSNorms keep an fp32 copy,
+    their output and 1/rms; attention keeps q, k, v (expanded to every head when a mask is given), its output and
+    log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
+    flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
+    c, lay, w = plan.model_config, plan.layout, _width(plan)
+    micro, seq = micro or plan.batch.micro, seq or plan.cfg.seq_len
+    tp = lay.tp
+    h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    bs = micro * seq
+    masked = lay.pp == 1  # pipeline stages pass no mask: causal SDPA, keys and values not expanded
+    q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
+    attention = (2 * q_elems + (2 * q_elems if masked else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
+    attention += (micro * seq * seq * w if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
+    norms = 2 * (bs * h * (4 + w) + bs * 4) + bs * h * w  # two RMSNorms, and the residual stream kept once more
+    if models.is_moe(c):
+        k = c.num_experts_per_tok
+        tokens = bs * k // tp  # under TP x EP the MoE layer splits the tokens across the TP group
+        mlp = (4 * tokens * inter + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4 + 4 * tokens * 8
+    else:
+        mlp = 4 * bs * inter // tp * w
+    layer = norms + attention + mlp
+    stage, layers = stage_of(plan, rank)
+    n_layers = c.num_hidden_layers if layers is None else len(layers)
+    if plan.cfg.activation_checkpointing:
+        kept = n_layers * bs * h * w  # each layer's input; the rest is recomputed in backward, one layer at a time
+        recompute = layer
+    else:
+        kept, recompute = n_layers * layer, 0
+    last = stage == lay.pp - 1
+    outside = 2 * seq * hd * w if n_layers else 0  # the rotary cos and sin
+    if stage == 0:
+        outside += 2 * bs * 8  # ids and labels
+    if last:  # the final norm and the fp32 log-probabilities cross-entropy keeps
+        outside += bs * h * (4 + 2 * w) + bs * 4 + bs * c.vocab_size * 4
+    return {"activation_bytes": kept + outside, "logits_bytes": bs * c.vocab_size * w if last else 0,
+            "recompute_bytes": recompute}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Communication per optimizer step, as DeepSpeed's comms logger counts it (bench/accounting.py: CommCounter)
+
+def _tp_linears(plan) -> tuple[int, int, bool]:
+    """(row-parallel, column-parallel) linear layers AutoTP makes per decoder layer, and whether the LM head is
+    column-parallel (gathered)."""
+    partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
+    if partition is None:  # AutoTP's automatic policy for LLaMA
+        return 2, 5, True
+    row = col = 0
+    names = [n for n, _ in _meta_names(plan) if ".layers.0." in n]
+    for spec in partition.get("layer_specs", []):
+        hits = sum(1 for n in names if any(re.match(p, n) for p in spec.get("patterns", [])))
+        if spec.get("partition_type") == "row":
+            row += hits
+        else:
+            col += hits
+    return row, col, False
+
+
+def _meta_names(plan):
+    from bench.strategies.common import meta_model
+    return list(meta_model(plan.model_config).named_parameters())
+
+
+def comm_bytes_per_step(plan, rank: int) -> dict:
+    c, lay, w = plan.model_config, plan.layout, _width(plan)
+    micro, seq, accum = plan.batch.micro, plan.cfg.seq_len, plan.batch.grad_accum
+    bsh = micro * seq * c.hidden_size
+    L = c.num_hidden_layers
+    out: dict = {}
+
+    def add(kind, n):
+        out[kind] = out.get(kind, 0) + int(n)
+
+    if lay.tp > 1:
+        row, col, head = _tp_linears(plan)
+        add("all_reduce", accum * (L * (row + col) + head) * bsh * w)
+        if head:
+            add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
+    if lay.ep > 1:  # dispatch and combine of every token's top-k copies, balanced routing assumed
+        add("all_to_all", accum * L * 2 * micro * seq * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
+    if lay.pp > 1:
+        stage = rank // lay.dp
+        sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
+        add("send_recv", accum * 2 * sends * bsh * w)  # each one sent here and received there: logged twice
+    gs = groups(plan, rank)
+    stage3 = plan.zero_stage == 3
+    if stage3:
+        sizes = [n for g in gs for n in g.sizes]
+        world = lay.world_size
+        threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+        add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * w)
+        add("all_reduce", 8)
+        small = sum(-(-n // world) for n in sizes if n <= threshold)
+        large = sum(-(-n // world) for n in sizes if n > threshold)
+        add("all_gather", (small + 2 * accum * large) * w)  # after the step; forward and backward per micro
+    elif plan.zero_stage in (1, 2):
+        trainable = sum(sum(g.sizes) for g in gs)
+        reductions = accum if plan.zero_stage == 2 else 1
+        add("all_reduce", reductions * trainable * w + 4)
+        gathered = sum(-(-sum(g.sizes) // g.degree) for g in gs if g.degree > 1)
+        if gathered:
+            add("all_gather", gathered * w)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Everything together
+
+def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
+    """The plan's prediction per rank -> bench-plan's --json shape (docs/planner.md)."""
+    per_rank, in_flight = [], _in_flight(plan)
+    for rank in range(plan.layout.world_size):
+        states = model_states(plan, rank)
+        act = activation_bytes(plan, rank)
+        flight = in_flight[rank]
+        activations = act["activation_bytes"] * flight + act["recompute_bytes"]
+        # the loss's fp32 copy of the logits and their gradient, on the stage that computes it
+        loss = 2 * act["logits_bytes"] // _width(plan) * 4
+        transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
+        held = sum(states.values()) + activations + transient
+        overhead = int(CONTEXT_BYTES + FRAGMENTATION * held) if device == "cuda" else 0
+        per_rank.append({"rank": rank, **states, "activation_bytes": activations,
+                         "logits_bytes": act["logits_bytes"], "transient_bytes": transient,
+                         "overhead_bytes": overhead, "total_bytes": held + overhead,
+                         "micro_batches_in_flight": flight})
+    peak = max(r["total_bytes"] for r in per_rank)
+    tokens = plan.batch.global_ * plan.cfg.seq_len
+    return {"fits": None if capacity is None else peak <= capacity, "capacity_bytes": capacity, "peak_bytes": peak,
+            "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
+            "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
+            "flops_per_rank_per_step": plan.flops_per_token * tokens / plan.layout.world_size}
+
+
+def _in_flight(plan) -> list[int]:
+    """Micro-batches whose activations a rank holds at its peak: one, or under 1F1B min(stages - stage,
+    micro-batches) (the first stage holds the most)."""
+    lay = plan.layout
+    if lay.pp == 1:
+        return [1] * lay.world_size
+    return [min(lay.pp - r // lay.dp, plan.batch.grad_accum) for r in range(lay.world_size)]
+
+
+def suggestions(plan) -> list[str]:
+    """What would lower the peak, in the order a user would try them."""
+    out = []
+    if plan.zero_stage < 3 and plan.layout.tp == 1 and plan.layout.ep == 1 and plan.layout.pp == 1:
+        out.append("ZeRO-3 (--ds_config ds_configs/dp_zero3.json)")
+    if plan.batch.micro > 1:
+        out.append(f"a smaller micro batch (--micro_batch_size {plan.batch.micro // 2})")
+    if not plan.cfg.activation_checkpointing:
+        out.append("activation checkpointing (--activation_checkpointing)")
+    if plan.peft != "lora" and plan.layout.tp == 1 and plan.layout.ep == 1:
+        out.append("LoRA (--peft lora)")
+    out.append("more GPUs")
+    return out
