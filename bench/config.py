@@ -42,6 +42,8 @@ class RunConfig:
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA wraps")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                         "keeping them (Hugging Face gradient checkpointing, non-reentrant)")
+    ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
+                                  "(bench/estimate.py; docs/planner.md)")
     max_steps: int = _f(20, "optimizer steps to run")
     seq_len: int = _f(256, "tokens per sample (padded or packed)")
     micro_batch_size: int = _f(None, "samples per rank per forward (default: ds_config, else 2)")

@@ -115,8 +115,8 @@ def groups(plan, rank: int) -> list[Group]:
     dense, expert = _local_sizes(plan, rank)
     dp_index = (rank // lay.tp) % lay.data_parallel if lay.pp == 1 else rank % lay.dp
     out = [Group(dense, lay.data_parallel, dp_index)]
-    if expert:
-        out.append(Group(expert, lay.dp, dp_index // lay.ep))
+    if expert:  # the ranks holding the same experts: every replica of them, TP ranks included
+        out.append(Group(expert, lay.dp * lay.tp, rank // lay.ep % (lay.dp * lay.tp)))
     return out
 
 
@@ -166,8 +166,8 @@ def model_states(plan, rank: int) -> dict:
         overlap = zero.get("overlap_comm", False)
         buffers = 0
         transient = (2 if overlap else 1) * bucket if zero.get("contiguous_gradients", True) else 0
-        if stage == 1:
-            transient += trainable * w  # every gradient, whole, until the boundary's reduction
+        if stage == 1:  # every gradient, whole, until the boundary's reduction (beyond the partition it keeps)
+            transient += max(0, trainable * w - grads)
     else:
         optimizer = trainable * (8 if w == 4 else 12)  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer keeps fp32
         grads = trainable * (w if w == 4 else 4 + w)  # ... and fp32 gradient accumulators
@@ -206,11 +206,15 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     norms = 2 * (bs * h * (4 + w) + bs * 4) + bs * h * w  # two RMSNorms, and the residual stream kept once more
     if models.is_moe(c):
         k = c.num_experts_per_tok
-        tokens = bs * k // tp  # under TP x EP the MoE layer splits the tokens across the TP group
-        mlp = (4 * tokens * inter + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4 + 4 * tokens * 8
+        tokens = bs * k  # each token's top-k copies; AutoEP under TP splits the experts' intermediate width
+        split = tp if lay.ep > 1 else 1
+        mlp = (4 * tokens * inter // split + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4
+        mlp += 4 * tokens * 8  # routing indices
     else:
         mlp = 4 * bs * inter // tp * w
     layer = norms + attention + mlp
+    if plan.peft == "lora":
+        layer = _lora_layer(plan, bs, q_elems, attention, w)
     stage, layers = stage_of(plan, rank)
     n_layers = c.num_hidden_layers if layers is None else len(layers)
     if plan.cfg.activation_checkpointing:
@@ -222,10 +226,40 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     outside = 2 * seq * hd * w if n_layers else 0  # the rotary cos and sin
     if stage == 0:
         outside += 2 * bs * 8  # ids and labels
-    if last:  # the final norm and the fp32 log-probabilities cross-entropy keeps
-        outside += bs * h * (4 + 2 * w) + bs * 4 + bs * c.vocab_size * 4
+    if last:  # the final norm (frozen under LoRA: nothing, but ZeRO-3 keeps the head's input) and the fp32
+        # log-probabilities cross-entropy keeps
+        if plan.peft != "lora":
+            outside += bs * h * (4 + 2 * w) + bs * 4
+        elif plan.zero_stage == 3:
+            outside += bs * h * w
+        outside += bs * c.vocab_size * 4
     return {"activation_bytes": kept + outside, "logits_bytes": bs * c.vocab_size * w if last else 0,
             "recompute_bytes": recompute}
+
+
+def _lora_layer(plan, bs: int, q_elems: int, attention: int, w: int) -> int:
+    """A decoder layer's saved tensors when only LoRA adapters train (dense MLP; measured tensor by tensor like
+    activation_bytes). Frozen linear layers keep no input (no weight gradient to compute), except under ZeRO-3,
+    whose linear wrapper keeps every input. Adapters keep their input and their r-wide middle, in fp32 (peft
+    keeps adapters fp32): under bf16 each adapter casts its input to fp32 separately."""
+    c = plan.model_config
+    h, inter, r = c.hidden_size, c.intermediate_size, plan.cfg.lora_r
+    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    inputs = {"q_proj": ("norm1", bs * h), "k_proj": ("norm1", bs * h), "v_proj": ("norm1", bs * h),
+              "o_proj": ("o", q_elems), "gate_proj": ("norm2", bs * h), "up_proj": ("norm2", bs * h),
+              "down_proj": ("down", bs * inter)}
+    wrapped = [inputs[t] for t in targets if t in inputs]
+    kept = attention - q_elems * w + 2 * bs * 4  # attention without the o_proj input; the norms' 1/rms
+    kept += 3 * bs * inter * w  # gate, up and act (the down input only when something needs it)
+    kept += len(wrapped) * bs * r * 4
+    if w == 4:  # fp32: each distinct input once, the norms' copies shared with the residual stream but one
+        kept += (bs * h + sum(dict(wrapped).values())) * 4
+    else:
+        kept += (2 * bs * h + sum(n for _, n in wrapped)) * 4
+    if plan.zero_stage == 3:  # the frozen linears' inputs too
+        frozen = {kind: n for name, (kind, n) in inputs.items() if name not in targets}
+        kept += sum(n for kind, n in frozen.items() if kind not in dict(wrapped)) * w
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,8 +302,11 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         add("all_reduce", accum * (L * (row + col) + head) * bsh * w)
         if head:
             add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
-    if lay.ep > 1:  # dispatch and combine of every token's top-k copies, balanced routing assumed
-        add("all_to_all", accum * L * 2 * micro * seq * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
+    if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
+        add("all_to_all", accum * L * 4 * micro * seq * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
+        if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
+            add("all_gather", accum * L * 2 * bsh // lay.tp * w)
+            add("all_reduce", accum * L * 4 * bsh * w)
     if lay.pp > 1:
         stage = rank // lay.dp
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
@@ -282,8 +319,9 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * w)
         add("all_reduce", 8)
-        small = sum(-(-n // world) for n in sizes if n <= threshold)
-        large = sum(-(-n // world) for n in sizes if n > threshold)
+        every = parameter_sizes(plan)  # frozen ones too: the forward needs them
+        small = sum(-(-n // world) for n in every if n <= threshold)
+        large = sum(-(-n // world) for n in every if n > threshold)
         add("all_gather", (small + 2 * accum * large) * w)  # after the step; forward and backward per micro
     elif plan.zero_stage in (1, 2):
         trainable = sum(sum(g.sizes) for g in gs)
@@ -345,3 +383,37 @@ def suggestions(plan) -> list[str]:
         out.append("LoRA (--peft lora)")
     out.append("more GPUs")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading it
+
+def format_table(est: dict, gpu: str | None = None) -> str:
+    """The plan as a console table: one row per group of ranks that hold the same, then the verdict."""
+    cols = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
+            "transient_bytes", "overhead_bytes", "total_bytes")
+    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "overhead", "total")
+    rows: list[list] = []
+    for r in est["per_rank"]:
+        values = [r[k] for k in cols]
+        if rows and rows[-1][1] == values:
+            rows[-1][0][1] = r["rank"]
+        else:
+            rows.append([[r["rank"], r["rank"]], values])
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md)", "-" * 104,
+             f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
+    for (a, b), values in rows:
+        lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))
+    cap = est["capacity_bytes"]
+    if cap is None:
+        lines.append(f"peak {gib(est['peak_bytes'])} GiB per rank (no device capacity to compare with: pass --gpu "
+                     "or --gpu_memory_gib)")
+    else:
+        verdict = "fits" if est["fits"] else "DOES NOT FIT"
+        lines.append(f"peak {gib(est['peak_bytes'])} GiB of {gib(cap)} GiB{f' ({gpu})' if gpu else ''}: {verdict}, "
+                     f"headroom {gib(cap - est['peak_bytes'])} GiB")
+    comm = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in est["comm_bytes_per_step"].items()) or "none"
+    lines.append(f"communication per step, rank 0 (MiB): {comm}")
+    lines.append(f"FLOPs per rank per step: {est['flops_per_rank_per_step']:.4g}")
+    return "\n".join(lines)

@@ -33,6 +33,7 @@ class Plan:
     flops_per_token: float    # bench/models.py: flops_per_token
     peak_tflops: float | None  # MFU's denominator; None where the device's peak is unknown
     phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
+    memory_plan: dict | None = None  # bench/estimate.py's prediction (check_memory)
 
     @property
     def zero_stage(self) -> int:
@@ -116,7 +117,8 @@ def _device() -> tuple[str, str | None, bool]:
     return kind, None, False  # CPU: bf16 "auto" means off (no fast bf16 GEMMs to measure)
 
 
-def resolve(cfg: config.RunConfig, env) -> Plan:
+def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
+    """device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
     t0 = time.time()
     if cfg.strategy not in STRATEGIES:
         raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -134,7 +136,7 @@ def resolve(cfg: config.RunConfig, env) -> Plan:
     if cfg.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                 f"({model_config.max_position_embeddings})")
-    device_type, device_name, bf16_ok = _device()
+    device_type, device_name, bf16_ok = device or _device()
     ds = strategy.resolve_ds(config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
     t_data = time.time()
     tok = models.load_tokenizer(tok_source)
@@ -156,6 +158,29 @@ def resolve(cfg: config.RunConfig, env) -> Plan:
     return plan
 
 
+def device_capacity(plan: Plan, local_rank: int) -> int | None:
+    """This rank's GPU memory in bytes (None on the CPU)."""
+    if plan.device_type != "cuda":
+        return None
+    import torch
+    return torch.cuda.get_device_properties(local_rank).total_memory
+
+
+def check_memory(plan: Plan, capacity: int | None = None) -> dict:
+    """The planner's prediction for this run (summary.json memory_plan). On a GPU it is compared with the
+    device's memory before any weight is loaded: a layout predicted not to fit is refused (every rank decides
+    the same, before a process group exists), unless --ignore_memory_plan. On the CPU it is only recorded."""
+    from bench import estimate
+    est = estimate.estimate(plan, capacity, device=plan.device_type)
+    if est["fits"] is False and not plan.cfg.ignore_memory_plan:
+        raise config.BenchError(
+            f"predicted peak {est['peak_bytes'] / estimate.GIB:.1f} GiB per GPU against "
+            f"{capacity / estimate.GIB:.1f} GiB on {plan.device_name}: this layout will not fit; try "
+            f"{' or '.join(estimate.suggestions(plan))} (bench-plan shows the breakdown; --ignore_memory_plan runs "
+            "it anyway)")
+    return est
+
+
 def check_resume(plan: Plan, world_size: int) -> None:
     """Resuming continues the same experiment: refuse, one line per difference, when the run directory was
     started with other settings (every rank reads the same config.json, before any process group exists)."""
@@ -169,3 +194,44 @@ def check_resume(plan: Plan, world_size: int) -> None:
     if lines:
         raise config.BenchError("\n".join([f"--resume auto: {path} was started with other settings; resuming "
                                            "would mix two experiments (start a new --run_name instead):", *lines]))
+
+
+def main(argv=None) -> int:
+    """bench-plan / python -m bench.plan: bench/run.py's flags plus --world_size N and --gpu NAME (or
+    --gpu_memory_gib X) -> what each rank will hold, move and compute, and whether it fits (bench/estimate.py)."""
+    import argparse
+    from bench import estimate
+    from bench.distributed import DistEnv
+    p = argparse.ArgumentParser(prog="bench-plan", add_help=False)
+    p.add_argument("--gpu", default=None)
+    p.add_argument("--gpu_memory_gib", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    opts, rest = p.parse_known_args(argv)
+    if opts.help:
+        print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(estimate.GPUS)
+              + " | --gpu_memory_gib X] [--json]\n  the memory, communication and FLOPs each rank of the layout "
+              "will have, and whether it fits the GPU (docs/planner.md)")
+        return 0
+    try:
+        if "--world_size" not in rest:
+            raise config.BenchError("bench-plan needs --world_size N: the processes the layout will run on")
+        capacity = estimate.gpu_capacity(opts.gpu, opts.gpu_memory_gib)
+        cfg = config.parse_args([*rest, "--dry_run", "--wandb_mode", "disabled"])
+        # A GPU plan resolves the ds_config as a GPU run would (bf16 "auto" on); without one, as this machine does.
+        device = ("cuda", opts.gpu or "GPU", True) if capacity is not None else None
+        plan = resolve(cfg, DistEnv(0, 0, 1), device=device)
+        est = estimate.estimate(plan, capacity, device="cuda" if capacity is not None else plan.device_type)
+    except config.BenchError as e:
+        config.print_error(str(e))
+        return 2
+    if opts.json:
+        print(json.dumps(est))
+    else:
+        print(plan.table())
+        print(estimate.format_table(est, opts.gpu))
+    return 0 if est["fits"] is not False else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

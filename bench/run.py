@@ -31,8 +31,9 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         from bench import distributed
         env = distributed.discover()
-        from bench.plan import resolve
+        from bench.plan import check_memory, device_capacity, resolve
         plan = resolve(cfg, env)
+        plan.memory_plan = check_memory(plan, device_capacity(plan, env.local_rank))
     except BenchError as e:
         print_error(str(e))
         return 2
@@ -42,7 +43,10 @@ def main(argv=None) -> int:
         print(f"note: {e} before the run started; nothing was recorded", file=sys.stderr, flush=True)
         return signals.EXIT_CODE[e.status]
     if env.rank == 0:
+        from bench.estimate import format_table
         print(plan.table(), flush=True)
+        if cfg.dry_run:
+            print(format_table(plan.memory_plan), flush=True)
     if cfg.dry_run:
         return 0
     from bench.session import Session

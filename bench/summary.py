@@ -39,6 +39,7 @@ KEYS = {
     "peak_tflops": "device peak used for MFU", "cpu_threads": "{per_rank, source, local_ranks}",
     "memory": "{per_rank[], device[]}", "params": "{total, trainable, before_peft, per_rank[]}",
     "accounting": "{per_rank[]}: bytes each rank holds by kind, counted from its tensors (bench/accounting.py)",
+    "memory_plan": "the planner's prediction of the same per rank, made before launch (bench/estimate.py)",
     "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",
     "experts_per_rank": "expert-parallel runs: experts each rank holds",
     "pipeline": "pipeline runs: stages, micro-batches, bubble, per-stage parameters",
@@ -86,6 +87,7 @@ class RunRecord:
             flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops, cpu_threads=None,
             memory={"per_rank": [], "device": []},
             params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
+            memory_plan=plan.memory_plan,
             **environment(), run_dir=None, wandb_run_id=None)
 
     def set(self, **values) -> None:

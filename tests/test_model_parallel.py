@@ -3,7 +3,7 @@ at the same model, data and global batch, and each rank holds exactly its share 
 import pytest
 
 from bench import models
-from conftest import assert_ok, planned_params_per_rank, run_many
+from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -109,3 +109,8 @@ def test_sharding_is_recorded(runs):
     mix = {r["param"] for r in runs["mixtral-tp2"].summary()["sharding"]}
     assert all("self_attn" in p for p in mix), mix  # the MoE preset shards attention only
     assert "sharding applied (per rank)" in runs["llama-tp2"].output
+
+
+@pytest.mark.parametrize("name", [n for n, (_, procs) in RUNS.items() if procs > 1])
+def test_the_planner_predicted_what_each_rank_held_and_moved(runs, name):
+    assert_plan_matches(runs[name].summary())

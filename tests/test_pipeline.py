@@ -3,7 +3,7 @@ and without; per-stage parameters add up to the model; the bubble is recorded ne
 import pytest
 
 from bench import models
-from conftest import assert_ok, planned_params_per_rank, run_many
+from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -88,3 +88,9 @@ def test_four_stages_one_decoder_layer_each(runs):
     assert pipe["theoretical_bubble"] == pytest.approx(3 / 7)  # (p-1)/(m+p-1)
     # parameter-balanced: the embedding rides with the first layer, norm + head with the last
     assert [st["params"] for st in pipe["per_stage"]] == [v * h + layer, layer, layer, layer + h + v * h]
+
+
+@pytest.mark.parametrize("name", ["pp2-none", "pp2-lora", "hybrid-none", "hybrid-lora", "pp4-none", "pp2uniform-none"])
+def test_the_planner_predicted_each_stages_model_states(runs, name):
+    """Pipeline stages count parameters and optimizer states (the rest is not counted there yet)."""
+    assert_plan_matches(runs[name].summary())

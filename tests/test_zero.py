@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import PARITY_ARGS, assert_ok, planned_params_per_rank, run_bench
+from conftest import assert_plan_matches, PARITY_ARGS, assert_ok, planned_params_per_rank, run_bench
 
 pytestmark = pytest.mark.multiproc
 
@@ -84,3 +84,9 @@ def test_activation_checkpointing_recomputes_the_same_model(zero_runs, tmp_path)
     kept = res.summary()["accounting"]["per_rank"][0]["activation_bytes"]
     assert 0 < kept < 0.5 * base.summary()["accounting"]["per_rank"][0]["activation_bytes"]
     assert json.loads((res.run_dir / "config.json").read_text())["run"]["activation_checkpointing"] is True
+
+
+@pytest.mark.parametrize("name", ["w1", "zero1", "zero2", "zero3"])
+def test_the_planner_predicted_what_each_rank_held_and_moved(zero_runs, name):
+    """bench/estimate.py's prediction, made before launch, against what the run counted (docs/planner.md)."""
+    assert_plan_matches(zero_runs[name].summary())

@@ -1,6 +1,8 @@
 """Pieces several strategies share: LoRA wrapping, the parameter summary and the model-parallel sharding record."""
 from __future__ import annotations
 
+import functools
+
 from bench.config import BenchError
 from bench.strategies.base import Strategy
 
@@ -16,11 +18,19 @@ def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> Non
 
 
 def meta_model(model_config):
-    """The architecture on the meta device: names and shapes without allocating a byte."""
+    """The architecture on the meta device: names and shapes without allocating a byte (built once per
+    architecture: the planner asks for it per rank; nobody modifies it)."""
+    return _meta_model(model_config.to_json_string())
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str):
+    import json
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = json.loads(config_json)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
 
 
 def _target_names(cfg) -> list[str]:

@@ -1,0 +1,101 @@
+"""The planner (bench/estimate.py, bench-plan): its activation formula against the bytes autograd really saves,
+its command line, and the refusal of a layout predicted not to fit. The prediction of model states and
+communication is checked against real runs in test_zero, test_model_parallel and test_pipeline."""
+import json
+
+import pytest
+import torch
+
+from bench import estimate
+from bench.accounting import ActivationCounter
+from bench.config import BenchError, parse_args
+from bench.distributed import DistEnv
+from bench.plan import check_memory, main as bench_plan, resolve
+
+pytestmark = pytest.mark.unit
+
+
+def _plan(*args, world=1, device=None):
+    cfg = parse_args(["--dry_run", "--world_size", str(world), "--wandb_mode", "disabled", *args])
+    return resolve(cfg, DistEnv(0, 0, 1), device=device)
+
+
+def _saved_bytes(plan, dtype, micro, seq) -> int:
+    """What one forward of the Hugging Face model (peft-wrapped for LoRA) saves for backward, counted by the
+    harness's own ActivationCounter, with a padded batch's attention mask as the harness feeds it."""
+    from transformers import AutoModelForCausalLM
+    from bench.strategies.common import apply_lora
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+    if plan.peft == "lora":
+        model = apply_lora(model, plan.cfg)
+    model.train()
+    ids = torch.randint(0, plan.model_config.vocab_size, (micro, seq))
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    held = {(p.untyped_storage().data_ptr(), "cpu", None) for p in model.parameters()}
+    with ActivationCounter(exclude=held) as counter:
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    return counter.bytes
+
+
+# LoRA's formula covers dense MLPs (Mixtral with LoRA is not a shipped layout yet)
+@pytest.mark.parametrize("model,peft", [("tiny-llama", "none"), ("tiny-llama", "lora"), ("tiny-mixtral", "none")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
+    """Two sequence lengths and two micro-batch sizes, fp32 and bf16 (the GPU's dtype, on the CPU here)."""
+    plan = _plan("--model", model, "--peft", peft, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json")
+    if dtype == torch.bfloat16:
+        plan.ds["bf16"] = {"enabled": True}
+    for micro, seq in ((1, 64), (2, 128)):
+        predicted = estimate.activation_bytes(plan, 0, micro, seq)["activation_bytes"]
+        assert predicted == pytest.approx(_saved_bytes(plan, dtype, micro, seq), rel=0.15), (micro, seq)
+
+
+def test_bench_plan_prints_a_verdict_and_json(capsys):
+    args = ["--model", "llama3.1-8b", "--init", "random", "--strategy", "dp", "--ds_config",
+            "ds_configs/dp_zero3.json", "--peft", "none", "--micro_batch_size", "1", "--seq_len", "2048",
+            "--world_size", "8", "--gpu", "H100-80GB"]
+    assert bench_plan(args) == 0
+    out = capsys.readouterr().out
+    assert "memory plan per rank" in out and "fits, headroom" in out
+    assert bench_plan([*args, "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["fits"] is True and est["capacity_bytes"] == int(estimate.GPUS["H100-80GB"])
+    assert [r["rank"] for r in est["per_rank"]] == list(range(8))
+    for r in est["per_rank"]:
+        parts = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
+                                   "activation_bytes", "transient_bytes", "overhead_bytes"))
+        assert r["total_bytes"] == parts
+        # ZeRO-3 over 8 ranks: bf16 weights and fp32 master + Adam for 1/8 of 8.03 B parameters each
+        assert r["optimizer_bytes"] == pytest.approx(12 * 8.03e9 / 8, rel=0.01)
+    assert set(est["comm_bytes_per_step"]) == {"reduce_scatter", "all_gather", "all_reduce"}
+    assert est["flops_per_rank_per_step"] > 0
+    # 80 GB cannot hold a full fine-tune of 8 B parameters on two GPUs without ZeRO-3 (16 bytes each)
+    args[args.index("--ds_config") + 1], args[args.index("--world_size") + 1] = "ds_configs/dp_zero1.json", "2"
+    assert bench_plan(args) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_bench_plan_refuses_bad_input_in_one_line(capfd):
+    assert bench_plan(["--world_size", "2", "--gpu", "V100"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --gpu 'V100'" in err[0] and "H100-80GB" in err[0]
+    assert bench_plan(["--gpu", "H100-80GB"]) == 2
+    assert "needs --world_size" in capfd.readouterr().err
+    # an impossible layout: refused as bench/run.py refuses it (the same resolve)
+    assert bench_plan(["--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--world_size", "3"]) == 2
+    assert "layout does not fit" in capfd.readouterr().err
+
+
+def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
+    """check_memory is what bench/run.py calls before any weight is loaded (the CPU never refuses)."""
+    cpu = _plan("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json")
+    assert check_memory(cpu)["fits"] is None
+    args = ("--model", "llama3.1-8b", "--init", "random", "--strategy", "dp", "--ds_config",
+            "ds_configs/dp_zero1.json", "--peft", "none", "--micro_batch_size", "2", "--seq_len", "2048")
+    gpu = _plan(*args, world=2, device=("cuda", "NVIDIA H100 80GB HBM3", True))
+    with pytest.raises(BenchError, match=r"predicted peak .* GiB per GPU against 79\.1 GiB .*ZeRO-3"):
+        check_memory(gpu, capacity=int(estimate.GPUS["H100-80GB"]))
+    ignored = _plan(*args, "--ignore_memory_plan", world=2, device=("cuda", "NVIDIA H100 80GB HBM3", True))
+    assert check_memory(ignored, capacity=int(estimate.GPUS["H100-80GB"]))["fits"] is False
