@@ -243,10 +243,10 @@ def zero_runs(tmp_path_factory):
     return runs
 
 
-def assert_plan_matches(summary: dict) -> None:
+def assert_plan_matches(summary: dict, comm_rel: float = 0.05) -> None:
     """The planner's prediction recorded before launch (summary.memory_plan) against what the run counted
     (summary.accounting), rank by rank: model states within 2 %, activations within 15 % and communication per
-    step within 5 % (both as the mean over ranks: expert routing differs between ranks)."""
+    step within comm_rel (both as the mean over ranks: expert routing differs between ranks)."""
     plan, measured = summary["memory_plan"]["per_rank"], summary["accounting"]["per_rank"]
     assert len(plan) == len(measured) == summary["world_size"]
     for p, m in zip(plan, measured):
@@ -262,8 +262,8 @@ def assert_plan_matches(summary: dict) -> None:
         predicted = summary["memory_plan"]["comm_bytes_per_step_per_rank"]
         counted = [m["comm_bytes_per_step"] for m in measured]
         total = mean([sum(c.values()) for c in counted])
-        assert mean([sum(c.values()) for c in predicted]) == pytest.approx(total, rel=0.05), (predicted, counted)
+        assert mean([sum(c.values()) for c in predicted]) == pytest.approx(total, rel=comm_rel), (predicted, counted)
         for kind in {k for c in counted for k in c}:
             got = mean([c.get(kind, 0) for c in counted])
             if got > 0.05 * total:  # every kind that matters
-                assert mean([c.get(kind, 0) for c in predicted]) == pytest.approx(got, rel=0.05), (kind, predicted)
+                assert mean([c.get(kind, 0) for c in predicted]) == pytest.approx(got, rel=comm_rel), (kind, predicted)

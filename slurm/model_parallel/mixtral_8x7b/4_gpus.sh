@@ -1,5 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, full fine-tune, AutoTP 2 x AutoEP 2.
+# Predicted peak per GPU (bench-plan, H100-80GB): 247.2 GiB, does not fit (full fine-tune; needs LoRA under TP/EP or offload)
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/4_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=tp2ep2-mixtral-8x7b
 #SBATCH --nodes=1

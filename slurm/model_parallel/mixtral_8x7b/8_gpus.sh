@@ -1,5 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, full fine-tune, AutoTP 4 x AutoEP 2.
+# Predicted peak per GPU (bench-plan, H100-80GB): 173.4 GiB, does not fit (full fine-tune; needs LoRA under TP/EP or offload)
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/8_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=tp4ep2-mixtral-8x7b
 #SBATCH --nodes=1
