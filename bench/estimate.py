@@ -72,15 +72,14 @@ def stage_of(plan, rank: int) -> tuple[int, set | None]:
     return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
 
 
-def _on_rank(plan, name: str, rank: int) -> bool:
-    """Whether a parameter of the whole model lives on this rank's pipeline stage."""
-    stage, layers = stage_of(plan, rank)
+def _on_stage(name: str, stage: int, layers: set | None, stages: int) -> bool:
+    """Whether a parameter of the whole model lives on this pipeline stage (layers: stage_of's)."""
     if layers is None:
         return True
     m = re.search(r"\.layers\.(\d+)\.", name)
     if m:
         return int(m.group(1)) in layers
-    return stage == 0 if "embed_tokens" in name else stage == plan.layout.pp - 1
+    return stage == 0 if "embed_tokens" in name else stage == stages - 1
 
 
 def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
@@ -91,15 +90,17 @@ def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
     from bench.strategies.common import lora_sizes_by_name, meta_model
     lay = plan.layout
     model = meta_model(plan.model_config)
+    stage, layers = stage_of(plan, rank)
+    here = lambda name: _on_stage(name, stage, layers, lay.pp)  # noqa: E731
     if plan.peft == "lora":
-        return [n for name, n in lora_sizes_by_name(plan.cfg, model) if _on_rank(plan, name, rank)], []
+        return [n for name, n in lora_sizes_by_name(plan.cfg, model) if here(name)], []
     sharded = tp_sharded_names(plan) if lay.tp > 1 else set()
     dense, expert = [], []
     named = list(model.named_parameters())
     if lay.pp > 1 and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
         named.append(("lm_head.weight", model.get_input_embeddings().weight))
     for name, p in named:
-        if not _on_rank(plan, name, rank):
+        if not here(name):
             continue
         n = p.numel() // lay.tp if name in sharded else p.numel()
         if lay.ep > 1 and ".experts." in name:

@@ -206,17 +206,22 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default=None)
     p.add_argument("--gpu_memory_gib", type=float, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--recommend", action="store_true")
+    p.add_argument("--top", type=int, default=20)
     p.add_argument("-h", "--help", action="store_true")
     opts, rest = p.parse_known_args(argv)
     if opts.help:
         print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(estimate.GPUS)
-              + " | --gpu_memory_gib X] [--json]\n  the memory, communication and FLOPs each rank of the layout "
-              "will have, and whether it fits the GPU (docs/planner.md)")
+              + " | --gpu_memory_gib X] [--json] [--recommend [--top N]]\n  the memory, communication and FLOPs "
+              "each rank of the layout will have, and whether it fits the GPU; --recommend: the shipped layouts "
+              "that fit, fastest predicted first (docs/planner.md)")
         return 0
     try:
         if "--world_size" not in rest:
             raise config.BenchError("bench-plan needs --world_size N: the processes the layout will run on")
         capacity = estimate.gpu_capacity(opts.gpu, opts.gpu_memory_gib)
+        if opts.recommend:
+            return _recommend(rest, opts)
         cfg = config.parse_args([*rest, "--dry_run", "--wandb_mode", "disabled"])
         # A GPU plan resolves the ds_config as a GPU run would (bf16 "auto" on); without one, as this machine does.
         device = ("cuda", opts.gpu or "GPU", True) if capacity is not None else None
@@ -231,6 +236,20 @@ def main(argv=None) -> int:
         print(plan.table())
         print(estimate.format_table(est, opts.gpu))
     return 0 if est["fits"] is not False else 1
+
+
+def _recommend(rest: list[str], opts) -> int:
+    from bench import estimate, recommend
+    if opts.gpu is None:
+        raise config.BenchError("--recommend needs --gpu NAME (its peak FLOP/s and links set the cost model)")
+    i = rest.index("--world_size")
+    world, args = int(rest[i + 1]), rest[:i] + rest[i + 2:]
+    for flag in ("--strategy", "--ds_config", "--peft", "--micro_batch_size", "--activation_checkpointing"):
+        if flag in args:
+            raise config.BenchError(f"--recommend chooses {flag} itself; leave it out")
+    rows, notes = recommend.recommend(args, world, opts.gpu, estimate.gpu_capacity(opts.gpu, None), opts.top)
+    print(json.dumps({"layouts": rows, "assumptions": notes}) if opts.json else recommend.format_rows(rows, notes))
+    return 0 if rows else 1
 
 
 if __name__ == "__main__":

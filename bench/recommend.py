@@ -1,0 +1,126 @@
+"""bench-plan --recommend: the shipped layouts (ds_configs/*.json, with and without LoRA, micro batches 1-8,
+with and without activation checkpointing) that fit the GPUs, ordered by a cost model's predicted step time.
+
+The cost model (docs/planner.md) is deliberately simple and every assumption is printed with the table: compute
+at a fixed share of the GPU's bf16 peak, plus every byte the planner says a rank communicates at the link's
+bandwidth, without overlap (an upper bound on the step), plus the 1F1B bubble and checkpointing's recompute.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import os
+
+from bench import config, estimate
+from bench.metrics import device_peak_tflops
+
+EFFICIENCY = 0.40  # share of the bf16 dense peak the matmuls sustain (torchtitan: 33-39 % MFU, Llama 3.1 8B, H100)
+GPUS_PER_NODE = 8
+# One direction, per GPU: NVLink within a node (NVIDIA datasheets: A100 600 GB/s, H100/H200 SXM 900 GB/s
+# bidirectional; H100 NVL cards bridge in pairs, PCIe 5 beyond), and a 400 Gb/s InfiniBand NIC per GPU between nodes.
+NVLINK = {"A100-40GB": 300e9, "A100-80GB": 300e9, "H100-80GB": 450e9, "H100-NVL-94GB": 64e9, "H200-141GB": 450e9}
+INTER_NODE = 50e9
+# Bytes that cross each rank's link per byte DeepSpeed's logger counts for a call (ring algorithms over n ranks,
+# n large): all-reduce moves its tensor out and back, an all-gather's logged input shard arrives from n - 1 peers.
+BUS_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_to_all": 1.0, "broadcast": 1.0,
+              "send_recv": 0.5}  # send_recv: logged by the sender and the receiver
+MICRO_BATCHES = (1, 2, 4, 8)
+
+
+def assumptions(gpu: str, world: int) -> list[str]:
+    inter = world > GPUS_PER_NODE
+    link = INTER_NODE if inter else NVLINK[gpu]
+    return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({device_peak_tflops(gpu.replace('-NVL', ' NVL'), None)}"
+            " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
+            f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
+            "ring bus factors (all-reduce 2, all-gather n - 1 shards, others 1), not overlapped with compute",
+            "pipeline: the 1F1B bubble (stages - 1) / micro-batches on top of compute; expert routing balanced"]
+
+
+def step_seconds(plan, est: dict, gpu: str) -> float:
+    """Predicted seconds per optimizer step (the slowest rank's share; see assumptions)."""
+    peak = device_peak_tflops(gpu.replace("-NVL", " NVL"), None) * 1e12
+    compute = est["flops_per_rank_per_step"] / (peak * EFFICIENCY)
+    if plan.cfg.activation_checkpointing:
+        compute *= 4 / 3
+    if plan.layout.pp > 1:
+        compute *= 1 + (plan.layout.pp - 1) / plan.batch.grad_accum
+    world = plan.layout.world_size
+    link = INTER_NODE if world > GPUS_PER_NODE else NVLINK[gpu]
+    moved = max(sum(b * (world - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
+                    for kind, b in comm.items()) for comm in est["comm_bytes_per_step_per_rank"])
+    return compute + moved / link
+
+
+def _strategy_for(ds: dict, layout) -> str:
+    if layout.pp > 1:
+        return "hybrid" if layout.dp > 1 else "pp"
+    if layout.tp > 1 and layout.ep > 1:
+        return "tp_ep"
+    return "tp" if layout.tp > 1 else "ep" if layout.ep > 1 else "dp"
+
+
+def candidates(args: list[str], world: int, gpu: str):
+    """Resolved plans for every shipped ds_config that suits the model and world size, with and without LoRA;
+    micro batch and checkpointing vary on copies (they change no check). Yields plans."""
+    from bench.distributed import DistEnv
+    from bench.plan import resolve
+    for path in sorted(glob.glob(os.path.join("ds_configs", "*.json"))):
+        with open(path) as fh:
+            ds = json.load(fh)
+        try:
+            layout = config.Layout.from_ds_config(ds, world)
+        except config.BenchError:
+            continue
+        for peft in ("none", "lora"):
+            try:
+                cfg = config.parse_args([*args, "--strategy", _strategy_for(ds, layout), "--ds_config", path,
+                                         "--peft", peft, "--micro_batch_size", "1", "--dry_run", "--world_size",
+                                         str(world), "--wandb_mode", "disabled"])
+                base = resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True))
+            except config.BenchError:
+                continue  # not a layout for this model or world (the reason is bench/run.py's own)
+            for micro in MICRO_BATCHES:
+                accum, rest = divmod(base.batch.global_, micro * layout.data_parallel)
+                if rest or not accum:
+                    continue
+                for ckpt in (False, True):
+                    plan = copy.copy(base)
+                    plan.cfg = dataclasses.replace(base.cfg, micro_batch_size=micro, activation_checkpointing=ckpt)
+                    plan.batch = config.Batch(micro, accum, base.batch.global_)
+                    yield plan
+
+
+def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20) -> tuple[list[dict], list[str]]:
+    """-> (the layouts that fit, fastest predicted first; the assumptions)."""
+    rows = []
+    for plan in candidates(args, world, gpu):
+        est = estimate.estimate(plan, capacity)
+        if not est["fits"]:
+            continue
+        step = step_seconds(plan, est, gpu)
+        rows.append({"strategy": plan.cfg.strategy, "ds_config": plan.cfg.ds_config, "peft": plan.peft,
+                     "micro_batch_size": plan.batch.micro,
+                     "activation_checkpointing": plan.cfg.activation_checkpointing,
+                     "peak_bytes": est["peak_bytes"], "comm_bytes_per_step": max(
+                         sum(c.values()) for c in est["comm_bytes_per_step_per_rank"]),
+                     "flops_per_rank_per_step": est["flops_per_rank_per_step"], "step_s": step,
+                     "tokens_per_s_per_gpu": plan.batch.global_ * plan.cfg.seq_len / step / world})
+    rows.sort(key=lambda r: r["step_s"])
+    return rows[:top], assumptions(gpu, world)
+
+
+def format_rows(rows: list[dict], notes: list[str]) -> str:
+    head = f"{'strategy':<9}{'ds_config':<30}{'peft':<6}{'micro':>6}{'ckpt':>6}{'peak GiB':>10}" \
+           f"{'comm GiB':>10}{'TFLOP/rank':>12}{'step s':>9}{'tok/s/GPU':>11}"
+    lines = ["layouts that fit, fastest predicted first (bench/recommend.py, docs/planner.md)", "-" * len(head), head]
+    for r in rows:
+        lines.append(f"{r['strategy']:<9}{r['ds_config']:<30}{r['peft']:<6}{r['micro_batch_size']:>6}"
+                     f"{'on' if r['activation_checkpointing'] else 'off':>6}{r['peak_bytes'] / estimate.GIB:>10.1f}"
+                     f"{r['comm_bytes_per_step'] / estimate.GIB:>10.2f}{r['flops_per_rank_per_step'] / 1e12:>12.1f}"
+                     f"{r['step_s']:>9.3f}{r['tokens_per_s_per_gpu']:>11.0f}")
+    if not rows:
+        lines.append("(none fits: more GPUs, a shorter --seq_len, or a larger GPU)")
+    return "\n".join(lines + ["assumptions:"] + [f"  - {n}" for n in notes])
