@@ -139,6 +139,13 @@ def zero_stage(ds: dict) -> int:
     return (ds.get("zero_optimization") or {}).get("stage", 0)
 
 
+def offloaded(ds: dict) -> list[str]:
+    """What a ds_config's ZeRO offloads to host memory: "optimizer" and/or "param"."""
+    zero = ds.get("zero_optimization") or {}
+    return [kind for kind in ("optimizer", "param")
+            if (zero.get(f"offload_{kind}") or {}).get("device", "none") not in ("none", None)]
+
+
 def load_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise BenchError(f"ds_config not found: {path} (see ds_configs/ for the shipped layouts)")
@@ -253,9 +260,10 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     params = opt.setdefault("params", {})
     if cfg.lr is not None or params.get("lr", "auto") == "auto":
         params["lr"] = cfg.lr if cfg.lr is not None else 3e-4
-    # FusedAdam needs CUDA; on the CPU the torch implementation is the only one that runs.
+    # FusedAdam needs CUDA; on the CPU the torch implementation runs, except under ZeRO offload, whose optimizer
+    # is DeepSpeed's CPU Adam wherever it runs (the same one a GPU run's offloaded states use).
     if params.get("torch_adam") == "auto":
-        params["torch_adam"] = device_type == "cpu"
+        params["torch_adam"] = device_type == "cpu" and not offloaded(ds)
     # The harness logs to W&B itself; DeepSpeed's monitor would open a second run per rank.
     for monitor in ("wandb", "tensorboard", "csv_monitor", "comet"):
         if (ds.get(monitor) or {}).get("enabled"):

@@ -119,6 +119,27 @@ def build_cpu_comm_op() -> str:
     return f"{builder.NAME} ready in {os.environ['TORCH_EXTENSIONS_DIR']}"
 
 
+def cpu_adam_problem() -> str | None:
+    """Why DeepSpeed's CPU Adam (what ZeRO offload updates the offloaded states with) cannot be built here, or
+    None when it can; scripts/install.sh builds it (build_cpu_adam), otherwise the first offload run compiles it."""
+    use_own_extension_cache()
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    builder = CPUAdamBuilder()
+    if not builder.is_compatible(verbose=False):
+        return f"DeepSpeed's {builder.NAME} op is not compatible with this machine (see `ds_report`)"
+    return None
+
+
+def build_cpu_adam() -> str:
+    """Build (or find) DeepSpeed's CPU Adam, for ZeRO offload. -> what happened, one line."""
+    problem = cpu_adam_problem()
+    if problem:
+        return problem + "; ZeRO offload configs will be refused"
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    CPUAdamBuilder().load(verbose=False)
+    return f"cpu_adam ready in {os.environ.get('TORCH_EXTENSIONS_DIR', 'torch default cache')}"
+
+
 def local_world_size(world: int) -> int:
     """Ranks on this host: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, SLURM's tasks per
     node ("4(x2)" means 4 on each of 2 nodes), else the whole world (one host)."""

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from bench import models
-from bench.config import BenchError
+from bench.config import BenchError, offloaded
 from bench.strategies.common import parameter_sizes
 
 GIB = 2 ** 30
@@ -139,9 +139,11 @@ def _partition_overlap(g: Group) -> int:
 # Model states and buffers
 
 def model_states(plan, rank: int) -> dict:
-    """params, grads (at the accumulation boundary), optimizer, and the buffers ZeRO keeps, in bytes; and what
-    lives only during backward (transient_bytes)."""
+    """params, grads (at the accumulation boundary), optimizer, and the buffers ZeRO keeps, in bytes, wherever
+    they live; what of them ZeRO offload keeps in host memory (offloaded_bytes); and what lives only during
+    backward (transient_bytes)."""
     w, zero, stage = _width(plan), _zero(plan), plan.zero_stage
+    off = offloaded(plan.ds)
     params = plan.strategy.params_per_rank(plan)[rank] * w
     gs = groups(plan, rank)
     trainable = sum(sum(g.sizes) for g in gs)
@@ -161,9 +163,20 @@ def model_states(plan, rank: int) -> dict:
         buffers = bucket  # one bucket, kept for the whole run
         prefetch = int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
         transient = min(sum(sizes), prefetch + _largest_layer(plan)) * w  # gathered parameters
+        # offload: the optimizer and the averaged gradient partition in host memory; with offload_param the
+        # partitions too (the persistent whole parameters stay on the device)
+        host = (optimizer + part3 * w if "optimizer" in off else 0) + \
+            (plan.strategy.params_per_rank(plan)[rank] * w if "param" in off else 0)
     elif stage in (1, 2):
         optimizer = partition * 12 + 4 * len(gs)  # fp32 master + Adam's two states, and a step counter per group
         grads = sum(_partition_overlap(g) for g in gs) * w
+        host = 0
+        if "optimizer" in off:  # ZeRO-Offload: fp32 gradient partitions and a staging buffer of the largest
+            # parameter on each side (stage_1_and_2.py), and the partition's gradients on the device only while
+            # they accumulate over micro-batches; the host holds the optimizer and the fp32 partitions
+            largest = max((n for g in gs for n in g.sizes), default=0)
+            grads = (grads if plan.batch.grad_accum > 1 else 0) + 2 * partition * 4 + largest * (4 + w)
+            host = optimizer + 2 * partition * 4 + largest * 4
         overlap = zero.get("overlap_comm", False)
         buffers = 0
         transient = (2 if overlap else 1) * bucket if zero.get("contiguous_gradients", True) else 0
@@ -172,9 +185,9 @@ def model_states(plan, rank: int) -> dict:
     else:
         optimizer = trainable * (8 if w == 4 else 12)  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer keeps fp32
         grads = trainable * (w if w == 4 else 4 + w)  # ... and fp32 gradient accumulators
-        buffers = 0
+        buffers = host = 0
     return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "buffers_bytes": buffers,
-            "transient_bytes": transient}
+            "offloaded_bytes": host, "transient_bytes": transient}
 
 
 def _largest_layer(plan) -> int:
@@ -319,7 +332,7 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         world = lay.world_size
         threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * w)
-        add("all_reduce", 8)
+        add("all_reduce", 4 if "optimizer" in offloaded(plan.ds) else 8)  # the norm: fp32 offloaded, else fp64
         every = parameter_sizes(plan)  # frozen ones too: the forward needs them
         small = sum(-(-n // world) for n in every if n <= threshold)
         large = sum(-(-n // world) for n in every if n > threshold)
@@ -348,9 +361,10 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         # the loss's fp32 copy of the logits and their gradient, on the stage that computes it
         loss = 2 * act["logits_bytes"] // _width(plan) * 4
         transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
-        held = sum(states.values()) + activations + transient
+        host = states.pop("offloaded_bytes")
+        held = sum(states.values()) - host + activations + transient  # on the device
         overhead = int(CONTEXT_BYTES + FRAGMENTATION * held) if device == "cuda" else 0
-        per_rank.append({"rank": rank, **states, "activation_bytes": activations,
+        per_rank.append({"rank": rank, **states, "offloaded_bytes": host, "activation_bytes": activations,
                          "logits_bytes": act["logits_bytes"], "transient_bytes": transient,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
                          "micro_batches_in_flight": flight})
@@ -382,6 +396,8 @@ def suggestions(plan) -> list[str]:
         out.append("activation checkpointing (--activation_checkpointing)")
     if plan.peft != "lora" and plan.layout.tp == 1 and plan.layout.ep == 1:
         out.append("LoRA (--peft lora)")
+    if not offloaded(plan.ds) and plan.layout.tp == 1 and plan.layout.ep == 1 and plan.layout.pp == 1:
+        out.append("ZeRO offload (ds_configs/dp_zero3_offload.json)")
     out.append("more GPUs")
     return out
 
@@ -392,8 +408,8 @@ def suggestions(plan) -> list[str]:
 def format_table(est: dict, gpu: str | None = None) -> str:
     """The plan as a console table: one row per group of ranks that hold the same, then the verdict."""
     cols = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
-            "transient_bytes", "overhead_bytes", "total_bytes")
-    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "overhead", "total")
+            "transient_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
+    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "overhead", "- host", "total")
     rows: list[list] = []
     for r in est["per_rank"]:
         values = [r[k] for k in cols]
@@ -402,7 +418,8 @@ def format_table(est: dict, gpu: str | None = None) -> str:
         else:
             rows.append([[r["rank"], r["rank"]], values])
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-    lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md)", "-" * 104,
+    lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md; host: what ZeRO offload keeps in host "
+             "memory, not in the device total)", "-" * 116,
              f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
     for (a, b), values in rows:
         lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))

@@ -27,6 +27,8 @@ INTER_NODE = 50e9
 BUS_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_to_all": 1.0, "broadcast": 1.0,
               "send_recv": 0.5}  # send_recv: logged by the sender and the receiver
 MICRO_BATCHES = (1, 2, 4, 8)
+PCIE = 25e9       # bytes/s host <-> GPU, one direction (PCIe 4 x16 in practice)
+CPU_ADAM = 10e9   # bytes of offloaded state CPU Adam updates per second per rank (a few host cores each)
 
 
 def assumptions(gpu: str, world: int) -> list[str]:
@@ -36,7 +38,9 @@ def assumptions(gpu: str, world: int) -> list[str]:
             " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
             f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
             "ring bus factors (all-reduce 2, all-gather n - 1 shards, others 1), not overlapped with compute",
-            "pipeline: the 1F1B bubble (stages - 1) / micro-batches on top of compute; expert routing balanced"]
+            "pipeline: the 1F1B bubble (stages - 1) / micro-batches on top of compute; expert routing balanced",
+            f"ZeRO offload: the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
+            f"at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:
@@ -49,6 +53,9 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
         compute *= 1 + (plan.layout.pp - 1) / plan.batch.grad_accum
     world = plan.layout.world_size
     link = INTER_NODE if world > GPUS_PER_NODE else NVLINK[gpu]
+    host = max(r["offloaded_bytes"] for r in est["per_rank"])
+    if host:  # ZeRO offload: the offloaded states cross PCIe each step and CPU Adam updates them
+        compute += 2 * host / PCIE + host / CPU_ADAM
     moved = max(sum(b * (world - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
                     for kind, b in comm.items()) for comm in est["comm_bytes_per_step_per_rank"])
     return compute + moved / link

@@ -29,3 +29,5 @@ python -c "import torch, deepspeed, transformers, peft, wandb; print('installed:
 # DeepSpeed compiles its CPU communication op on first use (45-120 s on 2 cores); build it now, into this
 # environment's own cache (bench/distributed.py points every run there), so the first run starts in seconds.
 python -c "from bench.distributed import build_cpu_comm_op; print('DeepSpeed CPU op:', build_cpu_comm_op())"
+# ZeRO offload updates the offloaded optimizer states with DeepSpeed's CPU Adam, also compiled on first use (~1 min).
+python -c "from bench.distributed import build_cpu_adam; print('DeepSpeed CPU Adam:', build_cpu_adam())"

@@ -93,3 +93,21 @@ def test_activation_checkpointing_recomputes_the_same_model(zero_runs, tmp_path)
 def test_the_planner_predicted_what_each_rank_held_and_moved(zero_runs, name):
     """bench/estimate.py's prediction, made before launch, against what the run counted (docs/planner.md)."""
     assert_plan_matches(zero_runs[name].summary())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_trains_the_same_model(zero_runs, tmp_path, stage):
+    """ZeRO offload (DeepSpeed's CPU Adam updating the offloaded states; install.sh builds it) against the same
+    run without offload: the same loss and gradient norm, and the planner's prediction of what it holds."""
+    base = zero_runs[f"zero{stage}"]
+    res = run_bench(tmp_path, *PARITY_ARGS, "--ds_config", f"ds_configs/dp_zero{stage}_offload.json", nprocs=2,
+                    launcher="srun-env")
+    assert_ok(res)
+    assert res.losses() == pytest.approx(base.losses(), rel=1e-5)
+    assert [r["grad_norm"] for r in res.records()] == pytest.approx([r["grad_norm"] for r in base.records()],
+                                                                     rel=1e-4)
+    ds = json.loads((res.run_dir / "config.json").read_text())["ds_config"]
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # CPU Adam, as on a GPU
+    assert_plan_matches(res.summary())
+    plan = res.summary()["memory_plan"]["per_rank"][0]
+    assert plan["offloaded_bytes"] >= plan["optimizer_bytes"] > 0  # what the device no longer holds
