@@ -274,8 +274,8 @@ class Session:
         self.record.set(**p.strategy.after_training(p, res, local))
 
     def _accounting(self, engine) -> dict:
-        """What the runner counted during its first two steps; runners that cannot count everything (pipeline
-        stages) give the model states and null for the rest."""
+        """What the runner counted during its first two steps (a run that stopped before them: the model states
+        and null for the rest)."""
         from bench.accounting import FIELDS, model_states
         unknown = dict.fromkeys(FIELDS)
         counted = getattr(self.trainer.runner, "accounting", None)

@@ -44,9 +44,10 @@ def errors(summary: dict) -> dict:
         pairs = [(p[key], m[key]) for p, m in zip(plan["per_rank"], got) if m[key] is not None]
         out[key] = max((abs(p - m) / m if m else float(p != m) for p, m in pairs), default=None)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    if got[0]["activation_bytes"] is not None:
+    if got[0]["activation_bytes"] is not None:  # one micro-batch's (a pipeline stage holds several)
         m = mean([r["activation_bytes"] for r in got])
-        out["activation_bytes"] = abs(mean([r["activation_bytes"] for r in plan["per_rank"]]) - m) / m
+        p = mean([r["activation_bytes"] / r["micro_batches_in_flight"] for r in plan["per_rank"]])
+        out["activation_bytes"] = abs(p - m) / m
     if got[0]["comm_bytes_per_step"] is not None:
         m = mean([sum(r["comm_bytes_per_step"].values()) for r in got])
         p = mean([sum(c.values()) for c in plan["comm_bytes_per_step_per_rank"]])
@@ -70,7 +71,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, n, args) in enumerate(LAYOUTS):
             _, s, _ = harness(n, BASE + SHAPES + args, os.path.join(tmp, f"l{i}"))
-            e, r0, m0 = errors(s), s["memory_plan"]["per_rank"][0], s["accounting"]["per_rank"][0]
+            e, r0, m0 = errors(s), dict(s["memory_plan"]["per_rank"][0]), s["accounting"]["per_rank"][0]
+            r0["activation_bytes"] //= r0["micro_batches_in_flight"]  # one micro-batch's, as counted
             rows.append(f"| {label} | {n} | " + " | ".join(
                 f"{mib(r0[k])} / {mib(m0[k])} ({cell(e.get(k))})" for k in (*STATES, "activation_bytes"))
                 + f" | {cell(e.get('comm'))} |")
@@ -89,8 +91,7 @@ def main():
         "- command: `python measurements/planner_vs_measured.py`",
         f"- {host_line()}; fp32, tiny models, two steps per run: `{' '.join(BASE + SHAPES)}`",
         "- each cell: predicted / counted MiB on rank 0, and the relative error (model states: the worst rank; "
-        "activations and communication: the mean over ranks); n/c: the run does not count it (pipeline stages "
-        "count parameters and optimizer states only). Formulas: docs/planner.md", "",
+        "activations (one micro-batch's) and communication: the mean over ranks). Formulas: docs/planner.md", "",
         "| layout | ranks | params | grads | optimizer | buffers | activations | communication / step |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
         "Activations at other shapes (dp ZeRO-2, 1 rank, tiny-llama):", "",

@@ -92,5 +92,5 @@ def test_four_stages_one_decoder_layer_each(runs):
 
 @pytest.mark.parametrize("name", ["pp2-none", "pp2-lora", "hybrid-none", "hybrid-lora", "pp4-none", "pp2uniform-none"])
 def test_the_planner_predicted_each_stages_model_states(runs, name):
-    """Pipeline stages count parameters and optimizer states (the rest is not counted there yet)."""
+    """What each stage holds and sends, against the planner (activations: one micro-batch's)."""
     assert_plan_matches(runs[name].summary())

@@ -103,31 +103,58 @@ def build_stages(model, ds: dict):
 
 class PipelineRunner:
     """train_step/eval_loss for a PipelineEngine. Forward, backward and optimizer instructions are timed
-    (device-synchronized) on every stage, so a stage's idle fraction is 1 - busy / step time."""
+    (device-synchronized) on every stage, so a stage's idle fraction is 1 - busy / step time. Like EngineRunner,
+    it counts what the stage holds in its first step (the first micro-batch's forward saved for backward, the
+    gradients just before the optimizer step) and what it communicates in its second (bench/accounting.py)."""
 
     def __init__(self, engine, device):
         from deepspeed.runtime.pipe import schedule
         self.engine, self.device = engine, device
         self.busy_s = 0.0
+        self.accounting, self._counter, self._forwards = {}, None, 0
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         timed = {schedule.ForwardPass, schedule.BackwardPass, schedule.OptimizerStep}
         base = type(engine)._INSTRUCTION_MAP
 
-        def wrap(fn):
+        def count(kind, fn, eng, **kw):
+            c = self._counter
+            if c is not None and kind is schedule.ForwardPass:
+                self._forwards += 1
+                with c.forward(self._forwards - 1):
+                    return fn(eng, **kw)
+            if c is not None and kind is schedule.OptimizerStep:
+                c.at_boundary()
+            return fn(eng, **kw)
+
+        def wrap(kind, fn):
             def run(eng, **kw):
                 sync()
                 t0 = time.perf_counter()
-                fn(eng, **kw)
+                count(kind, fn, eng, **kw)
                 sync()
                 self.busy_s += time.perf_counter() - t0
             return run
         # An instance attribute shadows the class's map only for this engine.
-        engine._INSTRUCTION_MAP = {k: (wrap(v) if k in timed else v) for k, v in base.items()}
+        engine._INSTRUCTION_MAP = {k: (wrap(k, v) if k in timed else v) for k, v in base.items()}
 
     def train_step(self, micro_batches: list[dict]):
+        from bench.accounting import CommCounter, StepCounter
         self.busy_s = 0.0
         data = iter([(b["input_ids"], b["labels"]) for b in micro_batches])
-        return self.engine.train_batch(data_iter=data)  # mean micro-batch loss, on every stage
+        if "comm_bytes_per_step" in self.accounting:  # every step after the second
+            return self.engine.train_batch(data_iter=data)  # mean micro-batch loss, on every stage
+        if not self.accounting:  # the first step: what the stage holds
+            self._counter = StepCounter(self.engine)
+            try:
+                loss = self.engine.train_batch(data_iter=data)
+            finally:
+                counter, self._counter = self._counter, None
+            self.accounting = {**counter.result(), "logits_bytes": None}  # the head's logits stay inside the loss
+            return loss
+        with CommCounter() as comm:  # the second: what it communicates
+            loss = self.engine.train_batch(data_iter=data)
+        self.accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
+        return loss
 
     def eval_loss(self, batch: dict) -> float | None:
         """This micro-batch's own loss on the last stage (None elsewhere). eval_batch's default would average
