@@ -142,6 +142,10 @@ def zero_stage(ds: dict) -> int:
 def offloaded(ds: dict) -> list[str]:
     """What a ds_config's ZeRO offloads to host memory: "optimizer" and/or "param"."""
     zero = ds.get("zero_optimization") or {}
+    for kind in ("optimizer", "param"):
+        if not isinstance(zero.get(f"offload_{kind}") or {}, dict):
+            raise BenchError(f"zero_optimization.offload_{kind} must be an object such as {{\"device\": \"cpu\"}}, "
+                             f"got {zero[f'offload_{kind}']!r}")
     return [kind for kind in ("optimizer", "param")
             if (zero.get(f"offload_{kind}") or {}).get("device", "none") not in ("none", None)]
 

@@ -33,7 +33,9 @@ PERSISTENCE_THRESHOLD = 100_000
 
 def gpu_capacity(name: str | None, gib: float | None) -> int | None:
     """--gpu NAME or --gpu_memory_gib X -> bytes (None: plan without a capacity, as on the CPU)."""
-    if gib:
+    if gib is not None:
+        if gib <= 0:
+            raise BenchError(f"--gpu_memory_gib must be positive, got {gib}")
         return int(gib * GIB)
     if name is None:
         return None
@@ -162,7 +164,8 @@ def model_states(plan, rank: int) -> dict:
         grads = 2 * part3 * w  # the reduce-scatter target and the averaged partition (stage3.py)
         buffers = bucket  # one bucket, kept for the whole run
         prefetch = int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
-        transient = min(sum(sizes), prefetch + _largest_layer(plan)) * w  # gathered parameters
+        # the parameters gathered for compute: frozen ones too
+        transient = min(sum(parameter_sizes(plan)), prefetch + _largest_layer(plan)) * w
         # offload: the optimizer and the averaged gradient partition in host memory; with offload_param the
         # partitions too (the persistent whole parameters stay on the device)
         host = (optimizer + part3 * w if "optimizer" in off else 0) + \
@@ -227,8 +230,8 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     else:
         mlp = 4 * bs * inter // tp * w
     layer = norms + attention + mlp
-    if plan.peft == "lora":
-        layer = _lora_layer(plan, bs, q_elems, attention, w)
+    if plan.peft == "lora":  # an MoE block, frozen, is still counted whole (conservative: its inputs need no grad)
+        layer = _lora_layer(plan, bs, q_elems, attention, w) + (mlp - 3 * bs * inter * w if models.is_moe(c) else 0)
     stage, layers = stage_of(plan, rank)
     n_layers = c.num_hidden_layers if layers is None else len(layers)
     if plan.cfg.activation_checkpointing:
@@ -285,8 +288,9 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
     if partition is None:  # AutoTP's automatic policy for LLaMA
         return 2, 5, True
+    from bench.strategies.common import meta_model
     row = col = 0
-    names = [n for n, _ in _meta_names(plan) if ".layers.0." in n]
+    names = [n for n, _ in meta_model(plan.model_config).named_parameters() if ".layers.0." in n]
     for spec in partition.get("layer_specs", []):
         hits = sum(1 for n in names if any(re.match(p, n) for p in spec.get("patterns", [])))
         if spec.get("partition_type") == "row":
@@ -294,11 +298,6 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
         else:
             col += hits
     return row, col, False
-
-
-def _meta_names(plan):
-    from bench.strategies.common import meta_model
-    return list(meta_model(plan.model_config).named_parameters())
 
 
 def comm_bytes_per_step(plan, rank: int) -> dict:
@@ -337,6 +336,8 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         small = sum(-(-n // world) for n in every if n <= threshold)
         large = sum(-(-n // world) for n in every if n > threshold)
         add("all_gather", (small + 2 * accum * large) * w)  # after the step; forward and backward per micro
+    elif plan.zero_stage == 0 and gs[0].degree > 1:  # plain data parallel: the engine all-reduces at the boundary
+        add("all_reduce", sum(sum(g.sizes) for g in gs) * w)
     elif plan.zero_stage in (1, 2):
         trainable = sum(sum(g.sizes) for g in gs)
         reductions = accum if plan.zero_stage == 2 else 1

@@ -3,7 +3,8 @@ with and without activation checkpointing) that fit the GPUs, ordered by a cost 
 
 The cost model (docs/planner.md) is deliberately simple and every assumption is printed with the table: compute
 at a fixed share of the GPU's bf16 peak, plus every byte the planner says a rank communicates at the link's
-bandwidth, without overlap (an upper bound on the step), plus the 1F1B bubble and checkpointing's recompute.
+bandwidth, without overlap (an upper bound on the step), plus the 1F1B bubble, checkpointing's recompute, and
+ZeRO offload's PCIe transfers and CPU Adam time.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 
 from bench import config, estimate
 from bench.metrics import device_peak_tflops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
 
 EFFICIENCY = 0.40  # share of the bf16 dense peak the matmuls sustain (torchtitan: 33-39 % MFU, Llama 3.1 8B, H100)
 GPUS_PER_NODE = 8
@@ -37,7 +40,8 @@ def assumptions(gpu: str, world: int) -> list[str]:
     return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({device_peak_tflops(gpu.replace('-NVL', ' NVL'), None)}"
             " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
             f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
-            "ring bus factors (all-reduce 2, all-gather n - 1 shards, others 1), not overlapped with compute",
+            "ring bus factors (all-reduce 2, all-gather n - 1 shards over the data-parallel or TP group, others 1), "
+            "not overlapped with compute",
             "pipeline: the 1F1B bubble (stages - 1) / micro-batches on top of compute; expert routing balanced",
             f"ZeRO offload: the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
             f"at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
@@ -56,7 +60,8 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     if host:  # ZeRO offload: the offloaded states cross PCIe each step and CPU Adam updates them
         compute += 2 * host / PCIE + host / CPU_ADAM
-    moved = max(sum(b * (world - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
+    group = plan.layout.data_parallel if plan.layout.data_parallel > 1 else plan.layout.tp  # who gathers
+    moved = max(sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
                     for kind, b in comm.items()) for comm in est["comm_bytes_per_step_per_rank"])
     return compute + moved / link
 
@@ -69,17 +74,23 @@ def _strategy_for(ds: dict, layout) -> str:
     return "tp" if layout.tp > 1 else "ep" if layout.ep > 1 else "dp"
 
 
-def candidates(args: list[str], world: int, gpu: str):
+def candidates(args: list[str], world: int, gpu: str, reasons: list):
     """Resolved plans for every shipped ds_config that suits the model and world size, with and without LoRA;
-    micro batch and checkpointing vary on copies (they change no check). Yields plans."""
+    micro batch and checkpointing vary on copies of one resolved plan (the data's size is checked for micro 1
+    only). Without --global_batch_size every layout gets 8 samples per GPU per step, so micro batches 1-8 fit.
+    Yields plans; reasons collects why the others were left out."""
     from bench.distributed import DistEnv
     from bench.plan import resolve
-    for path in sorted(glob.glob(os.path.join("ds_configs", "*.json"))):
+    if "--global_batch_size" not in args:
+        args = [*args, "--global_batch_size", str(8 * world)]
+    for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
+        path = os.path.relpath(path, REPO) if os.getcwd() == REPO else path
         with open(path) as fh:
             ds = json.load(fh)
         try:
             layout = config.Layout.from_ds_config(ds, world)
-        except config.BenchError:
+        except config.BenchError as e:
+            reasons.append(f"{path}: {e}")
             continue
         for peft in ("none", "lora"):
             try:
@@ -87,8 +98,9 @@ def candidates(args: list[str], world: int, gpu: str):
                                          "--peft", peft, "--micro_batch_size", "1", "--dry_run", "--world_size",
                                          str(world), "--wandb_mode", "disabled"])
                 base = resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True))
-            except config.BenchError:
-                continue  # not a layout for this model or world (the reason is bench/run.py's own)
+            except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
+                reasons.append(f"{path} --peft {peft}: {e}")
+                continue
             for micro in MICRO_BATCHES:
                 accum, rest = divmod(base.batch.global_, micro * layout.data_parallel)
                 if rest or not accum:
@@ -102,8 +114,9 @@ def candidates(args: list[str], world: int, gpu: str):
 
 def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20) -> tuple[list[dict], list[str]]:
     """-> (the layouts that fit, fastest predicted first; the assumptions)."""
-    rows = []
-    for plan in candidates(args, world, gpu):
+    rows, reasons, planned = [], [], 0
+    for plan in candidates(args, world, gpu, reasons):
+        planned += 1
         est = estimate.estimate(plan, capacity)
         if not est["fits"]:
             continue
@@ -115,16 +128,19 @@ def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 2
                          sum(c.values()) for c in est["comm_bytes_per_step_per_rank"]),
                      "flops_per_rank_per_step": est["flops_per_rank_per_step"], "step_s": step,
                      "tokens_per_s_per_gpu": plan.batch.global_ * plan.cfg.seq_len / step / world})
+    if not planned:  # nothing resolved: the user's own arguments are wrong, not the layouts
+        raise config.BenchError("no layout could be planned; the first reason: " + (reasons[0] if reasons else
+                                "no ds_configs/*.json found"))
     rows.sort(key=lambda r: r["step_s"])
     return rows[:top], assumptions(gpu, world)
 
 
 def format_rows(rows: list[dict], notes: list[str]) -> str:
-    head = f"{'strategy':<9}{'ds_config':<30}{'peft':<6}{'micro':>6}{'ckpt':>6}{'peak GiB':>10}" \
+    head = f"{'strategy':<9}{'ds_config':<34}{'peft':<6}{'micro':>6}{'ckpt':>6}{'peak GiB':>10}" \
            f"{'comm GiB':>10}{'TFLOP/rank':>12}{'step s':>9}{'tok/s/GPU':>11}"
     lines = ["layouts that fit, fastest predicted first (bench/recommend.py, docs/planner.md)", "-" * len(head), head]
     for r in rows:
-        lines.append(f"{r['strategy']:<9}{r['ds_config']:<30}{r['peft']:<6}{r['micro_batch_size']:>6}"
+        lines.append(f"{r['strategy']:<9}{r['ds_config']:<34}{r['peft']:<6}{r['micro_batch_size']:>6}"
                      f"{'on' if r['activation_checkpointing'] else 'off':>6}{r['peak_bytes'] / estimate.GIB:>10.1f}"
                      f"{r['comm_bytes_per_step'] / estimate.GIB:>10.2f}{r['flops_per_rank_per_step'] / 1e12:>12.1f}"
                      f"{r['step_s']:>9.3f}{r['tokens_per_s_per_gpu']:>11.0f}")

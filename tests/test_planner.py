@@ -83,6 +83,12 @@ def test_bench_plan_refuses_bad_input_in_one_line(capfd):
     assert len(err) == 1 and "unknown --gpu 'V100'" in err[0] and "H100-80GB" in err[0]
     assert bench_plan(["--gpu", "H100-80GB"]) == 2
     assert "needs --world_size" in capfd.readouterr().err
+    assert bench_plan(["--world_size", "two"]) == 2
+    assert "--world_size" in capfd.readouterr().err
+    assert bench_plan(["--world_size", "2", "--gpu_memory_gib", "0"]) == 2
+    assert "must be positive" in capfd.readouterr().err
+    assert bench_plan(["--recommend", "--world_size=2", "--gpu", "H100-80GB", "--model", "no-such-model"]) == 2
+    assert "no layout could be planned" in capfd.readouterr().err
     # an impossible layout: refused as bench/run.py refuses it (the same resolve)
     assert bench_plan(["--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--world_size", "3"]) == 2
     assert "layout does not fit" in capfd.readouterr().err
@@ -104,7 +110,9 @@ def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
 def test_recommend_lists_fitting_layouts_fastest_first(capfd):
     args = ["--recommend", "--world_size", "2", "--gpu", "A100-40GB", "--seq_len", "128", "--global_batch_size", "8"]
     assert bench_plan([*args, "--json", "--top", "100"]) == 0
-    out = json.loads(capfd.readouterr().out.strip().splitlines()[-1])  # after DeepSpeed's own start-up notes
+    # the last line: DeepSpeed, imported earlier in this test process, logs to the stdout it found (bench-plan
+    # itself imports it with stdout sent to stderr; test_bench_plan_json_is_all_stdout checks that)
+    out = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     rows = out["layouts"]
     assert rows and all(r["peak_bytes"] <= estimate.GPUS["A100-40GB"] for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
@@ -118,3 +126,14 @@ def test_recommend_lists_fitting_layouts_fastest_first(capfd):
     assert "needs --gpu NAME" in capfd.readouterr().err
     assert bench_plan([*args, "--strategy", "tp"]) == 2
     assert "chooses --strategy itself" in capfd.readouterr().err
+
+
+def test_bench_plan_json_is_all_stdout():
+    """A program reading --json gets nothing else on stdout (a fresh process: DeepSpeed imported inside)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "bench.plan", "--world_size", "2", "--gpu", "H100-80GB",
+                          "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["fits"] is True

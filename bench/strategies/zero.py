@@ -19,6 +19,7 @@ class ZeroDP(Strategy):
         if zero["stage"] not in (0, 1, 2, 3):
             raise BenchError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
         check_offload(cfg, ds)
+    # prepare: nothing; the ds_config's zero_optimization does the work inside deepspeed.initialize
 
 
 def check_offload(cfg, ds: dict) -> None:
@@ -31,9 +32,10 @@ def check_offload(cfg, ds: dict) -> None:
         raise BenchError(f"{cfg.ds_config}: offload_param needs ZeRO stage 3 (see ds_configs/dp_zero3_offload.json)")
     if zero_stage(ds) == 0:
         raise BenchError(f"{cfg.ds_config}: offload_optimizer needs a ZeRO stage of 1 or more")
+    if cfg.dry_run:
+        return  # planning (bench-plan, --dry_run) may happen on another machine than the run
     from bench.distributed import cpu_adam_problem
     problem = cpu_adam_problem()
     if problem:
         raise BenchError(f"{cfg.ds_config} offloads to the CPU, which needs DeepSpeed's CPU Adam: {problem}; use "
                          "a config without offload")
-    # prepare: nothing; the ds_config's zero_optimization does the work inside deepspeed.initialize
