@@ -89,22 +89,22 @@ def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
     shards by its degree, EP keeps E/ep experts, a pipeline stage its own layers, and a LoRA run trains only the
     adapters."""
     from bench.strategies.autotp import tp_sharded_names
-    from bench.strategies.common import lora_sizes_by_name, meta_model
+    from bench.strategies.common import architecture, lora_sizes_by_name
     lay = plan.layout
-    model = meta_model(plan.model_config)
+    arch = architecture(plan.model_config)
     stage, layers = stage_of(plan, rank)
     here = lambda name: _on_stage(name, stage, layers, lay.pp)  # noqa: E731
     if plan.peft == "lora":
-        return [n for name, n in lora_sizes_by_name(plan.cfg, model) if here(name)], []
+        return [n for name, n in lora_sizes_by_name(plan.cfg, plan.model_config) if here(name)], []
     sharded = tp_sharded_names(plan) if lay.tp > 1 else set()
     dense, expert = [], []
-    named = list(model.named_parameters())
+    named = list(arch.params)
     if lay.pp > 1 and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
-        named.append(("lm_head.weight", model.get_input_embeddings().weight))
-    for name, p in named:
+        named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
+    for name, numel in named:
         if not here(name):
             continue
-        n = p.numel() // lay.tp if name in sharded else p.numel()
+        n = numel // lay.tp if name in sharded else numel
         if lay.ep > 1 and ".experts." in name:
             expert.append(n // lay.ep)
         else:
@@ -230,8 +230,11 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     else:
         mlp = 4 * bs * inter // tp * w
     layer = norms + attention + mlp
-    if plan.peft == "lora":  # an MoE block, frozen, is still counted whole (conservative: its inputs need no grad)
-        layer = _lora_layer(plan, bs, q_elems, attention, w) + (mlp - 3 * bs * inter * w if models.is_moe(c) else 0)
+    if plan.peft == "lora":
+        layer = _lora_layer(plan, bs, q_elems, attention, w)
+        if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
+            # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
+            layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * inter * w
     stage, layers = stage_of(plan, rank)
     n_layers = c.num_hidden_layers if layers is None else len(layers)
     if plan.cfg.activation_checkpointing:
@@ -288,9 +291,9 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
     if partition is None:  # AutoTP's automatic policy for LLaMA
         return 2, 5, True
-    from bench.strategies.common import meta_model
+    from bench.strategies.common import architecture
     row = col = 0
-    names = [n for n, _ in meta_model(plan.model_config).named_parameters() if ".layers.0." in n]
+    names = [n for n, _ in architecture(plan.model_config).params if ".layers.0." in n]
     for spec in partition.get("layer_specs", []):
         hits = sum(1 for n in names if any(re.match(p, n) for p in spec.get("patterns", [])))
         if spec.get("partition_type") == "row":

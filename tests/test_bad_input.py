@@ -74,8 +74,11 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "matches no parameter of the model"),
     ("lora-with-tp", ("--strategy", "tp", "--peft", "lora", "--ds_config", "ds_configs/tp2.json"), 2,
      "--peft lora with tensor parallelism is refused"),
-    ("lora-with-ep", ("--strategy", "ep", "--peft", "lora", "--model", "tiny-mixtral", "--ds_config",
-                      "ds_configs/ep2.json"), 2, "--peft lora with expert parallelism is refused"),
+    ("lora-on-the-router-with-ep", ("--strategy", "ep", "--peft", "lora", "--lora_targets", "q_proj,gate",
+                                    "--model", "tiny-mixtral", "--ds_config", "ds_configs/ep2.json"), 2,
+     "--lora_targets ['gate'] under expert parallelism"),
+    ("lora-with-tp-ep", ("--strategy", "tp_ep", "--peft", "lora", "--model", "tiny-mixtral", "--ds_config",
+                         "ds_configs/tp2_ep2.json"), 4, "--peft lora with tensor parallelism is refused"),
     # checkpoints and resume
     ("checkpoint-dir-is-a-file", ("--checkpoint_dir", "{d}/short.txt", *ZERO2), 1, "exists and is not a directory"),
     ("resume-without-run-name", ("--resume", "auto", *ZERO2), 1, "--resume auto needs --run_name"),

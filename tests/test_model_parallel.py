@@ -15,6 +15,10 @@ LOSS_RTOL = 1e-5
 ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batch_size", "2",
         "--seq_len", "128", "--eval_interval", "0")
 ZERO1 = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json")
+# LoRA on the attention, the experts frozen (later flags win over ARGS')
+LORA = (*ARGS, "--model", "tiny-mixtral", "--peft", "lora", "--lr", "1e-2")
+EP2, EP4 = ("--strategy", "ep", "--ds_config", "ds_configs/ep2.json"), ("--strategy", "ep", "--ds_config",
+                                                                         "ds_configs/ep4.json")
 
 
 # name -> (bench/run.py arguments, processes); references run as one process, the rest under deepspeed
@@ -34,6 +38,11 @@ RUNS = {
     # one expert per rank, four data streams
     "mixtral-ep4": (("--strategy", "ep", "--ds_config", "ds_configs/ep4.json", *ARGS, "--model", "tiny-mixtral",
                      "--global_batch_size", "8"), 4),
+    # the seeds' "Mixtral + LoRA + expert parallelism", against one process with the same adapters
+    "mixtral-w1-g4-lora": ((*ZERO1, *LORA, "--global_batch_size", "4"), 1),
+    "mixtral-ep2-lora": ((*EP2, *LORA, "--global_batch_size", "4"), 2),
+    "mixtral-w1-g8-lora": ((*ZERO1, *LORA, "--global_batch_size", "8"), 1),
+    "mixtral-ep4-lora": ((*EP4, *LORA, "--global_batch_size", "8"), 4),
 }
 
 
@@ -116,3 +125,20 @@ def test_the_planner_predicted_what_each_rank_held_and_moved(runs, name):
     # TP x EP: AutoEP's token exchange inside the TP group moves a data-dependent number of rows
     # (deepspeed/moe/ep_tp_dispatch.py gathers variable rows), which the planner's balanced count misses by ~8 %
     assert_plan_matches(runs[name].summary(), comm_rel=0.10 if "tp2ep2" in name else 0.05)
+
+
+@pytest.mark.parametrize("run,ref", [("mixtral-ep2-lora", "mixtral-w1-g4-lora"),
+                                     ("mixtral-ep4-lora", "mixtral-w1-g8-lora")])
+def test_lora_under_expert_parallelism_matches_single_process(runs, run, ref):
+    """Adapters on the attention (replicated, data-parallel over dp x ep), experts sharded and frozen: the same
+    loss (1e-5) and gradient norm (1e-4) as one process with the same adapters, and every rank trains them all."""
+    assert_ok(runs[ref])
+    assert_ok(runs[run])
+    a, b = runs[ref].records(), runs[run].records()
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=LOSS_RTOL)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
+    s, s1 = runs[run].summary(), runs[ref].summary()
+    assert s["peft"] == "lora" and s["params"]["trainable"] == s1["params"]["trainable"] > 0
+    assert {r["trainable"] for r in s["params"]["per_rank"]} == {s1["params"]["trainable"]}
+    assert s["experts_per_rank"] == models.make_config(models.PRESETS["tiny-mixtral"]).num_local_experts // \
+        s["layout"]["ep"]

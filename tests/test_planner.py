@@ -39,8 +39,8 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
     return counter.bytes
 
 
-# LoRA's formula covers dense MLPs (Mixtral with LoRA is not a shipped layout yet)
-@pytest.mark.parametrize("model,peft", [("tiny-llama", "none"), ("tiny-llama", "lora"), ("tiny-mixtral", "none")])
+@pytest.mark.parametrize("model,peft", [("tiny-llama", "none"), ("tiny-llama", "lora"), ("tiny-mixtral", "none"),
+                                        ("tiny-mixtral", "lora")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
     """Two sequence lengths and two micro-batch sizes, fp32 and bf16 (the GPU's dtype, on the CPU here)."""

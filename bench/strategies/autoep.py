@@ -6,10 +6,46 @@ experts), so the data-parallel degree of an EP run is dp x ep.
 """
 from __future__ import annotations
 
+import copy
+
 from bench.config import BenchError, zero_stage
 from bench.models import is_moe
 from bench.strategies import autotp
 from bench.strategies.common import ModelParallel, reject_foreign_sections
+
+
+# Modules outside the MoE blocks AutoEP replaces: adapters there are ordinary data-parallel parameters.
+NON_EXPERT_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def with_peft_names(ds: dict) -> dict:
+    """AutoEP finds the MoE blocks by full module name; peft's wrapper prefixes every name with
+    "base_model.model.", so the Mixtral preset's pattern gets that prefix as an option (a pattern the ds_config
+    sets itself is kept)."""
+    section = ds.get("expert_parallel") or {}
+    if "moe_layer_pattern" in section or section.get("preset_model", "mixtral") != "mixtral":
+        return ds
+    ds = copy.deepcopy(ds)
+    ds["expert_parallel"]["moe_layer_pattern"] = r"(?:base_model\.model\.)?model\.layers\.\d+\.mlp"
+    return ds
+
+
+def allow_frozen_experts() -> None:
+    """LoRA on the attention leaves every expert frozen, so no optimizer group holds an expert parameter, and
+    DeepSpeed's ZeRO-1/2 asserts that a model with MoE layers has one. With no expert to update there is no
+    expert gradient to reduce over the expert-data-parallel groups: skip only that assertion (everything else in
+    its MoE set-up still runs). Patched on the class, once per process (a rank builds one engine)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    original = DeepSpeedZeroOptimizer._configure_moe_settings
+    if getattr(original, "allows_frozen_experts", False):
+        return
+
+    def configure(self):
+        if any(self.is_moe_group(group) for group in self.optimizer.param_groups):
+            return original(self)
+        self.is_moe_param_group = [False] * len(self.optimizer.param_groups)
+    configure.allows_frozen_experts = True
+    DeepSpeedZeroOptimizer._configure_moe_settings = configure
 
 
 def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
@@ -31,9 +67,12 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoEP here runs with ZeRO stage 0-2, got stage {stage}")
-    if cfg.peft == "lora":
-        raise BenchError("--peft lora with expert parallelism is refused: the model-parallel track is a full "
-                         "fine-tune; use --peft none")
+    if cfg.peft == "lora":  # (under TP x EP, check_tp has refused LoRA already)
+        experts = sorted({t.strip() for t in cfg.lora_targets.split(",")} - NON_EXPERT_TARGETS)
+        if experts:
+            raise BenchError(f"--lora_targets {experts} under expert parallelism: AutoEP replaces the experts with "
+                             "its own layers, which LoRA cannot wrap; target the attention projections "
+                             f"({', '.join(sorted(NON_EXPERT_TARGETS))})")
 
 
 class AutoEP(ModelParallel):
@@ -43,6 +82,14 @@ class AutoEP(ModelParallel):
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         reject_foreign_sections("ep", ds, allowed=("expert_parallel",))
         check_ep(cfg, ds, layout, model_config, "ep")
+
+    def resolve_ds(self, ds: dict, model_config) -> dict:
+        return with_peft_names(ds)
+
+    def prepare(self, model, cfg, ds: dict):
+        if cfg.peft == "lora":
+            allow_frozen_experts()
+        return model
 
 
 class AutoTPxEP(ModelParallel):

@@ -11,7 +11,7 @@ import copy
 import re
 
 from bench.config import BenchError, zero_stage
-from bench.strategies.common import ModelParallel, meta_model, reject_foreign_sections
+from bench.strategies.common import ModelParallel, architecture, reject_foreign_sections
 
 MOE_ATTENTION_ONLY = {
     "use_default_specs": False,
@@ -46,7 +46,7 @@ def check_tp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
 
 def check_partition_matches(partition: dict, model_config, source: str) -> None:
     """A partition_config whose patterns match no parameter would run unsharded, silently: refuse it."""
-    names = [n for n, _ in meta_model(model_config).named_parameters()]
+    names = [n for n, _ in architecture(model_config).params]
     for spec in partition.get("layer_specs", []):
         for pattern in spec.get("patterns", []):
             if not any(re.match(pattern, n) for n in names):
@@ -74,13 +74,12 @@ def tp_sharded_names(plan) -> set[str]:
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
     patterns = AUTO_POLICY if partition is None else \
         [p for spec in partition.get("layer_specs", []) for p in spec.get("patterns", [])]
-    return {n for n, _ in meta_model(plan.model_config).named_parameters()
-            if any(re.match(pattern, n) for pattern in patterns)}
+    return {n for n, _ in architecture(plan.model_config).params if any(re.match(pattern, n) for pattern in patterns)}
 
 
 def tp_sharded_params(plan) -> int:
     """The number of parameters tp_sharded_names holds."""
-    sizes = dict((n, p.numel()) for n, p in meta_model(plan.model_config).named_parameters())
+    sizes = dict(architecture(plan.model_config).params)
     return sum(sizes[n] for n in tp_sharded_names(plan))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from bench.config import BenchError
 from bench.strategies.base import Strategy
@@ -18,19 +19,37 @@ def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> Non
 
 
 def meta_model(model_config):
-    """The architecture on the meta device: names and shapes without allocating a byte (built once per
-    architecture: the planner asks for it per rank; nobody modifies it)."""
-    return _meta_model(model_config.to_json_string())
-
-
-@functools.lru_cache(maxsize=4)
-def _meta_model(config_json: str):
-    import json
+    """The architecture on the meta device: names and shapes without allocating a byte (a fresh model: callers
+    may wrap or change it)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    d = json.loads(config_json)
+    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the planner reads from the meta model, built once per architecture (the planner asks per rank):
+    every parameter's (name, numel) in module order, the input embedding's name, and every module's (name,
+    leaf name, (in, out) of a linear or embedding layer, else None)."""
+    params: tuple
+    modules: tuple
+    kind: str  # the model class, for messages
+
+
+def architecture(model_config) -> Architecture:
+    return _architecture(model_config.to_json_string())
+
+
+@functools.lru_cache(maxsize=8)
+def _architecture(config_json: str) -> Architecture:
+    import json
+    from transformers import AutoConfig
+    d = json.loads(config_json)
+    model = meta_model(AutoConfig.for_model(d.pop("model_type"), **d))
+    params = tuple((n, p.numel()) for n, p in model.named_parameters())
+    modules = tuple((n, n.rsplit(".", 1)[-1], _in_out(m)) for n, m in model.named_modules())
+    return Architecture(params, modules, type(model).__name__)
 
 
 def _target_names(cfg) -> list[str]:
@@ -41,18 +60,16 @@ def lora_adapter_params(cfg, model_config) -> int:
     """The --lora_targets names checked against the architecture; -> the adapter parameters peft will add,
     r x (in + out) per wrapped linear layer (counted on the meta device, before any weight exists)."""
     targets = _target_names(cfg)
-    model = meta_model(model_config)
-    modules = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()]
-    present = {leaf for leaf, _ in modules}
+    arch = architecture(model_config)
+    present = {leaf for _, leaf, _ in arch.modules}
     missing = [t for t in targets if t not in present]
     if not targets or missing:
-        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in "
-                         f"{type(model).__name__}")
-    unsupported = sorted({leaf for leaf, m in modules if leaf in targets and _in_out(m) is None})
+        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in {arch.kind}")
+    unsupported = sorted({leaf for _, leaf, io in arch.modules if leaf in targets and io is None})
     if unsupported:
         raise BenchError(f"--lora_targets {cfg.lora_targets!r}: {unsupported} are neither linear nor embedding "
-                         f"layers in {type(model).__name__}; LoRA wraps those only")
-    return sum(_adapter_sizes(cfg, model))
+                         f"layers in {arch.kind}; LoRA wraps those only")
+    return sum(n for _, n in lora_sizes_by_name(cfg, model_config))
 
 
 def _in_out(module) -> tuple[int, int] | None:
@@ -64,26 +81,19 @@ def _in_out(module) -> tuple[int, int] | None:
     return None
 
 
-def lora_sizes_by_name(cfg, model) -> list[tuple[str, int]]:
-    """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds to `model`, in order."""
+def lora_sizes_by_name(cfg, model_config) -> list[tuple[str, int]]:
+    """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds, in order."""
     targets, r, sizes = _target_names(cfg), cfg.lora_r, []
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            n_in, n_out = _in_out(m)
-            sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]
+    for name, leaf, (n_in, n_out) in ((n, leaf, io) for n, leaf, io in architecture(model_config).modules
+                                      if leaf in targets):
+        sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]
     return sizes
-
-
-def _adapter_sizes(cfg, model) -> list[int]:
-    """numel of every LoRA tensor (A, then B, per wrapped layer) peft adds to `model`."""
-    return [n for _, n in lora_sizes_by_name(cfg, model)]
 
 
 def parameter_sizes(plan) -> list[int]:
     """numel of every parameter the model will have, LoRA's A and B included, from the meta device."""
-    model = meta_model(plan.model_config)
-    sizes = [p.numel() for p in model.parameters()]
-    return sizes + (_adapter_sizes(plan.cfg, model) if plan.peft == "lora" else [])
+    sizes = [n for _, n in architecture(plan.model_config).params]
+    return sizes + ([n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)] if plan.peft == "lora" else [])
 
 
 def apply_lora(model, cfg):

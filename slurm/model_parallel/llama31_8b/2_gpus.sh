@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, full fine-tune, AutoTP 2.
-# Predicted peak per GPU (bench-plan, H100-80GB): 93.8 GiB, does not fit (full fine-tune; needs LoRA under TP/EP or offload)
+# Predicted peak per GPU (bench-plan, H100-80GB): 93.8 GiB, does not fit (full fine-tune; needs LoRA under TP, issue 13)
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/llama31_8b/2_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=tp2-llama31-8b
 #SBATCH --nodes=1

@@ -1,8 +1,8 @@
 #!/bin/bash
-# Mixtral-8x7B, full fine-tune, AutoTP 2 x AutoEP 2.
-# Predicted peak per GPU (bench-plan, H100-80GB): 247.2 GiB, does not fit (full fine-tune; needs LoRA under TP/EP or offload)
+# Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 4 (the seeds' "Mixtral + LoRA + EP").
+# Predicted peak per GPU (bench-plan, H100-80GB): 48.7 GiB, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/4_gpus.sh [bench/run.py overrides...]
-#SBATCH --job-name=tp2ep2-mixtral-8x7b
+#SBATCH --job-name=lora-ep4-mixtral-8x7b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
 #SBATCH --gpus-per-node=4
@@ -13,5 +13,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy tp_ep --ds_config ds_configs/tp2_ep2.json --model mixtral-8x7b --peft none \
-    --micro_batch_size 2 --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy ep --ds_config ds_configs/ep4.json --model mixtral-8x7b --peft lora \
+    --micro_batch_size 2 --global_batch_size 8 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

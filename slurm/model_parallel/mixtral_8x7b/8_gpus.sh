@@ -1,8 +1,8 @@
 #!/bin/bash
-# Mixtral-8x7B, full fine-tune, AutoTP 4 x AutoEP 2.
-# Predicted peak per GPU (bench-plan, H100-80GB): 173.4 GiB, does not fit (full fine-tune; needs LoRA under TP/EP or offload)
+# Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 8 (the seeds' "Mixtral + LoRA + EP").
+# Predicted peak per GPU (bench-plan, H100-80GB): 37.7 GiB, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/8_gpus.sh [bench/run.py overrides...]
-#SBATCH --job-name=tp4ep2-mixtral-8x7b
+#SBATCH --job-name=lora-ep8-mixtral-8x7b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -13,5 +13,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy tp_ep --ds_config ds_configs/tp4_ep2.json --model mixtral-8x7b --peft none \
-    --micro_batch_size 2 --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy ep --ds_config ds_configs/ep8.json --model mixtral-8x7b --peft lora \
+    --micro_batch_size 2 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

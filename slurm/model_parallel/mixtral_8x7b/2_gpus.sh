@@ -1,0 +1,17 @@
+#!/bin/bash
+# Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 2 (the seeds' "Mixtral + LoRA + EP").
+# Predicted peak per GPU (bench-plan, H100-80GB): 70.8 GiB, fits
+# Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/2_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=lora-ep2-mixtral-8x7b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --gpus-per-node=2
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy ep --ds_config ds_configs/ep2.json --model mixtral-8x7b --peft lora \
+    --micro_batch_size 2 --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
