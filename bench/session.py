@@ -17,7 +17,7 @@ from bench import checkpoint, distributed, metrics, models, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
-from bench.strategies.common import apply_lora, param_counts, param_shapes
+from bench.strategies.common import apply_lora, param_counts, param_shapes, save_adapters
 from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
 
@@ -272,6 +272,8 @@ class Session:
         self.record.set(params={"total": after["total"], "trainable": after["trainable"],
                                 "before_peft": before["total"], "per_rank": local})
         self.record.set(**p.strategy.after_training(p, res, local))
+        if p.peft == "lora":  # the adapters, loadable into peft (pipeline stages are not a peft model: not saved)
+            save_adapters(engine, os.path.join(self.run_dir, "adapter"), self.is_main)
 
     def _accounting(self, engine) -> dict:
         """What the runner counted during its first two steps (a run that stopped before them: the model states

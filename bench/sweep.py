@@ -49,9 +49,24 @@ SLURM_STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pen
 
 
 def job_name(entry: dict) -> str:
+    """The entry's job and run name: model, strategy, ds_config, the --peft its args choose (LoRA and a full
+    fine-tune of one layout are different experiments) and GPUs; or its own "name"."""
     model = entry["model"].replace("/", "-").replace(".", "")
     cfg = os.path.splitext(os.path.basename(entry["ds_config"]))[0]
-    return entry.get("name") or f"{model}-{entry['strategy']}-{cfg}-{entry['gpus']}g"
+    args = entry.get("args", [])
+    peft = f"-{args[args.index('--peft') + 1]}" if "--peft" in args[:-1] else ""
+    return entry.get("name") or f"{model}-{entry['strategy']}-{cfg}{peft}-{entry['gpus']}g"
+
+
+def check_names(matrix: list[dict]) -> None:
+    """Two entries with one name would share a run directory (and resume each other): refuse."""
+    seen = {}
+    for entry in matrix:
+        name = job_name(entry)
+        if name in seen:
+            raise ValueError(f"matrix entries {seen[name]} and {entry} have the same job name {name!r}; give one a "
+                             "\"name\" or different args")
+        seen[name] = entry
 
 
 def render(entry: dict, sweep_dir: str, extra: list[str], cpus: int = 8, time_limit: str = "02:00:00") -> str:
@@ -234,6 +249,7 @@ def main(argv=None) -> int:
         if args.cmd in ("submit", "local"):
             with open(args.matrix) as fh:
                 matrix = json.load(fh)
+            check_names(matrix)
             if args.cmd == "submit":
                 submit(matrix, sweep_dir, extra, args.dry_run)
             else:

@@ -1,5 +1,7 @@
 """AutoTP, AutoEP and TP x EP on real processes compute the same model as one process: same loss trajectory
 at the same model, data and global batch, and each rank holds exactly its share of the parameters."""
+import json
+
 import pytest
 
 from bench import models
@@ -142,3 +144,28 @@ def test_lora_under_expert_parallelism_matches_single_process(runs, run, ref):
     assert {r["trainable"] for r in s["params"]["per_rank"]} == {s1["params"]["trainable"]}
     assert s["experts_per_rank"] == models.make_config(models.PRESETS["tiny-mixtral"]).num_local_experts // \
         s["layout"]["ep"]
+
+
+def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs):
+    """The ep2 LoRA run's adapter/ directory, loaded into peft on one process over the same base weights: the
+    validation loss the run recorded at its end (same validation micro-batches, token-weighted)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from bench import data
+    from bench.train import target_tokens
+    res = runs["mixtral-ep2-lora"]
+    assert_ok(res)
+    run = json.loads((res.run_dir / "config.json").read_text())["run"]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (res.run_dir / "adapter").iterdir()}
+    _, source, _ = models.load_config(run["model"], run["init"])
+    _, val = data.load_dataset(run["data"], models.load_tokenizer(source), run["seq_len"], run["val_fraction"],
+                               run["seed"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), str(res.run_dir / "adapter"))
+    loss_x_tokens = tokens = 0
+    with torch.no_grad():
+        for batch in data.val_batches(val, res.summary()["micro_batch_size"], 1, 0, run["eval_batches"]):
+            n = target_tokens(batch)
+            loss_x_tokens += float(model.eval()(**batch).loss) * n
+            tokens += n
+    assert loss_x_tokens / tokens == pytest.approx(res.summary()["val_loss"], rel=1e-4)

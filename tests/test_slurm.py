@@ -64,6 +64,21 @@ def test_generated_sweep_scripts_follow_the_rules(tmp_path):
 
 
 @pytest.mark.unit
+def test_lora_and_full_runs_of_one_layout_are_different_jobs(tmp_path):
+    entry = {"model": "mixtral-8x7b", "strategy": "ep", "ds_config": "ds_configs/ep8.json", "gpus": 8}
+    lora, full = ({**entry, "args": ["--peft", peft]} for peft in ("lora", "none"))
+    assert sweep.job_name(lora) == "mixtral-8x7b-ep-ep8-lora-8g" != sweep.job_name(full)
+    assert sweep.job_name(entry) == "mixtral-8x7b-ep-ep8-8g"
+    sweep.check_names([lora, full, entry])
+    with pytest.raises(ValueError, match="same job name 'mixtral-8x7b-ep-ep8-lora-8g'"):
+        sweep.check_names([lora, dict(lora)])
+    matrix = tmp_path / "m.json"
+    matrix.write_text(json.dumps([lora, lora]))
+    assert sweep.main(["submit", str(matrix), "--name", "dup", "--sweeps_dir", str(tmp_path), "--dry_run"]) == 2
+    assert not (tmp_path / "dup" / "jobs").exists()  # refused before anything is written
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("summary,state,expected", [
     (None, "PENDING", "pending"), ("running", "RUNNING", "running"), ("completed", "COMPLETED", "completed"),
     ("failed", "FAILED", "failed"), ("running", "TIMEOUT", "timeout"), (None, "OUT_OF_MEMORY", "oom"),

@@ -96,6 +96,25 @@ def parameter_sizes(plan) -> list[int]:
     return sizes + ([n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)] if plan.peft == "lora" else [])
 
 
+def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
+    """A LoRA run's adapters as peft writes them (adapter_model.safetensors and adapter_config.json, whole
+    tensors), so they load into peft on one process. ZeRO-3 gathers each adapter's partitions first (a collective:
+    every rank calls this). -> whether they were written (False: not a peft model, e.g. pipeline stages)."""
+    import contextlib
+    model = engine.module
+    if not hasattr(model, "peft_config"):
+        return False
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in adapters):
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(adapters)
+    with gather:
+        if is_main:
+            model.save_pretrained(out_dir)
+    return True
+
+
 def apply_lora(model, cfg):
     """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
     from peft import LoraConfig, get_peft_model
