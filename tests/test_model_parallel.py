@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import models
-from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_many
+from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_bench, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -169,3 +169,20 @@ def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs):
             loss_x_tokens += float(model.eval()(**batch).loss) * n
             tokens += n
     assert loss_x_tokens / tokens == pytest.approx(res.summary()["val_loss"], rel=1e-4)
+
+
+def test_lora_under_expert_parallelism_resumes_exactly(runs, tmp_path):
+    """Checkpoint and exact resume with LoRA under EP: a rank killed as step 4 starts, the job rerun with the same
+    command resumes from step 2's checkpoint and ends where the uninterrupted run did."""
+    args, procs = RUNS["mixtral-ep2-lora"]
+    args = (*args, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
+    crashed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env",
+                        env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
+    assert crashed.returncode != 0 and crashed.summary()["status"] == "failed"
+    resumed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env")
+    assert_ok(resumed)
+    assert resumed.summary()["resumed_at"] == [2]
+    reference = runs["mixtral-ep2-lora"].records()
+    assert [r["loss"] for r in resumed.records()] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
+    assert [r["grad_norm"] for r in resumed.records()] == pytest.approx([r["grad_norm"] for r in reference],
+                                                                        rel=1e-5)
