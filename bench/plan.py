@@ -166,12 +166,18 @@ def device_capacity(plan: Plan, local_rank: int) -> int | None:
     return torch.cuda.get_device_properties(local_rank).total_memory
 
 
-def check_memory(plan: Plan, capacity: int | None = None) -> dict:
+def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     """The planner's prediction for this run (summary.json memory_plan). On a GPU it is compared with the
     device's memory before any weight is loaded: a layout predicted not to fit is refused (every rank decides
     the same, before a process group exists), unless --ignore_memory_plan. On the CPU it is only recorded."""
+    import sys
     from bench import estimate
-    est = estimate.estimate(plan, capacity, device=plan.device_type)
+    try:
+        est = estimate.estimate(plan, capacity, device=plan.device_type)
+    except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
+        print(f"warning: the planner cannot plan {plan.cfg.model} ({type(e).__name__}: {e}); running without a "
+              "memory plan", file=sys.stderr, flush=True)
+        return None
     if est["fits"] is False and not plan.cfg.ignore_memory_plan:
         raise config.BenchError(
             f"predicted peak {est['peak_bytes'] / estimate.GIB:.1f} GiB per GPU against "

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     if env.rank == 0:
         from bench.estimate import format_table
         print(plan.table(), flush=True)
-        if cfg.dry_run:
+        if cfg.dry_run and plan.memory_plan:
             print(format_table(plan.memory_plan), flush=True)
     if cfg.dry_run:
         return 0
