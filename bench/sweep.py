@@ -88,6 +88,22 @@ def run_args(entry: dict, sweep_dir: str, extra: list[str]) -> list[str]:
             *extra]
 
 
+def check_fits(matrix: list[dict], extra: list[str], gpu: str) -> None:
+    """Every entry planned on its GPUs before anything is queued (bench/estimate.py): an entry predicted not to
+    fit is refused with the same line a GPU run would give, so a matrix never waits in the queue to fail."""
+    from bench import estimate
+    from bench.config import BenchError, parse_args
+    from bench.distributed import DistEnv
+    from bench.plan import check_memory, resolve
+    for entry in matrix:
+        try:
+            cfg = parse_args([*run_args(entry, "sweeps", extra), "--dry_run", "--world_size", str(entry["gpus"]),
+                              "--wandb_mode", "disabled", "--init", "random"])
+            check_memory(resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True)), estimate.gpu_capacity(gpu, None))
+        except BenchError as e:
+            raise ValueError(f"{job_name(entry)}: {e}") from None
+
+
 def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) -> list[dict]:
     os.makedirs(os.path.join(sweep_dir, "jobs"), exist_ok=True)
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
@@ -234,6 +250,8 @@ def main(argv=None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--sweeps_dir", default="sweeps")
     s.add_argument("--dry_run", action="store_true", help="write the scripts, submit nothing")
+    s.add_argument("--gpu", default=None, help="plan every entry on this GPU first (bench-plan's names) and refuse "
+                   "the matrix if one is predicted not to fit")
     lo = sub.add_parser("local", help="run every matrix entry on this machine, one after another (no SLURM)")
     lo.add_argument("matrix")
     lo.add_argument("--name", required=True)
@@ -250,6 +268,8 @@ def main(argv=None) -> int:
             with open(args.matrix) as fh:
                 matrix = json.load(fh)
             check_names(matrix)
+            if args.cmd == "submit" and args.gpu:
+                check_fits(matrix, extra, args.gpu)
             if args.cmd == "submit":
                 submit(matrix, sweep_dir, extra, args.dry_run)
             else:

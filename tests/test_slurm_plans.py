@@ -43,3 +43,20 @@ def test_each_script_states_its_planned_peak_and_fits_unless_known(path):
     assert stated, f"{path}: the header states no predicted peak (run bench-plan with its arguments)"
     assert float(stated.group(1)) == pytest.approx(peak, abs=0.15), (path, peak)
     assert est["fits"] is (path not in DOES_NOT_FIT), (path, peak)
+
+
+def test_shipped_sweep_matrix_fits_and_a_matrix_that_does_not_is_refused_before_the_queue(tmp_path, capfd):
+    """`bench.sweep submit --gpu G` plans every entry first: the shipped matrix (the CPU one, whose tiny models
+    fit anywhere) passes; an entry predicted not to fit stops the whole matrix with one line, nothing written."""
+    import json
+    from bench import sweep
+    with open("measurements/cpu_matrix.json") as fh:
+        sweep.check_fits(json.load(fh), ["--peft", "none"], GPU)
+    too_big = {"model": "llama3.1-8b", "strategy": "dp", "ds_config": "ds_configs/dp_zero1.json", "gpus": 2,
+               "args": ["--peft", "none", "--seq_len", "2048"]}
+    matrix = tmp_path / "m.json"
+    matrix.write_text(json.dumps([too_big]))
+    code = sweep.main(["submit", str(matrix), "--name", "s", "--sweeps_dir", str(tmp_path), "--dry_run", "--gpu", GPU])
+    assert code == 2 and not (tmp_path / "s").exists()
+    err = capfd.readouterr().err
+    assert "llama31-8b-dp-dp_zero1-none-2g: predicted peak" in err and "will not fit" in err
