@@ -38,3 +38,4 @@ def main(run_dir: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    same_job.leave()

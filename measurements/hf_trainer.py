@@ -66,3 +66,4 @@ def main(run_dir: str, out_dir: str, token_weighted: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], "--token_weighted" in sys.argv[3:])
+    same_job.leave()
