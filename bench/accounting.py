@@ -153,6 +153,23 @@ class StepCounter:
                 "logits_bytes": self.logits}
 
 
+def counted_step(accounting: dict, engine, run):
+    """One training step of a runner that counts (EngineRunner, PipelineRunner): run(counter) does the step, with
+    a StepCounter on the first (what the rank holds), under a CommCounter on the second (what it communicates:
+    the first sets things up), plainly after that. The counts go into `accounting`. -> run's loss."""
+    if "comm_bytes_per_step" in accounting:  # every step after the second
+        return run(None)
+    if not accounting:
+        counter = StepCounter(engine)
+        loss = run(counter)
+        accounting.update(counter.result())
+        return loss
+    with CommCounter() as comm:
+        loss = run(None)
+    accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
+    return loss
+
+
 # deepspeed.comm's collectives by kind (the function names its comms logger reports)
 COMM_KINDS = {
     "all_reduce": ("all_reduce", "inference_all_reduce", "all_reduce_coalesced", "reduce"),

@@ -146,7 +146,7 @@ def model_states(plan, rank: int) -> dict:
     backward (transient_bytes)."""
     w, zero, stage = _width(plan), _zero(plan), plan.zero_stage
     off = offloaded(plan.ds)
-    params = plan.strategy.params_per_rank(plan)[rank] * w
+    params = held = plan.strategy.params_per_rank(plan)[rank] * w
     gs = groups(plan, rank)
     trainable = sum(sum(g.sizes) for g in gs)
     partition = sum(-(-sum(g.sizes) // g.degree) for g in gs)
@@ -169,7 +169,7 @@ def model_states(plan, rank: int) -> dict:
         # offload: the optimizer and the averaged gradient partition in host memory; with offload_param the
         # partitions too (the persistent whole parameters stay on the device)
         host = (optimizer + part3 * w if "optimizer" in off else 0) + \
-            (plan.strategy.params_per_rank(plan)[rank] * w if "param" in off else 0)
+            (held if "param" in off else 0)
     elif stage in (1, 2):
         optimizer = partition * 12 + 4 * len(gs)  # fp32 master + Adam's two states, and a step counter per group
         grads = sum(_partition_overlap(g) for g in gs) * w

@@ -158,6 +158,15 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     return plan
 
 
+def plan_layout(args: list[str], world: int, gpu: str | None = None) -> Plan:
+    """A layout planned from this one process without launching it (bench-plan, --recommend, sweeps, tests):
+    bench/run.py's flags as a dry run of `world` processes, resolved as on a GPU named `gpu` (bf16 "auto" on) or,
+    without one, as on this machine."""
+    from bench.distributed import DistEnv
+    cfg = config.parse_args([*args, "--dry_run", "--world_size", str(world), "--wandb_mode", "disabled"])
+    return resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True) if gpu else None)
+
+
 def device_capacity(plan: Plan, local_rank: int) -> int | None:
     """This rank's GPU memory in bytes (None on the CPU)."""
     if plan.device_type != "cuda":
@@ -240,11 +249,8 @@ def main(argv=None) -> int:
 
 def _plan(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
     from bench import estimate
-    from bench.distributed import DistEnv
-    cfg = config.parse_args([*rest, "--world_size", str(opts.world_size), "--dry_run", "--wandb_mode", "disabled"])
     # A GPU plan resolves the ds_config as a GPU run would (bf16 "auto" on); without one, as this machine does.
-    device = ("cuda", opts.gpu or "GPU", True) if capacity is not None else None
-    plan = resolve(cfg, DistEnv(0, 0, 1), device=device)
+    plan = plan_layout(rest, opts.world_size, opts.gpu or ("GPU" if capacity is not None else None))
     est = estimate.estimate(plan, capacity, device="cuda" if capacity is not None else plan.device_type)
     out = json.dumps(est) if opts.json else plan.table() + "\n" + estimate.format_table(est, opts.gpu)
     return out, 0 if est["fits"] is not False else 1

@@ -34,10 +34,15 @@ PCIE = 25e9       # bytes/s host <-> GPU, one direction (PCIe 4 x16 in practice)
 CPU_ADAM = 10e9   # bytes of offloaded state CPU Adam updates per second per rank (a few host cores each)
 
 
+def peak_tflops(gpu: str) -> float:
+    """The bf16 dense peak of a bench-plan GPU name (metrics.PEAK_BF16_TFLOPS matches CUDA device names)."""
+    return device_peak_tflops(gpu.replace("-NVL", " NVL"), None)
+
+
 def assumptions(gpu: str, world: int) -> list[str]:
     inter = world > GPUS_PER_NODE
     link = INTER_NODE if inter else NVLINK[gpu]
-    return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({device_peak_tflops(gpu.replace('-NVL', ' NVL'), None)}"
+    return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({peak_tflops(gpu)}"
             " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
             f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
             "ring bus factors (all-reduce 2, all-gather n - 1 shards over the data-parallel or TP group, others 1), "
@@ -49,7 +54,7 @@ def assumptions(gpu: str, world: int) -> list[str]:
 
 def step_seconds(plan, est: dict, gpu: str) -> float:
     """Predicted seconds per optimizer step (the slowest rank's share; see assumptions)."""
-    peak = device_peak_tflops(gpu.replace("-NVL", " NVL"), None) * 1e12
+    peak = peak_tflops(gpu) * 1e12
     compute = est["flops_per_rank_per_step"] / (peak * EFFICIENCY)
     if plan.cfg.activation_checkpointing:
         compute *= 4 / 3
@@ -79,8 +84,7 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
     micro batch and checkpointing vary on copies of one resolved plan (the data's size is checked for micro 1
     only). Without --global_batch_size every layout gets 8 samples per GPU per step, so micro batches 1-8 fit.
     Yields plans; reasons collects why the others were left out."""
-    from bench.distributed import DistEnv
-    from bench.plan import resolve
+    from bench.plan import plan_layout
     if "--global_batch_size" not in args:
         args = [*args, "--global_batch_size", str(8 * world)]
     for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
@@ -94,10 +98,8 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
             continue
         for peft in ("none", "lora"):
             try:
-                cfg = config.parse_args([*args, "--strategy", _strategy_for(ds, layout), "--ds_config", path,
-                                         "--peft", peft, "--micro_batch_size", "1", "--dry_run", "--world_size",
-                                         str(world), "--wandb_mode", "disabled"])
-                base = resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True))
+                base = plan_layout([*args, "--strategy", _strategy_for(ds, layout), "--ds_config", path, "--peft",
+                                    peft, "--micro_batch_size", "1"], world, gpu)
             except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
                 reasons.append(f"{path} --peft {peft}: {e}")
                 continue

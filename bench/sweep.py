@@ -92,14 +92,12 @@ def check_fits(matrix: list[dict], extra: list[str], gpu: str) -> None:
     """Every entry planned on its GPUs before anything is queued (bench/estimate.py): an entry predicted not to
     fit is refused with the same line a GPU run would give, so a matrix never waits in the queue to fail."""
     from bench import estimate
-    from bench.config import BenchError, parse_args
-    from bench.distributed import DistEnv
-    from bench.plan import check_memory, resolve
+    from bench.config import BenchError
+    from bench.plan import check_memory, plan_layout
     for entry in matrix:
         try:
-            cfg = parse_args([*run_args(entry, "sweeps", extra), "--dry_run", "--world_size", str(entry["gpus"]),
-                              "--wandb_mode", "disabled", "--init", "random"])
-            check_memory(resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True)), estimate.gpu_capacity(gpu, None))
+            plan = plan_layout([*run_args(entry, "sweeps", extra), "--init", "random"], int(entry["gpus"]), gpu)
+            check_memory(plan, estimate.gpu_capacity(gpu, None))
         except BenchError as e:
             raise ValueError(f"{job_name(entry)}: {e}") from None
 

@@ -25,15 +25,12 @@ ARGS = ["--model", "llama3.1-8b", "--init", "random", "--strategy", "dp", "--ds_
 
 def main():
     from bench import estimate, recommend
-    from bench.config import parse_args
-    from bench.distributed import DistEnv
-    from bench.plan import resolve
+    from bench.plan import plan_layout
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     opts = p.parse_args()
     gpu, world = "H100-80GB", 8
-    cfg = parse_args([*ARGS, "--dry_run", "--world_size", str(world), "--wandb_mode", "disabled"])
-    plan = resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True))
+    plan = plan_layout(ARGS, world, gpu)
     est = estimate.estimate(plan, int(96e9))  # torchtitan's H100s have 96 GB
     step = recommend.step_seconds(plan, est, gpu)
     tps = plan.batch.global_ * plan.cfg.seq_len / step / world

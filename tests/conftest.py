@@ -213,11 +213,8 @@ def refuse(launch_env, capfd, tmp_path):
 
 def planned_params_per_rank(*args: str, world: int) -> list[int]:
     """What a dry run of these arguments predicts each rank will hold (resolved in this process)."""
-    from bench.config import parse_args
-    from bench.distributed import DistEnv
-    from bench.plan import resolve
-    plan = resolve(parse_args(["--dry_run", "--world_size", str(world), "--wandb_mode", "disabled", *args]),
-                   DistEnv(0, 0, 1))
+    from bench.plan import plan_layout
+    plan = plan_layout(list(args), world)
     return plan.strategy.params_per_rank(plan)
 
 

@@ -8,16 +8,10 @@ import torch
 
 from bench import estimate
 from bench.accounting import ActivationCounter
-from bench.config import BenchError, parse_args
-from bench.distributed import DistEnv
-from bench.plan import check_memory, main as bench_plan, resolve
+from bench.config import BenchError
+from bench.plan import check_memory, main as bench_plan, plan_layout
 
 pytestmark = pytest.mark.unit
-
-
-def _plan(*args, world=1, device=None):
-    cfg = parse_args(["--dry_run", "--world_size", str(world), "--wandb_mode", "disabled", *args])
-    return resolve(cfg, DistEnv(0, 0, 1), device=device)
 
 
 def _saved_bytes(plan, dtype, micro, seq) -> int:
@@ -44,7 +38,8 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
     """Two sequence lengths and two micro-batch sizes, fp32 and bf16 (the GPU's dtype, on the CPU here)."""
-    plan = _plan("--model", model, "--peft", peft, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json")
+    plan = plan_layout(["--model", model, "--peft", peft, "--strategy", "dp", "--ds_config",
+                        "ds_configs/dp_zero2.json"], 1)
     if dtype == torch.bfloat16:
         plan.ds["bf16"] = {"enabled": True}
     for micro, seq in ((1, 64), (2, 128)):
@@ -96,14 +91,14 @@ def test_bench_plan_refuses_bad_input_in_one_line(capfd):
 
 def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
     """check_memory is what bench/run.py calls before any weight is loaded (the CPU never refuses)."""
-    cpu = _plan("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json")
+    cpu = plan_layout(["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json"], 1)
     assert check_memory(cpu)["fits"] is None
     args = ("--model", "llama3.1-8b", "--init", "random", "--strategy", "dp", "--ds_config",
             "ds_configs/dp_zero1.json", "--peft", "none", "--micro_batch_size", "2", "--seq_len", "2048")
-    gpu = _plan(*args, world=2, device=("cuda", "NVIDIA H100 80GB HBM3", True))
+    gpu = plan_layout(list(args), 2, "NVIDIA H100 80GB HBM3")
     with pytest.raises(BenchError, match=r"predicted peak .* GiB per GPU against 79\.1 GiB .*ZeRO-3"):
         check_memory(gpu, capacity=int(estimate.GPUS["H100-80GB"]))
-    ignored = _plan(*args, "--ignore_memory_plan", world=2, device=("cuda", "NVIDIA H100 80GB HBM3", True))
+    ignored = plan_layout([*args, "--ignore_memory_plan"], 2, "NVIDIA H100 80GB HBM3")
     assert check_memory(ignored, capacity=int(estimate.GPUS["H100-80GB"]))["fits"] is False
 
 

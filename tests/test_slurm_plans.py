@@ -7,9 +7,7 @@ import shlex
 import pytest
 
 from bench import estimate
-from bench.config import parse_args
-from bench.distributed import DistEnv
-from bench.plan import resolve
+from bench.plan import plan_layout
 
 pytestmark = pytest.mark.unit
 
@@ -26,8 +24,7 @@ def planned(path: str) -> tuple[dict, str]:
     joined = text.replace("\\\n", " ")
     args = shlex.split(re.search(r'^bench_run (.*?)"\$@"', joined, re.M).group(1))
     world = int(re.search(r"--nodes=(\d+)", text).group(1)) * int(re.search(r"--gpus-per-node=(\d+)", text).group(1))
-    cfg = parse_args([*args, "--dry_run", "--world_size", str(world), "--wandb_mode", "disabled", "--init", "random"])
-    plan = resolve(cfg, DistEnv(0, 0, 1), device=("cuda", GPU, True))
+    plan = plan_layout([*args, "--init", "random"], world, GPU)
     return estimate.estimate(plan, estimate.gpu_capacity(GPU, None)), text
 
 

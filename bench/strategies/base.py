@@ -62,18 +62,8 @@ class EngineRunner:
         self.accounting = {}  # what this rank holds and moves, counted in its first two steps (bench/accounting.py)
 
     def train_step(self, micro_batches: list[dict]):
-        if "comm_bytes_per_step" in self.accounting:  # every step after the second
-            return self._step(micro_batches)
-        from bench.accounting import CommCounter, StepCounter
-        if not self.accounting:  # the first step: what the rank holds
-            counter = StepCounter(self.engine)
-            loss = self._step(micro_batches, counter)
-            self.accounting = counter.result()
-        else:  # the second: what it communicates (the first one sets things up)
-            with CommCounter() as comm:
-                loss = self._step(micro_batches)
-            self.accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
-        return loss
+        from bench.accounting import counted_step
+        return counted_step(self.accounting, self.engine, lambda counter: self._step(micro_batches, counter))
 
     def _step(self, micro_batches: list[dict], counter=None):
         loss_sum = 0.0

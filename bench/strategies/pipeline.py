@@ -138,22 +138,19 @@ class PipelineRunner:
         engine._INSTRUCTION_MAP = {k: (wrap(k, v) if k in timed else v) for k, v in base.items()}
 
     def train_step(self, micro_batches: list[dict]):
-        from bench.accounting import CommCounter, StepCounter
+        from bench.accounting import counted_step
         self.busy_s = 0.0
         data = iter([(b["input_ids"], b["labels"]) for b in micro_batches])
-        if "comm_bytes_per_step" in self.accounting:  # every step after the second
-            return self.engine.train_batch(data_iter=data)  # mean micro-batch loss, on every stage
-        if not self.accounting:  # the first step: what the stage holds
-            self._counter = StepCounter(self.engine)
+
+        def run(counter):
+            self._counter, self._forwards = counter, 0  # the wrapped instructions call its hooks
             try:
-                loss = self.engine.train_batch(data_iter=data)
+                return self.engine.train_batch(data_iter=data)  # mean micro-batch loss, on every stage
             finally:
-                counter, self._counter = self._counter, None
-            self.accounting = {**counter.result(), "logits_bytes": None}  # the head's logits stay inside the loss
-            return loss
-        with CommCounter() as comm:  # the second: what it communicates
-            loss = self.engine.train_batch(data_iter=data)
-        self.accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
+                self._counter = None
+        loss = counted_step(self.accounting, self.engine, run)
+        if self.accounting.get("logits_bytes") == 0:
+            self.accounting["logits_bytes"] = None  # the head's logits stay inside the loss: not counted
         return loss
 
     def eval_loss(self, batch: dict) -> float | None:
