@@ -214,7 +214,32 @@ def rendezvous_store(env: DistEnv, timeout_s: int):
         raise BenchError(f"rendezvous: rank {env.rank} could not reach rank 0 at {addr}:{port} within "
                          f"{timeout_s} s ({_first_line(e)}); is rank 0 running, and MASTER_ADDR/MASTER_PORT "
                          "right? (--dist_timeout_s sets the wait)") from None
-    return dist.PrefixStore(f"bench/{job_token(env)}/", store)
+    store = dist.PrefixStore(f"bench/{job_token(env)}/", store)
+    if env.rank == 0:
+        store.set("rank0", "up")
+    else:
+        wait_for_rank0(store, addr, port, timeout_s)
+    return store
+
+
+def wait_for_rank0(store, addr: str, port: int, timeout_s: int) -> None:
+    """Wait for this job's rank 0 in short polls, not one blocking wait inside the C++ store: a signal (Ctrl-C,
+    or the launcher's SIGTERM once rank 0 has failed, e.g. on a taken port) then stops this rank at once instead
+    of after the launcher's 30 s grace and its SIGKILL."""
+    import time
+
+    import torch.distributed as dist
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not store.check(["rank0"]):
+            if time.monotonic() > deadline:
+                raise BenchError(f"rendezvous: rank 0 of this job never registered at {addr}:{port} within "
+                                 f"{timeout_s} s (another job's server holds that port?); start every rank with "
+                                 "the same free MASTER_PORT (--dist_timeout_s sets the wait)")
+            time.sleep(0.1)
+    except (RuntimeError, dist.DistError) as e:
+        raise BenchError(f"rendezvous: rank 0's server at {addr}:{port} went away ({_first_line(e)}); is rank 0 "
+                         "running, and MASTER_ADDR/MASTER_PORT right?") from None
 
 
 def job_token(env: DistEnv) -> str:
