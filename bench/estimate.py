@@ -88,15 +88,15 @@ def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
     """(dense, expert) numel of every trainable parameter this rank holds, in module order: TP splits what AutoTP
     shards by its degree, EP keeps E/ep experts, a pipeline stage its own layers, and a LoRA run trains only the
     adapters."""
-    from bench.strategies.autotp import tp_sharded_names
-    from bench.strategies.common import architecture, lora_sizes_by_name
+    from bench.strategies.autotp import lora_local_sizes, tp_splits
+    from bench.strategies.common import architecture
     lay = plan.layout
     arch = architecture(plan.model_config)
     stage, layers = stage_of(plan, rank)
     here = lambda name: _on_stage(name, stage, layers, lay.pp)  # noqa: E731
     if plan.peft == "lora":
-        return [n for name, n in lora_sizes_by_name(plan.cfg, plan.model_config) if here(name)], []
-    sharded = tp_sharded_names(plan) if lay.tp > 1 else set()
+        return [n for name, n in lora_local_sizes(plan) if here(name)], []
+    sharded = tp_splits(plan) if lay.tp > 1 else {}
     dense, expert = [], []
     named = list(arch.params)
     if lay.pp > 1 and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
@@ -231,10 +231,11 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         mlp = 4 * bs * inter // tp * w
     layer = norms + attention + mlp
     if plan.peft == "lora":
-        layer = _lora_layer(plan, bs, q_elems, attention, w)
+        dense_inter = inter // tp  # what a rank holds of a dense MLP (TP splits it)
+        layer = _lora_layer(plan, bs, q_elems, dense_inter, attention, w)
         if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
             # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
-            layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * inter * w
+            layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
     stage, layers = stage_of(plan, rank)
     n_layers = c.num_hidden_layers if layers is None else len(layers)
     if plan.cfg.activation_checkpointing:
@@ -257,13 +258,12 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             "recompute_bytes": recompute}
 
 
-def _lora_layer(plan, bs: int, q_elems: int, attention: int, w: int) -> int:
+def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int) -> int:
     """A decoder layer's saved tensors when only LoRA adapters train (dense MLP; measured tensor by tensor like
-    activation_bytes). Frozen linear layers keep no input (no weight gradient to compute), except under ZeRO-3,
-    whose linear wrapper keeps every input. Adapters keep their input and their r-wide middle, in fp32 (peft
+    activation_bytes; q_elems and inter are this rank's share under TP). Frozen linear layers keep no input (no
+    weight gradient to compute), except under ZeRO-3, whose linear wrapper keeps every input. Adapters keep their input and their r-wide middle, in fp32 (peft
     keeps adapters fp32): under bf16 each adapter casts its input to fp32 separately."""
-    c = plan.model_config
-    h, inter, r = c.hidden_size, c.intermediate_size, plan.cfg.lora_r
+    h, r = plan.model_config.hidden_size, plan.cfg.lora_r
     targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
     inputs = {"q_proj": ("norm1", bs * h), "k_proj": ("norm1", bs * h), "v_proj": ("norm1", bs * h),
               "o_proj": ("o", q_elems), "gate_proj": ("norm2", bs * h), "up_proj": ("norm2", bs * h),
@@ -303,6 +303,22 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
     return row, col, False
 
 
+def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
+    """LoRA under TP, per micro-batch (bench/strategies/tp_lora.py): each adapter on a split layer reduces its
+    r-wide middle (in the model's width: DeepSpeed casts the adapters too), and a column-parallel layer whose input
+    needs no gradient skips its backward all-reduce: the first layer's q/k/v (the embeddings are frozen), and its
+    gate/up too when no attention projection carries an adapter."""
+    from bench.strategies.autotp import tp_splits
+    splits = tp_splits(plan)
+    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    adapters = sum(1 for name in splits if name.rsplit(".", 2)[-2] in targets)
+    first = {name.rsplit(".", 2)[-2] for name, kind in splits.items() if ".layers.0." in name and kind == "column"}
+    skipped = first & {"q_proj", "k_proj", "v_proj"}
+    if not targets & {"q_proj", "k_proj", "v_proj", "o_proj"}:
+        skipped |= first & {"gate_proj", "up_proj"}
+    return adapters * tokens * plan.cfg.lora_r * w - len(skipped) * layer_bytes
+
+
 def comm_bytes_per_step(plan, rank: int) -> dict:
     c, lay, w = plan.model_config, plan.layout, _width(plan)
     micro, seq, accum = plan.batch.micro, plan.cfg.seq_len, plan.batch.grad_accum
@@ -316,13 +332,17 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
     if lay.tp > 1:
         row, col, head = _tp_linears(plan)
         add("all_reduce", accum * (L * (row + col) + head) * bsh * w)
+        if plan.peft == "lora":
+            add("all_reduce", accum * _tp_lora_all_reduce(plan, micro * seq, bsh * w, w))
         if head:
             add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
     if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
         add("all_to_all", accum * L * 4 * micro * seq * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
         if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
             add("all_gather", accum * L * 2 * bsh // lay.tp * w)
-            add("all_reduce", accum * L * 4 * bsh * w)
+            # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh); with
+            # the experts trained, one more bsh-sized reduction, measured (the data-dependent part: ~8 %)
+            add("all_reduce", accum * L * (3 if plan.peft == "lora" else 4) * bsh * w)
     if lay.pp > 1:
         stage = rank // lay.dp
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
@@ -398,7 +418,7 @@ def suggestions(plan) -> list[str]:
         out.append(f"a smaller micro batch (--micro_batch_size {plan.batch.micro // 2})")
     if not plan.cfg.activation_checkpointing:
         out.append("activation checkpointing (--activation_checkpointing)")
-    if plan.peft != "lora" and plan.layout.tp == 1 and plan.layout.ep == 1:
+    if plan.peft != "lora":
         out.append("LoRA (--peft lora)")
     if not offloaded(plan.ds) and plan.layout.tp == 1 and plan.layout.ep == 1 and plan.layout.pp == 1:
         out.append("ZeRO offload (ds_configs/dp_zero3_offload.json)")

@@ -219,8 +219,10 @@ class Session:
         import deepspeed
         p = self.plan
         shapes = param_shapes(model)
-        engine, *_ = deepspeed.initialize(model=model, config=p.ds,
-                                          model_parameters=[q for q in model.parameters() if q.requires_grad])
+        with p.strategy.initializing(p, model):
+            # lazy: the engine reads it after AutoEP/AutoTP replaced layers (and LoRA re-wrapped AutoTP's)
+            engine, *_ = deepspeed.initialize(model=model, config=p.ds,
+                                              model_parameters=(q for q in model.parameters() if q.requires_grad))
         sections = p.strategy.after_initialize(p, engine, shapes)
         self.record.set(**sections)
         text = p.strategy.describe(sections) if sections else None

@@ -19,6 +19,9 @@ ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", 
 ZERO1 = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json")
 # LoRA on the attention, the experts frozen (later flags win over ARGS')
 LORA = (*ARGS, "--model", "tiny-mixtral", "--peft", "lora", "--lr", "1e-2")
+LLAMA_LORA = (*ARGS, "--peft", "lora", "--lr", "1e-2")
+TP2, TP2EP2 = ("--strategy", "tp", "--ds_config", "ds_configs/tp2.json"), ("--strategy", "tp_ep", "--ds_config",
+                                                                         "ds_configs/tp2_ep2.json")
 EP2, EP4 = ("--strategy", "ep", "--ds_config", "ds_configs/ep2.json"), ("--strategy", "ep", "--ds_config",
                                                                          "ds_configs/ep4.json")
 
@@ -45,6 +48,12 @@ RUNS = {
     "mixtral-ep2-lora": ((*EP2, *LORA, "--global_batch_size", "4"), 2),
     "mixtral-w1-g8-lora": ((*ZERO1, *LORA, "--global_batch_size", "8"), 1),
     "mixtral-ep4-lora": ((*EP4, *LORA, "--global_batch_size", "8"), 4),
+    # LoRA under TP: adapters split with their layers (bench/strategies/tp_lora.py)
+    "llama-w1-lora": ((*ZERO1, *LLAMA_LORA, "--global_batch_size", "2"), 1),
+    "llama-tp2-lora": ((*TP2, *LLAMA_LORA, "--global_batch_size", "2"), 2),
+    "mixtral-w1-g2-lora": ((*ZERO1, *LORA, "--global_batch_size", "2"), 1),
+    "mixtral-tp2-lora": ((*TP2, *LORA, "--global_batch_size", "2"), 2),
+    "mixtral-tp2ep2-lora": ((*TP2EP2, *LORA, "--global_batch_size", "4"), 4),
 }
 
 
@@ -129,32 +138,66 @@ def test_the_planner_predicted_what_each_rank_held_and_moved(runs, name):
     assert_plan_matches(runs[name].summary(), comm_rel=0.10 if "tp2ep2" in name else 0.05)
 
 
-@pytest.mark.parametrize("run,ref", [("mixtral-ep2-lora", "mixtral-w1-g4-lora"),
-                                     ("mixtral-ep4-lora", "mixtral-w1-g8-lora")])
-def test_lora_under_expert_parallelism_matches_single_process(runs, run, ref):
-    """Adapters on the attention (replicated, data-parallel over dp x ep), experts sharded and frozen: the same
-    loss (1e-5) and gradient norm (1e-4) as one process with the same adapters, and every rank trains them all."""
+LORA_PAIRS = [("mixtral-ep2-lora", "mixtral-w1-g4-lora"), ("mixtral-ep4-lora", "mixtral-w1-g8-lora"),
+              ("llama-tp2-lora", "llama-w1-lora"), ("mixtral-tp2-lora", "mixtral-w1-g2-lora"),
+              ("mixtral-tp2ep2-lora", "mixtral-w1-g4-lora")]
+
+
+def _split_adapters(model: str, tp: int) -> tuple[int, int]:
+    """(adapter elements, the part TP splits) for the default targets q/k/v/o at r=8, from the architecture: B of
+    q/k/v (column-parallel layers) and A of o (row-parallel) split, every other adapter tensor whole."""
+    c, _, L, _, _ = _counts(model)
+    h, r, hd = c.hidden_size, 8, c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    total = L * (r * h + q * r + 2 * (r * h + kv * r) + r * q + h * r)
+    return total, (L * (q * r + 2 * kv * r + r * q) if tp > 1 else 0)
+
+
+@pytest.mark.parametrize("run,ref", LORA_PAIRS)
+def test_lora_under_model_parallelism_matches_single_process(runs, run, ref):
+    """Adapters on the attention, split with their layers under TP, replicated (data-parallel over dp x ep) under
+    EP, experts sharded and frozen: the same loss (1e-5) and gradient norm (1e-4) as one process with the same
+    adapters, and each rank trains its share: the adapter shards add up to the one-process adapters."""
     assert_ok(runs[ref])
     assert_ok(runs[run])
     a, b = runs[ref].records(), runs[run].records()
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=LOSS_RTOL)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
     s, s1 = runs[run].summary(), runs[ref].summary()
-    assert s["peft"] == "lora" and s["params"]["trainable"] == s1["params"]["trainable"] > 0
-    assert {r["trainable"] for r in s["params"]["per_rank"]} == {s1["params"]["trainable"]}
-    assert s["experts_per_rank"] == models.make_config(models.PRESETS["tiny-mixtral"]).num_local_experts // \
-        s["layout"]["ep"]
+    model, tp = ("tiny-mixtral" if "mixtral" in run else "tiny-llama"), s["layout"]["tp"]
+    total, split = _split_adapters(model, tp)
+    assert s["peft"] == "lora" and s["params"]["trainable"] == s1["params"]["trainable"] == total
+    assert {r["trainable"] for r in s["params"]["per_rank"]} == {total - split + split // tp}
+    if s["layout"]["ep"] > 1:
+        assert s["experts_per_rank"] == models.make_config(models.PRESETS["tiny-mixtral"]).num_local_experts // \
+            s["layout"]["ep"]
 
 
-def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs):
-    """The ep2 LoRA run's adapter/ directory, loaded into peft on one process over the same base weights: the
-    validation loss the run recorded at its end (same validation micro-batches, token-weighted)."""
+def test_lora_adapters_follow_the_tp_split(runs):
+    """B of a column-parallel layer splits along its output, A of a row-parallel one along its input; the base
+    model is split as without LoRA (the LM head included)."""
+    rows = {r["param"].removeprefix("base_model.model."): r for r in runs["llama-tp2-lora"].summary()["sharding"]}
+    assert rows["model.layers.*.self_attn.q_proj.lora_B.default.weight"]["split_dim"] == 0
+    assert rows["model.layers.*.self_attn.o_proj.lora_A.default.weight"]["split_dim"] == 1
+    assert not any(k.endswith(("q_proj.lora_A.default.weight", "o_proj.lora_B.default.weight")) for k in rows)
+    full = {r["param"]: r["local"] for r in runs["llama-tp2"].summary()["sharding"]}
+    assert rows["lm_head.weight"]["local"] == full["lm_head.weight"]
+    assert rows["model.layers.*.mlp.down_proj.weight"]["local"] == full["model.layers.*.mlp.down_proj.weight"]
+    assert rows["model.layers.*.self_attn.q_proj.base_layer.weight"]["local"] == \
+        full["model.layers.*.self_attn.q_proj.weight"]
+
+
+@pytest.mark.parametrize("name", ["mixtral-ep2-lora", "llama-tp2-lora", "mixtral-tp2ep2-lora"])
+def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs, name):
+    """A LoRA run's adapter/ directory (TP's split adapters gathered whole), loaded into peft on one process over
+    the same base weights: the validation loss the run recorded at its end (same validation micro-batches,
+    token-weighted)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from bench import data
     from bench.train import target_tokens
-    res = runs["mixtral-ep2-lora"]
+    res = runs[name]
     assert_ok(res)
     run = json.loads((res.run_dir / "config.json").read_text())["run"]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (res.run_dir / "adapter").iterdir()}
@@ -171,10 +214,11 @@ def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs):
     assert loss_x_tokens / tokens == pytest.approx(res.summary()["val_loss"], rel=1e-4)
 
 
-def test_lora_under_expert_parallelism_resumes_exactly(runs, tmp_path):
-    """Checkpoint and exact resume with LoRA under EP: a rank killed as step 4 starts, the job rerun with the same
-    command resumes from step 2's checkpoint and ends where the uninterrupted run did."""
-    args, procs = RUNS["mixtral-ep2-lora"]
+@pytest.mark.parametrize("name", ["mixtral-ep2-lora", "llama-tp2-lora"])
+def test_lora_under_model_parallelism_resumes_exactly(runs, tmp_path, name):
+    """Checkpoint and exact resume with LoRA under EP and TP: a rank killed as step 4 starts, the job rerun with the
+    same command resumes from step 2's checkpoint and ends where the uninterrupted run did."""
+    args, procs = RUNS[name]
     args = (*args, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
     crashed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env",
                         env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
@@ -182,7 +226,7 @@ def test_lora_under_expert_parallelism_resumes_exactly(runs, tmp_path):
     resumed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env")
     assert_ok(resumed)
     assert resumed.summary()["resumed_at"] == [2]
-    reference = runs["mixtral-ep2-lora"].records()
+    reference = runs[name].records()
     assert [r["loss"] for r in resumed.records()] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
     assert [r["grad_norm"] for r in resumed.records()] == pytest.approx([r["grad_norm"] for r in reference],
                                                                         rel=1e-5)

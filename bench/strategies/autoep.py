@@ -67,7 +67,7 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoEP here runs with ZeRO stage 0-2, got stage {stage}")
-    if cfg.peft == "lora":  # (under TP x EP, check_tp has refused LoRA already)
+    if cfg.peft == "lora":
         experts = sorted({t.strip() for t in cfg.lora_targets.split(",")} - NON_EXPERT_TARGETS)
         if experts:
             raise BenchError(f"--lora_targets {experts} under expert parallelism: AutoEP replaces the experts with "
@@ -101,4 +101,10 @@ class AutoTPxEP(ModelParallel):
         check_ep(cfg, ds, layout, model_config, "tp_ep")
 
     def resolve_ds(self, ds: dict, model_config) -> dict:
-        return autotp.with_moe_partition(ds, model_config)
+        return with_peft_names(autotp.with_moe_partition(ds, model_config))
+
+    def prepare(self, model, cfg, ds: dict):
+        return AutoEP.prepare(self, model, cfg, ds)
+
+    def initializing(self, plan, model):
+        return autotp.AutoTP.initializing(self, plan, model)

@@ -7,11 +7,13 @@ partition_config that shards attention only, unless the ds_config brings its own
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 
 from bench.config import BenchError, zero_stage
-from bench.strategies.common import ModelParallel, architecture, reject_foreign_sections
+from bench.strategies.common import ModelParallel, architecture, lora_sizes_by_name, reject_foreign_sections
+from bench.strategies.tp_lora import adapters_follow_autotp
 
 MOE_ATTENTION_ONLY = {
     "use_default_specs": False,
@@ -36,9 +38,10 @@ def check_tp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
         raise BenchError(f"AutoTP training here runs with ZeRO stage 0-2, got stage {stage}; "
                          "ZeRO-3 with AutoTP is not exercised by this harness")
     if cfg.peft == "lora":
-        raise BenchError("--peft lora with tensor parallelism is refused: AutoTP replaces the nn.Linear layers "
-                         "LoRA wraps, so the adapters would not be sharded consistently; use --peft none "
-                         "(the model-parallel track is a full fine-tune)")
+        outside = sorted({t.strip() for t in cfg.lora_targets.split(",")} - TP_LORA_TARGETS)
+        if outside:
+            raise BenchError(f"--lora_targets {outside} under tensor parallelism: adapters follow AutoTP's split "
+                             f"of the attention and MLP projections only ({', '.join(sorted(TP_LORA_TARGETS))})")
     partition = (ds.get("tensor_parallel") or {}).get("partition_config")
     if partition is not None:
         check_partition_matches(partition, model_config, cfg.ds_config)
@@ -65,22 +68,51 @@ def with_moe_partition(ds: dict, model_config) -> dict:
     return ds
 
 
-AUTO_POLICY = (r".*\.(q|k|v|o|gate|up|down)_proj\.weight$", r"^lm_head\.weight$")  # AutoTP's LLaMA policy
+# Layers whose split (column or row) a LoRA adapter follows under TP (bench/strategies/tp_lora.py)
+TP_LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+AUTO_POLICY = {r".*\.(o|down)_proj\.weight$": "row", r".*\.(q|k|v|gate|up)_proj\.weight$": "column",
+               r"^lm_head\.weight$": "column"}  # AutoTP's LLaMA policy
 
 
-def tp_sharded_names(plan) -> set[str]:
-    """Parameters AutoTP splits: for LLaMA its automatic policy (q/k/v/gate/up by column, o/down by row, and the
-    LM head by column); with a partition_config (Mixtral's attention-only preset), what its patterns match."""
+def tp_splits(plan) -> dict[str, str]:
+    """{parameter name: "row" | "column"} of what AutoTP splits: for LLaMA its automatic policy (q/k/v/gate/up by
+    column, o/down by row, the LM head by column); with a partition_config (Mixtral's attention-only preset), what
+    its patterns match."""
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
-    patterns = AUTO_POLICY if partition is None else \
-        [p for spec in partition.get("layer_specs", []) for p in spec.get("patterns", [])]
-    return {n for n, _ in architecture(plan.model_config).params if any(re.match(pattern, n) for pattern in patterns)}
+    policy = AUTO_POLICY if partition is None else \
+        {p: spec.get("partition_type", "column") for spec in partition.get("layer_specs", [])
+         for p in spec.get("patterns", [])}
+    splits = {}
+    for name, _ in architecture(plan.model_config).params:
+        kinds = [kind for pattern, kind in policy.items() if re.match(pattern, name)]
+        if kinds:
+            splits[name] = kinds[0]
+    return splits
 
 
-def tp_sharded_params(plan) -> int:
-    """The number of parameters tp_sharded_names holds."""
-    sizes = dict(architecture(plan.model_config).params)
-    return sum(sizes[n] for n in tp_sharded_names(plan))
+def tp_params_not_held(plan) -> int:
+    """Elements of the model a rank does not hold because TP split them: the base weights AutoTP splits and, under
+    LoRA, the split adapters."""
+    tp, sizes = plan.layout.tp, dict(architecture(plan.model_config).params)
+    base = sum(sizes[n] - sizes[n] // tp for n in tp_splits(plan))
+    if plan.peft != "lora":
+        return base
+    return base + sum(n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)) - \
+        sum(n for _, n in lora_local_sizes(plan))
+
+
+def lora_local_sizes(plan) -> list[tuple[str, int]]:
+    """(name, numel on a rank) of every LoRA tensor under TP (bench/strategies/tp_lora.py): B split on a
+    column-parallel layer, A on a row-parallel one, the rest whole."""
+    splits, tp = tp_splits(plan) if plan.layout.tp > 1 else {}, plan.layout.tp
+    out = []
+    for name, numel in lora_sizes_by_name(plan.cfg, plan.model_config):
+        module, part = name.rsplit(".", 1)
+        kind = splits.get(module + ".weight")
+        split = (kind == "column" and part == "lora_B") or (kind == "row" and part == "lora_A")
+        out.append((name, numel // tp if split else numel))
+    return out
 
 
 class AutoTP(ModelParallel):
@@ -93,3 +125,6 @@ class AutoTP(ModelParallel):
 
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_moe_partition(ds, model_config)
+
+    def initializing(self, plan, model):
+        return adapters_follow_autotp(model) if plan.peft == "lora" else contextlib.nullcontext()

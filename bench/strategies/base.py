@@ -25,6 +25,10 @@ class Strategy:
         """The model deepspeed.initialize gets (LoRA-wrapped already if --peft lora): e.g. pipeline stages."""
         return model
 
+    def initializing(self, plan, model):
+        """A context around deepspeed.initialize, for what must happen inside it (LoRA following AutoTP)."""
+        return contextlib.nullcontext()
+
     def build_runner(self, engine, device):
         """train_step / eval_loss over the engine deepspeed.initialize returned."""
         return EngineRunner(engine)

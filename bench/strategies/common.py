@@ -99,19 +99,22 @@ def parameter_sizes(plan) -> list[int]:
 def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
     """A LoRA run's adapters as peft writes them (adapter_model.safetensors and adapter_config.json, whole
     tensors), so they load into peft on one process. ZeRO-3 gathers each adapter's partitions first (a collective:
-    every rank calls this). -> whether they were written (False: not a peft model, e.g. pipeline stages)."""
+    every rank calls this), tensor parallelism each split adapter's shards (bench/strategies/tp_lora.py).
+    -> whether they were written (False: not a peft model, e.g. pipeline stages)."""
     import contextlib
+    from bench.strategies.tp_lora import whole
     model = engine.module
     if not hasattr(model, "peft_config"):
         return False
-    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     gather = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in adapters):
+    if any(hasattr(p, "ds_id") for p in adapters.values()):
         import deepspeed
-        gather = deepspeed.zero.GatheredParameters(adapters)
+        gather = deepspeed.zero.GatheredParameters(list(adapters.values()))
     with gather:
+        state = {n: whole(p) for n, p in adapters.items()}
         if is_main:
-            model.save_pretrained(out_dir)
+            model.save_pretrained(out_dir, state_dict=state)
     return True
 
 
@@ -192,15 +195,14 @@ class ModelParallel(Strategy):
         return format_sharding(sections["sharding"])
 
     def params_per_rank(self, plan) -> list[int]:
-        """The whole model minus what tensor parallelism splits (weights the ds_config's TP shards: /tp) and what
-        expert parallelism distributes (experts: E/ep per rank)."""
+        """The whole model minus what tensor parallelism splits (weights the ds_config's TP shards and LoRA's
+        adapters on them: /tp) and what expert parallelism distributes (experts: E/ep per rank)."""
         from bench.models import count_params_from_config
-        from bench.strategies.autotp import tp_sharded_params
+        from bench.strategies.autotp import tp_params_not_held
         c, lay = count_params_from_config(plan.model_config), plan.layout
         held = plan.total_params
         if lay.tp > 1:
-            sharded = tp_sharded_params(plan)
-            held -= sharded - sharded // lay.tp
+            held -= tp_params_not_held(plan)
         if lay.ep > 1:
             experts = c["layers"] * c["layer"]["experts"] * c["layer"]["mlp"]
             held -= experts - experts // lay.ep
