@@ -40,6 +40,9 @@ class RunConfig:
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA wraps")
+    attn_implementation: str = _f("sdpa", "Hugging Face attention kernel (the planner models sdpa and flash "
+                                  "attention, which keep no score matrix; sequence parallelism refuses eager)",
+                                  choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                         "keeping them (Hugging Face gradient checkpointing, non-reentrant)")
     ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
@@ -166,29 +169,38 @@ def load_ds_config(path: str) -> dict:
 
 @dataclass(frozen=True)
 class Layout:
-    """How WORLD_SIZE splits: world = dp * tp * ep * pp, DP being the remainder.
+    """How WORLD_SIZE splits: world = dp * tp * ep * pp * sp, DP being the remainder.
 
     Expert-parallel ranks are data-parallel for everything but the experts (DeepSpeed's expert-data-parallel
     scheme), so the number of distinct data streams is dp * ep. Ranks of one tensor-parallel group are
-    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data; pipeline stages are the outer axis.
+    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data; so are the ranks of one
+    sequence-parallel group, each taking its slice of every sequence. Pipeline stages are the outer axis.
     """
     dp: int
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    sp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.ep * self.pp
+        return self.dp * self.tp * self.ep * self.pp * self.sp
 
     @property
     def data_parallel(self) -> int:
+        """Distinct data streams."""
         return self.dp * self.ep
+
+    @property
+    def zero_degree(self) -> int:
+        """Ranks ZeRO splits a dense parameter's states over: the data-parallel ones, and under sequence
+        parallelism every rank (DeepSpeed's sequence-data-parallel group)."""
+        return self.dp * self.ep * self.sp
 
     def data_rank(self, rank: int) -> int:
         if self.pp > 1:  # DeepSpeed's PipeDataParallelTopology: rank = stage * dp + data rank
             return rank % self.dp
-        return rank // self.tp
+        return rank // (self.tp * self.sp)
 
     @staticmethod
     def from_ds_config(ds: dict, world_size: int) -> "Layout":
@@ -196,24 +208,26 @@ class Layout:
         ep_section = ds.get("expert_parallel") or {}
         ep = ep_section.get("autoep_size", 1) if ep_section.get("enabled", False) else 1  # DeepSpeed's default
         pp = (ds.get("pipeline") or {}).get("stages", 1)
+        sp = ds.get("sequence_parallel_size", 1)
         for name, v in (("tensor_parallel.autotp_size", tp), ("expert_parallel.autoep_size", ep),
-                        ("pipeline.stages", pp)):
+                        ("pipeline.stages", pp), ("sequence_parallel_size", sp)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise BenchError(f"ds_config {name} must be a positive integer, got {v!r}")
-        model_par = tp * ep * pp
+        model_par = tp * ep * pp * sp
         if world_size % model_par:
-            raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp}) != WORLD_SIZE({world_size}); "
-                             f"WORLD_SIZE must be a multiple of tp*ep*pp = {model_par}: start that many processes "
-                             f"(deepspeed --num_gpus {model_par} bench/run.py ..., torchrun --nproc_per_node "
-                             f"{model_par}), or plan it from one with --dry_run --world_size {model_par}")
-        return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp)
+            raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp})*sp({sp}) != "
+                             f"WORLD_SIZE({world_size}); WORLD_SIZE must be a multiple of tp*ep*pp*sp = {model_par}: "
+                             f"start that many processes (deepspeed --num_gpus {model_par} bench/run.py ..., torchrun "
+                             f"--nproc_per_node {model_par}), or plan it from one with --dry_run --world_size "
+                             f"{model_par}")
+        return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp, sp=sp)
 
     def describe(self) -> str:
-        return f"dp({self.dp})*tp({self.tp})*ep({self.ep})*pp({self.pp}) = {self.world_size}"
+        return f"dp({self.dp})*tp({self.tp})*ep({self.ep})*pp({self.pp})*sp({self.sp}) = {self.world_size}"
 
     def as_dict(self) -> dict:
         """What summary.json and config.json record as "layout"."""
-        return {"dp": self.dp, "tp": self.tp, "ep": self.ep, "pp": self.pp}
+        return {"dp": self.dp, "tp": self.tp, "ep": self.ep, "pp": self.pp, "sp": self.sp}
 
 
 @dataclass

@@ -116,8 +116,8 @@ def groups(plan, rank: int) -> list[Group]:
     """The parameter groups ZeRO flattens on this rank (dense and, under EP, expert parameters)."""
     lay = plan.layout
     dense, expert = _local_sizes(plan, rank)
-    dp_index = (rank // lay.tp) % lay.data_parallel if lay.pp == 1 else rank % lay.dp
-    out = [Group(dense, lay.data_parallel, dp_index)]
+    dp_index = (rank // lay.tp) % lay.zero_degree if lay.pp == 1 else rank % lay.dp
+    out = [Group(dense, lay.zero_degree, dp_index)]
     if expert:  # the ranks holding the same experts: every replica of them, TP ranks included
         out.append(Group(expert, lay.dp * lay.tp, rank // lay.ep % (lay.dp * lay.tp)))
     return out
@@ -211,12 +211,13 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
     flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
     c, lay, w = plan.model_config, plan.layout, _width(plan)
-    micro, seq = micro or plan.batch.micro, seq or plan.cfg.seq_len
+    micro, seq = micro or plan.batch.micro, (seq or plan.cfg.seq_len) // lay.sp  # SP: this rank's slice
     tp = lay.tp
     h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     bs = micro * seq
-    masked = lay.pp == 1  # pipeline stages pass no mask: causal SDPA, keys and values not expanded
+    # Pipeline stages pass no mask, Ulysses drops it: causal SDPA, keys and values not expanded
+    masked = lay.pp == 1 and lay.sp == 1
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
     attention = (2 * q_elems + (2 * q_elems if masked else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
     attention += (micro * seq * seq * w if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
@@ -343,6 +344,12 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
             # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh); with
             # the experts trained, one more bsh-sized reduction, measured (the data-dependent part: ~8 %)
             add("all_reduce", accum * L * (3 if plan.peft == "lora" else 4) * bsh * w)
+    if lay.sp > 1:  # Ulysses: each layer's q, k, v and output all-to-all, forward and backward (k and v with their
+        # heads repeated up to the SP size when there are fewer), and its position ids gathered in forward
+        tokens, hd = micro * seq // lay.sp, models.head_dim(c)
+        q, kv = tokens * c.num_attention_heads * hd, tokens * max(c.num_key_value_heads, lay.sp) * hd
+        add("all_to_all", accum * L * 2 * (2 * q + 2 * kv) * w)
+        add("all_gather", accum * L * tokens * 8)
     if lay.pp > 1:
         stage = rank // lay.dp
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward

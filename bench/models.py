@@ -146,7 +146,8 @@ def load_tokenizer(source: str):
     return tok
 
 
-def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_config: dict | None, seed: int):
+def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_config: dict | None, seed: int,
+                attn_implementation: str = "sdpa"):
     """Weights go straight to `device` (or are partitioned at construction under ZeRO-3), so a large model is
     never held once per rank in host memory."""
     import contextlib
@@ -162,9 +163,10 @@ def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_conf
     if init == "random":
         ctx = torch.device(device) if zero3_ds_config is None else contextlib.nullcontext()
         with ctx:
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
     else:
-        kwargs = {"dtype": dtype}
+        kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
         if zero3_ds_config is None and str(device) != "cpu":
             kwargs["device_map"] = {"": str(device)}
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -65,7 +65,7 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     if host:  # ZeRO offload: the offloaded states cross PCIe each step and CPU Adam updates them
         compute += 2 * host / PCIE + host / CPU_ADAM
-    group = plan.layout.data_parallel if plan.layout.data_parallel > 1 else plan.layout.tp  # who gathers
+    group = plan.layout.zero_degree if plan.layout.zero_degree > 1 else plan.layout.tp  # who gathers
     moved = max(sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
                     for kind, b in comm.items()) for comm in est["comm_bytes_per_step_per_rank"])
     return compute + moved / link
@@ -76,6 +76,8 @@ def _strategy_for(ds: dict, layout) -> str:
         return "hybrid" if layout.dp > 1 else "pp"
     if layout.tp > 1 and layout.ep > 1:
         return "tp_ep"
+    if layout.sp > 1:
+        return "sp"
     return "tp" if layout.tp > 1 else "ep" if layout.ep > 1 else "dp"
 
 

@@ -200,7 +200,7 @@ class Session:
         time.sleep(float(os.environ.get("BENCH_FAULT_SLOW_LOAD_S", 0)))  # tests: a model load that takes a while
         zero3 = p.ds if p.zero_stage == 3 else None
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
-                                                    cfg.seed)
+                                                    cfg.seed, cfg.attn_implementation)
         if cfg.activation_checkpointing:
             # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
             # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no
@@ -221,7 +221,7 @@ class Session:
         shapes = param_shapes(model)
         with p.strategy.initializing(p, model):
             # lazy: the engine reads it after AutoEP/AutoTP replaced layers (and LoRA re-wrapped AutoTP's)
-            engine, *_ = deepspeed.initialize(model=model, config=p.ds,
+            engine, *_ = deepspeed.initialize(model=model, config=p.ds, mpu=p.strategy.mpu,
                                               model_parameters=(q for q in model.parameters() if q.requires_grad))
         sections = p.strategy.after_initialize(p, engine, shapes)
         self.record.set(**sections)

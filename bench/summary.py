@@ -19,7 +19,7 @@ KEYS = {
     "status": "running | completed | failed | oom | preempted | interrupted",
     "error": "one line, or null",
     "strategy": "--strategy", "model": "--model", "peft": "lora | none, resolved",
-    "world_size": "ranks", "layout": "{dp, tp, ep, pp}", "zero_stage": "ZeRO stage of the resolved ds_config",
+    "world_size": "ranks", "layout": "{dp, tp, ep, pp, sp}", "zero_stage": "ZeRO stage of the resolved ds_config",
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",

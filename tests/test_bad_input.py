@@ -27,6 +27,9 @@ def files(tmp_path_factory):
     (d / "notsquad.json").write_text(json.dumps({"data": [{"title": "x", "paragraphs": [{"context": "c"}]}]}))
     (d / "broken.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     (d / "short.txt").write_text("too short\n")
+    (d / "sp3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 3}))
+    (d / "sp2_pp2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 2,
+                                                "pipeline": {"stages": 2}}))
     (d / "tp2_nothing.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {
         "autotp_size": 2, "partition_config": {"use_default_specs": False, "layer_specs": [
             {"patterns": [r".*\.q_proj$"], "partition_type": "column"}]}}}))
@@ -52,7 +55,7 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("bad-lora-target", ("--peft", "lora", "--lora_targets", "qq_proj", *ZERO2), 1, "no module named ['qq_proj']"),
     ("batch-arithmetic", ("--global_batch_size", "6", "--micro_batch_size", "2", *ZERO2), 2,
      "global batch 6 is not divisible by micro batch 2 x DP 2 = 4"),
-    ("layout-mismatch", ("--ds_config", "{d}/tp4.json"), 2, "dp(?)*tp(4)*ep(1)*pp(1) != WORLD_SIZE(2)"),
+    ("layout-mismatch", ("--ds_config", "{d}/tp4.json"), 2, "dp(?)*tp(4)*ep(1)*pp(1)*sp(1) != WORLD_SIZE(2)"),
     ("too-few-processes", ("--strategy", "tp", "--ds_config", "ds_configs/tp2.json"), 1,
      "start that many processes (deepspeed --num_gpus 2 bench/run.py ..."),
     ("world-size-without-dry-run", ("--world_size", "2", *ZERO2), 1,
@@ -69,7 +72,7 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("ep-with-tp-section", ("--strategy", "ep", "--model", "tiny-mixtral", "--ds_config", "ds_configs/tp2.json"), 2,
      "--strategy ep got a ds_config with a 'tensor_parallel' section"),
     ("tp-ep-world-too-small", ("--strategy", "tp_ep", "--model", "tiny-mixtral", "--ds_config",
-                               "ds_configs/tp2_ep2.json"), 2, "dp(?)*tp(2)*ep(2)*pp(1) != WORLD_SIZE(2)"),
+                               "ds_configs/tp2_ep2.json"), 2, "dp(?)*tp(2)*ep(2)*pp(1)*sp(1) != WORLD_SIZE(2)"),
     ("tp-shards-nothing", ("--strategy", "tp", "--model", "tiny-mixtral", "--ds_config", "{d}/tp2_nothing.json"), 2,
      "matches no parameter of the model"),
     ("lora-on-the-head-with-tp", ("--strategy", "tp", "--peft", "lora", "--lora_targets", "q_proj,lm_head",
@@ -81,6 +84,18 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("lora-on-the-router-with-tp-ep", ("--strategy", "tp_ep", "--peft", "lora", "--lora_targets", "q_proj,gate",
                                        "--model", "tiny-mixtral", "--ds_config", "ds_configs/tp2_ep2.json"), 4,
      "--lora_targets ['gate'] under tensor parallelism"),
+    # sequence parallelism (sp)
+    ("sp-without-size", ("--strategy", "sp", *ZERO2), 1, "--strategy sp needs \"sequence_parallel_size\""),
+    ("sp-seq-len-not-divisible", ("--strategy", "sp", "--ds_config", "ds_configs/sp2.json", "--seq_len", "255"), 2,
+     "--seq_len 255 is not divisible by the sequence-parallel size 2"),
+    ("sp-not-dividing-heads", ("--strategy", "sp", "--ds_config", "{d}/sp3.json", "--seq_len", "96"), 3,
+     "sequence-parallel size 3 must divide the attention heads (4)"),
+    ("sp-with-eager-attention", ("--strategy", "sp", "--ds_config", "ds_configs/sp2.json", "--attn_implementation",
+                                 "eager"), 2, "--attn_implementation eager cannot run under sequence parallelism"),
+    ("sp-with-pipeline", ("--strategy", "sp", "--ds_config", "{d}/sp2_pp2.json"), 4,
+     "sequence parallelism with pipeline parallelism is refused"),
+    ("pp-with-sp-size", ("--strategy", "pp", "--ds_config", "{d}/sp2_pp2.json"), 4,
+     "--strategy pp got a ds_config with a 'sequence_parallel_size' section"),
     # checkpoints and resume
     ("checkpoint-dir-is-a-file", ("--checkpoint_dir", "{d}/short.txt", *ZERO2), 1, "exists and is not a directory"),
     ("resume-without-run-name", ("--resume", "auto", *ZERO2), 1, "--resume auto needs --run_name"),
@@ -154,7 +169,7 @@ def test_dry_run_plans_any_layout_from_one_process_offline(launch_env, tmp_path,
                  "--ds_config", ds_config, "--output_dir", str(tmp_path / "runs")])
     printed = capfd.readouterr().out
     assert code == 0, printed
-    assert f"dp(1)*tp({tp})*ep({ep})*pp(1) = {world}" in printed
+    assert f"dp(1)*tp({tp})*ep({ep})*pp(1)*sp(1) = {world}" in printed
     assert f"held per rank: {_mixtral_per_rank(tp, ep):,} (ranks 0-{world - 1})" in printed
     assert "total 46,702,792,704" in printed and "FLOPs per token" in printed and "MFU peak" in printed
 

@@ -47,9 +47,13 @@ def test_layout_factors():
     assert Layout.from_ds_config({"expert_parallel": {"autoep_size": 2}}, 8) == Layout(dp=8)
     pipe = Layout.from_ds_config({"pipeline": {"stages": 2}}, 4)  # stages are the outer rank axis
     assert (pipe.dp, pipe.pp) == (2, 2) and [pipe.data_rank(r) for r in range(4)] == [0, 1, 0, 1]
-    assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1) = 8"
-    with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\) != WORLD_SIZE\(6\)"):
+    assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1)*sp(1) = 8"
+    with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\)\*sp\(1\) != WORLD_SIZE\(6\)"):
         Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
+    # sequence parallelism: consecutive ranks share the data, ZeRO spans them all
+    seq = Layout.from_ds_config({"sequence_parallel_size": 2}, 8)
+    assert (seq.dp, seq.sp, seq.data_parallel, seq.zero_degree) == (4, 2, 4, 8)
+    assert [seq.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):

@@ -97,7 +97,7 @@ def _counts(name):
 def test_layout_and_params_per_rank(runs):
     c, total, L, attn, mlp = _counts("tiny-llama")
     s = runs["llama-tp2"].summary()
-    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 1, "pp": 1} and s["peft"] == "none"
+    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 1, "pp": 1, "sp": 1} and s["peft"] == "none"
     # LLaMA TP2: every attention and MLP weight halves, and so does the LM head (column parallel, HF tp_plan);
     # embeddings and norms stay whole
     head = c.vocab_size * c.hidden_size
@@ -108,13 +108,13 @@ def test_layout_and_params_per_rank(runs):
     s = runs["mixtral-tp2"].summary()  # attention only
     assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * attn // 2] * 2
     s = runs["mixtral-ep2"].summary()  # half of the experts per rank
-    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 2, "pp": 1} and s["experts_per_rank"] == E // 2
+    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 2, "pp": 1, "sp": 1} and s["experts_per_rank"] == E // 2
     assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * (E // 2) * expert] * 2
     s = runs["mixtral-tp2ep2"].summary()
-    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 2, "pp": 1} and s["world_size"] == 4
+    assert s["layout"] == {"dp": 1, "tp": 2, "ep": 2, "pp": 1, "sp": 1} and s["world_size"] == 4
     assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * attn // 2 - L * (E // 2) * expert] * 4
     s = runs["mixtral-ep4"].summary()  # E/4 experts per rank
-    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 4, "pp": 1} and s["experts_per_rank"] == E // 4
+    assert s["layout"] == {"dp": 1, "tp": 1, "ep": 4, "pp": 1, "sp": 1} and s["experts_per_rank"] == E // 4
     assert [r["total"] for r in s["params"]["per_rank"]] == [total - L * (E - E // 4) * expert] * 4
 
 

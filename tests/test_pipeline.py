@@ -48,7 +48,7 @@ def test_loss_matches_single_process(runs, layout, peft):
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_stage_params_add_up_and_bubble_is_recorded(runs, peft):
     s = runs[f"hybrid-{peft}"].summary()
-    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 2} and s["grad_accum"] == 2
+    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 2, "sp": 1} and s["grad_accum"] == 2
     pipe = s["pipeline"]
     assert pipe["stages"] == 2 and pipe["micro_batches"] == 2
     assert pipe["theoretical_bubble"] == pytest.approx(1 / 3)  # (p-1)/(m+p-1) = 1/3

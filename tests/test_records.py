@@ -28,7 +28,7 @@ def test_summary_has_every_contract_key_with_sane_values(run):
     assert not missing, missing
     assert s["status"] == "completed" and s["error"] is None
     assert (s["strategy"], s["model"], s["peft"], s["world_size"]) == ("dp", "tiny-llama", "none", 2)
-    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 1}
+    assert s["layout"] == {"dp": 2, "tp": 1, "ep": 1, "pp": 1, "sp": 1}
     assert s["global_batch_size"] == s["micro_batch_size"] * s["grad_accum"] * 2 == 4
     st = s["step_time_s"]
     assert 0 < st["median"] <= st["p90"] and st["mean"] > 0

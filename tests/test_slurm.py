@@ -51,6 +51,7 @@ def test_every_experiment_of_both_tracks_has_a_script():
     want |= {f"model_parallel/llama31_8b/{n}_gpus.sh" for n in (4, 8)}  # full fine-tunes; TP2 cannot fit 80 GB
     want |= {f"model_parallel/llama31_8b_lora/{n}_gpus.sh" for n in (2, 4, 8)}
     want |= {f"model_parallel/mixtral_8x7b/{n}_gpus.sh" for n in (2, 4, 8)}
+    want |= {f"sequence_parallel/llama31_8b/{n}_gpus.sh" for n in (2, 4, 8)}
     want |= {"pipeline/llama32_1b/2_gpus.sh", "pipeline/llama32_1b/4_gpus.sh", "multi_node.sh"}
     assert want <= have, want - have
 

@@ -6,6 +6,7 @@ from bench.strategies.autoep import AutoEP, AutoTPxEP
 from bench.strategies.autotp import AutoTP
 from bench.strategies.base import Strategy
 from bench.strategies.pipeline import Hybrid, Pipeline
+from bench.strategies.ulysses import SequenceParallel
 from bench.strategies.zero import ZeroDP
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
@@ -15,4 +16,5 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     AutoTPxEP(),
     Pipeline(),
     Hybrid(),
+    SequenceParallel(),
 )}

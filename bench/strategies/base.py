@@ -12,6 +12,7 @@ import contextlib
 class Strategy:
     name: str = ""
     default_peft: str = "none"     # what --peft auto means for this strategy
+    mpu = None                     # the parallel-state object deepspeed.initialize gets, where one is needed
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         """Refuse a ds_config, model or flag this strategy cannot run (raise BenchError with one line)."""

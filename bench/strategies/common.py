@@ -8,7 +8,8 @@ from bench.config import BenchError
 from bench.strategies.base import Strategy
 
 # ds_config sections that turn on a model-parallel dimension, and the strategy that owns each.
-PARALLEL_SECTIONS = {"tensor_parallel": "tp", "expert_parallel": "ep", "pipeline": "pp"}
+PARALLEL_SECTIONS = {"tensor_parallel": "tp", "expert_parallel": "ep", "pipeline": "pp",
+                     "sequence_parallel_size": "sp"}
 
 
 def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> None:
