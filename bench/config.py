@@ -45,6 +45,10 @@ class RunConfig:
                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                         "keeping them (Hugging Face gradient checkpointing, non-reentrant)")
+    tiled_mlp: bool = _f(False, "--strategy sp: DeepSpeed's TiledMLP, each MLP computed over slices of the "
+                         "sequence and recomputed in backward (less activation memory for long sequences; dense MLPs)")
+    tiled_loss: bool = _f(False, "--strategy sp: DeepSpeed's TiledFusedLogitsLoss, the LM head and loss over slices "
+                          "of the sequence, never the whole logits")
     ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
                                   "(bench/estimate.py; docs/planner.md)")
     max_steps: int = _f(20, "optimizer steps to run")
@@ -117,6 +121,9 @@ def parse_args(argv=None) -> RunConfig:
             raise BenchError(f"--{name} must be positive, got {value}")
     if cfg.warmup_steps < 0 or cfg.eval_interval < 0 or cfg.save_interval < 0:
         raise BenchError("--warmup_steps, --eval_interval and --save_interval must be >= 0")
+    if (cfg.tiled_mlp or cfg.tiled_loss) and cfg.strategy != "sp":
+        raise BenchError("--tiled_mlp and --tiled_loss run with --strategy sp (DeepSpeed's ALST tiling, applied by "
+                         "its runner); drop them or use --strategy sp")
     if cfg.world_size is not None and not cfg.dry_run:
         raise BenchError(f"--world_size only plans a layout with --dry_run; to run {cfg.world_size} processes, "
                          f"launch them: deepspeed --num_gpus {cfg.world_size} bench/run.py ...")

@@ -219,8 +219,10 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     # Pipeline stages pass no mask, Ulysses drops it: causal SDPA, keys and values not expanded
     masked = lay.pp == 1 and lay.sp == 1
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
-    attention = (2 * q_elems + (2 * q_elems if masked else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
+    expanded = masked or lay.sp > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
+    attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
     attention += (micro * seq * seq * w if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
+    attention += micro * seq * lay.sp * 8 if lay.sp > 1 else 0  # Ulysses: the gathered position ids
     norms = 2 * (bs * h * (4 + w) + bs * 4) + bs * h * w  # two RMSNorms, and the residual stream kept once more
     if models.is_moe(c):
         k = c.num_experts_per_tok
@@ -228,12 +230,12 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         split = tp if lay.ep > 1 else 1
         mlp = (4 * tokens * inter // split + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4
         mlp += 4 * tokens * 8  # routing indices
-    else:
-        mlp = 4 * bs * inter // tp * w
+    else:  # --tiled_mlp keeps only the MLP's input (the norm's output, counted above) and recomputes the rest
+        mlp = 0 if plan.cfg.tiled_mlp else 4 * bs * inter // tp * w
     layer = norms + attention + mlp
     if plan.peft == "lora":
         dense_inter = inter // tp  # what a rank holds of a dense MLP (TP splits it)
-        layer = _lora_layer(plan, bs, q_elems, dense_inter, attention, w)
+        layer = _lora_layer(plan, bs, q_elems, 0 if plan.cfg.tiled_mlp else dense_inter, attention, w)
         if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
             # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
             layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
@@ -254,9 +256,17 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             outside += bs * h * (4 + 2 * w) + bs * 4
         elif plan.zero_stage == 3:
             outside += bs * h * w
-        outside += bs * c.vocab_size * 4
-    return {"activation_bytes": kept + outside, "logits_bytes": bs * c.vocab_size * w if last else 0,
-            "recompute_bytes": recompute}
+        if not plan.cfg.tiled_loss:  # tiled: the head and loss run slice by slice, their backward at once
+            outside += bs * c.vocab_size * 4
+    logits = bs * c.vocab_size * w if last and not plan.cfg.tiled_loss else 0
+    return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
+
+
+def _tiled_loss_slice(plan) -> int:
+    """--tiled_loss: the bytes one slice of the LM head and loss holds at once (bench/strategies/ulysses.py)."""
+    from bench.strategies.ulysses import tile_count
+    logits = plan.batch.micro * plan.cfg.seq_len // plan.layout.sp * plan.model_config.vocab_size
+    return logits * (_width(plan) + 8) // tile_count(logits * 4, 2 ** 30)
 
 
 def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int) -> int:
@@ -266,6 +276,8 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
     keeps adapters fp32): under bf16 each adapter casts its input to fp32 separately."""
     h, r = plan.model_config.hidden_size, plan.cfg.lora_r
     targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    if plan.cfg.tiled_mlp:  # the tiled MLP's adapters recompute with it
+        targets -= {"gate_proj", "up_proj", "down_proj"}
     inputs = {"q_proj": ("norm1", bs * h), "k_proj": ("norm1", bs * h), "v_proj": ("norm1", bs * h),
               "o_proj": ("o", q_elems), "gate_proj": ("norm2", bs * h), "up_proj": ("norm2", bs * h),
               "down_proj": ("down", bs * inter)}
@@ -391,6 +403,8 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         activations = act["activation_bytes"] * flight + act["recompute_bytes"]
         # the loss's fp32 copy of the logits and their gradient, on the stage that computes it
         loss = 2 * act["logits_bytes"] // _width(plan) * 4
+        if plan.cfg.tiled_loss:  # one slice at a time: its logits, their fp32 copy and gradient
+            loss = _tiled_loss_slice(plan)
         transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
         host = states.pop("offloaded_bytes")
         held = sum(states.values()) - host + activations + transient  # on the device

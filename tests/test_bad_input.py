@@ -96,6 +96,9 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "sequence parallelism with pipeline parallelism is refused"),
     ("pp-with-sp-size", ("--strategy", "pp", "--ds_config", "{d}/sp2_pp2.json"), 4,
      "--strategy pp got a ds_config with a 'sequence_parallel_size' section"),
+    ("tiled-without-sp", ("--tiled_loss", *ZERO2), 1, "--tiled_mlp and --tiled_loss run with --strategy sp"),
+    ("tiled-mlp-on-experts", ("--strategy", "sp", "--model", "tiny-mixtral", "--ds_config", "ds_configs/sp2.json",
+                              "--tiled_mlp"), 2, "--tiled_mlp tiles dense MLPs"),
     # checkpoints and resume
     ("checkpoint-dir-is-a-file", ("--checkpoint_dir", "{d}/short.txt", *ZERO2), 1, "exists and is not a directory"),
     ("resume-without-run-name", ("--resume", "auto", *ZERO2), 1, "--resume auto needs --run_name"),

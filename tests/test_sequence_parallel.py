@@ -20,6 +20,7 @@ def sp(config: str) -> tuple:
     return ("--strategy", "sp", "--ds_config", f"ds_configs/{config}.json")
 
 
+TILED, MLP_TARGETS = ("--tiled_mlp", "--tiled_loss"), ("--lora_targets", "q_proj,v_proj,gate_proj,down_proj")
 G2, G4, MIXTRAL = ("--global_batch_size", "2"), ("--global_batch_size", "4"), ("--model", "tiny-mixtral")
 # name -> (bench/run.py arguments, processes, the one-process reference)
 RUNS = {
@@ -36,6 +37,11 @@ RUNS = {
     "sp4-zero3": ((*sp("sp4"), *ARGS, *G2), 4, "w1"),  # 2 key/value heads on 4 ranks: DeepSpeed repeats them
     "sp2-dp2-zero3": ((*sp("sp2"), *ARGS, *G4), 4, "w1-g4"),
     "mixtral-sp2-zero1": ((*sp("sp2_zero1"), *ARGS, *MIXTRAL, *G2), 2, "mixtral-w1"),
+    # DeepSpeed's tiled MLP and tiled loss (ALST): full fine-tune with two micro-batches accumulated, and LoRA with
+    # adapters inside the tiled MLP
+    "sp2-zero3-tiled": ((*sp("sp2"), *ARGS, *G4, *TILED), 2, "w1-g4"),
+    "w1-lora-mlp": ((*ZERO1, *ARGS, *LORA, *G2, *MLP_TARGETS), 1, None),
+    "sp2-zero1-lora-tiled": ((*sp("sp2_zero1"), *ARGS, *LORA, *G2, *MLP_TARGETS, *TILED), 2, "w1-lora-mlp"),
 }
 PAIRS = [(name, ref) for name, (_, _, ref) in RUNS.items() if ref]
 
@@ -86,3 +92,15 @@ def test_the_planner_predicted_what_each_rank_held_and_moved(runs, name):
     assert_plan_matches(s)
     counted = s["accounting"]["per_rank"][0]["comm_bytes_per_step"]
     assert counted["all_to_all"] > 0, counted  # Ulysses' exchange, counted by DeepSpeed's comms logger
+
+
+def test_tiling_keeps_what_it_promises(runs):
+    """Per micro-batch (same shapes), the tiled run keeps no MLP intermediates (gate, up, act, act*up: 4 b s I w
+    per layer) and no fp32 log-probabilities (4 b s V), and never makes the logits."""
+    from bench import models
+    c = models.make_config(models.PRESETS["tiny-llama"])
+    bs = 2 * 128 // 2  # micro x this rank's slice
+    plain, tiled = (runs[n].summary()["accounting"]["per_rank"][0] for n in ("sp2-zero3", "sp2-zero3-tiled"))
+    saved = c.num_hidden_layers * 4 * bs * c.intermediate_size * 4 + bs * c.vocab_size * 4
+    assert plain["activation_bytes"] - tiled["activation_bytes"] == pytest.approx(saved, rel=1e-2)
+    assert tiled["logits_bytes"] == 0 < plain["logits_bytes"]

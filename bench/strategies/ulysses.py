@@ -14,7 +14,10 @@ each rank's loss is scaled by S before backward (docs/parity.md: measured both w
 """
 from __future__ import annotations
 
+import math
+
 from bench.config import BenchError, zero_stage
+from bench.models import is_moe
 from bench.strategies.base import EngineRunner, Strategy
 from bench.strategies.common import reject_foreign_sections
 
@@ -39,6 +42,9 @@ def check_sp(cfg, ds: dict, layout, model_config) -> None:
     if cfg.attn_implementation == "eager":
         raise BenchError("--attn_implementation eager cannot run under sequence parallelism (it needs the whole "
                          "4-D attention mask); use sdpa or flash_attention_2")
+    if cfg.tiled_mlp and is_moe(model_config):
+        raise BenchError("--tiled_mlp tiles dense MLPs (gate/up/down projections); Mixtral's experts route each "
+                         "token and are not tiled here: drop --tiled_mlp")
     if zero_stage(ds) not in (0, 1, 2, 3):
         raise BenchError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)!r}")
 
@@ -63,21 +69,49 @@ class SequenceParallel(Strategy):
             sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=ds["train_micro_batch_size_per_gpu"],
             seq_length=cfg.seq_len, seq_length_is_variable=True)
         self.loss_scale = ds["sequence_parallel_size"] if zero_stage(ds) == 3 else 1
+        self.tiled_loss = cfg.tiled_loss
+        if cfg.tiled_mlp:
+            tile_mlps(model, cfg.seq_len // ds["sequence_parallel_size"])
         return model
 
     def build_runner(self, engine, device):
-        return SequenceParallelRunner(engine, self.mpu, self.loss_scale)
+        return SequenceParallelRunner(engine, self.mpu, self.loss_scale, self.tiled_loss)
+
+
+def tile_count(tokens: int, width: int) -> int:
+    """Slices a tiled computation takes: one per `width` tokens as DeepSpeed's examples do (the MLP: the hidden
+    size; the loss: enough that one slice's fp32 logits stay near 1 GiB), and at least two."""
+    return max(2, math.ceil(tokens / width))
+
+
+def tile_mlps(model, tokens: int) -> None:
+    """Every dense MLP's forward through DeepSpeed's TiledMLP over `tokens`-long slices of this rank's sequence."""
+    import types
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def mlp(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def tiled(self, x):
+        shards = tile_count(x.shape[-2], x.shape[-1])
+        return TiledMLP.apply(mlp, self, x, shards, [p for p in self.parameters() if p.requires_grad])
+
+    for module in model.modules():
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.forward = types.MethodType(tiled, module)
 
 
 class SequenceParallelRunner(EngineRunner):
     """Each micro-batch sliced along the sequence for this rank; the loss summed over the slice, divided by the
     whole micro-batch's target tokens (see the module's docstring)."""
 
-    def __init__(self, engine, mpu, loss_scale: int):
+    def __init__(self, engine, mpu, loss_scale: int, tiled_loss: bool = False):
         super().__init__(engine)
         self.group = mpu.get_sequence_parallel_group()
         self.size, self.rank = mpu.get_sequence_parallel_world_size(), mpu.get_sequence_parallel_rank()
-        self.loss_scale = loss_scale
+        self.loss_scale, self.tiled_loss = loss_scale, tiled_loss
+        model = engine.module.get_base_model() if hasattr(engine.module, "get_base_model") else engine.module
+        self.head = model.get_output_embeddings()
 
     def _slice(self, batch: dict) -> tuple[dict, object, int]:
         """-> (model inputs of this rank's slice, its shifted labels, the micro-batch's target tokens)."""
@@ -98,18 +132,58 @@ class SequenceParallelRunner(EngineRunner):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                reduction="sum")
 
+    def _hidden_states(self, inputs: dict):
+        """The model's forward up to the LM head: its input is taken and the head gets an empty slice, so no
+        logits are made (the engine's own forward still runs, ZeRO-3's parameter fetching included)."""
+        kept = {}
+
+        def take(module, args):
+            kept["h"] = args[0]
+            return (args[0][:, :0],)
+
+        handle = self.head.register_forward_pre_hook(take)
+        try:
+            out = self.engine(**inputs)
+        finally:
+            handle.remove()
+        return out, kept["h"]
+
+    def _tiled_loss(self, hidden, labels, scale: float):
+        """DeepSpeed's TiledFusedLogitsLoss: head and cross-entropy slice by slice, their backward run at once. It
+        backpropagates 1 into each slice, so the slices' sums carry every factor the gradient needs (scale);
+        -> the scaled loss, to pass to engine.backward as it is."""
+        import torch.nn.functional as F
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+        vocab = self.head.weight.ds_shape[0] if hasattr(self.head.weight, "ds_shape") else self.head.weight.shape[0]
+        shards = tile_count(hidden.shape[0] * hidden.shape[1] * vocab * 4, 2 ** 30)
+
+        def loss_fn(head, x, y):
+            logits = head(x).float()
+            return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") * scale
+
+        return TiledFusedLogitsLoss.apply(loss_fn, self.head, hidden, labels, None, shards,
+                                          [p for p in self.head.parameters() if p.requires_grad], "sum")
+
     def _step(self, micro_batches: list[dict], counter=None):
         import contextlib
         import torch.distributed as dist
-        loss_sum = 0.0
+        loss_sum, gas = 0.0, self.engine.gradient_accumulation_steps()
         for i, b in enumerate(micro_batches):
             inputs, labels, tokens = self._slice(b)
             with counter.forward(i) if counter else contextlib.nullcontext():
-                out = self.engine(**inputs)
-                loss = self._loss_sum(out, labels) / max(tokens, 1)
+                if self.tiled_loss:
+                    out, hidden = self._hidden_states(inputs)
+                else:
+                    out = self.engine(**inputs)
+                    loss = self._loss_sum(out, labels) / max(tokens, 1)
             if counter:
                 counter.after_forward(out)
-            self.engine.backward(loss * self.loss_scale)
+            if self.tiled_loss:  # the head's gradient is made inside, before the engine divides by gas: pre-divide
+                scaled = self._tiled_loss(hidden, labels, self.loss_scale / (max(tokens, 1) * gas))
+                self.engine.backward(scaled * gas)
+                loss = scaled.detach() * gas / self.loss_scale
+            else:
+                self.engine.backward(loss * self.loss_scale)
             if counter and i == len(micro_batches) - 1:
                 counter.at_boundary()
             self.engine.step()
@@ -121,6 +195,9 @@ class SequenceParallelRunner(EngineRunner):
     def eval_loss(self, batch: dict) -> float:
         import torch.distributed as dist
         inputs, labels, tokens = self._slice(batch)
-        part = self._loss_sum(self.engine(**inputs), labels)
+        if self.tiled_loss:
+            part = self._tiled_loss(self._hidden_states(inputs)[1], labels, 1.0)
+        else:
+            part = self._loss_sum(self.engine(**inputs), labels)
         dist.all_reduce(part, group=self.group)
         return float(part) / max(tokens, 1)
