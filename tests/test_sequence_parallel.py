@@ -27,7 +27,7 @@ RUNS = {
     "w1": ((*ZERO1, *ARGS, *G2), 1, None),
     "w1-lora": ((*ZERO1, *ARGS, *LORA, *G2), 1, None),
     "w1-g4": ((*ZERO1, *ARGS, *G4), 1, None),  # two micro-batches accumulated: the two SP x DP data streams
-    "mixtral-w1": ((*ZERO1, *ARGS, *MIXTRAL, *G2), 1, None),
+    "mixtral-w1-g4": ((*ZERO1, *ARGS, *MIXTRAL, *G4), 1, None),
     "sp2-zero1": ((*sp("sp2_zero1"), *ARGS, *G2), 2, "w1"),
     "sp2-zero2": ((*sp("sp2_zero2"), *ARGS, *G2), 2, "w1"),
     "sp2-zero3": ((*sp("sp2"), *ARGS, *G2), 2, "w1"),
@@ -36,7 +36,7 @@ RUNS = {
     "sp2-zero3-lora": ((*sp("sp2"), *ARGS, *LORA, *G2), 2, "w1-lora"),
     "sp4-zero3": ((*sp("sp4"), *ARGS, *G2), 4, "w1"),  # 2 key/value heads on 4 ranks: DeepSpeed repeats them
     "sp2-dp2-zero3": ((*sp("sp2"), *ARGS, *G4), 4, "w1-g4"),
-    "mixtral-sp2-zero1": ((*sp("sp2_zero1"), *ARGS, *MIXTRAL, *G2), 2, "mixtral-w1"),
+    "mixtral-sp2-dp2-zero1": ((*sp("sp2_zero1"), *ARGS, *MIXTRAL, *G4), 4, "mixtral-w1-g4"),
     # DeepSpeed's tiled MLP and tiled loss (ALST): full fine-tune with two micro-batches accumulated, and LoRA with
     # adapters inside the tiled MLP
     "sp2-zero3-tiled": ((*sp("sp2"), *ARGS, *G4, *TILED), 2, "w1-g4"),
