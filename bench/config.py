@@ -182,6 +182,8 @@ class Layout:
     scheme), so the number of distinct data streams is dp * ep. Ranks of one tensor-parallel group are
     consecutive (DeepSpeed's (data, tensor) mesh) and read the same data; so are the ranks of one
     sequence-parallel group, each taking its slice of every sequence. Pipeline stages are the outer axis.
+    Under sequence parallelism AutoEP folds its groups over the ranks there are (consecutive ranks, DeepSpeed's
+    "sp" ordering): EP adds no ranks and no data streams, world = dp * sp.
     """
     dp: int
     tp: int = 1
@@ -190,19 +192,24 @@ class Layout:
     sp: int = 1
 
     @property
+    def ep_ranks(self) -> int:
+        """The factor EP multiplies the world by: its degree, or 1 where it folds over the SP ranks."""
+        return 1 if self.sp > 1 else self.ep
+
+    @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.ep * self.pp * self.sp
+        return self.dp * self.tp * self.ep_ranks * self.pp * self.sp
 
     @property
     def data_parallel(self) -> int:
         """Distinct data streams."""
-        return self.dp * self.ep
+        return self.dp * self.ep_ranks
 
     @property
     def zero_degree(self) -> int:
         """Ranks ZeRO splits a dense parameter's states over: the data-parallel ones, and under sequence
         parallelism every rank (DeepSpeed's sequence-data-parallel group)."""
-        return self.dp * self.ep * self.sp
+        return self.data_parallel * self.sp
 
     def data_rank(self, rank: int) -> int:
         if self.pp > 1:  # DeepSpeed's PipeDataParallelTopology: rank = stage * dp + data rank
@@ -220,17 +227,22 @@ class Layout:
                         ("pipeline.stages", pp), ("sequence_parallel_size", sp)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise BenchError(f"ds_config {name} must be a positive integer, got {v!r}")
-        model_par = tp * ep * pp * sp
+        model_par = tp * pp * sp * (1 if sp > 1 else ep)
         if world_size % model_par:
             raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp})*sp({sp}) != "
                              f"WORLD_SIZE({world_size}); WORLD_SIZE must be a multiple of tp*ep*pp*sp = {model_par}: "
                              f"start that many processes (deepspeed --num_gpus {model_par} bench/run.py ..., torchrun "
                              f"--nproc_per_node {model_par}), or plan it from one with --dry_run --world_size "
                              f"{model_par}")
+        if world_size % ep:
+            raise BenchError(f"expert_parallel.autoep_size {ep} must divide WORLD_SIZE ({world_size}): under sequence "
+                             "parallelism the expert groups fold over the ranks there are")
         return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp, sp=sp)
 
     def describe(self) -> str:
-        return f"dp({self.dp})*tp({self.tp})*ep({self.ep})*pp({self.pp})*sp({self.sp}) = {self.world_size}"
+        folded = f" (ep({self.ep}) folded over them)" if self.ep > 1 and self.sp > 1 else ""
+        ep = "" if folded else f"*ep({self.ep})"
+        return f"dp({self.dp})*tp({self.tp}){ep}*pp({self.pp})*sp({self.sp}) = {self.world_size}{folded}"
 
     def as_dict(self) -> dict:
         """What summary.json and config.json record as "layout"."""

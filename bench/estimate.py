@@ -118,8 +118,8 @@ def groups(plan, rank: int) -> list[Group]:
     dense, expert = _local_sizes(plan, rank)
     dp_index = (rank // lay.tp) % lay.zero_degree if lay.pp == 1 else rank % lay.dp
     out = [Group(dense, lay.zero_degree, dp_index)]
-    if expert:  # the ranks holding the same experts: every replica of them, TP ranks included
-        out.append(Group(expert, lay.dp * lay.tp, rank // lay.ep % (lay.dp * lay.tp)))
+    if expert:  # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
+        out.append(Group(expert, lay.world_size // lay.ep, rank // lay.ep))
     return out
 
 
@@ -350,7 +350,8 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         if head:
             add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
     if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
-        add("all_to_all", accum * L * 4 * micro * seq * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
+        tokens = micro * seq // lay.sp  # this rank's
+        add("all_to_all", accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
         if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
             add("all_gather", accum * L * 2 * bsh // lay.tp * w)
             # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh); with

@@ -30,6 +30,9 @@ def files(tmp_path_factory):
     (d / "sp3.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 3}))
     (d / "sp2_pp2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 2,
                                                 "pipeline": {"stages": 2}}))
+    (d / "sp2_ep2_zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "sequence_parallel_size": 2,
+                                                       "expert_parallel": {"enabled": True, "autoep_size": 2,
+                                                                           "preset_model": "mixtral"}}))
     (d / "tp2_nothing.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {
         "autotp_size": 2, "partition_config": {"use_default_specs": False, "layer_specs": [
             {"patterns": [r".*\.q_proj$"], "partition_type": "column"}]}}}))
@@ -96,6 +99,10 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "sequence parallelism with pipeline parallelism is refused"),
     ("pp-with-sp-size", ("--strategy", "pp", "--ds_config", "{d}/sp2_pp2.json"), 4,
      "--strategy pp got a ds_config with a 'sequence_parallel_size' section"),
+    ("sp-ep-zero3", ("--strategy", "sp", "--model", "tiny-mixtral", "--ds_config", "{d}/sp2_ep2_zero3.json"), 2,
+     "AutoEP with ZeRO-3 under sequence parallelism is refused"),
+    ("sp-ep-on-dense-model", ("--strategy", "sp", "--ds_config", "ds_configs/sp2_ep2.json"), 2,
+     "expert parallelism needs a mixture-of-experts model"),
     ("tiled-without-sp", ("--tiled_loss", *ZERO2), 1, "--tiled_mlp and --tiled_loss run with --strategy sp"),
     ("tiled-mlp-on-experts", ("--strategy", "sp", "--model", "tiny-mixtral", "--ds_config", "ds_configs/sp2.json",
                               "--tiled_mlp"), 2, "--tiled_mlp tiles dense MLPs"),

@@ -37,6 +37,11 @@ RUNS = {
     "sp4-zero3": ((*sp("sp4"), *ARGS, *G2), 4, "w1"),  # 2 key/value heads on 4 ranks: DeepSpeed repeats them
     "sp2-dp2-zero3": ((*sp("sp2"), *ARGS, *G4), 4, "w1-g4"),
     "mixtral-sp2-dp2-zero1": ((*sp("sp2_zero1"), *ARGS, *MIXTRAL, *G4), 4, "mixtral-w1-g4"),
+    # AutoEP under SP: the expert groups fold over the SP ranks (2 ranks hold 2 experts each)
+    "mixtral-w1": ((*ZERO1, *ARGS, *MIXTRAL, *G2), 1, None),
+    "mixtral-w1-lora": ((*ZERO1, *ARGS, *LORA, *MIXTRAL, *G2), 1, None),
+    "mixtral-sp2-ep2": ((*sp("sp2_ep2"), *ARGS, *MIXTRAL, *G2), 2, "mixtral-w1"),
+    "mixtral-sp2-ep2-lora": ((*sp("sp2_ep2"), *ARGS, *LORA, *MIXTRAL, *G2), 2, "mixtral-w1-lora"),
     # DeepSpeed's tiled MLP and tiled loss (ALST): full fine-tune with two micro-batches accumulated, and LoRA with
     # adapters inside the tiled MLP
     "sp2-zero3-tiled": ((*sp("sp2"), *ARGS, *G4, *TILED), 2, "w1-g4"),
@@ -68,6 +73,8 @@ def test_sequence_parallel_matches_single_process(runs, run, ref):
     s = runs[run].summary()
     assert s["layout"]["sp"] == (4 if "sp4" in run else 2)
     assert s["layout"]["dp"] * s["layout"]["sp"] == s["world_size"]
+    if "ep2" in run:  # the experts split, not replicated
+        assert s["experts_per_rank"] == 2 and s["layout"]["ep"] == 2
     assert s["params"]["trainable"] == runs[ref].summary()["params"]["trainable"]
 
 

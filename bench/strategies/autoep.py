@@ -23,7 +23,7 @@ def with_peft_names(ds: dict) -> dict:
     "base_model.model.", so the Mixtral preset's pattern gets that prefix as an option (a pattern the ds_config
     sets itself is kept)."""
     section = ds.get("expert_parallel") or {}
-    if "moe_layer_pattern" in section or section.get("preset_model", "mixtral") != "mixtral":
+    if not section or "moe_layer_pattern" in section or section.get("preset_model", "mixtral") != "mixtral":
         return ds
     ds = copy.deepcopy(ds)
     ds["expert_parallel"]["moe_layer_pattern"] = r"(?:base_model\.model\.)?model\.layers\.\d+\.mlp"

@@ -18,8 +18,9 @@ import math
 
 from bench.config import BenchError, zero_stage
 from bench.models import is_moe
+from bench.strategies.autoep import allow_frozen_experts, check_ep, with_peft_names
 from bench.strategies.base import EngineRunner, Strategy
-from bench.strategies.common import reject_foreign_sections
+from bench.strategies.common import ModelParallel, reject_foreign_sections
 
 IGNORE = -100
 
@@ -49,12 +50,22 @@ def check_sp(cfg, ds: dict, layout, model_config) -> None:
         raise BenchError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)!r}")
 
 
-class SequenceParallel(Strategy):
+class SequenceParallel(ModelParallel):
+    """Ulysses alone, or with AutoEP for MoE models (its groups folded over the SP ranks: world = dp x sp)."""
     name, default_peft = "sp", "none"
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         check_sp(cfg, ds, layout, model_config)
-        reject_foreign_sections("sp", ds, allowed=("sequence_parallel_size",))
+        reject_foreign_sections("sp", ds, allowed=("sequence_parallel_size", "expert_parallel"))
+        if layout.ep > 1:
+            if zero_stage(ds) == 3:
+                raise BenchError("AutoEP with ZeRO-3 under sequence parallelism is refused: DeepSpeed 0.19.8 does not "
+                                 "support it ('AutoEP with ZeRO Stage 3 does not support sequence parallelism'); use "
+                                 "ZeRO-1 or 2 (ds_configs/sp2_zero1.json with an expert_parallel section)")
+            check_ep(cfg, ds, layout, model_config, "sp")
+
+    def resolve_ds(self, ds: dict, model_config) -> dict:
+        return with_peft_names(ds)
 
     def prepare(self, model, cfg, ds: dict):
         """Ulysses attention in place of the model's own (registered with transformers) and DeepSpeed's
@@ -68,6 +79,10 @@ class SequenceParallel(Strategy):
             model, core_attn_implementation=cfg.attn_implementation,
             sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=ds["train_micro_batch_size_per_gpu"],
             seq_length=cfg.seq_len, seq_length_is_variable=True)
+        if "expert_parallel" in ds:
+            self.mpu = without_tensor_parallelism(self.mpu)
+            if cfg.peft == "lora":
+                allow_frozen_experts()
         self.loss_scale = ds["sequence_parallel_size"] if zero_stage(ds) == 3 else 1
         self.tiled_loss = cfg.tiled_loss
         if cfg.tiled_mlp:
@@ -76,6 +91,26 @@ class SequenceParallel(Strategy):
 
     def build_runner(self, engine, device):
         return SequenceParallelRunner(engine, self.mpu, self.loss_scale, self.tiled_loss)
+
+    def params_per_rank(self, plan) -> list[int]:
+        """With AutoEP: the experts split (ZeRO-1/2 only); else every rank holds the model or its ZeRO-3 part."""
+        return ModelParallel.params_per_rank(self, plan) if plan.layout.ep > 1 else \
+            Strategy.params_per_rank(self, plan)
+
+    def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
+        return ModelParallel.after_initialize(self, plan, engine, shapes_before) if plan.layout.ep > 1 else {}
+
+
+def without_tensor_parallelism(mpu):
+    """DeepSpeed's ALST mpu aliases model parallelism to SP, which AutoEP reads as tensor parallelism and refuses
+    ("AutoEP does not currently support tensor model parallelism from mpu"), though its own groups know an "sp"
+    folding. The same mpu, saying that there is no tensor parallelism; everything else (DeepSpeed recognises it by
+    initialize_sequence_parallel) unchanged. Parity-tested (tests/test_sequence_parallel.py)."""
+    import types
+    shim = types.SimpleNamespace(**{n: getattr(mpu, n) for n in dir(mpu) if not n.startswith("__")})
+    shim.get_tensor_model_parallel_world_size = lambda: 1
+    shim.get_tensor_model_parallel_rank = lambda: 0
+    return shim
 
 
 def tile_count(tokens: int, width: int) -> int:
