@@ -41,9 +41,11 @@ class Run:
         s = self.summary
         lay = s.get("layout") or {}
         parts = [f"{k}{v}" for k, v in lay.items() if v and v > 1]
-        zero = f" zero{s.get('zero_stage')}" if s.get("strategy") == "dp" else ""
-        recompute = " ckpt" if (self.config.get("run") or {}).get("activation_checkpointing") else ""
-        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute} ({'x'.join(parts) or 'single'})"
+        zero = f" zero{s.get('zero_stage')}" if s.get("strategy") in ("dp", "sp") else ""
+        run = self.config.get("run") or {}
+        recompute = " ckpt" if run.get("activation_checkpointing") else ""
+        tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
+        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled} ({'x'.join(parts) or 'single'})"
 
 
 def _read_json(path: str) -> dict:

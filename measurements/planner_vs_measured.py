@@ -34,6 +34,17 @@ LAYOUTS = [  # (label, processes, args)
     ("pp2", 2, ["--strategy", "pp", "--ds_config", "ds_configs/pp2.json", "--peft", "none"]),
     ("pp4", 4, ["--strategy", "pp", "--ds_config", "ds_configs/pp4.json", "--peft", "none"]),
     ("pp2 x dp2", 4, ["--strategy", "hybrid", "--ds_config", "ds_configs/pp2_dp2.json", "--peft", "none"]),
+    ("tp2 (LLaMA), LoRA", 2, ["--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--peft", "lora"]),
+    ("tp2 x ep2, LoRA", 4, ["--strategy", "tp_ep", "--ds_config", "ds_configs/tp2_ep2.json", "--model",
+                            "tiny-mixtral", "--peft", "lora"]),
+    *[(f"sp2 ZeRO-{z}", 2, ["--strategy", "sp", "--ds_config", cfg, "--peft", "none"])
+      for z, cfg in ((1, "ds_configs/sp2_zero1.json"), (3, "ds_configs/sp2.json"))],
+    ("sp2 ZeRO-3, LoRA", 2, ["--strategy", "sp", "--ds_config", "ds_configs/sp2.json", "--peft", "lora"]),
+    ("sp2 ZeRO-3, tiled MLP and loss", 2, ["--strategy", "sp", "--ds_config", "ds_configs/sp2.json", "--peft",
+                                           "none", "--tiled_mlp", "--tiled_loss"]),
+    ("sp4 ZeRO-3", 4, ["--strategy", "sp", "--ds_config", "ds_configs/sp4.json", "--peft", "none"]),
+    ("sp2 x ep2 (Mixtral)", 2, ["--strategy", "sp", "--ds_config", "ds_configs/sp2_ep2.json", "--model",
+                                "tiny-mixtral", "--peft", "none"]),
 ]
 ACTIVATION_SHAPES = [("1", "64"), ("4", "64"), ("1", "256"), ("4", "256")]  # (micro, seq) beside 2 x 128
 STATES = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes")

@@ -24,7 +24,7 @@ from bench.config import BenchError
 
 
 def detach_wrappers(model) -> list[tuple]:
-    """Put each peft LoRA layer's base layer in its place; -> [(parent, attribute, wrapper)] to restore."""
+    """Put each peft LoRA layer's base layer in its place; -> [(parent, attribute, wrapper, name)] to restore."""
     from peft.tuners.lora import LoraLayer
     detached = []
     for name, module in list(model.named_modules()):
