@@ -21,7 +21,7 @@ from common import REPO, run  # measurements/common.py, next to this script
 sys.path.insert(0, REPO)
 from bench.sweep import job_name  # noqa: E402
 
-# The same workload for every entry: full fine-tune (TP refuses LoRA, so LoRA would compare unlike runs).
+# The same workload for every entry: a full fine-tune, every strategy training the same parameters.
 DEFAULT_ARGS = ["--peft", "none", "--max_steps", "30", "--warmup_steps", "5", "--seq_len", "128",
                 "--micro_batch_size", "2", "--global_batch_size", "8", "--eval_interval", "0",
                 "--wandb_mode", "disabled"]
@@ -94,7 +94,8 @@ def main() -> None:
         "and the runtime's own hundreds of MiB hide what a strategy divides; the columns model states / rank,",
         "activations / rank and communication / rank / step are counted from the tensors and collectives",
         "themselves (summary.json accounting, docs/metrics.md) and show it: ZeRO-1/2 divide the optimizer states,",
-        "TP and EP the weights, and TP pays the most communication; on a model this small every parameter is",
+        "TP and EP the weights, SP each rank's activations (its slice of every sequence) for all-to-all traffic,",
+        "and TP pays the most communication; on a model this small every parameter is",
         "under DeepSpeed's ZeRO-3 persistence threshold, so ZeRO-3 keeps each whole beside its partition and",
         "holds more than ZeRO-1/2 (its 190 MiB reduction bucket is counted apart, as buffers, not in the model",
         "states). Time and throughput stay CPU-bound;",
