@@ -92,7 +92,8 @@ class AutoEP(ModelParallel):
         return model
 
 
-class AutoTPxEP(ModelParallel):
+class AutoTPxEP(AutoEP, autotp.AutoTP):
+    """AutoEP's preparation, AutoTP's initialization (LoRA following its split), both sets of checks."""
     name, default_peft = "tp_ep", "none"
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
@@ -102,9 +103,3 @@ class AutoTPxEP(ModelParallel):
 
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_peft_names(autotp.with_moe_partition(ds, model_config))
-
-    def prepare(self, model, cfg, ds: dict):
-        return AutoEP.prepare(self, model, cfg, ds)
-
-    def initializing(self, plan, model):
-        return autotp.AutoTP.initializing(self, plan, model)

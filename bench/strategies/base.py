@@ -74,15 +74,25 @@ class EngineRunner:
         loss_sum = 0.0
         for i, b in enumerate(micro_batches):
             with counter.forward(i) if counter else contextlib.nullcontext():
-                out = self.engine(**b)
+                out, pending = self.forward(b)
             if counter:
                 counter.after_forward(out)
-            self.engine.backward(out.loss)
+            loss = self.backward(out, pending)
             if counter and i == len(micro_batches) - 1:
                 counter.at_boundary()
             self.engine.step()  # applies the update only at the accumulation boundary
-            loss_sum = loss_sum + out.loss.detach().float()
+            loss_sum = loss_sum + loss
         return loss_sum / len(micro_batches)
+
+    def forward(self, batch: dict):
+        """One micro-batch's forward, where its saved tensors are counted -> (the model's output, what backward
+        needs besides it)."""
+        return self.engine(**batch), None
+
+    def backward(self, out, pending):
+        """One micro-batch's backward -> its loss, detached."""
+        self.engine.backward(out.loss)
+        return out.loss.detach().float()
 
     def eval_loss(self, batch: dict) -> float:
         return float(self.engine(**batch).loss)

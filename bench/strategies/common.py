@@ -201,6 +201,8 @@ class ModelParallel(Strategy):
         from bench.models import count_params_from_config
         from bench.strategies.autotp import tp_params_not_held
         c, lay = count_params_from_config(plan.model_config), plan.layout
+        if lay.tp == 1 and lay.ep == 1:  # nothing split this way (sequence parallelism alone): ZeRO's share
+            return super().params_per_rank(plan)
         held = plan.total_params
         if lay.tp > 1:
             held -= tp_params_not_held(plan)

@@ -19,8 +19,9 @@ import math
 from bench.config import BenchError, zero_stage
 from bench.models import is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, with_peft_names
-from bench.strategies.base import EngineRunner, Strategy
+from bench.strategies.base import EngineRunner
 from bench.strategies.common import ModelParallel, reject_foreign_sections
+from bench.strategies.zero import check_stage
 
 IGNORE = -100
 
@@ -46,8 +47,7 @@ def check_sp(cfg, ds: dict, layout, model_config) -> None:
     if cfg.tiled_mlp and is_moe(model_config):
         raise BenchError("--tiled_mlp tiles dense MLPs (gate/up/down projections); Mixtral's experts route each "
                          "token and are not tiled here: drop --tiled_mlp")
-    if zero_stage(ds) not in (0, 1, 2, 3):
-        raise BenchError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)!r}")
+    check_stage(ds)
 
 
 class SequenceParallel(ModelParallel):
@@ -92,13 +92,9 @@ class SequenceParallel(ModelParallel):
     def build_runner(self, engine, device):
         return SequenceParallelRunner(engine, self.mpu, self.loss_scale, self.tiled_loss)
 
-    def params_per_rank(self, plan) -> list[int]:
-        """With AutoEP: the experts split (ZeRO-1/2 only); else every rank holds the model or its ZeRO-3 part."""
-        return ModelParallel.params_per_rank(self, plan) if plan.layout.ep > 1 else \
-            Strategy.params_per_rank(self, plan)
-
     def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
-        return ModelParallel.after_initialize(self, plan, engine, shapes_before) if plan.layout.ep > 1 else {}
+        """The experts' sharding under AutoEP; alone, SP shards no parameter (ZeRO-3's partitions are not TP's)."""
+        return super().after_initialize(plan, engine, shapes_before) if plan.layout.ep > 1 else {}
 
 
 def without_tensor_parallelism(mpu):
@@ -199,33 +195,31 @@ class SequenceParallelRunner(EngineRunner):
         return TiledFusedLogitsLoss.apply(loss_fn, self.head, hidden, labels, None, shards,
                                           [p for p in self.head.parameters() if p.requires_grad], "sum")
 
-    def _step(self, micro_batches: list[dict], counter=None):
-        import contextlib
+    def forward(self, batch: dict):
+        """This rank's slice through the model; the loss too, unless tiled (then it is made in backward, outside
+        the counted forward, never keeping the log-probabilities)."""
+        inputs, labels, tokens = self._slice(batch)
+        if self.tiled_loss:
+            out, hidden = self._hidden_states(inputs)
+            return out, (hidden, labels, tokens)
+        out = self.engine(**inputs)
+        return out, self._loss_sum(out, labels) / max(tokens, 1)
+
+    def backward(self, out, pending):
+        """-> the micro-batch's loss: the slices' parts added up over the group."""
         import torch.distributed as dist
-        loss_sum, gas = 0.0, self.engine.gradient_accumulation_steps()
-        for i, b in enumerate(micro_batches):
-            inputs, labels, tokens = self._slice(b)
-            with counter.forward(i) if counter else contextlib.nullcontext():
-                if self.tiled_loss:
-                    out, hidden = self._hidden_states(inputs)
-                else:
-                    out = self.engine(**inputs)
-                    loss = self._loss_sum(out, labels) / max(tokens, 1)
-            if counter:
-                counter.after_forward(out)
-            if self.tiled_loss:  # the head's gradient is made inside, before the engine divides by gas: pre-divide
-                scaled = self._tiled_loss(hidden, labels, self.loss_scale / (max(tokens, 1) * gas))
-                self.engine.backward(scaled * gas)
-                loss = scaled.detach() * gas / self.loss_scale
-            else:
-                self.engine.backward(loss * self.loss_scale)
-            if counter and i == len(micro_batches) - 1:
-                counter.at_boundary()
-            self.engine.step()
-            whole = loss.detach().clone()
-            dist.all_reduce(whole, group=self.group)  # the micro-batch's loss: the slices' parts add up
-            loss_sum = loss_sum + whole
-        return loss_sum / len(micro_batches)
+        if self.tiled_loss:  # the head's gradient is made inside, before the engine divides by gas: pre-divide
+            hidden, labels, tokens = pending
+            gas = self.engine.gradient_accumulation_steps()
+            scaled = self._tiled_loss(hidden, labels, self.loss_scale / (max(tokens, 1) * gas))
+            self.engine.backward(scaled * gas)
+            loss = scaled.detach() * gas / self.loss_scale
+        else:
+            loss = pending
+            self.engine.backward(loss * self.loss_scale)
+        whole = loss.detach().clone()
+        dist.all_reduce(whole, group=self.group)
+        return whole
 
     def eval_loss(self, batch: dict) -> float:
         import torch.distributed as dist

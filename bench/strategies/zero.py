@@ -16,10 +16,15 @@ class ZeroDP(Strategy):
         if not isinstance(zero, dict) or "stage" not in zero:
             raise BenchError(f"--strategy dp needs a 'zero_optimization' section with a 'stage' in {cfg.ds_config} "
                              "(see ds_configs/dp_zero*.json)")
-        if zero["stage"] not in (0, 1, 2, 3):
-            raise BenchError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+        check_stage(ds)
         check_offload(cfg, ds)
     # prepare: nothing; the ds_config's zero_optimization does the work inside deepspeed.initialize
+
+
+def check_stage(ds: dict) -> None:
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise BenchError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
 def check_offload(cfg, ds: dict) -> None:
