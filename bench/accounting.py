@@ -153,6 +153,9 @@ class StepCounter:
                 "logits_bytes": self.logits}
 
 
+INSTRUMENTED_STEPS = 2  # counted_step's first two steps of a process: never timed (bench/train.py)
+
+
 def counted_step(accounting: dict, engine, run):
     """One training step of a runner that counts (EngineRunner, PipelineRunner): run(counter) does the step, with
     a StepCounter on the first (what the rank holds), under a CommCounter on the second (what it communicates:

@@ -49,6 +49,9 @@ class RunConfig:
                          "sequence and recomputed in backward (less activation memory for long sequences; dense MLPs)")
     tiled_loss: bool = _f(False, "--strategy sp: DeepSpeed's TiledFusedLogitsLoss, the LM head and loss over slices "
                           "of the sequence, never the whole logits")
+    device: str = _f(None, "auto: the GPUs where torch sees them, refused where GPUs are expected but torch has no "
+                     "CUDA; cuda: refuse without CUDA; cpu: run on the CPU on purpose (default: $BENCH_DEVICE, else "
+                     "auto)", choices=("auto", "cuda", "cpu"))
     ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
                                   "(bench/estimate.py; docs/planner.md)")
     max_steps: int = _f(20, "optimizer steps to run")
@@ -137,6 +140,10 @@ def parse_args(argv=None) -> RunConfig:
                          "otherwise no step is measured")
     if not 0 < cfg.val_fraction < 1:
         raise BenchError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.device is None:
+        cfg.device = os.environ.get("BENCH_DEVICE") or "auto"
+        if cfg.device not in ("auto", "cuda", "cpu"):
+            raise BenchError(f"BENCH_DEVICE={cfg.device!r} is not one of auto, cuda, cpu")
     if cfg.wandb_mode is None:
         cfg.wandb_mode = os.environ.get("WANDB_MODE", "offline")
         if cfg.wandb_mode not in ("online", "offline", "disabled"):
@@ -297,10 +304,8 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     params = opt.setdefault("params", {})
     if cfg.lr is not None or params.get("lr", "auto") == "auto":
         params["lr"] = cfg.lr if cfg.lr is not None else 3e-4
-    # FusedAdam needs CUDA; on the CPU the torch implementation runs, except under ZeRO offload, whose optimizer
-    # is DeepSpeed's CPU Adam wherever it runs (the same one a GPU run's offloaded states use).
-    if params.get("torch_adam") == "auto":
-        params["torch_adam"] = device_type == "cpu" and not offloaded(ds)
+    from bench.ops import resolve_optimizer
+    resolve_optimizer(params, ds)
     # The harness logs to W&B itself; DeepSpeed's monitor would open a second run per rank.
     for monitor in ("wandb", "tensorboard", "csv_monitor", "comet"):
         if (ds.get(monitor) or {}).get("enabled"):

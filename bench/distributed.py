@@ -4,10 +4,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+from bench import ops
 from bench.config import BenchError
 
 
@@ -19,6 +19,7 @@ class DistEnv:
     local_world_size: int = 1  # ranks on this host
     cpu_threads: int = 1       # intra-op threads per rank (set_cpu_threads)
     cpu_threads_source: str = ""
+    affinity_cpus: int = 1     # CPUs this process may run on (its affinity mask)
 
 
 def free_port() -> int:
@@ -54,9 +55,10 @@ def discover() -> DistEnv:
     env.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     if world > 1 and rank == 0 and not agent_store():
         check_port_free(env["MASTER_ADDR"], int(env["MASTER_PORT"]))
-    use_own_extension_cache()
+    ops.use_own_extension_cache()
     local_ranks = local_world_size(world)
-    return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks))
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks, affinity), affinity)
 
 
 def agent_store() -> bool:
@@ -83,63 +85,6 @@ def check_port_free(addr: str, port: int) -> None:
             # EADDRNOTAVAIL and friends: not this host's address; the store's bind will tell
 
 
-def extension_cache() -> str:
-    """This environment's own cache of DeepSpeed's JIT-built ops, next to its packages."""
-    return os.path.join(sys.prefix, "torch_extensions")
-
-
-def use_own_extension_cache() -> None:
-    """DeepSpeed's CPU shared-memory communication op is compiled on first use (45-120 s on 2 cores) into torch's
-    default cache in the home directory, which every environment of the user shares, so two environments rebuild
-    it in turn. scripts/install.sh builds it into this environment's cache; point torch there too (a
-    TORCH_EXTENSIONS_DIR the user set wins)."""
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(os.path.dirname(extension_cache()), os.W_OK):
-        os.environ["TORCH_EXTENSIONS_DIR"] = extension_cache()
-    # torch's JIT build runs the first `ninja` on PATH. Ninja 1.11 and 1.12+ hash commands differently in the
-    # build log, so alternating between the system's ninja and this environment's (a run started as
-    # .venv/bin/python without activating the venv, then one with it) rebuilt the op every time: 40 s each.
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + path
-
-
-def build_cpu_comm_op() -> str:
-    """Build (or find) the op a CPU run loads when its process group starts; install.sh calls this so the first
-    run does not pay for the compile. -> what happened, one line."""
-    use_own_extension_cache()
-    from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() != "cpu":
-        return "accelerator is not the CPU: no CPU communication op needed"
-    import deepspeed.ops
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return "DeepSpeed's shared-memory op is not compatible here; gloo alone is used"
-    builder.load(verbose=False)
-    return f"{builder.NAME} ready in {os.environ['TORCH_EXTENSIONS_DIR']}"
-
-
-def cpu_adam_problem() -> str | None:
-    """Why DeepSpeed's CPU Adam (what ZeRO offload updates the offloaded states with) cannot be built here, or
-    None when it can; scripts/install.sh builds it (build_cpu_adam), otherwise the first offload run compiles it."""
-    use_own_extension_cache()
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-    builder = CPUAdamBuilder()
-    if not builder.is_compatible(verbose=False):
-        return f"DeepSpeed's {builder.NAME} op is not compatible with this machine (see `ds_report`)"
-    return None
-
-
-def build_cpu_adam() -> str:
-    """Build (or find) DeepSpeed's CPU Adam, for ZeRO offload. -> what happened, one line."""
-    problem = cpu_adam_problem()
-    if problem:
-        return problem + "; ZeRO offload configs will be refused"
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-    CPUAdamBuilder().load(verbose=False)
-    return f"cpu_adam ready in {os.environ.get('TORCH_EXTENSIONS_DIR', 'torch default cache')}"
-
-
 def local_world_size(world: int) -> int:
     """Ranks on this host: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, SLURM's tasks per
     node ("4(x2)" means 4 on each of 2 nodes), else the whole world (one host)."""
@@ -152,33 +97,59 @@ def local_world_size(world: int) -> int:
     return world
 
 
-def set_cpu_threads(local_ranks: int) -> tuple[int, str]:
-    """Give each rank its share of the host's cores, before torch is imported (its thread pools read
-    OMP_NUM_THREADS at start-up). The deepspeed launcher leaves every rank at one thread per core, so N ranks
-    on N cores oversubscribe them N-fold: a 2-rank LoRA step on 2 cores took 1.05 s instead of 0.07 s.
-    -> (threads, where the number came from). A user's OMP_NUM_THREADS always wins."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, local_ranks))
+def set_cpu_threads(local_ranks: int, affinity: int) -> tuple[int, str]:
+    """Give each rank its share of the CPUs, before torch is imported (its thread pools read OMP_NUM_THREADS at
+    start-up); see cpu_share. -> (threads, where the number came from)."""
+    threads, source = cpu_share(os.environ, affinity, local_ranks)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    return threads, f"{cores} cores // {local_ranks} local ranks"
+    return threads, source
 
 
-def init(env: DistEnv, timeout_s: int) -> None:
-    """Create the process group. Every wait in it ends within timeout_s with one line that says what it waited
-    for: a rank that never arrives, a rank 0 that cannot be reached, a port another job holds."""
+def cpu_share(environ, affinity: int, local_ranks: int) -> tuple[int, str]:
+    """This rank's intra-op threads. A user's OMP_NUM_THREADS always wins. A task that srun bound to its own CPUs
+    (per-task binding, or an affinity no larger than --cpus-per-task) uses all of them: its affinity is already its
+    share, and dividing it again by the ranks on the node (8 CPUs per task / 8 ranks = 1 thread) starves ZeRO
+    offload's CPU Adam and the data path. Ranks that share one affinity (the deepspeed launcher, torchrun, an
+    unbound srun) divide it: the deepspeed launcher leaves every rank at one thread per core, so N ranks on N cores
+    oversubscribed them N-fold (a 2-rank LoRA step on 2 cores took 1.05 s instead of 0.07 s)."""
+    if environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    bound = _task_binding(environ, affinity)
+    if bound:
+        return affinity, f"{affinity} CPUs bound to this task ({bound})"
+    return max(1, affinity // max(1, local_ranks)), f"{affinity} cores // {local_ranks} local ranks"
+
+
+def _task_binding(environ, affinity: int) -> str | None:
+    """Why this rank's affinity is its own (an srun task bound to its CPUs), or None when ranks share it."""
+    if "SLURM_PROCID" not in environ or "LOCAL_SIZE" in environ or "LOCAL_WORLD_SIZE" in environ:
+        return None  # not an srun task: a launcher's children share the launcher's affinity
+    bind = environ.get("SLURM_CPU_BIND_TYPE", "")
+    if bind and not bind.startswith("none"):
+        return f"SLURM_CPU_BIND_TYPE={bind}"
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and affinity <= int(per_task):
+        return f"SLURM_CPUS_PER_TASK={per_task}"
+    return None
+
+
+def init(env: DistEnv, timeout_s: int) -> int:
+    """Select this rank's device, then create the process group. Every wait in it ends within timeout_s with one
+    line that says what it waited for: a rank that never arrives, a rank 0 that cannot be reached, a port another
+    job holds. -> the rank's device index (bench/device.py)."""
     import deepspeed
-    import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from bench import device
+    index = device.select(env.local_rank)  # before any collective: see device.select
     timeout = timedelta(seconds=timeout_s)
     backend = get_accelerator().communication_backend_name()
     if env.world_size > 1:
         store = rendezvous_store(env, timeout_s)
         extra = {}
         if get_accelerator().device_name() == "cuda":  # as DeepSpeed does: binds the rank's GPU to the group
-            extra["device_id"] = torch.device("cuda", env.local_rank)
+            extra["device_id"] = device.torch_device(index)
         try:
             dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                                     **extra)
@@ -189,6 +160,7 @@ def init(env: DistEnv, timeout_s: int) -> None:
                              "(--dist_timeout_s sets the wait)") from None
     # DeepSpeed adopts the group created above (world 1: it creates its own on a free local port).
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    return index
 
 
 def _address() -> str:
@@ -272,7 +244,7 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:
                 break
             except FileExistsError:
                 continue
-    dist.broadcast_object_list(path, src=0)
+    dist.broadcast_object_list(path, src=0, device=_object_device())
     if path[0] is None:
         raise BenchError(f"cannot create a run directory for {run_name!r} under {output_dir}")
     return path[0]
@@ -286,10 +258,20 @@ def node_pids() -> dict[int, int]:
 
 
 def gather(obj) -> list:
+    """Every rank's obj. all_gather_object takes no device: torch uses the current CUDA device under NCCL, which
+    device.select made this rank's own before the group existed."""
     import torch.distributed as dist
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _object_device():
+    """Where an object collective stages its bytes: this rank's current device (cuda:i after device.select), the
+    CPU under gloo."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
 
 
 def shutdown(clean: bool) -> None:

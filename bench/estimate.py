@@ -13,14 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bench import models
+from bench import gpus, models
 from bench.config import BenchError, offloaded
 from bench.strategies.common import parameter_sizes
 
-GIB = 2 ** 30
-# Usable capacity, as torch.cuda.get_device_properties().total_memory reports it (a little under the marketed GB).
-GPUS = {"A100-40GB": 39.4 * GIB, "A100-80GB": 79.2 * GIB, "H100-80GB": 79.1 * GIB, "H100-NVL-94GB": 93.1 * GIB,
-        "H200-141GB": 139.8 * GIB}
+GIB = gpus.GIB
 # The CUDA context, cuBLAS workspaces and NCCL's buffers (a fixed allowance), and the caching allocator's
 # fragmentation (a share of everything else): allowances, not measurements (docs/planner.md).
 CONTEXT_BYTES = 1 * GIB
@@ -39,9 +36,9 @@ def gpu_capacity(name: str | None, gib: float | None) -> int | None:
         return int(gib * GIB)
     if name is None:
         return None
-    if name not in GPUS:
-        raise BenchError(f"unknown --gpu {name!r}; known: {', '.join(GPUS)} (or give --gpu_memory_gib)")
-    return int(GPUS[name])
+    if name not in gpus.plannable():
+        raise BenchError(f"unknown --gpu {name!r}; known: {', '.join(gpus.plannable())} (or give --gpu_memory_gib)")
+    return gpus.capacity_bytes(name)
 
 
 def _zero(plan) -> dict:

@@ -8,32 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import statistics
-import sys
 from collections import Counter
-
-# bf16 dense peak TFLOP/s (no sparsity), matched in this order against the CUDA device name, so the H100 variants
-# are told apart before the plain "H100" (SXM) matches. Sources: NVIDIA's H100, H200, B200 and A100 datasheets.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),        # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-)
-
-
-def device_peak_tflops(device_name: str | None, override: float | None) -> float | None:
-    """--peak_tflops wins; otherwise a known GPU's bf16 peak; otherwise None (MFU is never invented)."""
-    if override:
-        return float(override)
-    for key, peak in PEAK_BF16_TFLOPS:
-        if device_name and key in device_name:
-            return peak
-    return None
-
 
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
@@ -107,20 +83,17 @@ def device_stats(memory_mib: list[float], util_pct: list[float]) -> dict:
             "util_avg_pct": statistics.fmean(util_pct) if util_pct else None}
 
 
-def rank_memory(device_type: str) -> dict:
-    """This process's peak memory: device allocator figures on GPUs, peak RSS everywhere."""
-    out = {"peak_allocated_mib": None, "peak_reserved_mib": None, "peak_rss_mib": peak_rss_mib()}
-    if device_type == "cuda":
-        import torch
-        out["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-    return out
-
-
-def peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 1024)
+def plan_check(planned_total_bytes: list[int], training_peak_mib: list[float | None]) -> dict | None:
+    """The planner's per-rank device total beside the allocator's training peak, rank by rank (GPU runs; on the
+    CPU there is no allocator peak and this is None). ratio = measured / planned on the rank with the largest
+    planned total; the planner's total also holds a CUDA-context allowance the allocator never sees."""
+    if not planned_total_bytes or any(m is None for m in training_peak_mib):
+        return None
+    worst = max(range(len(planned_total_bytes)), key=lambda r: planned_total_bytes[r])
+    planned = planned_total_bytes[worst] / 2**20
+    measured = training_peak_mib[worst]
+    return {"rank": worst, "planned_mib": planned, "training_peak_allocated_mib": measured,
+            "ratio": measured / planned if planned else None}
 
 
 def current_rss_mib() -> float:

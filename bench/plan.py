@@ -10,8 +10,10 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench import config, data, metrics, models
+from bench import config, data, gpus, metrics, models
 from bench.strategies import STRATEGIES, Strategy
+from bench.device import attention_problem, device_index
+from bench.ops import check_ops
 from bench.strategies.common import lora_adapter_params
 
 
@@ -32,6 +34,7 @@ class Plan:
     lora_params: int | None   # adapter parameters LoRA adds (None: full fine-tune)
     flops_per_token: float    # bench/models.py: flops_per_token
     peak_tflops: float | None  # MFU's denominator; None where the device's peak is unknown
+    peak_source: str          # where peak_tflops came from (bench/gpus.py)
     phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
     memory_plan: dict | None = None  # bench/estimate.py's prediction (check_memory)
 
@@ -99,8 +102,8 @@ class Plan:
             ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
             ("parameters", self._params_row()),
             ("FLOPs per token", f"{self.flops_per_token:.4g} (training, matmuls; docs/metrics.md)"),
-            ("MFU peak", f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops else
-                         "unknown (MFU not reported; --peak_tflops sets it)"),
+            ("MFU peak", (f"{self.peak_tflops:g} TFLOP/s, " if self.peak_tflops else "MFU not reported: ")
+                         + self.peak_source),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
             ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
@@ -108,12 +111,13 @@ class Plan:
         return config.format_table(rows, "resolved configuration")
 
 
-def _device() -> tuple[str, str | None, bool]:
+def _device(local_rank: int) -> tuple[str, str | None, bool]:
     import torch
     from deepspeed.accelerator import get_accelerator
     kind = get_accelerator().device_name()
     if kind == "cuda":
-        return "cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
+        index = device_index(local_rank, torch.cuda.device_count())
+        return "cuda", torch.cuda.get_device_name(index), torch.cuda.is_bf16_supported()
     return kind, None, False  # CPU: bf16 "auto" means off (no fast bf16 GEMMs to measure)
 
 
@@ -136,8 +140,15 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     if cfg.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                 f"({model_config.max_position_embeddings})")
-    device_type, device_name, bf16_ok = device or _device()
+    if device is None:  # this machine runs it (planning for another GPU needs no kernels here)
+        device = _device(env.local_rank)
+        problem = attention_problem(cfg.attn_implementation, device[0])
+        if problem:
+            raise config.BenchError(problem)
+    device_type, device_name, bf16_ok = device
     ds = strategy.resolve_ds(config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
+    if not cfg.dry_run:  # planning may happen on another machine than the run
+        check_ops(ds, device_type)
     t_data = time.time()
     tok = models.load_tokenizer(tok_source)
     if tok.vocab_size > model_config.vocab_size:
@@ -151,7 +162,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
-                metrics.device_peak_tflops(device_name, cfg.peak_tflops),
+                *gpus.peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})
     if cfg.resume == "auto":
         check_resume(plan, world)
@@ -172,7 +183,7 @@ def device_capacity(plan: Plan, local_rank: int) -> int | None:
     if plan.device_type != "cuda":
         return None
     import torch
-    return torch.cuda.get_device_properties(local_rank).total_memory
+    return torch.cuda.get_device_properties(device_index(local_rank, torch.cuda.device_count())).total_memory
 
 
 def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
     try:
         opts, rest = p.parse_known_args(argv)
         if opts.help:
-            print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(estimate.GPUS)
+            print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(gpus.plannable())
                   + " | --gpu_memory_gib X] [--json] [--recommend [--top N]]\n  the memory, communication and "
                   "FLOPs each rank of the layout will have, and whether it fits the GPU; --recommend: the shipped "
                   "layouts that fit, fastest predicted first (docs/planner.md)")

@@ -15,15 +15,14 @@ import json
 import os
 
 from bench import config, estimate
-from bench.metrics import device_peak_tflops
+from bench import gpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
 
 EFFICIENCY = 0.40  # share of the bf16 dense peak the matmuls sustain (torchtitan: 33-39 % MFU, Llama 3.1 8B, H100)
 GPUS_PER_NODE = 8
-# One direction, per GPU: NVLink within a node (NVIDIA datasheets: A100 600 GB/s, H100/H200 SXM 900 GB/s
-# bidirectional; H100 NVL cards bridge in pairs, PCIe 5 beyond), and a 400 Gb/s InfiniBand NIC per GPU between nodes.
-NVLINK = {"A100-40GB": 300e9, "A100-80GB": 300e9, "H100-80GB": 450e9, "H100-NVL-94GB": 64e9, "H200-141GB": 450e9}
+# Within a node each GPU's link from bench/gpus.py (NVLink, one direction); between nodes a 400 Gb/s InfiniBand NIC
+# per GPU.
 INTER_NODE = 50e9
 # Bytes that cross each rank's link per byte DeepSpeed's logger counts for a call (ring algorithms over n ranks,
 # n large): all-reduce moves its tensor out and back, an all-gather's logged input shard arrives from n - 1 peers.
@@ -35,13 +34,13 @@ CPU_ADAM = 10e9   # bytes of offloaded state CPU Adam updates per second per ran
 
 
 def peak_tflops(gpu: str) -> float:
-    """The bf16 dense peak of a bench-plan GPU name (metrics.PEAK_BF16_TFLOPS matches CUDA device names)."""
-    return device_peak_tflops(gpu.replace("-NVL", " NVL"), None)
+    """The bf16 dense peak of a bench-plan GPU name."""
+    return gpus.BY_KEY[gpu].bf16_tflops
 
 
 def assumptions(gpu: str, world: int) -> list[str]:
     inter = world > GPUS_PER_NODE
-    link = INTER_NODE if inter else NVLINK[gpu]
+    link = INTER_NODE if inter else gpus.BY_KEY[gpu].link_bytes_s
     return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({peak_tflops(gpu)}"
             " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
             f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
@@ -61,7 +60,7 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
     if plan.layout.pp > 1:
         compute *= 1 + (plan.layout.pp - 1) / plan.batch.grad_accum
     world = plan.layout.world_size
-    link = INTER_NODE if world > GPUS_PER_NODE else NVLINK[gpu]
+    link = INTER_NODE if world > GPUS_PER_NODE else gpus.BY_KEY[gpu].link_bytes_s
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     if host:  # ZeRO offload: the offloaded states cross PCIe each step and CPU Adam updates them
         compute += 2 * host / PCIE + host / CPU_ADAM

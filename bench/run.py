@@ -31,6 +31,8 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         from bench import distributed
         env = distributed.discover()
+        from bench import device
+        device.choose(cfg.device)  # before DeepSpeed picks its accelerator
         from bench.plan import check_memory, device_capacity, resolve
         plan = resolve(cfg, env)
         plan.memory_plan = check_memory(plan, device_capacity(plan, env.local_rank))

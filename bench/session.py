@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import asdict
 
-from bench import checkpoint, distributed, metrics, models, signals
+from bench import checkpoint, device, distributed, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
@@ -31,7 +31,8 @@ class Session:
         self._phase_start = time.time()
         resolving = sum(plan.phases.values())
         self.record.startup(imports_s=self._phase_start - process_start - resolving, **plan.phases)
-        self.jsonl = self.wandb = self.monitor = self.trainer = None
+        self.jsonl = self.wandb = self.monitor = self.trainer = self.peaks = None
+        self.device_index = 0
 
     def _default_name(self) -> str:
         model = os.path.basename(self.cfg.model.rstrip("/"))
@@ -45,7 +46,7 @@ class Session:
 
     def run(self) -> int:
         try:
-            distributed.init(self.env, self.cfg.dist_timeout_s)
+            self.device_index = distributed.init(self.env, self.cfg.dist_timeout_s)
         except (BenchError, signals.Stopped) as e:  # before the run directory exists: refused like bad input
             signals.closing()
             stopped = isinstance(e, signals.Stopped)
@@ -56,6 +57,7 @@ class Session:
             distributed.shutdown(clean=False)
             return signals.EXIT_CODE[e.status] if stopped else 2
         self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
+        self.peaks = device.MemoryPeaks()  # its first phase, the load, runs from process start
         code, together = 0, False
         try:
             self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
@@ -164,10 +166,12 @@ class Session:
 
     def _train(self):
         device = self._set_up_device()
+        self.peaks.mark_before_model()
         model, counts = self._build_model(device)
         self._phase("model_build_s")
         engine = self._initialize(model)
         self._phase("ds_initialize_s")
+        self.peaks.close("load", then="warmup")  # from here on the peaks are training's, not the load's
         self._start_monitor()
         trainer = self._make_trainer(engine, device)
         start, save = self._checkpointing(engine)
@@ -183,15 +187,12 @@ class Session:
 
     def _set_up_device(self):
         import torch
-        from deepspeed.accelerator import get_accelerator
         env = self.env
         torch.set_num_threads(env.cpu_threads)  # torch may have been imported before OMP_NUM_THREADS was set
         self.record.set(cpu_threads={"per_rank": torch.get_num_threads(), "source": env.cpu_threads_source,
-                                     "local_ranks": env.local_world_size})
-        if self.plan.device_type == "cuda":
-            get_accelerator().set_device(env.local_rank)
-            return torch.device(get_accelerator().device_name(env.local_rank))
-        return torch.device("cpu")
+                                     "local_ranks": env.local_world_size, "affinity_cpus": env.affinity_cpus})
+        self.record.set(versions={**self.record["versions"], **device.versions()})
+        return device.torch_device(self.device_index)  # selected with the process group (distributed.init)
 
     def _build_model(self, device):
         """The model as the strategy wants it (weights, LoRA, stages); -> (model, parameter counts before and
@@ -224,6 +225,7 @@ class Session:
             engine, *_ = deepspeed.initialize(model=model, config=p.ds, mpu=p.strategy.mpu,
                                               model_parameters=(q for q in model.parameters() if q.requires_grad))
         sections = p.strategy.after_initialize(p, engine, shapes)
+        self.record.set(optimizer=ops.optimizer_record(engine))
         self.record.set(**sections)
         text = p.strategy.describe(sections) if sections else None
         if self.is_main and text:
@@ -245,7 +247,7 @@ class Session:
         val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
         self.trainer = Trainer(engine, p.strategy.build_runner(engine, device), batches, val, p.batch.global_,
-                               device, p.throughput, self._log if self.is_main else None)
+                               device, p.throughput, self._log if self.is_main else None, self.peaks)
         return self.trainer
 
     def _checkpointing(self, engine):
@@ -266,10 +268,14 @@ class Session:
         if res.first_step_end is not None:  # None: a resumed run that had no step left to do
             self.record.startup(first_step_s=res.first_step_end - self._phase_start)
             self.record.set(time_to_first_step_s=res.first_step_end - self.t0)
-        mem = distributed.gather({"rank": env.rank, **metrics.rank_memory(p.device_type)})
+        self.peaks.close("training", then=None)
+        mem = distributed.gather({"rank": env.rank, **self.peaks.record()})
         held = param_counts(engine.module)  # after deepspeed.initialize: TP shards, EP experts, ZeRO-3 partitions
         local = distributed.gather({"rank": env.rank, "total": held["local"], "trainable": held["local_trainable"]})
         self.record.memory(per_rank=mem)
+        if p.memory_plan:
+            self.record.memory(plan_check=metrics.plan_check([r["total_bytes"] for r in p.memory_plan["per_rank"]],
+                                                             [m["peak_allocated_mib"] for m in mem]))
         self.record.set(accounting={"per_rank": distributed.gather({"rank": env.rank, **self._accounting(engine)})})
         self.record.set(params={"total": after["total"], "trainable": after["trainable"],
                                 "before_peft": before["total"], "per_rank": local})
@@ -314,7 +320,8 @@ class Session:
         res = self.trainer.res if self.trainer is not None else None
         if res is not None and res.records:
             self.record.fill_results(res, self.plan)
-        self.record.memory(per_rank=[{"rank": self.env.rank, **metrics.rank_memory(self.plan.device_type)}])
+        if self.peaks is not None:
+            self.record.memory(per_rank=[{"rank": self.env.rank, **self.peaks.record()}])
 
 
 def _param_table(before: dict, after: dict, peft: str) -> str:

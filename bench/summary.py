@@ -23,6 +23,7 @@ KEYS = {
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
+    "measured_steps": "steps timed: this process's steps after max(--warmup_steps, the 2 instrumented ones)",
     "step_time_s": "{median, mean, p90} slowest-rank step time over measured steps",
     "tokens_per_s": "global tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
     "samples_per_s": "global samples per second", "tflops_per_gpu": "model TFLOP/s per GPU",
@@ -36,8 +37,9 @@ KEYS = {
     "lost_time_s": "wall time of the lost steps",
     "total_wall_time_s": "process start to end", "time_to_first_step_s": "process start to the end of step 1",
     "startup_s": "start-up phases in seconds", "flops_per_token": "training FLOPs per token",
-    "peak_tflops": "device peak used for MFU", "cpu_threads": "{per_rank, source, local_ranks}",
-    "memory": "{per_rank[], device[]}", "params": "{total, trainable, before_peft, per_rank[]}",
+    "peak_tflops": "device peak used for MFU", "peak_tflops_source": "where peak_tflops came from (bench/gpus.py)", "cpu_threads": "{per_rank, source, local_ranks}",
+    "memory": "{per_rank[] (training peaks, every phase's, RSS before the model), device[], plan_check}",
+    "optimizer": "{name, fused, wrapper}: the optimizer that ran (bench/ops.py)", "params": "{total, trainable, before_peft, per_rank[]}",
     "accounting": "{per_rank[]}: bytes each rank holds by kind, counted from its tensors (bench/accounting.py)",
     "memory_plan": "the planner's prediction of the same per rank, made before launch (bench/estimate.py)",
     "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",
@@ -79,13 +81,14 @@ class RunRecord:
             world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, global_batch_size=batch.global_, micro_batch_size=batch.micro,
             grad_accum=batch.grad_accum, seq_len=cfg.seq_len, steps=0, max_steps=cfg.max_steps,
-            warmup_steps=cfg.warmup_steps, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
+            warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
             goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,
             loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.target_loss,
             time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
             total_wall_time_s=None, time_to_first_step_s=None, startup_s={},
-            flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops, cpu_threads=None,
-            memory={"per_rank": [], "device": []},
+            flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops,
+            peak_tflops_source=plan.peak_source, cpu_threads=None,
+            memory={"per_rank": [], "device": [], "plan_check": None}, optimizer=None,
             params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
             memory_plan=plan.memory_plan,
             **environment(), run_dir=None, wandb_run_id=None)
@@ -114,7 +117,7 @@ class RunRecord:
         """Everything the training loop measured, turned into the contract's numbers (formulas in metrics.py)."""
         ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
         self.set(
-            steps=len(res.records), step_time_s=metrics.step_time_stats(res.step_times),
+            steps=len(res.records), measured_steps=len(res.step_times), step_time_s=metrics.step_time_stats(res.step_times),
             **plan.throughput(res.step_times),
             goodput=metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
             applied_updates=res.applied_updates, train_wall_time_s=res.train_wall_s,
@@ -178,7 +181,7 @@ def result_table(s: dict) -> list[tuple[str, object]]:
 
 
 def len_measured(s: dict) -> int:
-    return max(0, s["steps"] - s["warmup_steps"])
+    return s.get("measured_steps", max(0, s["steps"] - s["warmup_steps"]))  # runs recorded before the key
 
 
 def _rank0_peak(s: dict) -> str:

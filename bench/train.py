@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from bench import signals
+from bench.accounting import INSTRUMENTED_STEPS
 from bench.data import IGNORE
 
 
@@ -38,7 +39,8 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record):
+    def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record,
+                 peaks=None):
         self.engine, self.runner, self.batches, self.val = engine, runner, batches, val_batches
         # Model-parallel ranks of one replica see the same tokens; sums over all ranks count each `replicas` times.
         self.replicas = dist.get_world_size() // batches.dp
@@ -51,7 +53,10 @@ class Trainer:
         self.oom_at = int(os.environ.get("BENCH_FAULT_OOM_STEP", 0)) if on_this_rank else 0
         self.kill_at = int(os.environ.get("BENCH_FAULT_KILL_STEP", 0)) if on_this_rank else 0
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.peaks = peaks  # bench/device.py MemoryPeaks: the training phase starts with the first timed step
+        from deepspeed.accelerator import get_accelerator
+        self.acc = get_accelerator()
+        self.sync = self.acc.synchronize  # a no-op on the CPU, where every op has finished when it returns
 
     def _gather(self, values: list[float]) -> torch.Tensor:
         """[world, len(values)] of every rank's values. One small collective per step, outside the timer."""
@@ -81,6 +86,14 @@ class Trainer:
         tokens = sum(target_tokens(b) for b in micro)
         applied = self.engine.skipped_steps == skipped_before
         return dt, float(loss), tokens, applied
+
+    def _memory_now(self) -> dict:
+        """Per step: allocated now and the current phase's peak on GPUs, RSS on the CPU."""
+        if self.device.type == "cuda":
+            return {"memory/allocated_mib": self.acc.memory_allocated() / 2**20,
+                    "memory/peak_allocated_mib": self.acc.max_memory_allocated() / 2**20}
+        from bench.metrics import current_rss_mib
+        return {"memory/rss_mib": current_rss_mib()}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -121,7 +134,14 @@ class Trainer:
         consumed = len(res.records) * self.global_batch
         t_start = time.perf_counter() - res.train_wall_s  # elapsed time continues across a resume
         first = len(res.records) + 1
+        # Not timed: this process's first steps, after a resume too (cold caches, allocator growth), and at least
+        # the steps the runner instruments to count what it holds and moves (bench/accounting.py: the comms
+        # logger synchronizes the device around every collective there).
+        untimed = max(warmup_steps, INSTRUMENTED_STEPS)
         for step in range(first, max_steps + 1):
+            timed = step - first >= untimed
+            if timed and step - first == untimed and self.peaks is not None:
+                self.peaks.close("warmup", then="training")
             dt, loss, tokens, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token count.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
@@ -133,8 +153,7 @@ class Trainer:
                 res.first_step_end = time.time()
             consumed += self.global_batch
             elapsed = time.perf_counter() - t_start
-            warmup = step <= warmup_steps
-            if not warmup:
+            if timed:
                 res.step_times.append(step_time)
                 res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
             if all_applied:
@@ -144,8 +163,8 @@ class Trainer:
             record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
                       "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
                       "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed,
-                      "target_tokens": step_tokens, "applied": all_applied, "warmup": warmup, "elapsed_s": elapsed,
-                      **_memory_now(self.device)}
+                      "target_tokens": step_tokens, "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
+                      **self._memory_now()}
             stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
             res.preempted = stop > 0
             res.stop_status = next((k for k, v in signals.STOP_CODES.items() if v == stop), None)
@@ -174,12 +193,6 @@ def _maybe_float(x):
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def _memory_now(device) -> dict:
-    if device.type == "cuda":
-        return {"memory/allocated_mib": torch.cuda.memory_allocated() / 2**20,
-                "memory/peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}
-    from bench.metrics import current_rss_mib
-    return {"memory/rss_mib": current_rss_mib()}
 
 
 class Console:

@@ -90,7 +90,7 @@ def main():
     base = DEFAULT_ARGS + [a for a in extra if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
         job, s, _ = harness(1, base + ["--wandb_mode", "disabled"], os.path.join(tmp, "job"))  # what bare redoes
-        warmup = s["warmup_steps"]
+        warmup = s["steps"] - s["measured_steps"]  # the harness's untimed steps (warm-up, instrumented)
         if opts.concurrent:
             bare, per_variant, summaries = concurrent(opts, base, job, warmup, tmp)
         else:

@@ -84,10 +84,10 @@ class StepRecorder:
 
     def write(self, out_dir: str, way: str, rank: int) -> None:
         import torch
-        from bench.metrics import rank_memory
+        from bench.device import MemoryPeaks
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{way}-rank{rank}.json"), "w") as fh:
-            json.dump({"steps": self.steps, "memory": rank_memory(self.device_type),
+            json.dump({"steps": self.steps, "memory": MemoryPeaks().now(),
                        "threads": torch.get_num_threads()}, fh)
 
 

@@ -28,6 +28,6 @@ python -m pip install -q -e ".[dev]"
 python -c "import torch, deepspeed, transformers, peft, wandb; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| wandb', wandb.__version__)"
 # DeepSpeed compiles its CPU communication op on first use (45-120 s on 2 cores); build it now, into this
 # environment's own cache (bench/distributed.py points every run there), so the first run starts in seconds.
-python -c "from bench.distributed import build_cpu_comm_op; print('DeepSpeed CPU op:', build_cpu_comm_op())"
+python -c "from bench.ops import build_cpu_comm_op; print('DeepSpeed CPU op:', build_cpu_comm_op())"
 # ZeRO offload updates the offloaded optimizer states with DeepSpeed's CPU Adam, also compiled on first use (~1 min).
-python -c "from bench.distributed import build_cpu_adam; print('DeepSpeed CPU Adam:', build_cpu_adam())"
+python -c "from bench.ops import build_cpu_adam; print('DeepSpeed CPU Adam:', build_cpu_adam())"

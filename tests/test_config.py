@@ -28,10 +28,14 @@ def test_auto_fields_resolved_and_cli_overrides():
     ds = {"bf16": {"enabled": "auto"}, "optimizer": {"type": "AdamW", "params": {"lr": 0.5, "torch_adam": "auto"}},
           "wandb": {"enabled": True}}
     cpu = resolve_ds_config(cfg, ds, batch, "cpu", bf16_ok=False)
-    assert cpu["bf16"]["enabled"] is False and cpu["optimizer"]["params"] == {"lr": 0.01, "torch_adam": True}
+    fused = {"torch_adam": True, "fused": True}  # torch's fused AdamW on both devices: nothing is compiled
+    assert cpu["bf16"]["enabled"] is False and cpu["optimizer"]["params"] == {"lr": 0.01, **fused}
     assert cpu["wandb"]["enabled"] is False  # DeepSpeed's own monitor stays off
     gpu = resolve_ds_config(parse_args([]), ds, batch, "cuda", bf16_ok=True)
-    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"] == {"lr": 0.5, "torch_adam": False}
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"] == {"lr": 0.5, **fused}
+    offload = {**ds, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert resolve_ds_config(cfg, offload, batch, "cuda", True)["optimizer"]["params"] == {
+        "lr": 0.01, "torch_adam": False}, "ZeRO offload: DeepSpeed's CPU Adam, unfused"
     assert ds["bf16"]["enabled"] == "auto", "the input dict is not modified"
     with pytest.raises(BenchError, match="zero_optimization.stage"):
         resolve_ds_config(cfg, {"zero_optimization": {"stage": "auto"}}, batch, "cpu", False)

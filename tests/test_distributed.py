@@ -24,15 +24,32 @@ def test_local_world_size(launch_env, env, world, expected):
 
 def test_each_rank_gets_its_share_of_the_cores(launch_env):
     cores = len(os.sched_getaffinity(0))
-    threads, source = distributed.set_cpu_threads(2)
+    threads, source = distributed.set_cpu_threads(2, cores)
     assert threads == max(1, cores // 2) and os.environ["OMP_NUM_THREADS"] == str(threads)
     assert source == f"{cores} cores // 2 local ranks"
-    assert distributed.set_cpu_threads(10 * cores)[0] == 1  # more ranks than cores: one thread each
+    assert distributed.set_cpu_threads(10 * cores, cores)[0] == 1  # more ranks than cores: one thread each
 
 
 def test_the_users_omp_num_threads_wins(launch_env):
     launch_env(OMP_NUM_THREADS=7)
-    assert distributed.set_cpu_threads(2) == (7, "OMP_NUM_THREADS")
+    assert distributed.set_cpu_threads(2, 16) == (7, "OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("env,affinity,ranks,threads", [
+    # srun binding each of 8 tasks to its own 8 CPUs: the affinity is the task's share already
+    ({"SLURM_PROCID": "3", "SLURM_CPU_BIND_TYPE": "mask_cpu:"}, 8, 8, 8),
+    ({"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": "8"}, 8, 8, 8),
+    # srun without binding: every task sees the node's 64 CPUs and shares them
+    ({"SLURM_PROCID": "3", "SLURM_CPU_BIND_TYPE": "none"}, 64, 8, 8),
+    ({"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": "8"}, 64, 8, 8),
+    # the deepspeed launcher inside an sbatch job (LOCAL_SIZE): its children share the launcher's affinity
+    ({"SLURM_PROCID": "0", "SLURM_CPU_BIND_TYPE": "mask_cpu:", "LOCAL_SIZE": "8"}, 64, 8, 8),
+    ({"LOCAL_WORLD_SIZE": "2"}, 2, 2, 1),
+])
+def test_cpu_share_counts_only_what_the_rank_holds(env, affinity, ranks, threads):
+    got, source = distributed.cpu_share(env, affinity, ranks)
+    assert got == threads, source
+    assert ("bound to this task" in source) == (got == affinity and ranks > 1)
 
 
 def test_discover_records_threads_and_local_ranks(launch_env):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench import metrics
+from bench import gpus, metrics
 
 pytestmark = pytest.mark.unit
 
@@ -59,9 +59,20 @@ def test_device_stats_peak_avg_mode():
     ("NVIDIA H100 80GB HBM3", None, 989.0), ("NVIDIA H200", None, 989.0), ("NVIDIA A100-SXM4-80GB", None, 312.0),
     ("NVIDIA H100 PCIe", None, 756.0), ("NVIDIA H100 NVL", None, 835.0), ("NVIDIA B200", None, 2250.0),
     ("NVIDIA GH200 480GB", None, 989.0),
+    # exact products: the NVL cards are not the SXM parts, GB200 is not B200, H20 is not H200
+    ("NVIDIA H200 NVL", None, 835.0), ("NVIDIA GB200", None, 2500.0), ("NVIDIA H20", None, None),
+    ("NVIDIA A100-PCIE-40GB", None, 312.0),
     ("NVIDIA L4", None, None), (None, None, None), (None, 123.0, 123.0), ("NVIDIA H100", 500.0, 500.0)])
 def test_device_peak(name, override, expected):
-    assert metrics.device_peak_tflops(name, override) == expected
+    peak, source = gpus.peak_tflops(name, override)
+    assert peak == expected
+    assert source == "--peak_tflops" if override else (("bench/gpus.py" in source) == (expected is not None))
+
+
+@pytest.mark.parametrize("name,key", [("NVIDIA A100-SXM4-40GB", "A100-40GB"), ("NVIDIA A100 80GB PCIe", "A100-80GB"),
+                                      ("NVIDIA H200 NVL", "H200-NVL-141GB"), ("NVIDIA H200", "H200-141GB")])
+def test_catalog_memory_follows_the_product(name, key):
+    assert gpus.match(name).key == key and gpus.capacity_bytes(key) > 30 * gpus.GIB
 
 
 def test_current_rss_matches_psutil():

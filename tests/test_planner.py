@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench import estimate
+from bench import estimate, gpus
 from bench.accounting import ActivationCounter
 from bench.config import BenchError
 from bench.plan import check_memory, main as bench_plan, plan_layout
@@ -56,7 +56,7 @@ def test_bench_plan_prints_a_verdict_and_json(capsys):
     assert "memory plan per rank" in out and "fits, headroom" in out
     assert bench_plan([*args, "--json"]) == 0
     est = json.loads(capsys.readouterr().out)
-    assert est["fits"] is True and est["capacity_bytes"] == int(estimate.GPUS["H100-80GB"])
+    assert est["fits"] is True and est["capacity_bytes"] == gpus.capacity_bytes("H100-80GB")
     assert [r["rank"] for r in est["per_rank"]] == list(range(8))
     for r in est["per_rank"]:
         parts = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
@@ -97,9 +97,9 @@ def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
             "ds_configs/dp_zero1.json", "--peft", "none", "--micro_batch_size", "2", "--seq_len", "2048")
     gpu = plan_layout(list(args), 2, "NVIDIA H100 80GB HBM3")
     with pytest.raises(BenchError, match=r"predicted peak .* GiB per GPU against 79\.1 GiB .*ZeRO-3"):
-        check_memory(gpu, capacity=int(estimate.GPUS["H100-80GB"]))
+        check_memory(gpu, capacity=gpus.capacity_bytes("H100-80GB"))
     ignored = plan_layout([*args, "--ignore_memory_plan"], 2, "NVIDIA H100 80GB HBM3")
-    assert check_memory(ignored, capacity=int(estimate.GPUS["H100-80GB"]))["fits"] is False
+    assert check_memory(ignored, capacity=gpus.capacity_bytes("H100-80GB"))["fits"] is False
 
 
 def test_recommend_lists_fitting_layouts_fastest_first(capfd):
@@ -109,7 +109,7 @@ def test_recommend_lists_fitting_layouts_fastest_first(capfd):
     # itself imports it with stdout sent to stderr; test_bench_plan_json_is_all_stdout checks that)
     out = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     rows = out["layouts"]
-    assert rows and all(r["peak_bytes"] <= estimate.GPUS["A100-40GB"] for r in rows)
+    assert rows and all(r["peak_bytes"] <= gpus.capacity_bytes("A100-40GB") for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
     # every 2-rank layout of the tiny LLaMA: ZeRO data parallel with and without LoRA, TP, the pipeline, SP
     assert {r["strategy"] for r in rows} == {"dp", "tp", "pp", "sp"} and {r["peft"] for r in rows} == {"none", "lora"}

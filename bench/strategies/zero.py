@@ -39,7 +39,7 @@ def check_offload(cfg, ds: dict) -> None:
         raise BenchError(f"{cfg.ds_config}: offload_optimizer needs a ZeRO stage of 1 or more")
     if cfg.dry_run:
         return  # planning (bench-plan, --dry_run) may happen on another machine than the run
-    from bench.distributed import cpu_adam_problem
+    from bench.ops import cpu_adam_problem
     problem = cpu_adam_problem()
     if problem:
         raise BenchError(f"{cfg.ds_config} offloads to the CPU, which needs DeepSpeed's CPU Adam: {problem}; use "
