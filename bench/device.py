@@ -49,7 +49,7 @@ def _nvidia_smi_gpus() -> int:
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
-def choose(requested: str, evidence=gpu_evidence) -> str:
+def choose(requested: str, evidence=None) -> str:
     """Decide the accelerator before DeepSpeed does. DeepSpeed falls back to the CPU with only a warning when torch
     sees no CUDA (deepspeed/accelerator/real_accelerator.py, get_accelerator): a CPU wheel on a GPU node, or a CUDA
     wheel newer than the driver, would then "benchmark" the CPU. Refuse that in one line; --device cpu runs on the
@@ -60,7 +60,7 @@ def choose(requested: str, evidence=gpu_evidence) -> str:
     import torch
     if torch.cuda.is_available():
         return "cuda"
-    shown = "--device cuda" if requested == "cuda" else evidence()
+    shown = "--device cuda" if requested == "cuda" else (evidence or gpu_evidence)()
     if shown:
         build = ("a CPU build" if torch.version.cuda is None else
                  f"built for CUDA {torch.version.cuda}, which cannot use them (a driver older than the build? "

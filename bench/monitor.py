@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import threading
 import time
 
@@ -16,22 +17,41 @@ from bench import metrics
 FIELDS = ["time_s", "device", "memory_used_mib", "utilization_pct"]
 
 
+def visible_devices(visible: str | None, count: int) -> list[int | str]:
+    """The job's GPUs as NVML names them, in the job's own order 0..n-1: CUDA_VISIBLE_DEVICES entries are physical
+    indices, GPU UUIDs ("GPU-...") or MIG ids ("MIG-..."); CUDA stops at the first entry it cannot read, and so does
+    this. Unset: every GPU the driver has."""
+    if visible is None:
+        return list(range(count))
+    out: list[int | str] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            out.append(int(entry))
+        elif entry.startswith(("GPU-", "MIG-")):
+            out.append(entry)
+        else:
+            break
+    return out
+
+
 class _NvmlSource:
     def __init__(self):
         import pynvml
         pynvml.nvmlInit()
         self.nvml = pynvml
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        count = pynvml.nvmlDeviceGetCount()
-        # Physical indices of the job's GPUs; reported under the job's own numbering 0..n-1.
-        physical = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else range(count)
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in physical]
+        self.handles = []
+        for dev in visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), pynvml.nvmlDeviceGetCount()):
+            self.handles.append(pynvml.nvmlDeviceGetHandleByIndex(dev) if isinstance(dev, int)
+                                else pynvml.nvmlDeviceGetHandleByUUID(dev))  # a MIG id gives the MIG device
 
     def sample(self):
         for i, h in enumerate(self.handles):
             mem = self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
-            util = self.nvml.nvmlDeviceGetUtilizationRates(h).gpu
-            yield i, mem, float(util)
+            try:
+                util = float(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            except self.nvml.NVMLError:  # MIG devices report no utilization
+                util = None
+            yield i, mem, util
 
     def close(self):
         self.nvml.nvmlShutdown()
@@ -56,10 +76,31 @@ class _ProcessSource:
         pass
 
 
+class _NoSource:
+    """NVML failed: the run goes on and memory.device stays empty."""
+
+    def sample(self):
+        return iter(())
+
+    def close(self):
+        pass
+
+
+def _source(device_type: str, pids_by_rank: dict[int, int]):
+    if device_type != "cuda":
+        return _ProcessSource(pids_by_rank)
+    try:
+        return _NvmlSource()
+    except Exception as e:  # noqa: BLE001 - NVML missing, no driver, an id it cannot resolve: never stops a run
+        print(f"warning: the GPU monitor cannot use NVML ({type(e).__name__}: {e}); memory.device stays empty",
+              file=sys.stderr, flush=True)
+        return _NoSource()
+
+
 class DeviceMonitor:
     def __init__(self, path: str, interval_s: float, device_type: str, pids_by_rank: dict[int, int]):
         self.path, self.interval = path, interval_s
-        self.source = _NvmlSource() if device_type == "cuda" else _ProcessSource(pids_by_rank)
+        self.source = _source(device_type, pids_by_rank)
         self.samples: dict[int, list[tuple[float, float]]] = {}  # device -> [(memory MiB, util %)]
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
@@ -75,9 +116,13 @@ class DeviceMonitor:
 
     def _sample_once(self):
         now = time.perf_counter() - self._t0
-        for dev, mem, util in self.source.sample():
-            self.samples.setdefault(dev, []).append((mem, util))
-            self._writer.writerow([f"{now:.3f}", dev, f"{mem:.1f}", f"{util:.1f}"])
+        try:
+            for dev, mem, util in self.source.sample():
+                self.samples.setdefault(dev, []).append((mem, util))
+                self._writer.writerow([f"{now:.3f}", dev, f"{mem:.1f}", "" if util is None else f"{util:.1f}"])
+        except Exception as e:  # noqa: BLE001 - a sampling error (a GPU fallen off the bus) ends sampling, not the run
+            print(f"warning: the device monitor stopped sampling ({type(e).__name__}: {e})", file=sys.stderr)
+            self.source = _NoSource()
         self._fh.flush()
 
     def _loop(self):
@@ -91,10 +136,13 @@ class DeviceMonitor:
             self._thread.join(timeout=5)
         self._sample_once()  # one last sample so even a very short run has a start and an end
         self._fh.close()
-        self.source.close()
+        try:
+            self.source.close()
+        except Exception:  # noqa: BLE001 - NVML's shutdown failing changes nothing recorded
+            pass
         out = []
         for dev in sorted(self.samples):
             mems = [m for m, _ in self.samples[dev]]
-            utils = [u for _, u in self.samples[dev]]
+            utils = [u for _, u in self.samples[dev] if u is not None]
             out.append({"index": dev, **metrics.device_stats(mems, utils), "samples": len(mems)})
         return out
