@@ -226,11 +226,14 @@ def job_token(env: DistEnv) -> str:
     return "shared"  # ranks started by hand, or on several hosts: they rely on distinct ports, as before
 
 
-def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:
-    """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path.
-    reuse=True (resuming) takes the existing directory of that name instead."""
+def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[str, str]:
+    """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path, and this
+    launch's id (which tells its heartbeats from an earlier launch's, bench/liveness.py). reuse=True (resuming)
+    takes the existing directory of that name instead. -> (path, launch id)."""
+    import uuid
+
     import torch.distributed as dist
-    path = [None]
+    path = [None, uuid.uuid4().hex]
     existing = os.path.join(output_dir, run_name)
     if dist.get_rank() == 0 and reuse and os.path.isfile(os.path.join(existing, "config.json")):
         path[0] = existing
@@ -247,7 +250,7 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> str:
     dist.broadcast_object_list(path, src=0, device=_object_device())
     if path[0] is None:
         raise BenchError(f"cannot create a run directory for {run_name!r} under {output_dir}")
-    return path[0]
+    return path[0], path[1]
 
 
 def node_pids() -> dict[int, int]:

@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict
 
-from bench import checkpoint, device, distributed, metrics, models, ops, signals
+from bench import checkpoint, device, faults, distributed, liveness, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
 from bench.strategies.common import apply_lora, param_counts, param_shapes, save_adapters
 from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
+
+
+PEER_GRACE_S = 5.0  # how long the heartbeat's watch lets the main thread record a lost peer itself
 
 
 class Session:
@@ -31,7 +35,8 @@ class Session:
         self._phase_start = time.time()
         resolving = sum(plan.phases.values())
         self.record.startup(imports_s=self._phase_start - process_start - resolving, **plan.phases)
-        self.jsonl = self.wandb = self.monitor = self.trainer = self.peaks = None
+        self.jsonl = self.wandb = self.monitor = self.trainer = self.peaks = self.heartbeat = None
+        self._end_lock, self._ending = threading.Lock(), False
         self.device_index = 0
 
     def _default_name(self) -> str:
@@ -60,49 +65,119 @@ class Session:
         self.peaks = device.MemoryPeaks()  # its first phase, the load, runs from process start
         code, together = 0, False
         try:
-            self.run_dir = distributed.make_run_dir(self.cfg.output_dir, self.cfg.run_name or self._default_name(),
-                                                    reuse=self.cfg.resume == "auto")
+            self.run_dir, launch_id = distributed.make_run_dir(
+                self.cfg.output_dir, self.cfg.run_name or self._default_name(), reuse=self.cfg.resume == "auto")
             self.record.set(run_dir=self.run_dir)
+            self.heartbeat = liveness.Heartbeat(self.run_dir, self.env.rank, self.env.world_size, launch_id,
+                                                liveness.peer_timeout(self.cfg.dist_timeout_s), self._peer_lost)
+            self.heartbeat.start()
             if self.is_main:
                 self._open_records()
             self._phase("run_records_s")
             self._train()
             together = True  # every rank left the loop after the same step, so they can meet once more
+            self._own_the_ending()  # ranks finish at different moments: no verdict on a peer from here on
             if self.record["status"] in signals.EXIT_CODE:
                 code = signals.EXIT_CODE[self.record["status"]]
             else:
                 self.record.end("completed")
         except signals.Stopped as e:  # before training began, or a second Ctrl-C
+            self._own_the_ending()
             res = self.trainer.res if self.trainer is not None else None
             where = f"during step {len(res.records) + 1} (signalled twice)" if e.twice else "during start-up"
-            self.record.end(e.status, f"{e} {where}")
-            self._record_partial()
-            print_error(f"{e.status}: {self.record['error']}")
-            code = signals.EXIT_CODE[e.status]
+            # the launcher's SIGTERM after a sibling died is that failure, not a preemption
+            code = self._failed(self._lost_peer(), then=f"{e} {where}")
+            if code is None:
+                self.record.end(e.status, f"{e} {where}")
+                self._record_partial()
+                print_error(f"{e.status}: {self.record['error']}")
+                code = signals.EXIT_CODE[e.status]
         except BenchError as e:
             signals.closing()  # leaving: a launcher's SIGTERM to the ranks must not cut the recording short
+            self._own_the_ending()
             self.record.end("failed", str(e))
             self._record_partial()
             print_error(str(e))
             code = 2
         except OSError as e:  # a full disk, a lost mount: the path and the reason, not a traceback
             signals.closing()
+            self._own_the_ending()
             self.record.end("failed", f"I/O error: {e.filename or ''}: {e.strerror or e}")
             self._record_partial()
             print_error(self.record["error"])
             code = 1
         except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
             signals.closing()
+            self._own_the_ending()
             oom = "OutOfMemoryError" in type(e).__name__
-            self.record.end("oom" if oom else "failed",
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
-            self._record_partial()
-            traceback.print_exc()
-            code = 3 if oom else 1
+            what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            # a collective that failed because a peer died (gloo raises at once): say which peer
+            code = None if oom else self._failed(self._lost_peer(wait_s=3.0), then=what)
+            if code is None:
+                self.record.end("oom" if oom else "failed", what)
+                self._record_partial()
+                traceback.print_exc()
+                code = 3 if oom else 1
         finally:
             self._close_records(code)
             distributed.shutdown(clean=together)
         return code
+
+    # -----------------------------------------------------------------------------------------------------
+    # A peer that died without a word (bench/liveness.py)
+
+    def _own_the_ending(self) -> None:
+        """The main thread records how the run ended, not the heartbeat's watch; if the watch got there first
+        (a collective hung on a dead peer, then raised), it is recording and will end the process: wait for it."""
+        with self._end_lock:
+            mine, self._ending = not self._ending, True
+        if not mine:
+            while True:
+                time.sleep(1)
+
+    def _lost_peer(self, wait_s: float = 0.0) -> tuple[int, str] | None:
+        """The first peer found lost, waiting up to wait_s for the evidence (a killed process is reaped a moment
+        after its sockets close)."""
+        if self.heartbeat is None or self.env.world_size == 1:
+            return None
+        deadline = time.monotonic() + wait_s
+        while (found := self.heartbeat.check()) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    def _failed(self, lost: tuple[int, str] | None, then: str) -> int | None:
+        """Record the run failed because a peer was lost (-> exit code 1), or None when no peer was lost."""
+        if lost is None:
+            return None
+        rank, why = lost
+        steps = len(self.trainer.res.records) if self.trainer is not None and self.trainer.res else 0
+        self.record.end("failed", f"rank {rank} stopped answering after step {steps}: {why}; rank "
+                                  f"{self.env.rank} recorded it ({then})"[:500])
+        self._record_partial()
+        print_error(self.record["error"])
+        return 1
+
+    def _peer_lost(self, rank: int, why: str) -> None:
+        """The heartbeat's watch found a peer lost. Under gloo the main thread's next collective raises at once and
+        records it; under NCCL it may hang until the watchdog aborts the process, recording nothing. So after a
+        grace the watch records the failure itself and ends the process."""
+        deadline = time.monotonic() + PEER_GRACE_S
+        while time.monotonic() < deadline:
+            if self._ending:
+                return  # the main thread is recording
+            time.sleep(0.2)
+        with self._end_lock:
+            if self._ending:
+                return
+            self._ending = True
+        signals.closing()
+        code = self._failed((rank, why), then="its collectives hung")
+        try:
+            self._close_records(code)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     # -----------------------------------------------------------------------------------------------------
     # Records: rank 0 owns the run directory's files
@@ -121,6 +196,7 @@ class Session:
                 f"peft-{p.peft}", f"zero{p.zero_stage}"]
         self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags, resume_id)
         self.record.set(wandb_run_id=self.wandb.run_id)
+        self.record.write(os.path.join(d, "summary.json"))  # with the W&B id: a survivor keeps it if rank 0 dies
 
     def _close_records(self, code: int):
         """Whatever ended the run, and however far start-up got: the summary says how it ended."""
@@ -129,10 +205,12 @@ class Session:
             devices = self.monitor.stop()
             if self.is_main:
                 self.record.memory(device=devices)
-        if not self.is_main or self.record["run_dir"] is None:
+        if self.record["run_dir"] is None or not self._writes_records():
             return
         self.record.set(total_wall_time_s=time.time() - self.t0)
         path = os.path.join(self.run_dir, "summary.json")
+        if not self.is_main:  # rank 0 is gone: keep what it recorded at the start (its W&B id, ...)
+            self.record.adopt(path)
         try:
             self.record.write(path)
         except OSError as e:  # the previous summary.json stays as it was (written atomically)
@@ -146,6 +224,13 @@ class Session:
             self.wandb.summary(self.record.data)
             self.wandb.finish(exit_code=code)
         print(format_table(result_table(self.record.data), "result"), flush=True)
+
+    def _writes_records(self) -> bool:
+        """Rank 0 writes the run's records; when rank 0 is lost, the lowest surviving rank writes summary.json."""
+        if self.is_main:
+            return True
+        lost = self.heartbeat.lost if self.heartbeat is not None else None
+        return bool(lost and lost[0] == 0 and self.heartbeat.lowest_alive() == self.env.rank)
 
     def _warn(self, message: str) -> None:
         if self.is_main:
@@ -198,7 +283,7 @@ class Session:
         """The model as the strategy wants it (weights, LoRA, stages); -> (model, parameter counts before and
         after LoRA)."""
         cfg, p = self.cfg, self.plan
-        time.sleep(float(os.environ.get("BENCH_FAULT_SLOW_LOAD_S", 0)))  # tests: a model load that takes a while
+        faults.slow_load()  # tests: a model load that takes a while
         zero3 = p.ds if p.zero_stage == 3 else None
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
                                                     cfg.seed, cfg.attn_implementation)

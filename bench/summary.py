@@ -126,6 +126,17 @@ class RunRecord:
             val_loss=res.val_loss, time_to_target_s=ttt, steps_to_target=stt,
             resumed_at=res.resumed_at, lost_steps=res.lost_steps, lost_time_s=res.lost_s)
 
+    def adopt(self, path: str) -> None:
+        """Take the values this record lacks from the summary already at path (written by a rank now gone)."""
+        try:
+            with open(path) as fh:
+                earlier = json.load(fh)
+        except (OSError, ValueError):
+            return
+        for key, value in earlier.items():
+            if key in KEYS and self.data.get(key) is None:
+                self.data[key] = value
+
     def write(self, path: str) -> None:
         from bench.loggers import write_json_atomic
         write_json_atomic(path, self.data)

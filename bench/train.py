@@ -6,8 +6,6 @@ every rank see the slowest rank's time, which is the step's time.
 """
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from bench import signals
+from bench import faults, signals
 from bench.accounting import INSTRUMENTED_STEPS
 from bench.data import IGNORE
 
@@ -47,11 +45,7 @@ class Trainer:
         self.global_batch, self.device = global_batch, device
         self.rates = rates  # step times -> throughput dict (metrics.throughput with this run's constants)
         self.res = None
-        # Fault injection for the tests, at the start of a given step on BENCH_FAULT_RANK (default: every rank):
-        # an out-of-memory error (CUDA OOM cannot happen on the CPU), or the process SIGKILLing itself.
-        on_this_rank = int(os.environ.get("BENCH_FAULT_RANK", dist.get_rank())) == dist.get_rank()
-        self.oom_at = int(os.environ.get("BENCH_FAULT_OOM_STEP", 0)) if on_this_rank else 0
-        self.kill_at = int(os.environ.get("BENCH_FAULT_KILL_STEP", 0)) if on_this_rank else 0
+        self.faults = faults.StepFaults(dist.get_rank())  # the tests' fault injection (bench/faults.py)
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
         self.peaks = peaks  # bench/device.py MemoryPeaks: the training phase starts with the first timed step
         from deepspeed.accelerator import get_accelerator
@@ -74,10 +68,7 @@ class Trainer:
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                  for b in self.batches.step_batches(step - 1)]
         skipped_before = self.engine.skipped_steps
-        if step == self.oom_at:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BENCH_FAULT_OOM_STEP={step})")
-        if step == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.faults.at_step(step)
         self.sync()  # start the clock on an idle device
         t0 = time.perf_counter()
         loss = self.runner.train_step(micro)

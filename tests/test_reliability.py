@@ -58,7 +58,8 @@ def test_killed_rank_fails_cleanly_and_lost_work_is_counted(tmp_path, reference)
     assert time.time() - t0 < 90, "the surviving rank must not hang"
     assert crashed.returncode != 0
     s = crashed.summary()
-    assert s["status"] == "failed" and s["error"], "summary says failed, with the reason"
+    assert s["status"] == "failed" and s["error"].startswith("rank 1 stopped answering after step 5: its process"), \
+        s["error"]
     done = len(crashed.records())
     assert done == 5 and s["steps"] == done, "everything recorded before the crash is kept"
     ckpts = sorted(p.name for p in (tmp_path / "job" / "checkpoints").iterdir() if p.name.startswith("step"))
@@ -76,6 +77,53 @@ def test_killed_rank_fails_cleanly_and_lost_work_is_counted(tmp_path, reference)
     recs = resumed.records()
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert [r["loss"] for r in recs] == pytest.approx(reference, rel=1e-6)
+
+
+def test_the_launchers_sigterm_after_a_sibling_died_is_that_failure(tmp_path):
+    """The deepspeed launcher answers a dead rank with SIGTERM to the others: recorded as the failure it follows
+    from, not as a preemption."""
+    res = run_bench(tmp_path, *ARGS, nprocs=2, launcher="deepspeed", timeout=120,
+                    env={"BENCH_FAULT_KILL_STEP": "5", "BENCH_FAULT_RANK": "1"})
+    s = res.summary()
+    assert res.returncode != 0 and s["status"] == "failed", (s["status"], s["error"])
+    assert s["error"].startswith("rank 1 stopped answering after step 4: its process"), s["error"]
+
+
+def test_a_killed_rank_0_is_recorded_by_the_survivor(tmp_path):
+    """Rank 0 writes the records; when it dies (SIGKILL, as the kernel's OOM killer sends), the lowest surviving
+    rank records the failure, naming rank 0, and keeps what rank 0 wrote."""
+    t0 = time.time()
+    res = run_bench(tmp_path, *ARGS, "--dist_timeout_s", "60", "--wandb_mode", "offline", nprocs=2,
+                    launcher="srun-env", env={"BENCH_FAULT_KILL_STEP": "5", "BENCH_FAULT_RANK": "0"}, timeout=120)
+    assert time.time() - t0 < 90, "the survivor must not wait for the collective timeout"
+    assert res.returncode != 0
+    s = res.summary()
+    assert s["status"] == "failed", s
+    assert s["error"].startswith("rank 0 stopped answering after step 4: its process") and "rank 1 recorded" in \
+        s["error"], s["error"]
+    assert s["steps"] == 4 and len(res.records()) == 4, "rank 0's metrics.jsonl and the survivor agree"
+    assert s["wandb_run_id"], "what rank 0 recorded at the start is kept"
+
+
+def test_a_silent_rank_is_recorded_before_the_collective_timeout(tmp_path):
+    """A rank that stops answering but does not exit (SIGSTOP: as a hung GPU or node looks) leaves its peers in a
+    collective until the timeout, where NCCL's watchdog aborts them recording nothing. The heartbeat's watch
+    records the failure first, naming the silent rank, and ends the process."""
+    procs = start_bench(tmp_path, *ARGS, "--dist_timeout_s", "30", nprocs=2, launcher="srun-env",
+                        env={"BENCH_FAULT_STOP_STEP": "5", "BENCH_FAULT_RANK": "1"})
+    try:
+        wait_for_steps(tmp_path, procs, 4)  # rank 1 stops as step 5 starts
+        t0 = time.time()
+        procs[0].wait(timeout=90)
+    finally:
+        procs[1].kill()  # the stopped rank: only SIGKILL reaches it
+    res = finish(procs, tmp_path)
+    took = time.time() - t0
+    s = res.summary()
+    assert s["status"] == "failed" and "rank 1 stopped answering after step 4: no heartbeat from it" in s["error"]
+    assert "its collectives hung" in s["error"], "recorded by the watch, not by a collective's timeout"
+    assert took < 30, f"recorded {took:.0f} s after the last step, not within --dist_timeout_s"
+    assert procs[0].returncode == 1
 
 
 def test_out_of_memory_is_recorded_as_oom(tmp_path):

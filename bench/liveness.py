@@ -1,0 +1,138 @@
+"""Every rank's heartbeat, and what the others conclude when one stops.
+
+Each rank writes <run dir>/.ranks/rank<N>.json once (host, pid, this launch's id) and touches it every
+HEARTBEAT_S from a daemon thread, off the training path. The same thread watches the other ranks: a peer is lost
+when its process on this host has exited (the kernel's OOM killer, a SIGKILL), or when its heartbeat is older than
+the peer timeout (a process on another host that died, or one that stopped: SIGSTOP, a hung node). That is what no
+signal handler can see, and what NCCL shows only as a collective that hangs until its watchdog aborts the process
+after --dist_timeout_s, recording nothing: the survivors record `failed` naming the rank that stopped (the session
+decides how, see Session._peer_lost).
+
+Readers of a run directory (analysis, bench.sweep status, --resume auto) use the same files to tell a live run
+from one that died without a word: `running` with no heartbeat for LOST_AFTER_S is `lost` (run_state).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+HEARTBEAT_S = 2.0
+LOST_AFTER_S = 60.0  # a reader's verdict: no rank of a `running` run touched its heartbeat for this long
+
+
+def peer_timeout(dist_timeout_s: float) -> float:
+    """How long a peer may stay silent: well inside the collective timeout, so the survivors record the failure
+    before NCCL's watchdog aborts them (at dist_timeout_s); never under a few heartbeats."""
+    return max(5 * HEARTBEAT_S, min(60.0, dist_timeout_s / 2))
+
+
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its launcher counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+
+class Heartbeat:
+    """This rank's heartbeat and its watch over the others. on_lost(rank, why) is called once, from the watch
+    thread, the first time a peer is found lost."""
+
+    def __init__(self, run_dir: str, rank: int, world: int, launch_id: str, timeout_s: float, on_lost=None):
+        self.dir = os.path.join(run_dir, ".ranks")
+        os.makedirs(self.dir, exist_ok=True)
+        self.rank, self.world, self.launch_id, self.timeout = rank, world, launch_id, timeout_s
+        self.host = socket.gethostname()
+        self.on_lost, self.lost = on_lost, None
+        self._peers: dict[int, dict] = {}
+        self._path = os.path.join(self.dir, f"rank{rank}.json")
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"rank": rank, "host": self.host, "pid": os.getpid(), "launch_id": launch_id,
+                       "started": time.time()}, fh)
+        os.replace(tmp, self._path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self):
+        told = False
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self._path)
+            except OSError:
+                pass  # a full disk or a lost mount: the peers may call this rank lost, which it then is
+            if not told and self.on_lost and self.check():
+                told = True  # on its own thread: this one keeps the heartbeat going meanwhile
+                threading.Thread(target=self.on_lost, args=self.lost, name="peer-lost", daemon=True).start()
+
+    def _peer(self, rank: int) -> dict | None:
+        """A peer's record of this launch (None until it has written one)."""
+        if rank not in self._peers:
+            try:
+                with open(os.path.join(self.dir, f"rank{rank}.json")) as fh:
+                    info = json.load(fh)
+            except (OSError, ValueError):
+                return None
+            if info.get("launch_id") != self.launch_id:
+                return None  # an earlier launch's file, not yet replaced
+            self._peers[rank] = info
+        return self._peers[rank]
+
+    def why_lost(self, rank: int, now: float | None = None) -> str | None:
+        info = self._peer(rank)
+        if info is None:
+            return None
+        if info["host"] == self.host and process_gone(info["pid"]):
+            return f"its process (pid {info['pid']} on {info['host']}) exited"
+        try:
+            age = (now or time.time()) - os.stat(os.path.join(self.dir, f"rank{rank}.json")).st_mtime
+        except OSError:
+            return None
+        if age > self.timeout:
+            return f"no heartbeat from it for {age:.0f} s (pid {info['pid']} on {info['host']})"
+        return None
+
+    def check(self) -> tuple[int, str] | None:
+        """The first lost peer and why, or None (remembered once found)."""
+        if self.lost is None:
+            for r in range(self.world):
+                why = None if r == self.rank else self.why_lost(r)
+                if why:
+                    self.lost = (r, why)
+                    break
+        return self.lost
+
+    def lowest_alive(self) -> int:
+        """The lowest rank not known to be lost: the survivor that writes the run's records when rank 0 is gone."""
+        return next(r for r in range(self.world) if r == self.rank or not self.why_lost(r))
+
+
+def run_state(run_dir: str, status: str, now: float | None = None) -> tuple[str, float | None]:
+    """(status as a reader should show it, seconds since the newest heartbeat). A `running` run whose ranks have
+    all been silent for LOST_AFTER_S died without a word: `lost`. Runs from before heartbeats keep their status."""
+    ranks = os.path.join(run_dir, ".ranks")
+    try:
+        newest = max(os.stat(os.path.join(ranks, n)).st_mtime for n in os.listdir(ranks) if n.endswith(".json"))
+    except (OSError, ValueError):
+        return status, None
+    silent = (now or time.time()) - newest
+    return ("lost" if status == "running" and silent > LOST_AFTER_S else status), silent
