@@ -101,18 +101,51 @@ def build_stages(model, ds: dict):
 # ---------------------------------------------------------------------------------------------------------
 # Running it: the training loop's two calls, plus the per-stage busy-time measurement for the bubble
 
+class BusyTimer:
+    """Sums the time of the instructions it brackets without stalling the device between them: on GPUs a pair of
+    CUDA events recorded on the stream per instruction, read once per step after the loop's own synchronize (a
+    synchronize around each instruction would serialize the stage's sends and receives with its compute inside the
+    timed step); on the CPU, where an op has finished when it returns, the wall clock."""
+
+    def __init__(self):
+        from deepspeed.accelerator import get_accelerator
+        self.acc = get_accelerator()
+        self.events = self.acc.device_name() == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._pairs, self._wall = [], 0.0
+
+    def start(self):
+        if not self.events:
+            return time.perf_counter()
+        event = self.acc.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, mark) -> None:
+        if not self.events:
+            self._wall += time.perf_counter() - mark
+            return
+        event = self.acc.Event(enable_timing=True)
+        event.record()
+        self._pairs.append((mark, event))
+
+    def total(self) -> float:
+        return self._wall + sum(a.elapsed_time(b) for a, b in self._pairs) / 1000.0  # elapsed_time: milliseconds
+
+
 class PipelineRunner:
     """train_step/eval_loss for a PipelineEngine. Forward, backward and optimizer instructions are timed
-    (device-synchronized) on every stage, so a stage's idle fraction is 1 - busy / step time. Like EngineRunner,
+    (BusyTimer: no synchronization inside the step) on every stage, so a stage's idle fraction is 1 - busy / step time. Like EngineRunner,
     it counts what the stage holds in its first step (the first micro-batch's forward saved for backward, the
     gradients just before the optimizer step) and what it communicates in its second (bench/accounting.py)."""
 
     def __init__(self, engine, device):
         from deepspeed.runtime.pipe import schedule
         self.engine, self.device = engine, device
-        self.busy_s = 0.0
+        self.timer = BusyTimer()
         self.accounting, self._counter, self._forwards = {}, None, 0
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         timed = {schedule.ForwardPass, schedule.BackwardPass, schedule.OptimizerStep}
         base = type(engine)._INSTRUCTION_MAP
 
@@ -128,18 +161,21 @@ class PipelineRunner:
 
         def wrap(kind, fn):
             def run(eng, **kw):
-                sync()
-                t0 = time.perf_counter()
+                mark = self.timer.start()
                 count(kind, fn, eng, **kw)
-                sync()
-                self.busy_s += time.perf_counter() - t0
+                self.timer.stop(mark)
             return run
         # An instance attribute shadows the class's map only for this engine.
         engine._INSTRUCTION_MAP = {k: (wrap(k, v) if k in timed else v) for k, v in base.items()}
 
+    @property
+    def busy_s(self) -> float:
+        """This step's compute seconds; read after the training loop synchronized the device."""
+        return self.timer.total()
+
     def train_step(self, micro_batches: list[dict]):
         from bench.accounting import counted_step
-        self.busy_s = 0.0
+        self.timer.reset()
         data = iter([(b["input_ids"], b["labels"]) for b in micro_batches])
 
         def run(counter):
