@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the harness. torch goes first and pinned: an unpinned torch pulled in by
 # deepspeed/peft would be the newest CUDA build (several GB), even on a CPU machine.
-#   TORCH_SPEC  torch requirement to install first (default torch==2.13.0; on a CUDA node use the build
-#               that matches its driver, e.g. "torch==2.13.0" from the CUDA index your site uses)
+#   TORCH_SPEC  pip's words for torch, installed first (default torch==2.13.0; on a CUDA node the build that
+#               matches its driver, e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130")
 #   VENV        virtual environment directory (default .venv)
 # --with-test-deps also installs what the tests drive for real (root, apt): Debian's SLURM packages (a one-node
 # cluster) and Chromium (renders the HTML report).
@@ -23,7 +23,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+bash scripts/install_torch.sh
 python -m pip install -q -e ".[dev]"
 python -c "import torch, deepspeed, transformers, peft, wandb; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| wandb', wandb.__version__)"
 # DeepSpeed compiles its CPU communication op on first use (45-120 s on 2 cores); build it now, into this

@@ -35,3 +35,21 @@ def test_installs_exactly_what_is_missing(tmp_path, present, expected):
 def test_install_script_uses_the_decision():
     text = (REPO / "scripts/install.sh").read_text()
     assert "missing=$(bash scripts/missing_test_deps.sh)" in text and "apt-get install -y -qq $missing" in text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("spec,expected", [
+    (None, ["-m", "pip", "install", "-q", "torch==2.13.0"]),
+    ("torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130",
+     ["-m", "pip", "install", "-q", "torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cu130"]),
+])
+def test_torch_spec_may_carry_an_index(tmp_path, spec, expected):
+    """The CUDA build comes from another index: TORCH_SPEC's words reach pip as separate arguments."""
+    args = tmp_path / "args"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {args}\n')
+    python.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **({"TORCH_SPEC": spec} if spec else {})}
+    subprocess.run(["/bin/bash", str(REPO / "scripts/install_torch.sh")], env=env, check=True)
+    assert args.read_text().split("\n")[:-1] == expected
+    assert "bash scripts/install_torch.sh" in (REPO / "scripts/install.sh").read_text()

@@ -107,7 +107,9 @@ def cluster(tmp_path_factory):
     # The scripts keep their caches under the repository by default (BENCH_CACHE_BASE); tests write nothing
     # there: the caches go to the test's directory, the tiny models stay where every other test finds them.
     from bench.models import cache_dir
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "BENCH_REQUEUE": "0",
+    # BENCH_DEVICE=cpu: this cluster's GPUs are plain files (gres.conf), and a run that sees SLURM's GPU variables
+    # with a torch that has no CUDA is otherwise refused (bench/device.py)
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "BENCH_REQUEUE": "0", "BENCH_DEVICE": "cpu",
            "BENCH_CACHE_BASE": str(d / "cache"), "BENCH_CACHE": cache_dir(),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for k in list(env):
