@@ -13,9 +13,11 @@ import same_job  # measurements/same_job.py, next to this script
 def main(run_dir: str, out_dir: str) -> None:
     env, plan = same_job.load(run_dir)
     import deepspeed
-    import torch
+
+    from bench import device as devices
+    index = devices.select(env.local_rank)  # as the harness does: the rank's own device before any collective
     deepspeed.init_distributed(verbose=False)
-    device = torch.device("cuda", env.local_rank) if plan.device_type == "cuda" else torch.device("cpu")
+    device = devices.torch_device(index)
     model, keep_alive = same_job.build_model(plan, device)
     engine, *_ = deepspeed.initialize(model=model, config=plan.ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])

@@ -60,3 +60,21 @@ def test_bare_loop_and_trainer_compute_what_the_harness_computes(zero_runs, tmp_
     m = redo("trainer", zero_runs["w1"], 1, tmp_path / "w1-token-weighted", "--token_weighted")
     harness = [r["loss"] for r in zero_runs["w1"].records()]
     assert max(abs(a - b) / b for a, b in zip(m["loss"], harness)) > 1e-3
+
+
+def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
+    """measurements/gpu_check.py, the first thing to run on a GPU machine, runs its whole sequence here on the CPU
+    (small settings) and writes its page: every check, the bare loop's ratio, the layouts within tolerance."""
+    page = tmp_path / "gpu.md"
+    out = subprocess.run([sys.executable, "measurements/gpu_check.py", "--out", str(page)], cwd=REPO,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = page.read_text()
+    for heading in ("## 1. The default job", "## 2. One device", "## 3. The bare DeepSpeed loop", "## 4. ZeRO-2 offload",
+                    "## 5. Layouts on 2 devices"):
+        assert heading in text, heading
+    assert "Every check passed." in text and "DeepSpeedCPUAdam" in text
+    ratio = float(text.split("Median step time, harness / bare loop")[1].split("**")[1])
+    assert 0.3 < ratio < 3, ratio
+    parity = [ln for ln in text.splitlines() if ln.startswith(("| TP2", "| EP2", "| PP2", "| SP2"))]
+    assert len(parity) == 4 and all(ln.endswith("| yes |") for ln in parity), parity

@@ -50,6 +50,22 @@ def test_summary_has_every_contract_key_with_sane_values(run):
     assert all(d["peak_mib"] >= d["avg_mib"] > 0 for d in devs)
     assert s["params"]["total"] == s["params"]["trainable"] > 100_000
     assert s["versions"]["deepspeed"] and s["versions"]["torch"]
+    # what ran: the device's versions (null on the CPU), the MFU peak's source, the optimizer
+    assert {"cuda", "nccl", "cuda_driver", "gpu_name", "gpu_count"} <= set(s["versions"])
+    assert s["versions"]["gpu_count"] == 0 and s["peak_tflops_source"].startswith("unknown")
+    assert s["optimizer"] == {"name": "torch.optim.adamw.AdamW", "fused": True, "wrapper": "DeepSpeedZeroOptimizer"}
+
+
+def test_memory_is_recorded_by_phase(run):
+    """The training peak is the measured steps', not the model load's; every phase has its own."""
+    s = run.summary()
+    assert s["measured_steps"] == 3, "5 steps, the first two untimed"
+    for r in s["memory"]["per_rank"]:
+        assert set(r["phases"]) == {"load", "warmup", "training"}
+        assert r["peak_rss_mib"] == r["phases"]["training"]["peak_rss_mib"] > 0
+        assert 0 < r["rss_before_model_mib"] <= r["phases"]["load"]["peak_rss_mib"]
+        assert r["peak_allocated_mib"] is None, "the CPU has no allocator"
+    assert s["memory"]["plan_check"] is None, "no allocator peak to compare the plan with on the CPU"
 
 
 def test_startup_phases_add_up_to_time_to_first_step(run):

@@ -108,6 +108,7 @@ def test_zero_offload_trains_the_same_model(zero_runs, tmp_path, stage):
                                                                      rel=1e-4)
     ds = json.loads((res.run_dir / "config.json").read_text())["ds_config"]
     assert ds["optimizer"]["params"]["torch_adam"] is False  # CPU Adam, as on a GPU
+    assert res.summary()["optimizer"]["name"].endswith("DeepSpeedCPUAdam")
     assert_plan_matches(res.summary())
     plan = res.summary()["memory_plan"]["per_rank"][0]
     assert plan["offloaded_bytes"] >= plan["optimizer_bytes"] > 0  # what the device no longer holds
