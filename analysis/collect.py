@@ -4,8 +4,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
+from bench.liveness import run_state
 from bench.loggers import read_records
 from bench.summary import unflatten
 
@@ -55,6 +57,11 @@ def _read_json(path: str) -> dict:
 
 def load_dir(path: str) -> Run:
     summary = _read_json(os.path.join(path, "summary.json"))
+    status, silent = run_state(path, summary.get("status"))
+    if status == "lost":  # said `running`, but no rank has beaten for a while: it died without a word
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - silent))
+        summary = {**summary, "status": "lost", "error": f"no heartbeat since {since} ({silent:.0f} s ago); the run "
+                   "died without recording an ending (resume it with --resume auto)"}
     config = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
     history = []
     metrics = os.path.join(path, "metrics.jsonl")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -233,7 +234,9 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[s
     import uuid
 
     import torch.distributed as dist
-    path = [None, uuid.uuid4().hex]
+
+    from bench import liveness
+    path = [None, uuid.uuid4().hex, None, None]  # path, launch id, a refusal, a note
     existing = os.path.join(output_dir, run_name)
     if dist.get_rank() == 0 and reuse and os.path.isfile(os.path.join(existing, "config.json")):
         path[0] = existing
@@ -247,9 +250,18 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[s
                 break
             except FileExistsError:
                 continue
+    if path[0] is not None:  # one job per run directory (bench/liveness.py)
+        try:
+            path[3] = liveness.claim(path[0], path[1], liveness.launcher_name())
+        except BenchError as e:
+            path[2] = str(e)
     dist.broadcast_object_list(path, src=0, device=_object_device())
+    if path[2]:
+        raise BenchError(path[2])
     if path[0] is None:
         raise BenchError(f"cannot create a run directory for {run_name!r} under {output_dir}")
+    if path[3] and dist.get_rank() == 0:
+        print(f"warning: {path[3]}", file=sys.stderr, flush=True)
     return path[0], path[1]
 
 

@@ -80,6 +80,8 @@ class Heartbeat:
                 os.utime(self._path)
             except OSError:
                 pass  # a full disk or a lost mount: the peers may call this rank lost, which it then is
+            from bench import signals
+            signals.orphaned()  # the launcher gone and the kernel's SIGHUP missed: tell this process now
             if not told and self.on_lost and self.check():
                 told = True  # on its own thread: this one keeps the heartbeat going meanwhile
                 threading.Thread(target=self.on_lost, args=self.lost, name="peer-lost", daemon=True).start()
@@ -136,3 +138,91 @@ def run_state(run_dir: str, status: str, now: float | None = None) -> tuple[str,
         return status, None
     silent = (now or time.time()) - newest
     return ("lost" if status == "running" and silent > LOST_AFTER_S else status), silent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One job per run directory
+
+OWNER = ".owner.json"
+
+
+def _describe(holder: dict) -> str:
+    ago = time.time() - holder.get("started", time.time())
+    return (f"{holder.get('launcher', 'a launch')} (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{ago / 60:.0f} min ago)")
+
+
+def holder_silence(run_dir: str, holder: dict, now: float | None = None) -> float | None:
+    """Seconds since the holder's newest heartbeat (its claim's own time before its first heartbeat)."""
+    ranks, newest = os.path.join(run_dir, ".ranks"), None
+    for name in os.listdir(ranks) if os.path.isdir(ranks) else ():
+        try:
+            path = os.path.join(ranks, name)
+            with open(path) as fh:
+                if json.load(fh).get("launch_id") == holder.get("launch_id"):
+                    newest = max(newest or 0.0, os.stat(path).st_mtime)
+        except (OSError, ValueError):
+            continue
+    if newest is None:
+        try:
+            newest = os.stat(os.path.join(run_dir, OWNER)).st_mtime
+        except OSError:
+            return None
+    return (now or time.time()) - newest
+
+
+def claim(run_dir: str, launch_id: str, launcher: str) -> str | None:
+    """Take the run directory for this launch (rank 0, once the directory exists). A live holder (another job
+    whose ranks still beat) is refused in one line that names it; a lost holder (its process gone from this host,
+    or silent for LOST_AFTER_S) is taken over. -> a note saying so, or None."""
+    from bench.config import BenchError
+    path = os.path.join(run_dir, OWNER)
+    me = {"launch_id": launch_id, "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
+          "launcher": launcher, "started": time.time()}
+    try:
+        with open(path, "x") as fh:  # exclusive: of two launches at once, one gets it
+            json.dump(me, fh)
+        return None
+    except FileExistsError:
+        pass
+    try:
+        with open(path) as fh:
+            holder = json.load(fh)
+    except (OSError, ValueError):
+        holder = {}
+    gone = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and process_gone(holder["pid"])
+    silent = holder_silence(run_dir, holder)
+    if not gone and silent is not None and silent <= LOST_AFTER_S:
+        raise BenchError(f"{run_dir} is in use by another job: {_describe(holder)}, last heartbeat {silent:.0f} s "
+                         f"ago; a run directory is written by one job at a time: wait for that job to end or stop "
+                         f"it (a holder silent for {LOST_AFTER_S:.0f} s is taken over)")
+    tmp = f"{path}.{launch_id}"
+    with open(tmp, "w") as fh:
+        json.dump(me, fh)
+    os.replace(tmp, path)
+    why = "its process has exited" if gone else f"no heartbeat for {silent or 0:.0f} s"
+    return f"took over {run_dir} from {_describe(holder)}: {why} (lost)"
+
+
+def release(run_dir: str, launch_id: str) -> None:
+    """Give the directory up at the end of this launch (only if the claim is still this launch's)."""
+    path = os.path.join(run_dir, OWNER)
+    try:
+        with open(path) as fh:
+            if json.load(fh).get("launch_id") != launch_id:
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def launcher_name() -> str:
+    """Which launcher started this rank, for a holder's description."""
+    e = os.environ
+    if "SLURM_PROCID" in e and "LOCAL_SIZE" not in e and "LOCAL_WORLD_SIZE" not in e:
+        return f"srun (job {e.get('SLURM_JOB_ID')})"
+    if "LOCAL_SIZE" in e:
+        return "the deepspeed launcher"
+    if "TORCHELASTIC_RUN_ID" in e or "LOCAL_WORLD_SIZE" in e:
+        return "torchrun"
+    return "python"

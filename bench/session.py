@@ -65,10 +65,10 @@ class Session:
         self.peaks = device.MemoryPeaks()  # its first phase, the load, runs from process start
         code, together = 0, False
         try:
-            self.run_dir, launch_id = distributed.make_run_dir(
+            self.run_dir, self.launch_id = distributed.make_run_dir(
                 self.cfg.output_dir, self.cfg.run_name or self._default_name(), reuse=self.cfg.resume == "auto")
             self.record.set(run_dir=self.run_dir)
-            self.heartbeat = liveness.Heartbeat(self.run_dir, self.env.rank, self.env.world_size, launch_id,
+            self.heartbeat = liveness.Heartbeat(self.run_dir, self.env.rank, self.env.world_size, self.launch_id,
                                                 liveness.peer_timeout(self.cfg.dist_timeout_s), self._peer_lost)
             self.heartbeat.start()
             if self.is_main:
@@ -215,6 +215,7 @@ class Session:
             self.record.write(path)
         except OSError as e:  # the previous summary.json stays as it was (written atomically)
             print_error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
+        liveness.release(self.run_dir, self.launch_id)  # the run has said how it ended: the directory is free
         if self.jsonl is not None:
             try:
                 self.jsonl.close()

@@ -8,15 +8,19 @@ finish, so the signal stops the start-up where it is (raises Stopped), and the r
 """
 from __future__ import annotations
 
+import os
 import signal
 
-STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted"}
+STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted",
+          signal.SIGHUP: "preempted"}
 EXIT_CODE = {"interrupted": 130, "preempted": 75}  # 130 = 128 + SIGINT; 75 = EX_TEMPFAIL, requeued by slurm/
 STOP_CODES = {None: 0, "preempted": 1, "interrupted": 2}  # what a rank tells the others at a step boundary
 
 _requested: tuple[str, str] | None = None  # (status, signal name) of the first signal
 _training = False
 _closing = False  # recording how the run ended: nothing may interrupt that
+_parent: int | None = None  # the launcher: this process's parent at start
+_told_orphan = False
 
 
 class Stopped(BaseException):
@@ -32,9 +36,14 @@ def _handler(signum, frame):
     global _requested, _closing
     if _closing:
         return
+    name = signal.Signals(signum).name
+    if signum == signal.SIGHUP:
+        if os.getppid() == _parent:
+            return  # the launcher is alive: a thread of it ended (PR_SET_PDEATHSIG follows threads), not the process
+        name = f"SIGHUP: its launcher (pid {_parent}) exited"
     first = _requested is None
     if first:
-        _requested = (STATUS[signum], signal.Signals(signum).name)
+        _requested = (STATUS[signum], name)
     if not _training or (not first and signum == signal.SIGINT):
         # Leaving now: a signal that follows (the launcher's SIGTERM after a Ctrl-C, or after a peer failed) must
         # not interrupt the recording of how the run ended.
@@ -43,9 +52,29 @@ def _handler(signum, frame):
 
 
 def install() -> None:
-    """From process start: every one of these signals is handled, whatever phase the run is in."""
+    """From process start: every one of these signals is handled, whatever phase the run is in. A rank whose
+    launcher goes away (the per-node launcher SIGKILLed, torchrun's agent gone) is told with SIGHUP by the kernel
+    (PR_SET_PDEATHSIG) and stops at the next step boundary like a preempted one, saying why, instead of running
+    on as an orphan; the heartbeat thread checks the parent too (orphaned() below) where prctl is missing."""
+    global _parent
+    _parent = os.getppid()
     for sig in STATUS:
         signal.signal(sig, _handler)
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGHUP))  # 1 = PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def orphaned() -> bool:
+    """This process's launcher has exited (it was re-parented). Tells this process with SIGHUP, once."""
+    global _told_orphan
+    if _parent is None or os.getppid() == _parent or _told_orphan:
+        return False
+    _told_orphan = True
+    os.kill(os.getpid(), signal.SIGHUP)
+    return True
 
 
 def training(active: bool) -> None:

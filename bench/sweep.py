@@ -25,6 +25,7 @@ import time
 from bench.config import print_error
 from bench.distributed import free_port
 from bench.loggers import read_records
+from bench.liveness import run_state
 
 GPUS_PER_NODE = 8
 SBATCH = """#!/bin/bash
@@ -208,10 +209,19 @@ def run_summary(sweep_dir: str, name: str, since: float | None = None) -> dict |
     return None
 
 
+def _status(summary: dict | None) -> str | None:
+    """The run's own status, `lost` when it says running but no rank has beaten for a while (bench/liveness.py)."""
+    if not summary:
+        return None
+    return run_state(summary["run_dir"], summary.get("status"))[0] if summary.get("run_dir") else summary.get("status")
+
+
 def combine(summary_status: str | None, state: str | None) -> str:
     """One status from the run's own record and SLURM's view of the job."""
     slurm = SLURM_STATES.get((state or "").split("+")[0]) if state else None
-    if slurm in ("timeout", "oom", "cancelled") and summary_status in (None, "running"):
+    if summary_status == "lost" and slurm in ("pending", "running"):
+        return slurm  # a requeued job: its next attempt resumes the lost run
+    if slurm in ("timeout", "oom", "cancelled") and summary_status in (None, "running", "lost"):
         return slurm  # killed from outside: the run could not write its own ending
     if summary_status and summary_status != "running":
         return summary_status
@@ -233,7 +243,7 @@ def status(sweep_dir: str) -> list[dict]:
         rows.append({"name": job["name"], "job_id": job["job_id"], "runner": "local" if local else "slurm",
                      "slurm_state": None if local else state,
                      "exit_code": job.get("returncode") if local else None,
-                     "status": combine(summary and summary.get("status"), state),
+                     "status": combine(_status(summary), state),
                      "error": summary and summary.get("error"), "run_dir": summary and summary.get("run_dir")})
     with open(os.path.join(sweep_dir, "status.json"), "w") as fh:
         json.dump(rows, fh, indent=2)

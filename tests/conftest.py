@@ -186,7 +186,7 @@ def launch_env(monkeypatch):
     for k in LAUNCH_VARS:
         monkeypatch.setenv(k, "")  # registers the variable, so monkeypatch restores what discover() writes
         monkeypatch.delenv(k)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
 
     def set_vars(**values):
         for k, v in values.items():

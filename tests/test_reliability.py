@@ -2,6 +2,7 @@
 steps recomputed and counted, an injected OOM recorded as `oom`, and concurrent runs that never share a
 directory."""
 import json
+import os
 import signal
 import time
 
@@ -127,6 +128,50 @@ def test_a_silent_rank_is_recorded_before_the_collective_timeout(tmp_path):
     assert "its collectives hung" in s["error"], "recorded by the watch, not by a collective's timeout"
     assert took < 30, f"recorded {took:.0f} s after the last step, not within --dist_timeout_s"
     assert procs[0].returncode == 1
+
+
+def test_a_second_launch_on_a_live_run_directory_is_refused(tmp_path):
+    """Two jobs never write one run directory: a second `--resume auto` launch (another port) while the first is
+    training is refused in one line naming the holder; the first goes on untouched."""
+    args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "100", "--max_steps", "2000")
+    first = start_bench(tmp_path, *args, nprocs=2, launcher="srun-env")
+    wait_for_steps(tmp_path, first, 3)
+    second = run_bench(tmp_path, *args, nprocs=2, launcher="srun-env", timeout=120)
+    assert second.returncode == 2, second.output[-3000:]
+    errors = [ln for ln in second.output.splitlines() if ln.startswith("error:")]
+    assert errors and all("is in use by another job: srun" in e and "last heartbeat" in e for e in errors), errors
+    assert all(p.poll() is None for p in first), "the holder is still training"
+    first[0].send_signal(signal.SIGUSR1)
+    done = finish(first, tmp_path)
+    assert done.returncode == 75, done.output[-3000:]
+    s = done.summary()
+    assert s["status"] == "preempted" and s["resumed_at"] == [] and s["steps"] == len(done.records())
+    assert not (tmp_path / "job" / ".owner.json").exists(), "released at the end: a requeued job resumes"
+
+
+def test_ranks_do_not_outlive_their_launcher(tmp_path):
+    """The per-node launcher SIGKILLed (deepspeed.launcher.launch): its ranks stop at the next step boundary,
+    saving a checkpoint, and record why, instead of running on as orphans."""
+    args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "100", "--max_steps", "40")
+    procs = start_bench(tmp_path, *args, nprocs=2, launcher="deepspeed")
+    wait_for_steps(tmp_path, procs, 3)
+    rank0 = json.loads((tmp_path / "job" / ".ranks" / "rank0.json").read_text())["pid"]
+    with open(f"/proc/{rank0}/stat") as fh:
+        launch = int(fh.read().rsplit(")", 1)[1].split()[1])  # the rank's parent: the per-node launcher
+    os.kill(launch, signal.SIGKILL)
+    summary = tmp_path / "job" / "summary.json"
+    t0 = time.time()
+    while json.loads(summary.read_text())["status"] == "running":
+        assert time.time() - t0 < 60, "the ranks went on as orphans"
+        time.sleep(0.5)
+    s = json.loads(summary.read_text())
+    assert s["status"] == "preempted" and f"its launcher (pid {launch}) exited" in s["error"], s["error"]
+    assert s["steps"] < 40 and (tmp_path / "job" / "checkpoints" / f"step{s['steps']:08d}" / "COMPLETE").exists()
+    finish(procs, tmp_path, timeout=60)
+    t0 = time.time()
+    while os.path.exists(f"/proc/{rank0}") and time.time() - t0 < 30:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{rank0}"), "rank 0 exited"
 
 
 def test_out_of_memory_is_recorded_as_oom(tmp_path):
