@@ -191,6 +191,7 @@ class Session:
                 resume_id = json.load(fh).get("wandb_run_id")
         write_json_atomic(os.path.join(d, "config.json"), config)
         self.record.write(os.path.join(d, "summary.json"))
+        reserve_space(d)
         self.jsonl = JsonlLogger(os.path.join(d, "metrics.jsonl"))
         tags = [self.cfg.strategy, os.path.basename(self.cfg.model), f"world{self.env.world_size}",
                 f"peft-{p.peft}", f"zero{p.zero_stage}"]
@@ -211,10 +212,15 @@ class Session:
         path = os.path.join(self.run_dir, "summary.json")
         if not self.is_main:  # rank 0 is gone: keep what it recorded at the start (its W&B id, ...)
             self.record.adopt(path)
-        try:
-            self.record.write(path)
-        except OSError as e:  # the previous summary.json stays as it was (written atomically)
-            print_error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
+        for attempt in (1, 2):
+            try:
+                self.record.write(path)
+                break
+            except OSError as e:  # the previous summary.json stays as it was (written atomically)
+                if attempt == 1 and release_reserve(self.run_dir):
+                    continue  # a full disk: the space kept for this write is free now
+                print_error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
+        release_reserve(self.run_dir)
         liveness.release(self.run_dir, self.launch_id)  # the run has said how it ended: the directory is free
         if self.jsonl is not None:
             try:
@@ -408,6 +414,27 @@ class Session:
             self.record.fill_results(res, self.plan)
         if self.peaks is not None:
             self.record.memory(per_rank=[{"rank": self.env.rank, **self.peaks.record()}])
+
+
+RESERVE = ".space-for-summary"
+
+
+def reserve_space(run_dir: str, nbytes: int = 256 * 1024) -> None:
+    """Keep room for the last summary.json: a run that fills the disk (checkpoints) must still say how it ended,
+    and a summary left `running` is the one thing a reader cannot correct."""
+    try:
+        with open(os.path.join(run_dir, RESERVE), "wb") as fh:
+            fh.write(b"\0" * nbytes)  # written, not sparse: the blocks are really held
+    except OSError:
+        pass
+
+
+def release_reserve(run_dir: str) -> bool:
+    try:
+        os.unlink(os.path.join(run_dir, RESERVE))
+        return True
+    except OSError:
+        return False
 
 
 def _param_table(before: dict, after: dict, peft: str) -> str:

@@ -1,0 +1,242 @@
+"""Fault soak: external faults injected at random into real 2-rank runs, each then resumed, and what became of them.
+
+    python measurements/fault_soak.py --trials 30 --seed 1 --out docs/results/fault_soak_cpu.md
+
+Every trial starts the default job's shape (tiny LLaMA, ZeRO-2, 2 ranks under the deepspeed launcher, a checkpoint
+every 3 steps, --resume auto) and, after a random step and a random fraction of a step, does one of:
+SIGKILL / SIGTERM / SIGINT to a random rank or to the launcher (the `deepspeed` command, or its per-node
+`deepspeed.launcher.launch`), a second launch on the same port or on the same run directory, a truncated or a
+deleted newest checkpoint (after a preemption), or a full disk (the run directory on a tmpfs too small for the
+checkpoints; root only). Then it waits for every process of the launch (bounded: a process alive past the bound
+is a hang, and is killed), reads the status it left, and resumes with the same command until the run completes.
+The table: hangs, runs left `running`, the final losses against an uninterrupted run's (exact: fp32 on the CPU),
+and the steps lost against the checkpoint interval. Exit 1 when a trial hung, left `running`, or ended with
+other losses.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import common  # measurements/common.py, next to this script
+
+sys.path.insert(0, common.REPO)
+
+SAVE_EVERY, STEPS = 3, 12
+JOB = ["bench/run.py", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr",
+       "1e-3", "--max_steps", str(STEPS), "--warmup_steps", "1", "--seq_len", "128", "--micro_batch_size", "2",
+       "--global_batch_size", "4", "--eval_interval", "0", "--wandb_mode", "disabled", "--dist_timeout_s", "60"]
+RESUMABLE = ["--run_name", "job", "--resume", "auto", "--save_interval", str(SAVE_EVERY)]
+BOUND_S = 120  # every process of a launch has exited this long after the fault, or it hung
+FAULTS = ("sigkill_rank", "sigterm_rank", "sigint_rank", "sigkill_launch", "sigterm_deepspeed", "second_port",
+          "second_dir", "truncate_checkpoint", "delete_checkpoint", "full_disk")
+
+
+def start(out: str, port: int, extra=()) -> subprocess.Popen:
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           *JOB, "--output_dir", out, *RESUMABLE, *extra]
+    log = open(os.path.join(os.path.dirname(out), f"launch-{time.time_ns()}.log"), "w")
+    # own session: a fault to "the launcher" hits the command; the process group is what a hang check covers
+    return subprocess.Popen(cmd, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def records(out: str) -> list[dict]:
+    from bench.loggers import read_records
+    path = os.path.join(out, "job", "metrics.jsonl")
+    return read_records(path) if os.path.isfile(path) else []
+
+
+def summary(out: str) -> dict:
+    try:
+        with open(os.path.join(out, "job", "summary.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def rank_pids(out: str) -> list[int]:
+    ranks = os.path.join(out, "job", ".ranks")
+    pids = []
+    for name in sorted(os.listdir(ranks)) if os.path.isdir(ranks) else ():
+        try:
+            with open(os.path.join(ranks, name)) as fh:
+                pids.append(json.load(fh)["pid"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return pids
+
+
+def parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive(pids) -> list[int]:
+    from bench.liveness import process_gone
+    return [p for p in pids if p and not process_gone(p)]
+
+
+def wait_steps(out: str, n: int, proc, limit: float = 120) -> bool:
+    t0 = time.time()
+    while len(records(out)) < n:
+        if proc.poll() is not None or time.time() - t0 > limit:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def settle(procs: list, pids: list[int]) -> bool:
+    """Wait for the launches and the ranks they started. -> whether something hung past BOUND_S (then killed)."""
+    t0, hung = time.time(), False
+    while time.time() - t0 < BOUND_S and (any(p.poll() is None for p in procs) or alive(pids)):
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            hung = True
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    for pid in alive(pids):
+        hung = True
+        os.kill(pid, signal.SIGKILL)
+    return hung
+
+
+def newest_checkpoint(out: str) -> str | None:
+    d = os.path.join(out, "job", "checkpoints")
+    steps = sorted(n for n in os.listdir(d) if n.startswith("step")) if os.path.isdir(d) else []
+    return os.path.join(d, steps[-1]) if steps else None
+
+
+class Tmpfs:
+    """A small tmpfs for the full-disk trial (root only): too small for the run's checkpoints, then grown."""
+
+    def __init__(self, path: str, size: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], check=True)
+
+    def grow(self, size: str):
+        subprocess.run(["mount", "-o", f"remount,size={size}", self.path], check=True)
+
+    def close(self):
+        subprocess.run(["umount", "-l", self.path], check=False)
+
+
+def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict:
+    from bench.distributed import free_port
+    fault = rng.choice([f for f in FAULTS if f != "full_disk" or os.geteuid() == 0])
+    at_step, delay = rng.randint(1, STEPS - 2), rng.uniform(0, 0.15)
+    base = os.path.join(root, f"t{i}")
+    out = os.path.join(base, "runs")
+    os.makedirs(base)
+    disk = Tmpfs(out, "2M") if fault == "full_disk" else None
+    port = free_port()
+    try:
+        first = start(out, port)
+        procs, note = [first], ""
+        reached = wait_steps(out, at_step, first)
+        time.sleep(delay)
+        pids = rank_pids(out)
+        target = rng.randrange(2)
+        if fault.endswith("_rank") and reached and pids:
+            sig = {"sigkill_rank": signal.SIGKILL, "sigterm_rank": signal.SIGTERM, "sigint_rank": signal.SIGINT}[fault]
+            os.kill(pids[min(target, len(pids) - 1)], sig)
+            note = f"rank {target}"
+        elif fault == "sigkill_launch" and pids and parent(pids[0]):
+            os.kill(parent(pids[0]), signal.SIGKILL)
+        elif fault == "sigterm_deepspeed":
+            first.send_signal(signal.SIGTERM)
+        elif fault in ("second_port", "second_dir"):
+            procs.append(start(out, port if fault == "second_port" else free_port()))
+        elif fault in ("truncate_checkpoint", "delete_checkpoint"):
+            os.kill(pids[0], signal.SIGTERM) if pids else None  # preempted: it saves, then the newest is damaged
+        hung = settle(procs, pids)
+        status = summary(out).get("status")
+        left_running = status == "running"
+        ckpt = newest_checkpoint(out)
+        if fault == "truncate_checkpoint" and ckpt:
+            for name in os.listdir(ckpt):
+                if name.endswith("model_states.pt"):
+                    with open(os.path.join(ckpt, name), "r+b") as fh:
+                        fh.truncate(64)
+        elif fault == "delete_checkpoint" and ckpt:
+            shutil.rmtree(ckpt)
+        if disk:
+            disk.grow("256M")
+        attempts, final = 0, summary(out)
+        while final.get("status") != "completed" and attempts < 4:
+            attempts += 1
+            resume = start(out, free_port())
+            rp = []
+            t0 = time.time()
+            while resume.poll() is None and time.time() - t0 < BOUND_S:
+                rp = rank_pids(out) or rp
+                time.sleep(0.2)
+            hung = settle([resume], rp) or hung
+            final = summary(out)
+        losses = [r["loss"] for r in records(out)]
+        exact = len(losses) == len(reference) and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(losses, reference))
+        return {"trial": i, "fault": fault, "at_step": at_step, "target": note, "status_after_fault": status,
+                "hung": hung, "left_running": left_running, "resumes": attempts, "final": final.get("status"),
+                "exact": exact, "lost_steps": final.get("lost_steps"), "resumed_at": final.get("resumed_at")}
+    finally:
+        if disk:
+            disk.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None)
+    opts = p.parse_args(argv)
+    rng = random.Random(opts.seed)
+    from bench.distributed import free_port
+    with tempfile.TemporaryDirectory() as root:
+        ref_out = os.path.join(root, "reference", "runs")
+        os.makedirs(os.path.dirname(ref_out))
+        ref = start(ref_out, free_port())
+        ref.wait(timeout=300)
+        reference = [r["loss"] for r in records(ref_out)]
+        if summary(ref_out).get("status") != "completed":
+            sys.exit("the uninterrupted reference run did not complete")
+        rows = []
+        for i in range(1, opts.trials + 1):
+            rows.append(trial(i, rng, root, reference))
+            r = rows[-1]
+            print(f"trial {i}: {r['fault']} at step {r['at_step']} {r['target']} -> {r['status_after_fault']}; "
+                  f"resumed {r['resumes']}x -> {r['final']}, exact {r['exact']}, hung {r['hung']}", flush=True)
+    bad = [r for r in rows if r["hung"] or r["left_running"] or r["final"] != "completed" or not r["exact"]]
+    lost_ok = all((r["lost_steps"] or 0) < 2 * SAVE_EVERY for r in rows)
+    lines = [f"# Fault soak: {opts.trials} trials, seed {opts.seed}", "",
+             f"- {common.host_line()}",
+             f"- rerun: `python measurements/fault_soak.py --trials {opts.trials} --seed {opts.seed}`",
+             f"- job: tiny LLaMA, ZeRO-2, 2 ranks under the deepspeed launcher, {STEPS} steps, a checkpoint every "
+             f"{SAVE_EVERY}, `--resume auto`; a fault after a random step (1-{STEPS - 2}), then the same command "
+             f"until the run completes; a process alive {BOUND_S} s after the fault is a hang", "",
+             f"**hangs: {sum(r['hung'] for r in rows)}; runs left `running`: {sum(r['left_running'] for r in rows)}; "
+             f"final losses equal to the uninterrupted run: {sum(r['exact'] for r in rows)}/{len(rows)}; steps lost "
+             f"below two checkpoint intervals: {'all' if lost_ok else 'not all'}**", "",
+             "| trial | fault | after step | status the fault left | resumes | final | losses exact | lost steps "
+             "| resumed at |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['trial']} | {r['fault']} {r['target']} | {r['at_step']} | {r['status_after_fault']} | "
+              f"{r['resumes']} | {r['final']} | {'yes' if r['exact'] else 'NO'} | {r['lost_steps']} | "
+              f"{r['resumed_at']} |" for r in rows]
+    by = {f: sum(r["fault"] == f for r in rows) for f in FAULTS}
+    lines += ["", "Trials per fault: " + ", ".join(f"{f} {n}" for f, n in by.items()) + "."]
+    common.write_page(lines, opts.out)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
