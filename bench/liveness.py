@@ -74,17 +74,20 @@ class Heartbeat:
         self._stop.set()
 
     def _loop(self):
+        from bench import signals
         told = False
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 os.utime(self._path)
             except OSError:
                 pass  # a full disk or a lost mount: the peers may call this rank lost, which it then is
-            from bench import signals
-            signals.orphaned()  # the launcher gone and the kernel's SIGHUP missed: tell this process now
-            if not told and self.on_lost and self.check():
-                told = True  # on its own thread: this one keeps the heartbeat going meanwhile
-                threading.Thread(target=self.on_lost, args=self.lost, name="peer-lost", daemon=True).start()
+            try:
+                signals.orphaned()  # the launcher gone and the kernel's SIGHUP missed: tell this process now
+                if not told and self.on_lost and self.check():
+                    told = True  # on its own thread: this one keeps the heartbeat going meanwhile
+                    threading.Thread(target=self.on_lost, args=self.lost, name="peer-lost", daemon=True).start()
+            except Exception:  # noqa: BLE001 - the beat must go on, or the peers would call this rank lost
+                continue
 
     def _peer(self, rank: int) -> dict | None:
         """A peer's record of this launch (None until it has written one)."""

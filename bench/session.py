@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import asdict
 
-from bench import checkpoint, device, faults, distributed, liveness, metrics, models, ops, signals
+from bench import checkpoint, device, distributed, faults, liveness, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic

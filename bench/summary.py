@@ -199,6 +199,10 @@ def _rank0_peak(s: dict) -> str:
     ranks = s["memory"]["per_rank"]
     if not ranks:
         return "n/a"
-    r = ranks[0]
-    dev = r["peak_allocated_mib"]
-    return (f"allocated {dev:.0f}, " if dev is not None else "") + f"rss {r['peak_rss_mib']:.0f}"
+    r, where = ranks[0], ""
+    if r.get("peak_rss_mib") is None:  # no measured step: the peaks of the phase the run got to
+        phase, r = next(reversed((ranks[0].get("phases") or {"?": {}}).items()))
+        where = f" ({phase})"
+    dev, rss = r.get("peak_allocated_mib"), r.get("peak_rss_mib")
+    text = (f"allocated {dev:.0f}, " if dev is not None else "") + (f"rss {rss:.0f}" if rss is not None else "")
+    return (text or "n/a") + where

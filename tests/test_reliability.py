@@ -175,11 +175,11 @@ def test_ranks_do_not_outlive_their_launcher(tmp_path):
 
 
 def test_out_of_memory_is_recorded_as_oom(tmp_path):
-    res = run_bench(tmp_path, *ARGS, env={"BENCH_FAULT_OOM_STEP": "3"})
+    res = run_bench(tmp_path, *ARGS, env={"BENCH_FAULT_OOM_STEP": "4"})
     assert res.returncode == 3
     s = res.summary()
     assert s["status"] == "oom" and "out of memory" in s["error"]
-    assert s["steps"] == 2 and len(res.records()) == 2, "the steps before the OOM are kept"
+    assert s["steps"] == 3 and len(res.records()) == 3, "the steps before the OOM are kept"
     assert s["memory"]["per_rank"][0]["peak_rss_mib"] > 0, "with the memory figures so far"
     assert s["step_time_s"]["median"] is not None
 
