@@ -150,3 +150,24 @@ class WandbLogger:
                   "on its own (the run directory holds every record)", file=sys.stderr)
         os.close(self._done)
         self._proc = None
+
+
+RESERVE = ".space-for-summary"
+
+
+def reserve_space(run_dir: str, nbytes: int = 256 * 1024) -> None:
+    """Keep room for the last summary.json: a run that fills the disk (checkpoints) must still say how it ended,
+    and a summary left `running` is the one thing a reader cannot correct."""
+    try:
+        with open(os.path.join(run_dir, RESERVE), "wb") as fh:
+            fh.write(b"\0" * nbytes)  # written, not sparse: the blocks are really held
+    except OSError:
+        pass
+
+
+def release_reserve(run_dir: str) -> bool:
+    try:
+        os.unlink(os.path.join(run_dir, RESERVE))
+        return True
+    except OSError:
+        return False

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from bench import checkpoint, device, distributed, faults, liveness, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
-from bench.loggers import JsonlLogger, WandbLogger, write_json_atomic
+from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_space, write_json_atomic
 from bench.strategies.common import apply_lora, param_counts, param_shapes, save_adapters
 from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
@@ -414,27 +414,6 @@ class Session:
             self.record.fill_results(res, self.plan)
         if self.peaks is not None:
             self.record.memory(per_rank=[{"rank": self.env.rank, **self.peaks.record()}])
-
-
-RESERVE = ".space-for-summary"
-
-
-def reserve_space(run_dir: str, nbytes: int = 256 * 1024) -> None:
-    """Keep room for the last summary.json: a run that fills the disk (checkpoints) must still say how it ended,
-    and a summary left `running` is the one thing a reader cannot correct."""
-    try:
-        with open(os.path.join(run_dir, RESERVE), "wb") as fh:
-            fh.write(b"\0" * nbytes)  # written, not sparse: the blocks are really held
-    except OSError:
-        pass
-
-
-def release_reserve(run_dir: str) -> bool:
-    try:
-        os.unlink(os.path.join(run_dir, RESERVE))
-        return True
-    except OSError:
-        return False
 
 
 def _param_table(before: dict, after: dict, peft: str) -> str:
