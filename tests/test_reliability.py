@@ -4,11 +4,13 @@ directory."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import assert_ok, finish, run_bench, start_bench, wait_for_steps
+from conftest import REPO, assert_ok, finish, run_bench, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 
@@ -172,6 +174,36 @@ def test_ranks_do_not_outlive_their_launcher(tmp_path):
     while os.path.exists(f"/proc/{rank0}") and time.time() - t0 < 30:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{rank0}"), "rank 0 exited"
+
+
+def test_a_run_killed_outright_is_shown_lost_and_resumed(tmp_path):
+    """Every process of a run SIGKILLed at once (node loss): nothing can record the ending, summary.json keeps
+    `running`. Once its heartbeats are old (aged here instead of waiting a minute) the report lists it as lost,
+    apart from the results, and --resume auto takes the directory over, says so, and completes it exactly."""
+    args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "2")
+    procs = start_bench(tmp_path / "runs", *args, nprocs=2, launcher="srun-env", own_session=True)
+    wait_for_steps(tmp_path / "runs", procs, 5)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: no rank sees another die and records it
+        for p in procs:
+            os.killpg(p.pid, sig)
+    for p in procs:
+        p.wait()
+    job = tmp_path / "runs" / "job"
+    assert json.loads((job / "summary.json").read_text())["status"] == "running"
+    old = time.time() - 300
+    for f in (job / ".ranks").iterdir():
+        os.utime(f, (old, old))
+    out = subprocess.run([sys.executable, "-m", "analysis", "report", str(tmp_path / "runs"), "--out",
+                          str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    lost = [ln for ln in report.splitlines() if ln.startswith("| job |")]
+    assert lost and "| lost |" in lost[0] and "no heartbeat since" in lost[0], report[-2000:]
+    resumed = run_bench(tmp_path / "runs", *args, nprocs=2, launcher="srun-env")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "warning: took over" in resumed.output and "(lost)" in resumed.output
+    s = resumed.summary()
+    assert s["status"] == "completed" and s["resumed_at"] == [4]
 
 
 def test_out_of_memory_is_recorded_as_oom(tmp_path):
