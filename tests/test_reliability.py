@@ -199,6 +199,10 @@ def test_a_run_killed_outright_is_shown_lost_and_resumed(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     lost = [ln for ln in report.splitlines() if ln.startswith("| job |")]
     assert lost and "| lost |" in lost[0] and "no heartbeat since" in lost[0], report[-2000:]
+    # bench.sweep status over the same directory, as a local sweep that started it would list it
+    (tmp_path / "sweep.json").write_text(json.dumps([{"name": "job", "job_id": None, "returncode": -9}]))
+    from bench import sweep
+    assert [r["status"] for r in sweep.status(str(tmp_path))] == ["lost"]
     resumed = run_bench(tmp_path / "runs", *args, nprocs=2, launcher="srun-env")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "warning: took over" in resumed.output and "(lost)" in resumed.output
