@@ -125,6 +125,18 @@ def resolve_optimizer(params: dict, ds: dict) -> None:
         params.setdefault("fused", True)
 
 
+def keep_fp32_grad_norm(engine) -> None:
+    """Without ZeRO, fp16 or bf16 (plain data parallelism in fp32) DeepSpeed clips the gradients and drops their norm
+    (runtime/engine.py, clip_fp32_gradients), so get_global_grad_norm() stays None; keep the norm its own
+    clip_grad_norm_ returns (before clipping, as every other path reports it)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip
+
+
 def optimizer_record(engine) -> dict:
     """What updated the weights: the torch optimizer's class, whether fused, and DeepSpeed's wrapper around it."""
     opt = engine.optimizer

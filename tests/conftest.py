@@ -225,12 +225,13 @@ PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_step
 @pytest.fixture(scope="session")
 def zero_runs(tmp_path_factory):
     """The same model, data and global batch of 4: one process (grad_accum 2) and two processes under
-    ZeRO-1 (torchrun), ZeRO-2 (deepspeed launcher, W&B offline; and accelerate launch) and ZeRO-3 (srun-style
+    plain data parallelism (ZeRO stage 0, srun-style), ZeRO-1 (torchrun), ZeRO-2 (deepspeed launcher, W&B offline; and accelerate launch) and ZeRO-3 (srun-style
     environment)."""
     root = tmp_path_factory.mktemp("zero")
     zero = lambda stage: (*PARITY_ARGS, "--ds_config", f"ds_configs/dp_zero{stage}.json")  # noqa: E731
     runs = run_many({
         "w1": (root / "w1", zero(2), {}),
+        "zero0": (root / "zero0", zero(0), {"nprocs": 2, "launcher": "srun-env"}),  # plain DP: the baseline
         "zero1": (root / "zero1", zero(1), {"nprocs": 2, "launcher": "torchrun"}),
         "zero2": (root / "zero2", (*zero(2), "--wandb_mode", "offline", "--target_loss", "100"),
                   {"nprocs": 2, "launcher": "deepspeed"}),

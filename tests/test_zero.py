@@ -12,7 +12,7 @@ pytestmark = pytest.mark.multiproc
 LOSS_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "zero2-accelerate"])
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "zero2-accelerate"])
 def test_world2_matches_world1(zero_runs, layout):
     base, run = zero_runs["w1"], zero_runs[layout]
     assert_ok(base)
@@ -89,7 +89,7 @@ def test_activation_checkpointing_recomputes_the_same_model(zero_runs, tmp_path)
     assert json.loads((res.run_dir / "config.json").read_text())["run"]["activation_checkpointing"] is True
 
 
-@pytest.mark.parametrize("name", ["w1", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["w1", "zero0", "zero1", "zero2", "zero3"])
 def test_the_planner_predicted_what_each_rank_held_and_moved(zero_runs, name):
     """bench/estimate.py's prediction, made before launch, against what the run counted (docs/planner.md)."""
     assert_plan_matches(zero_runs[name].summary())
