@@ -63,20 +63,18 @@ class Heartbeat:
             json.dump({"rank": rank, "host": self.host, "pid": os.getpid(), "launch_id": launch_id,
                        "started": time.time()}, fh)
         os.replace(tmp, self._path)
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
+        """Beats until the process exits (a daemon thread: it must outlive every record the process writes)."""
         self._thread.start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _loop(self):
         from bench import signals
         told = False
-        while not self._stop.wait(HEARTBEAT_S):
+        while True:
+            time.sleep(HEARTBEAT_S)
             try:
                 os.utime(self._path)
             except OSError:
@@ -134,10 +132,8 @@ class Heartbeat:
 def run_state(run_dir: str, status: str, now: float | None = None) -> tuple[str, float | None]:
     """(status as a reader should show it, seconds since the newest heartbeat). A `running` run whose ranks have
     all been silent for LOST_AFTER_S died without a word: `lost`. Runs from before heartbeats keep their status."""
-    ranks = os.path.join(run_dir, ".ranks")
-    try:
-        newest = max(os.stat(os.path.join(ranks, n)).st_mtime for n in os.listdir(ranks) if n.endswith(".json"))
-    except (OSError, ValueError):
+    newest = newest_beat(run_dir)
+    if newest is None:
         return status, None
     silent = (now or time.time()) - newest
     return ("lost" if status == "running" and silent > LOST_AFTER_S else status), silent
@@ -155,17 +151,26 @@ def _describe(holder: dict) -> str:
             f"{ago / 60:.0f} min ago)")
 
 
-def holder_silence(run_dir: str, holder: dict, now: float | None = None) -> float | None:
-    """Seconds since the holder's newest heartbeat (its claim's own time before its first heartbeat)."""
+def newest_beat(run_dir: str, launch_id: str | None = None) -> float | None:
+    """The newest heartbeat time among the run directory's ranks (only one launch's with launch_id), or None."""
     ranks, newest = os.path.join(run_dir, ".ranks"), None
     for name in os.listdir(ranks) if os.path.isdir(ranks) else ():
+        path = os.path.join(ranks, name)
         try:
-            path = os.path.join(ranks, name)
-            with open(path) as fh:
-                if json.load(fh).get("launch_id") == holder.get("launch_id"):
-                    newest = max(newest or 0.0, os.stat(path).st_mtime)
+            if launch_id is not None:
+                with open(path) as fh:
+                    if json.load(fh).get("launch_id") != launch_id:
+                        continue
+            if name.endswith(".json"):
+                newest = max(newest or 0.0, os.stat(path).st_mtime)
         except (OSError, ValueError):
             continue
+    return newest
+
+
+def holder_silence(run_dir: str, holder: dict, now: float | None = None) -> float | None:
+    """Seconds since the holder's newest heartbeat (its claim's own time before its first heartbeat)."""
+    newest = newest_beat(run_dir, holder.get("launch_id"))
     if newest is None:
         try:
             newest = os.stat(os.path.join(run_dir, OWNER)).st_mtime
