@@ -67,7 +67,7 @@ def stage_of(plan, rank: int) -> tuple[int, set | None]:
     from bench.strategies.pipeline import stage_bounds
     stage = rank // lay.dp
     b = stage_bounds(plan)
-    # partition positions: 0 is the embedding, 1..L the decoder layers, L+1 the norm and head
+    # partition positions: 0 is the embedding, 1..L the decoder layers, then the norm and head (pipeline.py)
     return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
 
 
@@ -236,6 +236,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
             # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
             layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
+    from bench.strategies.autotp import vocab_parallel
     stage, layers = stage_of(plan, rank)
     n_layers = c.num_hidden_layers if layers is None else len(layers)
     if plan.cfg.activation_checkpointing:
@@ -244,6 +245,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     else:
         kept, recompute = n_layers * layer, 0
     last = stage == lay.pp - 1
+    vocab = c.vocab_size // lay.tp if vocab_parallel(plan) else c.vocab_size  # a rank's part of the logits
     outside = 2 * seq * hd * w if n_layers else 0  # the rotary cos and sin
     if stage == 0:
         outside += 2 * bs * 8  # ids and labels
@@ -254,8 +256,8 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         elif plan.zero_stage == 3:
             outside += bs * h * w
         if not plan.cfg.tiled_loss:  # tiled: the head and loss run slice by slice, their backward at once
-            outside += bs * c.vocab_size * 4
-    logits = bs * c.vocab_size * w if last and not plan.cfg.tiled_loss else 0
+            outside += bs * vocab * 4
+    logits = bs * vocab * w if last and not plan.cfg.tiled_loss else 0
     return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
 
 
@@ -330,6 +332,7 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
 
 
 def comm_bytes_per_step(plan, rank: int) -> dict:
+    from bench.strategies.autotp import vocab_parallel
     c, lay, w = plan.model_config, plan.layout, _width(plan)
     micro, seq, accum = plan.batch.micro, plan.cfg.seq_len, plan.batch.grad_accum
     bsh = micro * seq * c.hidden_size
@@ -344,7 +347,10 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         add("all_reduce", accum * (L * (row + col) + head) * bsh * w)
         if plan.peft == "lora":
             add("all_reduce", accum * _tp_lora_all_reduce(plan, micro * seq, bsh * w, w))
-        if head:
+        if head and vocab_parallel(plan):  # the split embedding's output summed; the loss's max, sum of
+            # exponentials and target logit per predicted token (deepspeed/sequence/cross_entropy.py)
+            add("all_reduce", accum * (bsh * w + 3 * micro * (seq - 1) * 4))
+        elif head:
             add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
     if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
         tokens = micro * seq // lay.sp  # this rank's
@@ -364,6 +370,11 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         stage = rank // lay.dp
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
         add("send_recv", accum * 2 * sends * bsh * w)  # each one sent here and received there: logged twice
+        if plan.model_config.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
+            # the tied embedding/head's two copies sum their gradients (pipe/engine.py, _exec_reduce_tied_grads;
+            # in fp32: the bf16 optimizer's master gradient)
+            fp16 = (plan.ds.get("fp16") or {}).get("enabled")
+            add("all_reduce", c.vocab_size * c.hidden_size * (2 if fp16 else 4))
     gs = groups(plan, rank)
     stage3 = plan.zero_stage == 3
     if stage3:

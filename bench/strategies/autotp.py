@@ -75,14 +75,24 @@ AUTO_POLICY = {r".*\.(o|down)_proj\.weight$": "row", r".*\.(q|k|v|gate|up)_proj\
                r"^lm_head\.weight$": "column"}  # AutoTP's LLaMA policy
 
 
+def vocab_parallel(plan) -> bool:
+    """Whether AutoTP splits the LM head along the vocabulary (its logits stay split, the loss reduces across the
+    group): a tied model without a partition_config, whose Hugging Face plan asks for "embedding_rowwise"
+    (runtime/engine.py, auto_vocab_parallel_lm_head); the one embedding/head tensor is then split once."""
+    partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
+    return plan.layout.tp > 1 and partition is None and plan.model_config.tie_word_embeddings
+
+
 def tp_splits(plan) -> dict[str, str]:
     """{parameter name: "row" | "column"} of what AutoTP splits: for LLaMA its automatic policy (q/k/v/gate/up by
-    column, o/down by row, the LM head by column); with a partition_config (Mixtral's attention-only preset), what
+    column, o/down by row, the LM head by column, a tied head with its embedding by vocabulary); with a partition_config (Mixtral's attention-only preset), what
     its patterns match."""
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
     policy = AUTO_POLICY if partition is None else \
         {p: spec.get("partition_type", "column") for spec in partition.get("layer_specs", [])
          for p in spec.get("patterns", [])}
+    if vocab_parallel(plan):
+        policy = {**policy, r"^model\.embed_tokens\.weight$": "column"}
     splits = {}
     for name, _ in architecture(plan.model_config).params:
         kinds = [kind for pattern, kind in policy.items() if re.match(pattern, name)]

@@ -76,6 +76,15 @@ class HeadStage(torch.nn.Module):
         return self.head(self.norm(hidden))
 
 
+def tied_logits(embedding: EmbeddingStage, hidden):
+    """The LM head of a tied model: the embedding's own weight (a TiedLayerSpec's forward_fn)."""
+    return torch.nn.functional.linear(hidden, embedding.embed.weight)
+
+
+def ties_head(model) -> bool:
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def causal_lm_loss(logits, labels):
     """Hugging Face's causal-LM loss: next-token cross-entropy, mean over the micro-batch's target tokens."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -90,9 +99,19 @@ def build_stages(model, ds: dict):
     if hasattr(model, "base_model") and hasattr(model.base_model, "model"):
         model = model.base_model.model  # a peft model: its adapters live inside the layers the stages reuse
     inner = model.model
-    layers = [EmbeddingStage(inner.embed_tokens)]
-    layers += [DecoderStage(layer, inner.rotary_emb) for layer in inner.layers]
-    layers.append(HeadStage(inner.norm, model.lm_head))
+    if ties_head(model):
+        # One weight on two stages: DeepSpeed keeps a copy on each, broadcasts the first stage's at build and
+        # all-reduces their gradients before the step (deepspeed/runtime/pipe/module.py, _index_tied_modules;
+        # pipe/engine.py, _exec_reduce_tied_grads), so both train the one-process tied weight; separate
+        # modules would train two diverging copies.
+        from deepspeed.pipe import TiedLayerSpec
+        tied = dict(tied_weight_attr=["embed.weight"])
+        first = [TiedLayerSpec("embedding", EmbeddingStage, inner.embed_tokens, **tied)]
+        last = [HeadStage(inner.norm, torch.nn.Identity()),  # the norm; the logits follow on the tied weight
+                TiedLayerSpec("embedding", EmbeddingStage, inner.embed_tokens, forward_fn=tied_logits, **tied)]
+    else:
+        first, last = [EmbeddingStage(inner.embed_tokens)], [HeadStage(inner.norm, model.lm_head)]
+    layers = first + [DecoderStage(layer, inner.rotary_emb) for layer in inner.layers] + last
     section = ds.get("pipeline") or {}
     return PipelineModule(layers=layers, num_stages=section["stages"], loss_fn=causal_lm_loss,
                           partition_method=section.get("partition", "parameters"))
@@ -234,20 +253,21 @@ class Pipeline(Strategy):
 
 
 def _layer_params(plan, c) -> tuple[list[int], list[int]]:
-    """(all, trainable) parameters of the layers PipelineModule partitions: [embedding] + decoder layers +
-    [norm + head]. The last stage holds lm_head even when the model ties it to the embedding (its own copy)."""
+    """(all, trainable) parameters of the layers PipelineModule partitions, as build_stages lists them: [embedding]
+    + decoder layers + [norm + head], or for a tied head [norm] + [the embedding again] (the last stage's copy)."""
     lora_per_layer = (plan.lora_params or 0) // c["layers"]
     layer = sum(c["layer"][k] for k in ("attention", "mlp", "norms")) + lora_per_layer
-    head = c["embedding"] if plan.model_config.tie_word_embeddings else c["head"]
-    full = [c["embedding"]] + [layer] * c["layers"] + [c["final_norm"] + head]
-    trainable = [0] + [lora_per_layer] * c["layers"] + [0] if plan.peft == "lora" else full
+    tied = plan.model_config.tie_word_embeddings
+    last = [c["final_norm"], c["embedding"]] if tied else [c["final_norm"] + c["head"]]
+    full = [c["embedding"]] + [layer] * c["layers"] + last
+    trainable = [0] + [lora_per_layer] * c["layers"] + [0] * len(last) if plan.peft == "lora" else full
     return full, trainable
 
 
 def stage_bounds(plan) -> list[int]:
     """DeepSpeed's own partitioner over the stages' layers, weighted as PipelineModule weighs them: trainable
     parameters per layer ('parameters'), or layer count ('uniform'). -> stage s runs layers [b[s], b[s+1]) of
-    [embedding] + decoder layers + [norm + head]. Ranks are (stage, data) with the stage outermost."""
+    _layer_params' list. Ranks are (stage, data) with the stage outermost."""
     from deepspeed.runtime import utils as ds_utils
     from bench.models import count_params_from_config
     full, trainable = _layer_params(plan, count_params_from_config(plan.model_config))

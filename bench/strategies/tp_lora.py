@@ -89,6 +89,7 @@ def adapters_follow_autotp(model):
     def partition_then_reattach(self, module, tp_config):
         sources = original(self, module, tp_config)
         reattach(detached)
+        loss_reaches_base_model(model)
         return sources
 
     DeepSpeedEngine._apply_autotp_partitioning = partition_then_reattach
@@ -96,6 +97,16 @@ def adapters_follow_autotp(model):
         yield
     finally:
         DeepSpeedEngine._apply_autotp_partitioning = original
+
+
+def loss_reaches_base_model(model) -> None:
+    """A tied LM head becomes vocabulary-parallel under AutoTP (its logits stay split) and DeepSpeed installs the
+    matching loss as the given module's `loss_function` (engine.py `finalize_autotp` ->
+    sequence/cross_entropy.py `_set_vocab_parallel_loss`). Given the peft wrapper, that attribute lands on the
+    wrapper, while the base model's forward calls its own: hand it down, or the stock loss meets split logits."""
+    loss = vars(model).get("loss_function")
+    if loss is not None:
+        model.get_base_model().loss_function = loss
 
 
 def whole(param):
