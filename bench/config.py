@@ -52,6 +52,9 @@ class RunConfig:
     device: str = _f(None, "auto: the GPUs where torch sees them, refused where GPUs are expected but torch has no "
                      "CUDA; cuda: refuse without CUDA; cpu: run on the CPU on purpose (default: $BENCH_DEVICE, else "
                      "auto)", choices=("auto", "cuda", "cpu"))
+    precision: str = _f("auto", "bf16: bf16 weights and activations (fp32 master weights under ZeRO); fp32; auto: "
+                        "bf16 where the GPU supports it, fp32 on the CPU, or what the ds_config sets explicitly "
+                        "(CLI > ds_config)", choices=("auto", "bf16", "fp32"))
     ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
                                   "(bench/estimate.py; docs/planner.md)")
     max_steps: int = _f(20, "optimizer steps to run")
@@ -297,6 +300,7 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
         section = ds.get(key)
         if isinstance(section, dict) and section.get("enabled") == "auto":
             section["enabled"] = supported
+    _apply_precision(cfg.precision, ds, device_type, bf16_ok)
     if (ds.get("fp16") or {}).get("enabled") is True and device_type == "cpu":
         raise BenchError("fp16 is enabled in the ds_config but the CPU has no fp16 training path; "
                          "set \"fp16\": {\"enabled\": \"auto\"} or false")
@@ -316,6 +320,29 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     if remaining:
         raise BenchError(f"ds_config field {remaining} is \"auto\" but the harness cannot resolve it; set a value")
     return ds
+
+
+def _apply_precision(precision: str, ds: dict, device_type: str, bf16_ok: bool) -> None:
+    """--precision over the ds_config. bf16_ok says whether "auto" turns bf16 on (a GPU with bf16); asked for
+    explicitly, bf16 also runs on the CPU (DeepSpeed's CPU accelerator supports it, is_bf16_supported)."""
+    if precision == "auto":
+        return
+    if precision == "bf16" and device_type == "cuda" and not bf16_ok:
+        raise BenchError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
+    for key in ("bf16", "fp16"):
+        if precision == "fp32" or key == "fp16":
+            if ds.get(key):
+                ds[key]["enabled"] = False
+    if precision == "bf16":
+        ds.setdefault("bf16", {})["enabled"] = True
+
+
+def precision_of(ds: dict) -> str:
+    """"bf16" | "fp16" | "fp32": what the resolved ds_config trains in (recorded as summary.precision)."""
+    for key in ("bf16", "fp16"):
+        if (ds.get(key) or {}).get("enabled"):
+            return key
+    return "fp32"
 
 
 def _find_auto(node, path=""):

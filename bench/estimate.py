@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from bench import gpus, models
-from bench.config import BenchError, offloaded
+from bench.config import BenchError, offloaded, precision_of
 from bench.strategies.common import parameter_sizes
 
 GIB = gpus.GIB
@@ -46,7 +46,7 @@ def _zero(plan) -> dict:
 
 
 def _width(plan) -> int:
-    return 2 if (plan.ds.get("bf16") or {}).get("enabled") or (plan.ds.get("fp16") or {}).get("enabled") else 4
+    return 4 if precision_of(plan.ds) == "fp32" else 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,10 +156,12 @@ def model_states(plan, rank: int) -> dict:
         # parameters at or under the persistence threshold stay whole on every rank beside their partition
         threshold = zero.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         params += sum(n for n in parameter_sizes(plan) if n <= threshold) * w
-        master = 4 if w != 4 else 0  # fp32 training updates the partition itself: no separate master copy
-        optimizer = part3 * (8 + master)
-        grads = 2 * part3 * w  # the reduce-scatter target and the averaged partition (stage3.py)
-        buffers = bucket  # one bucket, kept for the whole run
+        # LoRA adapters are held fp32 under ZeRO-3: their partition and their persistent whole copy at 4 bytes
+        params += sum(-(-n // world) + (n if n <= threshold else 0) for n in lora_sizes(plan)) * \
+            (_adapter_width(plan) - w)
+        optimizer = part3 * 8  # Adam's two fp32 states
+        grads = part3 * (w + 4)  # the reduce-scatter target and the fp32 averaged partition (stage3.py)
+        buffers = bucket // w * _reduce_width(plan)  # one bucket, kept for the whole run
         prefetch = int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
         # the parameters gathered for compute: frozen ones too
         transient = min(sum(parameter_sizes(plan)), prefetch + _largest_layer(plan)) * w
@@ -188,6 +190,32 @@ def model_states(plan, rank: int) -> dict:
         buffers = host = 0
     return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "buffers_bytes": buffers,
             "offloaded_bytes": host, "transient_bytes": transient}
+
+
+def lora_sizes(plan) -> list[int]:
+    from bench.strategies.common import lora_sizes_by_name
+    return [n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)] if plan.peft == "lora" else []
+
+
+def _reduce_width(plan) -> int:
+    """Bytes per element of ZeRO-3's gradient reduction: under SP DeepSpeed reduces in
+    seq_parallel_communication_data_type, whose default is fp32 even in bf16 (runtime/config.py)."""
+    sp_default = plan.layout.sp > 1 and "seq_parallel_communication_data_type" not in plan.ds
+    return 4 if sp_default else _width(plan)
+
+
+def _sizes_and_widths(plan) -> list[tuple[int, int]]:
+    """(numel, bytes per element) of every parameter of the model, adapters last (parameter_sizes' order)."""
+    adapters = lora_sizes(plan)
+    base = parameter_sizes(plan)[:-len(adapters) or None]
+    return [(n, _width(plan)) for n in base] + [(n, _adapter_width(plan)) for n in adapters]
+
+
+def _adapter_width(plan) -> int:
+    """Bytes per LoRA adapter element as the engine holds them: ZeRO-0/1/2 cast the whole module to the training
+    dtype at initialize (runtime/engine.py, _cast_module_mixed_precision); ZeRO-3's model is built under zero.Init
+    and peft adds the adapters after, so they stay fp32 (summary.dtypes records it; docs/parity.md)."""
+    return 4 if plan.zero_stage == 3 else _width(plan)
 
 
 def _largest_layer(plan) -> int:
@@ -271,8 +299,9 @@ def _tiled_loss_slice(plan) -> int:
 def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int) -> int:
     """A decoder layer's saved tensors when only LoRA adapters train (dense MLP; measured tensor by tensor like
     activation_bytes; q_elems and inter are this rank's share under TP). Frozen linear layers keep no input (no
-    weight gradient to compute), except under ZeRO-3, whose linear wrapper keeps every input. Adapters keep their input and their r-wide middle, in fp32 (peft
-    keeps adapters fp32): under bf16 each adapter casts its input to fp32 separately."""
+    weight gradient to compute), except under ZeRO-3, whose linear wrapper keeps every input. Adapters keep their
+    input and their r-wide middle in the adapters' dtype (_adapter_width: bf16 under ZeRO-0/1/2 in bf16, fp32
+    under ZeRO-3, where each adapter casts its input to fp32 separately)."""
     h, r = plan.model_config.hidden_size, plan.cfg.lora_r
     targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
     if plan.cfg.tiled_mlp:  # the tiled MLP's adapters recompute with it
@@ -283,10 +312,12 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
     wrapped = [inputs[t] for t in targets if t in inputs]
     kept = attention - q_elems * w + 2 * bs * 4  # attention without the o_proj input; the norms' 1/rms
     kept += 3 * bs * inter * w  # gate, up and act (the down input only when something needs it)
-    kept += len(wrapped) * bs * r * 4
-    if w == 4:  # fp32: each distinct input once, the norms' copies shared with the residual stream but one
-        kept += (bs * h + sum(dict(wrapped).values())) * 4
-    else:
+    aw = _adapter_width(plan)
+    kept += len(wrapped) * bs * r * aw
+    if aw == w:  # adapters in the model's dtype: each distinct input once, the norms' copies shared with the
+        # residual stream but one (in bf16 also one fp32 copy of it)
+        kept += (bs * h + sum(dict(wrapped).values())) * w + (bs * h * 4 if w != 4 else 0)
+    else:  # fp32 adapters on a bf16 model (ZeRO-3): each adapter casts its input to fp32 separately
         kept += (2 * bs * h + sum(n for _, n in wrapped)) * 4
     if plan.zero_stage == 3:  # the frozen linears' inputs too
         frozen = {kind: n for name, (kind, n) in inputs.items() if name not in targets}
@@ -357,9 +388,10 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         add("all_to_all", accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
         if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
             add("all_gather", accum * L * 2 * bsh // lay.tp * w)
-            # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh); with
-            # the experts trained, one more bsh-sized reduction, measured (the data-dependent part: ~8 %)
-            add("all_reduce", accum * L * (3 if plan.peft == "lora" else 4) * bsh * w)
+            # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh), in
+            # fp32 even in bf16 (measured: tests/test_bf16.py); with the experts trained, one more bsh-sized
+            # reduction in the training dtype, measured (the data-dependent part: ~8 %)
+            add("all_reduce", accum * L * (3 * bsh * 4 + (0 if plan.peft == "lora" else bsh * w)))
     if lay.sp > 1:  # Ulysses: each layer's q, k, v and output all-to-all, forward and backward (k and v with their
         # heads repeated up to the SP size when there are fewer), and its position ids gathered in forward
         tokens, hd = micro * seq // lay.sp, models.head_dim(c)
@@ -381,12 +413,12 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         sizes = [n for g in gs for n in g.sizes]
         world = lay.world_size
         threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
-        add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * w)
+        add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * _reduce_width(plan))
         add("all_reduce", 4 if "optimizer" in offloaded(plan.ds) else 8)  # the norm: fp32 offloaded, else fp64
-        every = parameter_sizes(plan)  # frozen ones too: the forward needs them
-        small = sum(-(-n // world) for n in every if n <= threshold)
-        large = sum(-(-n // world) for n in every if n > threshold)
-        add("all_gather", (small + 2 * accum * large) * w)  # after the step; forward and backward per micro
+        every = _sizes_and_widths(plan)  # frozen ones too: the forward needs them
+        small = sum(-(-n // world) * width for n, width in every if n <= threshold)
+        large = sum(-(-n // world) * width for n, width in every if n > threshold)
+        add("all_gather", small + 2 * accum * large)  # after the step; forward and backward per micro
     elif plan.zero_stage == 0 and gs[0].degree > 1:  # plain data parallel: the engine all-reduces at the boundary
         add("all_reduce", sum(sum(g.sizes) for g in gs) * w)
     elif plan.zero_stage in (1, 2):

@@ -180,3 +180,15 @@ def build_cpu_adam() -> str:
     from deepspeed.ops.op_builder import CPUAdamBuilder
     CPUAdamBuilder().load(verbose=False)
     return f"cpu_adam ready in {os.environ.get('TORCH_EXTENSIONS_DIR', 'torch default cache')}"
+
+
+def dtypes_held(engine) -> dict:
+    """The dtypes the engine trains with, as held after deepspeed.initialize: ZeRO-1/2 cast every module parameter,
+    LoRA adapters included, to bf16 (runtime/engine.py, _cast_module_mixed_precision) while a model built under
+    zero.Init keeps its adapters fp32; the gradient accumulation dtype is DeepSpeed's own (get_data_types)."""
+    def kinds(trainable: bool) -> str | None:
+        found = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()
+                        if p.requires_grad == trainable})
+        return ",".join(found) or None
+    return {"trainable": kinds(True), "frozen": kinds(False),
+            "grad_accum": str(engine.get_data_types()[1]).removeprefix("torch.")}

@@ -79,11 +79,7 @@ class Plan:
     @property
     def dtype(self):
         import torch
-        if (self.ds.get("bf16") or {}).get("enabled"):
-            return torch.bfloat16
-        if (self.ds.get("fp16") or {}).get("enabled"):
-            return torch.float16
-        return torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision_of(self.ds)]
 
     def table(self) -> str:
         c, b, mc = self.cfg, self.batch, self.model_config

@@ -318,7 +318,7 @@ class Session:
                                               model_parameters=(q for q in model.parameters() if q.requires_grad))
         sections = p.strategy.after_initialize(p, engine, shapes)
         ops.keep_fp32_grad_norm(engine)
-        self.record.set(optimizer=ops.optimizer_record(engine))
+        self.record.set(optimizer=ops.optimizer_record(engine), dtypes=ops.dtypes_held(engine))
         self.record.set(**sections)
         text = p.strategy.describe(sections) if sections else None
         if self.is_main and text:

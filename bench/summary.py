@@ -12,6 +12,7 @@ import platform
 import socket
 
 from bench import metrics
+from bench.config import precision_of
 
 STATUSES = ("running", "completed", "failed", "oom", "preempted", "interrupted")
 
@@ -20,6 +21,8 @@ KEYS = {
     "error": "one line, or null",
     "strategy": "--strategy", "model": "--model", "peft": "lora | none, resolved",
     "world_size": "ranks", "layout": "{dp, tp, ep, pp, sp}", "zero_stage": "ZeRO stage of the resolved ds_config",
+    "precision": "bf16 | fp16 | fp32: what the resolved ds_config trains in (--precision)",
+    "dtypes": "{trainable, frozen, grad_accum}: the dtypes the engine holds (bench/ops.py dtypes_held)",
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
@@ -79,7 +82,7 @@ class RunRecord:
         self.set(
             status="running", error=None, strategy=cfg.strategy, model=cfg.model, peft=plan.peft,
             world_size=world_size, layout=plan.layout.as_dict(),
-            zero_stage=plan.zero_stage, global_batch_size=batch.global_, micro_batch_size=batch.micro,
+            zero_stage=plan.zero_stage, precision=precision_of(plan.ds), dtypes=None, global_batch_size=batch.global_, micro_batch_size=batch.micro,
             grad_accum=batch.grad_accum, seq_len=cfg.seq_len, steps=0, max_steps=cfg.max_steps,
             warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
             goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,

@@ -41,6 +41,27 @@ def test_auto_fields_resolved_and_cli_overrides():
         resolve_ds_config(cfg, {"zero_optimization": {"stage": "auto"}}, batch, "cpu", False)
 
 
+@pytest.mark.parametrize("precision,device,bf16_ok,given,expected", [
+    ("auto", "cpu", False, {"bf16": {"enabled": "auto"}}, "fp32"),   # the CPU keeps fp32 unless asked
+    ("auto", "cuda", True, {"bf16": {"enabled": "auto"}}, "bf16"),   # a GPU with bf16
+    ("auto", "cuda", True, {"bf16": {"enabled": False}}, "fp32"),    # an explicit ds_config value is kept
+    ("bf16", "cpu", False, {}, "bf16"),                              # asked: bf16 on the CPU, section created
+    ("fp32", "cuda", True, {"bf16": {"enabled": True}}, "fp32"),     # the command line wins
+    ("bf16", "cuda", True, {"fp16": {"enabled": True}}, "bf16"),     # one half precision at a time
+])
+def test_precision_flag_over_the_ds_config(precision, device, bf16_ok, given, expected):
+    from bench.config import precision_of
+    cfg = parse_args(["--precision", precision])
+    ds = resolve_ds_config(cfg, given, resolve_batch(cfg, {}, dp=1), device, bf16_ok)
+    assert precision_of(ds) == expected
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_in_one_line():
+    cfg = parse_args(["--precision", "bf16"])
+    with pytest.raises(BenchError, match="no bf16 support; use --precision fp32"):
+        resolve_ds_config(cfg, {}, resolve_batch(cfg, {}, dp=1), "cuda", bf16_ok=False)
+
+
 def test_layout_factors():
     assert Layout.from_ds_config({}, 8) == Layout(dp=8)
     ep = {"enabled": True, "autoep_size": 2}
