@@ -248,6 +248,13 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
     attention += (micro * seq * seq * w if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * lay.sp * 8 if lay.sp > 1 else 0  # Ulysses: the gathered position ids
+    if plan.cfg.attn_implementation == "eager":
+        # transformers' eager_attention_forward: matmul(q, k^T) keeps q and k repeated to every head, the softmax
+        # its fp32 output and matmul(p, v) the probabilities cast back to w (one tensor in fp32) and v repeated;
+        # the mask is added, not kept, and neither the output nor a log-sum-exp is kept: score matrices of
+        # (4 + w) b heads s^2 bytes, where SDPA and flash attention keep none
+        scores = micro * heads // tp * seq * seq
+        attention = 4 * q_elems * w + scores * (4 if w == 4 else 4 + w)  # q, k, v, the o_proj input; scores
     norms = 2 * (bs * h * (4 + w) + bs * 4) + bs * h * w  # two RMSNorms, and the residual stream kept once more
     if models.is_moe(c):
         k = c.num_experts_per_tok

@@ -20,7 +20,8 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
     from transformers import AutoModelForCausalLM
     from bench.strategies.common import apply_lora
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype,
+                                             attn_implementation=plan.cfg.attn_implementation)
     if plan.peft == "lora":
         model = apply_lora(model, plan.cfg)
         if plan.zero_stage < 3:  # as deepspeed.initialize does: the whole module, adapters too, in the training
@@ -47,6 +48,22 @@ def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
     for micro, seq in ((1, 64), (2, 128)):
         predicted = estimate.activation_bytes(plan, 0, micro, seq)["activation_bytes"]
         assert predicted == pytest.approx(_saved_bytes(plan, dtype, micro, seq), rel=0.15), (micro, seq)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_keeps_its_score_matrices(peft, dtype):
+    """--attn_implementation eager keeps the fp32 softmax and its copy in the training dtype (the score matrices
+    SDPA recomputes, though it keeps no mask, output or log-sum-exp): planned as autograd saves them."""
+    args = ["--peft", peft, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json"]
+    plan, sdpa = (plan_layout([*args, "--attn_implementation", impl], 1) for impl in ("eager", "sdpa"))
+    if dtype == torch.bfloat16:
+        plan.ds["bf16"] = sdpa.ds["bf16"] = {"enabled": True}
+    for micro, seq in ((1, 64), (2, 128)):
+        predicted = estimate.activation_bytes(plan, 0, micro, seq)["activation_bytes"]
+        assert predicted == pytest.approx(_saved_bytes(plan, dtype, micro, seq), rel=0.15), (micro, seq)
+    assert estimate.activation_bytes(plan, 0, 2, 128)["activation_bytes"] > \
+        estimate.activation_bytes(sdpa, 0, 2, 128)["activation_bytes"]
 
 
 def test_bench_plan_prints_a_verdict_and_json(capsys):
