@@ -17,7 +17,7 @@ def build_parser():
     r = sub.add_parser("report", help="tables, plots, report.md/html, CSV (and W&B table/report)")
     r.add_argument("runs", nargs="*", help="run directories, directories of runs, or globs")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--baseline", help="run name its model's comparison is relative to (default: each model's "
+    r.add_argument("--baseline", help="run name its job's comparison is relative to (default: each job's "
                                       "smallest completed run)")
     r.add_argument("--baseline-gpus", type=int, help="GPU count the scaling tables are relative to")
     r.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead of disk")
@@ -44,17 +44,18 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         tables.check_baseline(runs, args.baseline)
         sections, everything = [], []
-        for model, done in tables.by_model(runs).items():  # one section and one baseline per model
+        for job, done in tables.by_job(runs).items():  # one section and one baseline per job
             baseline = tables.pick_baseline(done, args.baseline)
             comparison = tables.comparison(done, baseline)
-            images, notes = plots.model_plots(done, args.out)
-            sections.append({"model": model, "baseline": baseline.name, "comparison": comparison,
+            images, notes = plots.job_plots(done, args.out)
+            sections.append({"job": job, "baseline": baseline.name, "comparison": comparison,
                              "scaling": tables.scaling_tables(done, args.baseline_gpus), "plots": images,
                              "notes": notes})
             everything += [{**row, "baseline": baseline.name} for row in comparison]  # W&B: one table
         tables.write_csv(runs, os.path.join(args.out, "runs.csv"))
         statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in runs).items())
-        intro = f"{len(runs)} runs ({statuses}); {len(sections)} model(s), each compared only with itself."
+        intro = (f"{len(runs)} runs ({statuses}); {len(sections)} job(s) (model, sequence length, global batch, "
+                 "data, precision, packing), each compared only with itself.")
         md, html_path = report.write(args.out, args.title, intro, sections, tables.incomplete(runs))
         print(f"wrote {md}, {html_path}, runs.csv and {sum(len(s['plots']) for s in sections)} plots to {args.out}")
         entity, _, project = args.project.rpartition("/")

@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from bench.config import precision_of
 from bench.liveness import run_state
 from bench.loggers import read_records
 from bench.summary import unflatten
@@ -37,17 +38,37 @@ class Run:
         return int(self.summary.get("world_size") or 0)
 
     @property
-    def label(self) -> str:
-        """What the run compares as: strategy, layout, ZeRO stage, peft, activation checkpointing ("ckpt"),
-        e.g. 'dp zero2 lora (dp2)'."""
-        s = self.summary
-        lay = s.get("layout") or {}
-        parts = [f"{k}{v}" for k, v in lay.items() if v and v > 1]
+    def job(self) -> tuple:
+        """What the run computes, apart from how it is laid out: model, sequence length, global batch, data,
+        precision and packing. Runs of different jobs are never put in one table, ratio or plot."""
+        s, run = self.summary, self.config.get("run") or {}
+        precision = s.get("precision") or precision_of(self.config.get("ds_config") or {})
+        return (s.get("model"), s.get("seq_len"), s.get("global_batch_size"), run.get("data"), precision,
+                run.get("packing"))
+
+    @property
+    def job_title(self) -> str:
+        """The job in words, e.g. 'tiny-llama, seq 128, global batch 4, squad-sample, fp32'."""
+        model, seq, batch, data, precision, packing = self.job
+        parts = [model or "?", f"seq {seq}", f"global batch {batch}", data, precision,
+                 None if packing is None else ("packed" if packing else "padded")]
+        return ", ".join(str(p) for p in parts if p is not None)
+
+    @property
+    def strategy(self) -> str:
+        """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
+        ("ckpt"), tiling, e.g. 'dp zero2 lora'."""
+        s, run = self.summary, self.config.get("run") or {}
         zero = f" zero{s.get('zero_stage')}" if s.get("strategy") in ("dp", "sp") else ""
-        run = self.config.get("run") or {}
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
-        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled} ({'x'.join(parts) or 'single'})"
+        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled}"
+
+    @property
+    def label(self) -> str:
+        """The strategy and its layout, e.g. 'dp zero2 lora (dp2)'."""
+        parts = [f"{k}{v}" for k, v in (self.summary.get("layout") or {}).items() if v and v > 1]
+        return f"{self.strategy} ({'x'.join(parts) or 'single'})"
 
 
 def _read_json(path: str) -> dict:

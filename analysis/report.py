@@ -38,15 +38,15 @@ def _html_table(rows: list[dict]) -> str:
 
 
 def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete: list[dict]) -> tuple[str, str]:
-    """sections: one per model, {model, baseline, comparison, scaling, plots, notes}; incomplete: the runs that
+    """sections: one per job, {job, baseline, comparison, scaling, plots, notes}; incomplete: the runs that
     did not complete, listed apart from the results."""
     md = [f"# {title}", "", intro, ""]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     for sec in sections:
-        model = sec["model"]
-        md += [f"## {model}", "", f"### Strategy comparison (baseline: `{sec['baseline']}`)", "",
+        job = sec["job"]
+        md += [f"## {job}", "", f"### Strategy comparison (baseline: `{sec['baseline']}`)", "",
                _md_table(sec["comparison"]), "### Scaling tables", ""]
-        parts += [f"<h2>{html.escape(model)}</h2>",
+        parts += [f"<h2>{html.escape(job)}</h2>",
                   f"<h3>Strategy comparison (baseline: <code>{html.escape(sec['baseline'])}</code>)</h3>",
                   _html_table(sec["comparison"]), "<h3>Scaling tables</h3>"]
         for name, rows in sec["scaling"].items():

@@ -1,5 +1,5 @@
-"""The report's tables: per model, the seeds' scaling tables and the strategy comparison against that model's
-baseline; the runs that did not complete, listed apart (never dropped, never mixed into results); a CSV of
+"""The report's tables: per job (model, sequence length, global batch, data, precision, packing), the seeds'
+scaling tables and the strategy comparison against that job's baseline; the runs that did not complete, listed apart (never dropped, never mixed into results); a CSV of
 everything. Ratios come from bench/metrics.py."""
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ def hms(seconds: float | None) -> str | None:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def by_model(runs: list[Run]) -> dict[str, list[Run]]:
-    """Completed runs per model, models in first-seen order: comparisons never cross models."""
+def by_job(runs: list[Run]) -> dict[str, list[Run]]:
+    """Completed runs per job (Run.job_title), jobs in first-seen order: comparisons never cross jobs, so two
+    runs of one model at different sequence lengths or batches are never one ratio."""
     out: dict[str, list[Run]] = {}
     for r in runs:
         if r.ok:
-            out.setdefault(r.model, []).append(r)
+            out.setdefault(r.job_title, []).append(r)
     return out
 
 
@@ -76,11 +77,11 @@ def _get(run: Run, *keys):
 
 
 def family(run: Run) -> tuple:
-    """Runs that form one scaling series: same model, strategy, ZeRO stage, peft and activation checkpointing;
+    """Runs that form one scaling series: same job, strategy, ZeRO stage, peft and activation checkpointing;
     only the GPU count varies."""
     s = run.summary
     recompute = bool((run.config.get("run") or {}).get("activation_checkpointing"))
-    return (s.get("model"), s.get("strategy"), s.get("zero_stage"), s.get("peft"), recompute)
+    return (run.job_title, s.get("strategy"), s.get("zero_stage"), s.get("peft"), recompute)
 
 
 def series(runs: list[Run]) -> dict[tuple, list[Run]]:
@@ -114,8 +115,8 @@ def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[st
                                                            _get(r, "total_wall_time_s")),
                 "memory scaling (peak_base/peak_N)": metrics.ratio(device0(base).get("peak_mib"), d0.get("peak_mib")),
             })
-        model, strategy, zero, peft, recompute = key
-        title = (f"{model}: {strategy}" + (f" ZeRO-{zero}" if strategy in ("dp", "sp") else "") + f", peft {peft}"
+        job, strategy, zero, peft, recompute = key
+        title = (f"{job}: {strategy}" + (f" ZeRO-{zero}" if strategy in ("dp", "sp") else "") + f", peft {peft}"
                  + (", activation checkpointing" if recompute else ""))
         out[title + f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
     return out
@@ -150,7 +151,7 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
         b = baseline
         rows.append({
-            "run": r.name, "model": r.model, "strategy": r.label, "GPUs": r.gpus,
+            "run": r.name, "job": r.job_title, "strategy": r.label, "GPUs": r.gpus,
             "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
             "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),

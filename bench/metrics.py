@@ -22,9 +22,9 @@ def percentile(values: list[float], q: float) -> float:
 def step_time_stats(step_times: list[float]) -> dict:
     """Statistics over measured (post-warm-up) steps; each entry is already the slowest rank's time."""
     if not step_times:
-        return {"median": None, "mean": None, "p90": None}
+        return {"median": None, "mean": None, "p10": None, "p90": None}
     return {"median": statistics.median(step_times), "mean": statistics.fmean(step_times),
-            "p90": percentile(step_times, 90)}
+            "p10": percentile(step_times, 10), "p90": percentile(step_times, 90)}
 
 
 def throughput(step_times: list[float], global_batch: int, seq_len: int, world_size: int,
@@ -132,3 +132,12 @@ def scaling_efficiency(tput_n: float | None, gpus_n: int, tput_base: float | Non
     if tput_n is None or not tput_base or not gpus_n or not gpus_base:
         return None
     return tput_n / ideal_throughput(tput_base, gpus_base, gpus_n)
+
+
+def throughput_spread(tokens_per_s: float | None, step_time: dict) -> tuple[float, float] | None:
+    """(low, high) tokens/s had every measured step taken the p90 / the p10 step time: tokens_per_s is work over
+    the mean step time, so the same work over another step time t is tokens_per_s x mean / t."""
+    mean, p10, p90 = (step_time or {}).get("mean"), (step_time or {}).get("p10"), (step_time or {}).get("p90")
+    if not tokens_per_s or not mean or not p10 or not p90:
+        return None
+    return tokens_per_s * mean / p90, tokens_per_s * mean / p10

@@ -27,7 +27,7 @@ KEYS = {
     "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
     "measured_steps": "steps timed: this process's steps after max(--warmup_steps, the 2 instrumented ones)",
-    "step_time_s": "{median, mean, p90} slowest-rank step time over measured steps",
+    "step_time_s": "{median, mean, p10, p90} slowest-rank step time over measured steps",
     "tokens_per_s": "global tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
     "samples_per_s": "global samples per second", "tflops_per_gpu": "model TFLOP/s per GPU",
     "mfu": "tflops_per_gpu / peak_tflops, null when the peak is unknown",

@@ -9,11 +9,13 @@ import sys
 import pytest
 from matplotlib import image
 
-from analysis import collect, tables, wandb_export
+from analysis import collect, plots, tables, wandb_export
+from bench import metrics
 from conftest import REPO, assert_ok, run_many
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "4", "--warmup_steps", "1",
-        "--seq_len", "128", "--micro_batch_size", "2", "--eval_interval", "0")
+        "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "4", "--eval_interval", "0")
+JOB = "tiny-llama, seq 128, global batch 4, squad-sample, fp32"  # what every tiny-llama run here computes
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,9 @@ def runs_dir(tmp_path_factory):
                                               ("lora-w2", ("--peft", "lora"), 2, "deepspeed"),
                                               ("full-w2", ("--peft", "none"), 2, "deepspeed"),
                                               ("mixtral-w1", ("--peft", "none", "--model", "tiny-mixtral"), 1,
-                                               "python")]}
+                                               "python"),
+                                              # the same model and strategy, another job: a shorter sequence
+                                              ("lora-w1-seq64", ("--peft", "lora", "--seq_len", "64"), 1, "python")]}
     for name, res in run_many(specs).items():
         assert_ok(res)
         shutil.move(str(res.run_dir), str(runs / name))
@@ -53,7 +57,7 @@ def report(runs_dir, tmp_path_factory):
 def test_scaling_ratios_are_exact(runs_dir):
     runs = collect.from_dirs([str(runs_dir)])
     series = tables.scaling_tables(runs)
-    (title, rows), = [(t, r) for t, r in series.items() if "peft lora" in t]
+    (title, rows), = [(t, r) for t, r in series.items() if "peft lora" in t and t.startswith(JOB)]
     assert "baseline 1 GPU" in title
     by_name = {r["run"]: r for r in rows}
     s1 = json.loads((runs_dir / "lora-w1" / "summary.json").read_text())
@@ -65,7 +69,7 @@ def test_scaling_ratios_are_exact(runs_dir):
     # CPU runs: the monitor measures process RSS, and the column says so
     assert row["rank 0 RSS mode (MiB)"] == s2["memory"]["device"][0]["mode_mib"]
     assert by_name["lora-w1"]["time scaling (t_base/t_N)"] == 1.0
-    assert [r["GPUs"] for r in rows] == [1, 2], "runs that did not complete are not results"
+    assert [r["GPUs"] for r in rows] == [1, 2], "runs that did not complete, or of another job, are not results"
     assert {r["run"]: r["status"] for r in tables.incomplete(runs)} == {"lora-w4-oom": "oom",
                                                                        "lora-w3-failed": "failed"}
 
@@ -73,7 +77,7 @@ def test_scaling_ratios_are_exact(runs_dir):
 @pytest.mark.multiproc
 def test_comparison_against_baseline(runs_dir):
     runs = collect.from_dirs([str(runs_dir)])
-    done = tables.by_model(runs)["tiny-llama"]
+    done = tables.by_job(runs)[JOB]
     base = tables.pick_baseline(done, "lora-w1")
     rows = {r["run"]: r for r in tables.comparison(done, base)}
     s1 = json.loads((runs_dir / "lora-w1" / "summary.json").read_text())
@@ -107,20 +111,26 @@ def test_report_files(report, runs_dir):
         assert name in md, name  # nothing silently dropped
     results, apart = md.split("## Runs that did not complete")
     assert "lora-w4-oom" not in results and "| oom |" in apart and "| failed |" in apart
-    assert "\n## tiny-llama\n" in results and "\n## tiny-mixtral\n" in results  # one section per model
-    mixtral = results.split("\n## tiny-mixtral\n")[1]
+    jobs = {j: JOB.replace("tiny-llama", j.split()[0]).replace("seq 128", f"seq {j.split()[1]}")
+            for j in ("tiny-llama 128", "tiny-mixtral 128", "tiny-llama 64")}
+    sections = {j: results.split(f"\n## {title}\n")[1].split("\n## ")[0] for j, title in jobs.items()}
+    mixtral, short = sections["tiny-mixtral 128"], sections["tiny-llama 64"]
     assert "baseline: `mixtral-w1`" in mixtral and "lora-w1" not in mixtral, "never compared across models"
-    assert "No scaling plot: no strategy of this model was measured at two or more GPU counts." in mixtral
+    assert "baseline: `lora-w1-seq64`" in short and "lora-w2" not in short, "nor across sequence lengths"
+    assert "lora-w1-seq64" not in sections["tiny-llama 128"]
+    assert "No scaling plot: no strategy of this job was measured at two or more GPU counts." in mixtral
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert pngs == [f"tiny-llama-{k}.png" for k in ("loss", "memory", "scaling", "throughput", "utilization")] + \
-        [f"tiny-mixtral-{k}.png" for k in ("loss", "memory", "throughput", "utilization")]
+    prefix = {j: plots.slug(title) for j, title in jobs.items()}
+    assert prefix["tiny-llama 128"] == "tiny-llama-seq-128-global-batch-4-squad-sample-fp32"
+    assert pngs == sorted([f"{prefix['tiny-llama 128']}-scaling.png"] + [
+        f"{p}-{k}.png" for p in prefix.values() for k in ("loss", "memory", "throughput", "utilization")])
     pngs = sorted(report.glob("*.png"))
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = image.imread(p)
         assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01, p  # a real, non-blank picture
     csv_lines = (report / "runs.csv").read_text().splitlines()
-    assert len(csv_lines) == 7 and "step_time_s/median" in csv_lines[0]
+    assert len(csv_lines) == 8 and "step_time_s/median" in csv_lines[0]
 
 
 @pytest.mark.browser
@@ -132,7 +142,7 @@ def test_html_renders_in_chromium(report, tmp_path):
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'u'}"]
     url = (report / "report.html").as_uri()
     dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table>") >= 2 and "lora-w4-oom" in dom and dom.count("data:image/png;base64,") == 9
+    assert dom.count("<table>") >= 2 and "lora-w4-oom" in dom and dom.count("data:image/png;base64,") == 13
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1400,900", url],
                    capture_output=True, timeout=120)
@@ -147,9 +157,28 @@ def test_wandb_table_has_every_row(report):
     tables_json = list((report / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json"))
     assert len(tables_json) == 1
     t = json.loads(tables_json[0].read_text())
-    assert len(t["data"]) == 4 and "throughput increase (x)" in t["columns"]
+    assert len(t["data"]) == 5 and "throughput increase (x)" in t["columns"]
     names = {row[t["columns"].index("run")] for row in t["data"]}
-    assert names == {"lora-w1", "lora-w2", "full-w2", "mixtral-w1"}, "completed runs, every model"
+    assert names == {"lora-w1", "lora-w2", "full-w2", "mixtral-w1", "lora-w1-seq64"}, "completed runs, every job"
+
+
+@pytest.mark.multiproc
+def test_bars_are_labelled_uniquely_ordered_and_coloured_by_strategy(runs_dir):
+    """Two bars never share a label (the run's name is in it), bars go by strategy then GPU count, one colour per
+    strategy, and the throughput whisker spans the p90 to the p10 step time."""
+    runs = [r for r in collect.from_dirs([str(runs_dir)]) if r.ok]
+    names = [plots._name(r) for r in runs]
+    assert len(set(names)) == len(names)
+    order = plots.ordered(runs)
+    assert [(r.strategy, r.gpus) for r in order] == sorted((r.strategy, r.gpus) for r in runs)
+    assert [r.name for r in order if r.strategy == "dp zero2 lora"] == ["lora-w1", "lora-w1-seq64", "lora-w2"]
+    colours = plots._colours(runs)
+    assert len(set(colours.values())) == len(colours) == len({r.strategy for r in runs}) == 2
+    s = next(r for r in runs if r.name == "lora-w2").summary
+    low, high = metrics.throughput_spread(s["tokens_per_s"], s["step_time_s"])
+    work = s["global_batch_size"] * s["seq_len"]  # tokens per step
+    assert low == pytest.approx(work / s["step_time_s"]["p90"]) and high == pytest.approx(work / s["step_time_s"]["p10"])
+    assert low <= s["tokens_per_s"] <= high
 
 
 @pytest.mark.multiproc

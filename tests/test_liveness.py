@@ -38,7 +38,7 @@ def test_runs_from_before_heartbeats_keep_their_status(tmp_path):
 
 def test_the_report_and_sweep_status_show_a_lost_run(tmp_path):
     from analysis.collect import load_dir
-    from analysis.tables import by_model, incomplete
+    from analysis.tables import by_job, incomplete
     from bench import sweep
     run = tmp_path / "job"
     run.mkdir()
@@ -46,7 +46,7 @@ def test_the_report_and_sweep_status_show_a_lost_run(tmp_path):
     beat(run, 0, "a", 3 * liveness.LOST_AFTER_S)
     r = load_dir(str(run))
     assert r.status == "lost" and "no heartbeat since" in r.summary["error"]
-    assert by_model([r]) == {} and incomplete([r])[0]["status"] == "lost", "never mixed into results"
+    assert by_job([r]) == {} and incomplete([r])[0]["status"] == "lost", "never mixed into results"
     summary = json.loads((run / "summary.json").read_text())
     assert sweep._status(summary) == "lost"
     assert sweep.combine("lost", None) == "lost"

@@ -17,8 +17,9 @@ def test_percentile_matches_numpy():
 
 def test_step_time_stats():
     st = metrics.step_time_stats([0.3, 0.1, 0.2, 0.4])
-    assert st == pytest.approx({"median": 0.25, "mean": 0.25, "p90": np.percentile([0.1, 0.2, 0.3, 0.4], 90)})
-    assert metrics.step_time_stats([]) == {"median": None, "mean": None, "p90": None}
+    assert st == pytest.approx({"median": 0.25, "mean": 0.25, "p10": np.percentile([0.1, 0.2, 0.3, 0.4], 10),
+                                "p90": np.percentile([0.1, 0.2, 0.3, 0.4], 90)})
+    assert metrics.step_time_stats([]) == {"median": None, "mean": None, "p10": None, "p90": None}
 
 
 def test_throughput_and_mfu():
