@@ -155,7 +155,9 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
             "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
             "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),
-            "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
+            "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"),
+            "computed tokens/s/GPU": _get(r, "computed_tokens_per_s_per_gpu"), "MFU": _get(r, "mfu"),
+            "HFU": _get(r, "hfu"),
             "goodput (target tokens/s)": _get(r, "goodput", "tokens_per_s"),
             "time to target (s)": _get(r, "time_to_target_s"), mem: peak_memory_mib(r),
             # What the strategy divides, counted from the tensors (on the CPU, RSS hides it under the runtime's own)

@@ -230,5 +230,13 @@ def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) 
     return 4 * n + 2 * lora_params + attention
 
 
+def forward_flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
+    """One forward's FLOPs per token, 2 N + 4 L H Q T (N with the adapters under LoRA): what activation
+    checkpointing computes a second time in backward (HFU counts it, MFU does not)."""
+    c = model_config
+    n = count_params_from_config(c)["active_matmul"] + (lora_params or 0)
+    return 2 * n + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * seq_len
+
+
 def is_moe(model_config) -> bool:
     return bool(getattr(model_config, "num_local_experts", 0))

@@ -71,10 +71,14 @@ class Plan:
                                               "dtype": str(self.dtype)},
                 "model_config": self.model_config.to_dict(), **environment()}
 
-    def throughput(self, step_times: list[float]) -> dict:
-        """metrics.throughput with this run's constants: tokens/s, samples/s, TFLOP/s and MFU."""
-        return metrics.throughput(step_times, self.batch.global_, self.cfg.seq_len, self.layout.world_size,
-                                  self.flops_per_token, self.peak_tflops)
+    def throughput(self, step_times: list[float], real_tokens: int | None = None) -> dict:
+        """metrics.throughput with this run's constants: real and computed tokens/s, samples/s, TFLOP/s, MFU, HFU.
+        real_tokens: the non-padding tokens of those steps' global batches (None: every position)."""
+        hardware = self.flops_per_token + (models.forward_flops_per_token(self.model_config, self.cfg.seq_len,
+                                                                          self.lora_params)
+                                           if self.cfg.activation_checkpointing else 0)
+        return metrics.throughput(step_times, real_tokens, self.batch.global_, self.cfg.seq_len,
+                                  self.layout.world_size, self.flops_per_token, hardware, self.peak_tflops)
 
     @property
     def dtype(self):

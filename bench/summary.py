@@ -28,7 +28,10 @@ KEYS = {
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
     "measured_steps": "steps timed: this process's steps after max(--warmup_steps, the 2 instrumented ones)",
     "step_time_s": "{median, mean, p10, p90} slowest-rank step time over measured steps",
-    "tokens_per_s": "global tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
+    "tokens_per_s": "global real (non-padding) tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
+    "computed_tokens_per_s": "global tokens per second the device processed, padding included",
+    "computed_tokens_per_s_per_gpu": "computed_tokens_per_s / world_size",
+    "hfu": "hardware FLOPs utilization: computed tokens, recomputation included, over peak_tflops",
     "samples_per_s": "global samples per second", "tflops_per_gpu": "model TFLOP/s per GPU",
     "mfu": "tflops_per_gpu / peak_tflops, null when the peak is unknown",
     "goodput": "{updates_per_s, tokens_per_s} of applied updates over the training phase",
@@ -121,7 +124,7 @@ class RunRecord:
         ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
         self.set(
             steps=len(res.records), measured_steps=len(res.step_times), step_time_s=metrics.step_time_stats(res.step_times),
-            **plan.throughput(res.step_times),
+            **plan.throughput(res.step_times, res.measured_real_tokens),
             goodput=metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
             applied_updates=res.applied_updates, train_wall_time_s=res.train_wall_s,
             loss={"first": res.losses[0][1] if res.losses else None,
@@ -180,9 +183,12 @@ def result_table(s: dict) -> list[tuple[str, object]]:
         ("status", s["status"]), ("run_dir", s["run_dir"]),
         ("steps (measured)", f"{s['steps']} ({len_measured(s)})"),
         ("step time s (median/mean/p90)", f"{f(st['median'], '.4f')} / {f(st['mean'], '.4f')} / {f(st['p90'], '.4f')}"),
-        ("tokens/s (per GPU)", f"{f(s['tokens_per_s'], '.1f')} ({f(s['tokens_per_s_per_gpu'], '.1f')})"),
+        ("tokens/s real (per GPU)", f"{f(s['tokens_per_s'], '.1f')} ({f(s['tokens_per_s_per_gpu'], '.1f')})"),
+        ("tokens/s computed (per GPU)", f"{f(s.get('computed_tokens_per_s'), '.1f')} "
+                                        f"({f(s.get('computed_tokens_per_s_per_gpu'), '.1f')})"),
         ("samples/s", f(s["samples_per_s"], ".2f")),
-        ("TFLOP/s per GPU | MFU", f"{f(s['tflops_per_gpu'], '.3f')} | {f(s['mfu'], '.2%')}"),
+        ("TFLOP/s per GPU | MFU | HFU", f"{f(s['tflops_per_gpu'], '.3f')} | {f(s['mfu'], '.2%')} | "
+                                        f"{f(s.get('hfu'), '.2%')}"),
         ("goodput updates/s | tokens/s", f"{f(s['goodput']['updates_per_s'], '.3f')} | "
                                          f"{f(s['goodput']['tokens_per_s'], '.1f')}"),
         ("loss first -> last | val", f"{f(s['loss']['first'], '.4f')} -> {f(s['loss']['last'], '.4f')} | "

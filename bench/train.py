@@ -26,6 +26,7 @@ class TrainResult:
     val_loss: float | None = None
     applied_updates: int = 0
     useful_tokens: int = 0
+    measured_real_tokens: int = 0                    # non-padding input tokens of the measured (timed) steps
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() at the end of this process's first step
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
@@ -62,9 +63,9 @@ class Trainer:
         dist.all_gather(out, t)
         return torch.stack(out).cpu()
 
-    def train_step(self, step: int) -> tuple[float, float, int, bool]:
+    def train_step(self, step: int) -> tuple[float, float, int, int, bool]:
         """One optimizer step (accum micro-batches). -> (local seconds, mean micro-batch loss, target tokens,
-        whether the update was applied)."""
+        real input tokens, whether the update was applied)."""
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                  for b in self.batches.step_batches(step - 1)]
         skipped_before = self.engine.skipped_steps
@@ -75,8 +76,9 @@ class Trainer:
         self.sync()  # wait for the last kernels (optimizer step) before reading the clock
         dt = time.perf_counter() - t0
         tokens = sum(target_tokens(b) for b in micro)
+        real = sum(int(b["attention_mask"].sum()) for b in micro)  # padding excluded
         applied = self.engine.skipped_steps == skipped_before
-        return dt, float(loss), tokens, applied
+        return dt, float(loss), tokens, real, applied
 
     def _memory_now(self) -> dict:
         """Per step: allocated now and the current phase's peak on GPUs, RSS on the CPU."""
@@ -133,12 +135,12 @@ class Trainer:
             timed = step - first >= untimed
             if timed and step - first == untimed and self.peaks is not None:
                 self.peaks.close("warmup", then="training")
-            dt, loss, tokens, applied = self.train_step(step)
-            # Everyone learns the slowest rank's time, the mean loss and the global token count.
+            dt, loss, tokens, real, applied = self.train_step(step)
+            # Everyone learns the slowest rank's time, the mean loss and the global token counts.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
-                              float(signals.STOP_CODES[signals.requested()])])
+                              float(signals.STOP_CODES[signals.requested()]), real])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
-            step_tokens = int(g[:, 2].sum()) // self.replicas
+            step_tokens, step_real = int(g[:, 2].sum()) // self.replicas, int(g[:, 6].sum()) // self.replicas
             all_applied = bool(g[:, 3].min() > 0)
             if step == first:  # this process's first step (after a resume too)
                 res.first_step_end = time.time()
@@ -146,6 +148,7 @@ class Trainer:
             elapsed = time.perf_counter() - t_start
             if timed:
                 res.step_times.append(step_time)
+                res.measured_real_tokens += step_real
                 res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
             if all_applied:
                 res.applied_updates += 1
@@ -153,8 +156,8 @@ class Trainer:
             res.losses.append((step, mean_loss, elapsed))
             record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
                       "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
-                      "step_time_s": step_time, **self.rates([step_time]), "consumed_samples": consumed,
-                      "target_tokens": step_tokens, "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
+                      "step_time_s": step_time, **self.rates([step_time], step_real), "consumed_samples": consumed,
+                      "real_tokens": step_real, "target_tokens": step_tokens, "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
                       **self._memory_now()}
             stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
             res.preempted = stop > 0

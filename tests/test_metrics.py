@@ -22,16 +22,24 @@ def test_step_time_stats():
     assert metrics.step_time_stats([]) == {"median": None, "mean": None, "p10": None, "p90": None}
 
 
-def test_throughput_and_mfu():
-    # 8 GPUs, global batch 64 x 2048 tokens, steps of 2 s and 4 s (mean 3 s), 1e9 FLOPs/token, peak 989
-    t = metrics.throughput([2.0, 4.0], 64, 2048, 8, 1e9, 989.0)
-    tokens = 2 * 64 * 2048 / 6.0  # total tokens over total time
-    assert t["tokens_per_s"] == pytest.approx(tokens)
+def test_throughput_mfu_and_hfu():
+    # 8 GPUs, global batch 64 x 2048 positions, steps of 2 s and 4 s (mean 3 s), of which 2 x 40,000 real tokens
+    # (the rest padding); 1e9 model FLOPs/token, 1.3e9 with the recomputed forward; peak 989
+    t = metrics.throughput([2.0, 4.0], 80_000, 64, 2048, 8, 1e9, 1.3e9, 989.0)
+    computed, real = 2 * 64 * 2048 / 6.0, 80_000 / 6.0  # total tokens over total time
+    assert t["tokens_per_s"] == pytest.approx(real) and t["tokens_per_s_per_gpu"] == pytest.approx(real / 8)
+    assert t["computed_tokens_per_s"] == pytest.approx(computed)
+    assert t["computed_tokens_per_s_per_gpu"] == pytest.approx(computed / 8)
     assert t["samples_per_s"] == pytest.approx(2 * 64 / 6.0)
-    assert t["tokens_per_s_per_gpu"] == pytest.approx(tokens / 8)
-    assert t["tflops_per_gpu"] == pytest.approx(tokens / 8 * 1e9 / 1e12)
-    assert t["mfu"] == pytest.approx(tokens / 8 * 1e9 / 1e12 / 989.0)
-    assert metrics.throughput([2.0], 64, 2048, 8, 1e9, None)["mfu"] is None
+    assert t["tflops_per_gpu"] == pytest.approx(real / 8 * 1e9 / 1e12)
+    assert t["mfu"] == pytest.approx(real / 8 * 1e9 / 1e12 / 989.0)
+    assert t["hfu"] == pytest.approx(computed / 8 * 1.3e9 / 1e12 / 989.0) and t["hfu"] > t["mfu"]
+    unknown = metrics.throughput([2.0], 1, 64, 2048, 8, 1e9, 1e9, None)
+    assert unknown["mfu"] is None and unknown["hfu"] is None
+    # no count of real tokens: every position counts, and MFU = HFU without recomputation
+    whole = metrics.throughput([2.0, 4.0], None, 64, 2048, 8, 1e9, 1e9, 989.0)
+    assert whole["tokens_per_s"] == pytest.approx(computed) and whole["mfu"] == pytest.approx(whole["hfu"])
+
 
 
 def test_goodput():

@@ -61,6 +61,21 @@ def test_flops_per_token_within_10_percent_of_flop_counter(name, lora):
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_forward_flops_per_token_within_10_percent_of_flop_counter(lora):
+    """What activation checkpointing recomputes (HFU counts it): one forward, counted by FlopCounterMode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(models.ensure_tiny("tiny-llama"), attn_implementation="eager")
+    before = param_counts(model)["total"]
+    model = apply_lora(model, _Cfg()) if lora else model
+    lora_params = param_counts(model)["total"] - before if lora else None
+    ids = torch.randint(0, model.config.vocab_size, (2, 128))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    predicted = models.forward_flops_per_token(model.config, 128, lora_params)
+    assert predicted == pytest.approx(counter.get_total_flops() / (2 * 128), rel=0.10)
+
+
 def test_lora_flops_are_below_full_fine_tuning():
     config = models.make_config(models.PRESETS["llama3.1-8b"])
     full = models.flops_per_token(config, 2048)

@@ -22,6 +22,24 @@ def run(zero_runs):
     return res
 
 
+def test_tokens_per_s_counts_the_real_tokens_of_the_measured_steps(run):
+    """Recomputed from the data: the measured steps' global batches, their attention masks summed (padding out),
+    over the sum of those steps' times; the SQuAD sample at seq 128 is partly padding, which MFU does not count."""
+    from bench import data, models
+    s, cfg = run.summary(), json.loads((run.run_dir / "config.json").read_text())["run"]
+    _, source, _ = models.load_config(cfg["model"], cfg["init"])
+    train, _ = data.load_dataset(cfg["data"], models.load_tokenizer(source), cfg["seq_len"], cfg["val_fraction"],
+                                 cfg["seed"])
+    whole = data.ShardedBatches(train, s["global_batch_size"], 1, 1, 0, cfg["seed"])  # one global batch per step
+    measured = [r for r in run.records() if not r["warmup"]]
+    real = sum(int(whole.step_batches(r["step"] - 1)[0]["attention_mask"].sum()) for r in measured)
+    assert len(measured) == s["measured_steps"] > 0 and [r["real_tokens"] for r in measured] == [
+        int(whole.step_batches(r["step"] - 1)[0]["attention_mask"].sum()) for r in measured]
+    assert s["tokens_per_s"] == pytest.approx(real / sum(r["step_time_s"] for r in measured))
+    assert real < s["global_batch_size"] * s["seq_len"] * len(measured)
+    assert s["tokens_per_s"] < s["computed_tokens_per_s"] and s["hfu"] is None  # no peak on the CPU
+
+
 def test_summary_has_every_contract_key_with_sane_values(run):
     s = run.summary()
     missing = [k for k in CONTRACT if k not in s]
@@ -35,7 +53,8 @@ def test_summary_has_every_contract_key_with_sane_values(run):
     assert s["steps"] == 5
     # throughput is consistent with the step time (independent arithmetic)
     assert s["samples_per_s"] == pytest.approx(4 / st["mean"])
-    assert s["tokens_per_s"] == pytest.approx(4 * 128 / st["mean"])
+    assert s["computed_tokens_per_s"] == pytest.approx(4 * 128 / st["mean"])  # every position, padding too
+    assert s["computed_tokens_per_s_per_gpu"] == pytest.approx(s["computed_tokens_per_s"] / 2)
     assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_s"] / 2)
     assert s["tflops_per_gpu"] > 0 and s["mfu"] is None  # CPU: no known peak, so no invented MFU
     assert s["goodput"]["updates_per_s"] == pytest.approx(5 / s["train_wall_time_s"])
