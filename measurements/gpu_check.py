@@ -155,8 +155,10 @@ def section_1b(big: dict | None, s: dict) -> list[str]:
             "", f"`{s['model']} --init random --seq_len {s['seq']} --micro_batch_size {s['micro']} --peft none`, "
             f"ZeRO-2, {big['measured_steps']} timed steps.", "",
             "| figure | value |", "|---|---|",
-            f"| tokens/s | {fmt(big['tokens_per_s'], ',.0f')} |",
-            f"| TFLOP/s per GPU, MFU | {fmt(big['tflops_per_gpu'])}, {fmt(big['mfu'], '.1%')} |",
+            f"| tokens/s real / computed | {fmt(big['tokens_per_s'], ',.0f')} / "
+            f"{fmt(big.get('computed_tokens_per_s'), ',.0f')} |",
+            f"| TFLOP/s per GPU, MFU, HFU | {fmt(big['tflops_per_gpu'])}, {fmt(big['mfu'], '.1%')}, "
+            f"{fmt(big.get('hfu'), '.1%')} |",
             f"| MFU peak | {big['peak_tflops_source']} |",
             f"| load peak allocated / RSS (MiB) | {mib(load.get('peak_allocated_mib'))} / "
             f"{mib(load.get('peak_rss_mib'))} |",
