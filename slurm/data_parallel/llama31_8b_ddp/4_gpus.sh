@@ -1,0 +1,17 @@
+#!/bin/bash
+# LLaMA-3.1-8B, LoRA, plain data parallel (ZeRO-0: the DDP baseline every ZeRO stage is read against) on 4 GPU(s): 4 samples per GPU.
+# Predicted peak per GPU (bench-plan, H100-80GB): 44.8 GiB, fits
+# Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/llama31_8b_ddp/4_gpus.sh [bench/run.py overrides...]
+#SBATCH --job-name=ddp-llama31-8b-4g
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+
+source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+bench_run --strategy dp --ds_config ds_configs/dp_zero0.json --model llama3.1-8b --peft lora \
+    --micro_batch_size 4 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
