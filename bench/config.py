@@ -41,7 +41,8 @@ class RunConfig:
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA wraps")
     attn_implementation: str = _f("sdpa", "Hugging Face attention kernel (sdpa and flash attention keep no score "
-                                  "matrix, eager keeps two per layer, planned; sequence parallelism refuses eager)",
+                                  "matrix, eager keeps its softmax per layer, planned; sequence parallelism refuses "
+                                  "eager)",
                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                         "keeping them (Hugging Face gradient checkpointing, non-reentrant)")

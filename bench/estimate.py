@@ -160,15 +160,20 @@ def model_states(plan, rank: int) -> dict:
         params += sum(-(-n // world) + (n if n <= threshold else 0) for n in lora_sizes(plan)) * \
             (_adapter_width(plan) - w)
         optimizer = part3 * 8  # Adam's two fp32 states
-        grads = part3 * (w + 4)  # the reduce-scatter target and the fp32 averaged partition (stage3.py)
+        # gradients as bench/accounting.py finds them (measured, tests/test_zero.py and test_bf16.py): in fp32 the
+        # reduce-scatter target and the averaged partition; in bf16 one bf16 buffer and the fp32 master
+        # partition, which stage3.py keeps outside the inner optimizer's param_groups (fp32 training updates
+        # the partition itself: no master)
+        master = 0 if w == 4 else 4
+        grads = part3 * (w + 4)
         buffers = bucket // w * _reduce_width(plan)  # one bucket, kept for the whole run
         prefetch = int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
         # the parameters gathered for compute: frozen ones too
         transient = min(sum(parameter_sizes(plan)), prefetch + _largest_layer(plan)) * w
         # offload: the optimizer and the averaged gradient partition in host memory; with offload_param the
         # partitions too (the persistent whole parameters stay on the device)
-        host = (optimizer + part3 * w if "optimizer" in off else 0) + \
-            (held if "param" in off else 0)
+        host = (optimizer + part3 * (w + master) if "optimizer" in off else 0) + \
+            (held if "param" in off else 0)  # the fp32 master goes with the optimizer
     elif stage in (1, 2):
         optimizer = partition * 12 + 4 * len(gs)  # fp32 master + Adam's two states, and a step counter per group
         grads = sum(_partition_overlap(g) for g in gs) * w
@@ -198,10 +203,12 @@ def lora_sizes(plan) -> list[int]:
 
 
 def _reduce_width(plan) -> int:
-    """Bytes per element of ZeRO-3's gradient reduction: under SP DeepSpeed reduces in
-    seq_parallel_communication_data_type, whose default is fp32 even in bf16 (runtime/config.py)."""
-    sp_default = plan.layout.sp > 1 and "seq_parallel_communication_data_type" not in plan.ds
-    return 4 if sp_default else _width(plan)
+    """Bytes per element of ZeRO's gradient reductions: under SP the engine reduces in
+    seq_parallel_communication_data_type (runtime/engine.py sets communication_data_type from it), whose default
+    is fp32 even in bf16 (runtime/constants.py)."""
+    if plan.layout.sp == 1:
+        return _width(plan)
+    return {"fp32": 4, "fp16": 2, "bf16": 2}[plan.ds.get("seq_parallel_communication_data_type", "fp32")]
 
 
 def _sizes_and_widths(plan) -> list[tuple[int, int]]:
@@ -412,8 +419,7 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         if plan.model_config.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
             # the tied embedding/head's two copies sum their gradients (pipe/engine.py, _exec_reduce_tied_grads;
             # in fp32: the bf16 optimizer's master gradient)
-            fp16 = (plan.ds.get("fp16") or {}).get("enabled")
-            add("all_reduce", c.vocab_size * c.hidden_size * (2 if fp16 else 4))
+            add("all_reduce", c.vocab_size * c.hidden_size * (2 if precision_of(plan.ds) == "fp16" else 4))
     gs = groups(plan, rank)
     stage3 = plan.zero_stage == 3
     if stage3:
@@ -427,11 +433,11 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
         large = sum(-(-n // world) * width for n, width in every if n > threshold)
         add("all_gather", small + 2 * accum * large)  # after the step; forward and backward per micro
     elif plan.zero_stage == 0 and gs[0].degree > 1:  # plain data parallel: the engine all-reduces at the boundary
-        add("all_reduce", sum(sum(g.sizes) for g in gs) * w)
+        add("all_reduce", sum(sum(g.sizes) for g in gs) * _reduce_width(plan))
     elif plan.zero_stage in (1, 2):
         trainable = sum(sum(g.sizes) for g in gs)
         reductions = accum if plan.zero_stage == 2 else 1
-        add("all_reduce", reductions * trainable * w + 4)
+        add("all_reduce", reductions * trainable * _reduce_width(plan) + 4)
         gathered = sum(-(-sum(g.sizes) // g.degree) for g in gs if g.degree > 1)
         if gathered:
             add("all_gather", gathered * w)

@@ -146,8 +146,9 @@ def scaling_efficiency(tput_n: float | None, gpus_n: int, tput_base: float | Non
 
 def throughput_spread(tokens_per_s: float | None, step_time: dict) -> tuple[float, float] | None:
     """(low, high) tokens/s had every measured step taken the p90 / the p10 step time: tokens_per_s is work over
-    the mean step time, so the same work over another step time t is tokens_per_s x mean / t."""
+    the mean step time, so the same work over another step time t is tokens_per_s x mean / t. One slow step can
+    lift the mean above p90: the range then still includes tokens_per_s itself."""
     mean, p10, p90 = (step_time or {}).get("mean"), (step_time or {}).get("p10"), (step_time or {}).get("p90")
     if not tokens_per_s or not mean or not p10 or not p90:
         return None
-    return tokens_per_s * mean / p90, tokens_per_s * mean / p10
+    return min(tokens_per_s, tokens_per_s * mean / p90), max(tokens_per_s, tokens_per_s * mean / p10)

@@ -231,11 +231,18 @@ def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) 
 
 
 def forward_flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
-    """One forward's FLOPs per token, 2 N + 4 L H Q T (N with the adapters under LoRA): what activation
-    checkpointing computes a second time in backward (HFU counts it, MFU does not)."""
+    """One forward's FLOPs per token, 2 N + 4 L H Q T (N with the adapters under LoRA)."""
     c = model_config
     n = count_params_from_config(c)["active_matmul"] + (lora_params or 0)
     return 2 * n + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * seq_len
+
+
+def recompute_flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
+    """What activation checkpointing computes a second time in backward (HFU counts it, MFU does not): the
+    decoder layers' forward, i.e. one forward without the LM head's 2 V h (Hugging Face checkpoints each decoder
+    layer). --tiled_mlp's recomputation is not counted."""
+    c = model_config
+    return forward_flops_per_token(c, seq_len, lora_params) - 2 * c.vocab_size * c.hidden_size
 
 
 def is_moe(model_config) -> bool:

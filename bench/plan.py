@@ -74,8 +74,8 @@ class Plan:
     def throughput(self, step_times: list[float], real_tokens: int | None = None) -> dict:
         """metrics.throughput with this run's constants: real and computed tokens/s, samples/s, TFLOP/s, MFU, HFU.
         real_tokens: the non-padding tokens of those steps' global batches (None: every position)."""
-        hardware = self.flops_per_token + (models.forward_flops_per_token(self.model_config, self.cfg.seq_len,
-                                                                          self.lora_params)
+        hardware = self.flops_per_token + (models.recompute_flops_per_token(self.model_config, self.cfg.seq_len,
+                                                                            self.lora_params)
                                            if self.cfg.activation_checkpointing else 0)
         return metrics.throughput(step_times, real_tokens, self.batch.global_, self.cfg.seq_len,
                                   self.layout.world_size, self.flops_per_token, hardware, self.peak_tflops)

@@ -130,7 +130,7 @@ def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 2
                      "peak_bytes": est["peak_bytes"], "comm_bytes_per_step": max(
                          sum(c.values()) for c in est["comm_bytes_per_step_per_rank"]),
                      "flops_per_rank_per_step": est["flops_per_rank_per_step"], "step_s": step,
-                     "tokens_per_s_per_gpu": plan.batch.global_ * plan.cfg.seq_len / step / world})
+                     "computed_tokens_per_s_per_gpu": plan.batch.global_ * plan.cfg.seq_len / step / world})
     if not planned:  # nothing resolved: the user's own arguments are wrong, not the layouts
         raise config.BenchError("no layout could be planned; the first reason: " + (reasons[0] if reasons else
                                 "no ds_configs/*.json found"))
@@ -146,7 +146,7 @@ def format_rows(rows: list[dict], notes: list[str]) -> str:
         lines.append(f"{r['strategy']:<9}{r['ds_config']:<34}{r['peft']:<6}{r['micro_batch_size']:>6}"
                      f"{'on' if r['activation_checkpointing'] else 'off':>6}{r['peak_bytes'] / estimate.GIB:>10.1f}"
                      f"{r['comm_bytes_per_step'] / estimate.GIB:>10.2f}{r['flops_per_rank_per_step'] / 1e12:>12.1f}"
-                     f"{r['step_s']:>9.3f}{r['tokens_per_s_per_gpu']:>11.0f}")
+                     f"{r['step_s']:>9.3f}{r['computed_tokens_per_s_per_gpu']:>11.0f}")
     if not rows:
         lines.append("(none fits: more GPUs, a shorter --seq_len, or a larger GPU)")
     return "\n".join(lines + ["assumptions:"] + [f"  - {n}" for n in notes])

@@ -392,6 +392,8 @@ class Session:
         beyond it were done and lost: they are dropped from the file, recomputed, and their time is counted."""
         tag, state = checkpoint.load_newest_readable(engine, ckpt_dir, warn=self._warn)
         res = TrainResult(**state["result"]) if tag else TrainResult()
+        if tag and "measured_real_tokens" not in state["result"] and res.step_times:
+            res.measured_real_tokens = None  # a checkpoint from before real tokens were counted: every position
         res.preempted, res.stop_status = False, None
         if tag:
             res.resumed_at.append(len(res.records))

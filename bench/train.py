@@ -26,7 +26,7 @@ class TrainResult:
     val_loss: float | None = None
     applied_updates: int = 0
     useful_tokens: int = 0
-    measured_real_tokens: int = 0                    # non-padding input tokens of the measured (timed) steps
+    measured_real_tokens: int | None = 0             # non-padding input tokens of the measured (timed) steps
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() at the end of this process's first step
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
@@ -148,7 +148,8 @@ class Trainer:
             elapsed = time.perf_counter() - t_start
             if timed:
                 res.step_times.append(step_time)
-                res.measured_real_tokens += step_real
+                if res.measured_real_tokens is not None:
+                    res.measured_real_tokens += step_real
                 res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
             if all_applied:
                 res.applied_updates += 1

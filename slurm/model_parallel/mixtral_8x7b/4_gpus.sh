@@ -1,6 +1,8 @@
 #!/bin/bash
 # Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 4 (the seeds' "Mixtral + LoRA + EP").
 # Predicted peak per GPU (bench-plan, H100-80GB): 45.1 GiB, fits
+# The training peak; loading still builds the whole model on each GPU (87 GiB in bf16) before AutoEP splits it,
+# so on 80 GB GPUs this fails while loading until ranks materialize only their shard (docs/planner.md).
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/4_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-ep4-mixtral-8x7b
 #SBATCH --nodes=1
@@ -14,4 +16,4 @@
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 bench_run --strategy ep --ds_config ds_configs/ep4.json --model mixtral-8x7b --peft lora \
-    --micro_batch_size 2 --global_batch_size 8 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+    --micro_batch_size 2 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
