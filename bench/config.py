@@ -330,12 +330,10 @@ def _apply_precision(precision: str, ds: dict, device_type: str, bf16_ok: bool) 
         return
     if precision == "bf16" and device_type == "cuda" and not bf16_ok:
         raise BenchError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
-    for key in ("bf16", "fp16"):
-        if precision == "fp32" or key == "fp16":
-            if ds.get(key):
-                ds[key]["enabled"] = False
-    if precision == "bf16":
-        ds.setdefault("bf16", {})["enabled"] = True
+    if ds.get("fp16"):  # one half precision at a time; fp32 has none
+        ds["fp16"]["enabled"] = False
+    if precision == "bf16" or ds.get("bf16"):
+        ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
 
 
 def precision_of(ds: dict) -> str:

@@ -168,6 +168,17 @@ def run_many(runs: dict, parallel: int = 2, timeout: int = 400) -> dict:
     return results
 
 
+def layout_args(strategy: str, config: str) -> tuple[str, ...]:
+    """--strategy and its shipped ds_config."""
+    return "--strategy", strategy, "--ds_config", f"ds_configs/{config}.json"
+
+
+def run_suite(root: Path, runs: dict) -> dict:
+    """{name: (arguments, processes, reference)} -> their results: one process plainly, several srun-style."""
+    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "srun-env" if n > 1 else "python"})
+                     for name, (args, n, _) in runs.items()})
+
+
 def assert_ok(res: Result) -> None:
     assert res.returncode == 0, res.output[-4000:]
     assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"

@@ -3,7 +3,7 @@ against one bf16 process with the same micro-batches, in loss and gradient norm,
 bf16's precision (docs/parity.md), and the planner checked against the bf16 runs as against fp32 ones."""
 import pytest
 
-from conftest import assert_ok, assert_plan_matches, planned_params_per_rank, run_many
+from conftest import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
 
 pytestmark = pytest.mark.multiproc
 
@@ -19,34 +19,28 @@ LLAMA, MIXTRAL = ("--global_batch_size", "2"), ("--model", "tiny-mixtral", "--gl
 FULL, LORA = ("--peft", "none"), ("--peft", "lora", "--lr", "1e-2")
 
 
-def _layout(strategy: str, config: str) -> tuple[str, ...]:
-    return "--strategy", strategy, "--ds_config", f"ds_configs/{config}.json"
-
-
 # name -> (arguments, processes, the one-process run it must match)
 RUNS = {
-    "llama-w1": ((*_layout("dp", "dp_zero1"), *ARGS, *LLAMA, *FULL), 1, None),
-    "llama-w1-lora": ((*_layout("dp", "dp_zero1"), *ARGS, *LLAMA, *LORA), 1, None),
-    "mixtral-w1": ((*_layout("dp", "dp_zero1"), *ARGS, *MIXTRAL, *FULL), 1, None),
-    **{f"zero{z}{peft}": ((*_layout("dp", f"dp_zero{z}"), *ARGS, *LLAMA, *flags), 2, f"llama-w1{peft}")
+    "llama-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *FULL), 1, None),
+    "llama-w1-lora": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *LORA), 1, None),
+    "mixtral-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *MIXTRAL, *FULL), 1, None),
+    **{f"zero{z}{peft}": ((*layout_args("dp", f"dp_zero{z}"), *ARGS, *LLAMA, *flags), 2, f"llama-w1{peft}")
        for z in (1, 2, 3) for peft, flags in (("", FULL), ("-lora", LORA))},
-    "tp2": ((*_layout("tp", "tp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "tp2-lora": ((*_layout("tp", "tp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),  # bf16 adapters, split
+    "tp2": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "tp2-lora": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),  # bf16 adapters, split
     # Not here yet: the DDP baseline (ZeRO-0) in bf16 with LoRA drifts from one process (grad norm 8 % off by step
     # 3, loss within 2u) and holds bf16 gradients where the planner expects fp32 accumulators (docs/parity.md).
-    "pp2": ((*_layout("pp", "pp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "sp2": ((*_layout("sp", "sp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "ep2": ((*_layout("ep", "ep2"), *ARGS, *MIXTRAL, *FULL), 2, "mixtral-w1"),
-    "tp2ep2": ((*_layout("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *FULL), 4, "mixtral-w1"),
+    "pp2": ((*layout_args("pp", "pp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "sp2": ((*layout_args("sp", "sp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "ep2": ((*layout_args("ep", "ep2"), *ARGS, *MIXTRAL, *FULL), 2, "mixtral-w1"),
+    "tp2ep2": ((*layout_args("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *FULL), 4, "mixtral-w1"),
 }
 SPLIT = [name for name, (_, _, ref) in RUNS.items() if ref]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16")
-    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "srun-env" if n > 1 else "python"})
-                     for name, (args, n, _) in RUNS.items()})
+    return run_suite(tmp_path_factory.mktemp("bf16"), RUNS)
 
 
 @pytest.mark.parametrize("name", SPLIT)

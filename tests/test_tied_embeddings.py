@@ -4,7 +4,7 @@ vocabulary-parallel with DeepSpeed's matching loss (bench/strategies/tp_lora.py 
 LoRA); a pipeline keeps a copy on its first and last stage and sums their gradients (TiedLayerSpec)."""
 import pytest
 
-from conftest import assert_ok, assert_plan_matches, planned_params_per_rank, run_many
+from conftest import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
 
 pytestmark = pytest.mark.multiproc
 
@@ -16,34 +16,28 @@ LLAMA, MIXTRAL = ("--model", "tiny-llama-tied", "--global_batch_size", "2"), \
 FULL, LORA = ("--peft", "none"), ("--peft", "lora", "--lr", "1e-2")
 
 
-def _layout(strategy: str, config: str) -> tuple[str, ...]:
-    return "--strategy", strategy, "--ds_config", f"ds_configs/{config}.json"
-
-
 # name -> (arguments, processes, the one-process run it must match)
 RUNS = {
-    "llama-w1": ((*_layout("dp", "dp_zero1"), *ARGS, *LLAMA, *FULL), 1, None),
-    "llama-w1-lora": ((*_layout("dp", "dp_zero1"), *ARGS, *LLAMA, *LORA), 1, None),
-    "mixtral-w1": ((*_layout("dp", "dp_zero1"), *ARGS, *MIXTRAL, *FULL), 1, None),
-    "mixtral-w1-lora": ((*_layout("dp", "dp_zero1"), *ARGS, *MIXTRAL, *LORA), 1, None),
-    "llama-tp2": ((*_layout("tp", "tp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "llama-tp2-lora": ((*_layout("tp", "tp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
-    "llama-pp2": ((*_layout("pp", "pp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "llama-pp2-lora": ((*_layout("pp", "pp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
-    "llama-sp2": ((*_layout("sp", "sp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
-    "llama-zero3-lora": ((*_layout("dp", "dp_zero3"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
-    "mixtral-ep2": ((*_layout("ep", "ep2"), *ARGS, *MIXTRAL, *FULL), 2, "mixtral-w1"),
-    "mixtral-tp2ep2": ((*_layout("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *FULL), 4, "mixtral-w1"),
-    "mixtral-tp2ep2-lora": ((*_layout("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *LORA), 4, "mixtral-w1-lora"),
+    "llama-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *FULL), 1, None),
+    "llama-w1-lora": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *LORA), 1, None),
+    "mixtral-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *MIXTRAL, *FULL), 1, None),
+    "mixtral-w1-lora": ((*layout_args("dp", "dp_zero1"), *ARGS, *MIXTRAL, *LORA), 1, None),
+    "llama-tp2": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "llama-tp2-lora": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
+    "llama-pp2": ((*layout_args("pp", "pp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "llama-pp2-lora": ((*layout_args("pp", "pp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
+    "llama-sp2": ((*layout_args("sp", "sp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
+    "llama-zero3-lora": ((*layout_args("dp", "dp_zero3"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),
+    "mixtral-ep2": ((*layout_args("ep", "ep2"), *ARGS, *MIXTRAL, *FULL), 2, "mixtral-w1"),
+    "mixtral-tp2ep2": ((*layout_args("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *FULL), 4, "mixtral-w1"),
+    "mixtral-tp2ep2-lora": ((*layout_args("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *LORA), 4, "mixtral-w1-lora"),
 }
 SPLIT = [name for name, (_, _, ref) in RUNS.items() if ref]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tied")
-    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "srun-env" if n > 1 else "python"})
-                     for name, (args, n, _) in RUNS.items()})
+    return run_suite(tmp_path_factory.mktemp("tied"), RUNS)
 
 
 @pytest.mark.parametrize("name", SPLIT)
