@@ -139,7 +139,7 @@ PHASES = ("load", "warmup", "training")
 
 
 class MemoryPeaks:
-    """The peaks of each phase of a run: "load" (process start until the engine is built: weights, sharding,
+    """The peaks of each phase of a run: "load" (from just before the model is built until the engine is: weights, sharding,
     ZeRO's buffers), "warmup" (the steps that are not timed, the instrumented ones among them) and "training" (the
     measured steps). Without the resets between them the allocator's peak is the peak since process start, which
     for TP/EP/PP is the model load, not training.
@@ -157,9 +157,11 @@ class MemoryPeaks:
         self.rss_before_model_mib = None
 
     def mark_before_model(self) -> None:
-        """RSS just before the model is built (imports alone hold a few hundred MiB)."""
+        """RSS just before the model is built (imports alone hold a few hundred MiB), where the load phase's RSS
+        high-water mark restarts: its peak minus this is what loading the model cost the host."""
         from bench.metrics import current_rss_mib
         self.rss_before_model_mib = current_rss_mib()
+        reset_rss_peak()
 
     def now(self) -> dict:
         """The open phase's peaks so far."""

@@ -152,31 +152,52 @@ def load_tokenizer(source: str):
 
 
 def build_model(name: str, init: str, model_config, dtype, device, zero3_ds_config: dict | None, seed: int,
-                attn_implementation: str = "sdpa"):
-    """Weights go straight to `device` (or are partitioned at construction under ZeRO-3), so a large model is
-    never held once per rank in host memory."""
-    import contextlib
+                attn_implementation: str = "sdpa", sharded: bool = False):
+    """-> (model, what must stay alive until deepspeed.initialize). A large model is never held once per rank in
+    host memory: weights go straight to `device`, are partitioned at construction under ZeRO-3, or, for a
+    model-parallel strategy (`sharded`), stay on the meta device for each rank to materialize only its shard inside
+    deepspeed.initialize (bench/loading.py). --init random draws every parameter from bench/loading.py's seeded
+    per-name init, so every strategy starts from the same weights."""
     import torch
     from transformers import AutoModelForCausalLM
-    _, source = resolve_model_source(name, init)
-    keep_alive = None
+    from bench import loading
+    torch.manual_seed(seed)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if zero3_ds_config is not None:
         # While this object lives, from_pretrained/from_config construct under deepspeed.zero.Init.
         from transformers.integrations import HfDeepSpeedConfig
-        keep_alive = HfDeepSpeedConfig(zero3_ds_config)  # noqa: F841
-    torch.manual_seed(seed)
-    if init == "random":
-        ctx = torch.device(device) if zero3_ds_config is None else contextlib.nullcontext()
-        with ctx:
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        keep_alive = HfDeepSpeedConfig(zero3_ds_config)
+        if init == "random":
+            model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+            loading.overwrite_partitioned(model, weights_of(name, init, model_config, seed))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_source(name, init)[1], **kwargs)
+    elif sharded or init == "random":
+        keep_alive = None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+        if not sharded:
+            loading.materialize_whole(model, weights_of(name, init, model_config, seed), device)
     else:
-        kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-        if zero3_ds_config is None and str(device) != "cpu":
+        keep_alive = None
+        if str(device) != "cpu":
             kwargs["device_map"] = {"": str(device)}
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_source(name, init)[1], **kwargs)
     model.config.use_cache = False  # training: the KV cache only costs memory
     return model, keep_alive
+
+
+def weights_of(name: str, init: str, model_config, seed: int):
+    """Where a meta-built model's values come from (bench/loading.py): the seeded init, or the local safetensors
+    checkpoint (a hub id is downloaded into the Hugging Face cache first: its safetensors and JSON files only)."""
+    from bench.loading import Weights
+    if init == "random":
+        return Weights(model_config, seed)
+    source = resolve_model_source(name, init)[1]
+    if not os.path.isdir(source):
+        from huggingface_hub import snapshot_download
+        source = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    return Weights(model_config, seed, checkpoint=source)
 
 
 # ---------------------------------------------------------------------------------------------------------

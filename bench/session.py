@@ -6,6 +6,7 @@ disk.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import time
 import traceback
 from dataclasses import asdict
 
-from bench import checkpoint, device, distributed, faults, liveness, metrics, models, ops, signals
+from bench import checkpoint, device, distributed, faults, liveness, loading, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_space, write_json_atomic
@@ -288,12 +289,14 @@ class Session:
 
     def _build_model(self, device):
         """The model as the strategy wants it (weights, LoRA, stages); -> (model, parameter counts before and
-        after LoRA)."""
+        after LoRA). A model-parallel layout builds on the meta device and materializes each rank's shard inside
+        deepspeed.initialize (bench/loading.py)."""
         cfg, p = self.cfg, self.plan
         faults.slow_load()  # tests: a model load that takes a while
         zero3 = p.ds if p.zero_stage == 3 else None
+        sharded = loading.shards_at_load(p)
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
-                                                    cfg.seed, cfg.attn_implementation)
+                                                    cfg.seed, cfg.attn_implementation, sharded=sharded)
         if cfg.activation_checkpointing:
             # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
             # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no
@@ -303,7 +306,12 @@ class Session:
         if p.peft == "lora":
             model = apply_lora(model, cfg)
         after = param_counts(model)
-        model = p.strategy.prepare(model, cfg, p.ds)
+        self._materializer = None
+        if sharded:
+            weights = models.weights_of(cfg.model, cfg.init, p.model_config, cfg.seed)
+            self._materializer = loading.Materializer(model, weights, device)
+        with loading.stage_layers_only(self._materializer) if sharded else contextlib.nullcontext():
+            model = p.strategy.prepare(model, cfg, p.ds)
         if self.is_main:
             print(_param_table(before, after, p.peft), flush=True)
         return model, (before, after)
@@ -312,7 +320,8 @@ class Session:
         import deepspeed
         p = self.plan
         shapes = param_shapes(model)
-        with p.strategy.initializing(p, model):
+        shards = loading.shards_only(self._materializer) if self._materializer else contextlib.nullcontext()
+        with shards, p.strategy.initializing(p, model):
             # lazy: the engine reads it after AutoEP/AutoTP replaced layers (and LoRA re-wrapped AutoTP's)
             engine, *_ = deepspeed.initialize(model=model, config=p.ds, mpu=p.strategy.mpu,
                                               model_parameters=(q for q in model.parameters() if q.requires_grad))

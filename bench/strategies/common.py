@@ -120,11 +120,15 @@ def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
 
 
 def apply_lora(model, cfg):
-    """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable."""
+    """peft LoRA on the named modules; everything else frozen. Dropout 0 keeps runs bit-comparable; the adapters
+    are drawn per name (bench/loading.py), the same whatever device or strategy holds them."""
     from peft import LoraConfig, get_peft_model
+    from bench.loading import init_adapters
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_target_names(cfg),
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    init_adapters(model, cfg.seed)
+    return model
 
 
 def param_counts(model) -> dict:
