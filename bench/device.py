@@ -155,6 +155,7 @@ class MemoryPeaks:
         self.phases: dict[str, dict] = {}
         self.open = "load"
         self.rss_before_model_mib = None
+        self.model_placed_peak_rss_mib = None
 
     def mark_before_model(self) -> None:
         """RSS just before the model is built (imports alone hold a few hundred MiB), where the load phase's RSS
@@ -162,6 +163,12 @@ class MemoryPeaks:
         from bench.metrics import current_rss_mib
         self.rss_before_model_mib = current_rss_mib()
         reset_rss_peak()
+
+    def mark_model_placed(self) -> None:
+        """The RSS high-water mark once a model-parallel rank's shard is on its device (bench/loading.py), before
+        deepspeed.initialize builds process groups and the optimizer: minus rss_before_model_mib, what
+        materializing the model cost the host."""
+        self.model_placed_peak_rss_mib = peak_rss_mib()
 
     def now(self) -> dict:
         """The open phase's peaks so far."""
@@ -184,7 +191,8 @@ class MemoryPeaks:
         if self.open is not None:
             phases[self.open] = self.now()
         top = phases.get("training") or dict.fromkeys(("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"))
-        return {**top, "phases": phases, "rss_before_model_mib": self.rss_before_model_mib}
+        return {**top, "phases": phases, "rss_before_model_mib": self.rss_before_model_mib,
+                "model_placed_peak_rss_mib": self.model_placed_peak_rss_mib}
 
 
 def peak_rss_mib() -> float:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from bench import gpus, models
 from bench.config import BenchError, offloaded, precision_of
-from bench.strategies.common import parameter_sizes
+from bench.strategies.autotp import tp_splits
+from bench.strategies.common import architecture, parameter_sizes
 
 GIB = gpus.GIB
 # The CUDA context, cuBLAS workspaces and NCCL's buffers (a fixed allowance), and the caching allocator's
@@ -230,6 +231,38 @@ def _largest_layer(plan) -> int:
     layer = c["layer"]
     experts = max(1, layer["experts"])
     return max(c["embedding"], c["head"], layer["attention"] + experts * layer["mlp"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading (bench/loading.py): what a rank holds while its model is materialized, before deepspeed.initialize
+
+def _largest_tensor(plan) -> int:
+    return max(n for _, n in architecture(plan.model_config).params)
+
+
+def load_bytes(plan, rank: int) -> dict:
+    """The load's peak per rank -> {"device": bytes, "host": bytes}. A model-parallel rank (TP, EP, PP without
+    ZeRO-3) holds its own parameters plus one transient: the largest weight AutoTP splits, whole before it is
+    sliced; under AutoEP one layer's local experts three times over (the rows read, ep_repack.py's slices of them
+    and their contiguous copies). Any other layout holds the whole model (ZeRO-3: its partition and the largest
+    tensor gathered at construction). The host stages one tensor at a time read from a checkpoint."""
+    from bench.loading import shards_at_load
+    w, lay = _width(plan), plan.layout
+    held = plan.strategy.params_per_rank(plan)[rank] * w
+    transient = 0
+    if shards_at_load(plan):
+        if lay.tp > 1:
+            sizes = dict(architecture(plan.model_config).params)
+            transient = max(sizes[n] for n in tp_splits(plan)) * w
+        if lay.ep > 1:
+            layer = models.count_params_from_config(plan.model_config)["layer"]
+            transient = max(transient, 3 * layer["experts"] // lay.ep * layer["mlp"] * w)
+    elif plan.zero_stage == 3:
+        transient = _largest_tensor(plan) * w
+    else:
+        held = plan.total_params * w
+    host = _largest_tensor(plan) * w if plan.cfg.init == "pretrained" else 0
+    return {"device": held + transient, "host": host}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,14 +495,20 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
         host = states.pop("offloaded_bytes")
         held = sum(states.values()) - host + activations + transient  # on the device
-        overhead = int(CONTEXT_BYTES + FRAGMENTATION * held) if device == "cuda" else 0
+        allowance = (lambda b: int(CONTEXT_BYTES + FRAGMENTATION * b)) if device == "cuda" else (lambda b: 0)
+        overhead = allowance(held)
+        load = load_bytes(plan, rank)
         per_rank.append({"rank": rank, **states, "offloaded_bytes": host, "activation_bytes": activations,
                          "logits_bytes": act["logits_bytes"], "transient_bytes": transient,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
+                         "load_bytes": load["device"] + allowance(load["device"]), "load_host_bytes": load["host"],
                          "micro_batches_in_flight": flight})
-    peak = max(r["total_bytes"] for r in per_rank)
+    training = max(r["total_bytes"] for r in per_rank)
+    loading = max(r["load_bytes"] for r in per_rank)
+    peak = max(training, loading)
     tokens = plan.batch.global_ * plan.cfg.seq_len
     return {"fits": None if capacity is None else peak <= capacity, "capacity_bytes": capacity, "peak_bytes": peak,
+            "training_peak_bytes": training, "load_peak_bytes": loading,
             "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
             "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
             "flops_per_rank_per_step": plan.flops_per_token * tokens / plan.layout.world_size}
@@ -522,6 +561,9 @@ def format_table(est: dict, gpu: str | None = None) -> str:
              f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
     for (a, b), values in rows:
         lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))
+    lines.append(f"load (bench/loading.py, before deepspeed.initialize): {gib(est['load_peak_bytes'])} GiB per rank "
+                 f"on the device, {gib(max(r['load_host_bytes'] for r in est['per_rank']))} GiB staged on the host; "
+                 f"training {gib(est['training_peak_bytes'])} GiB")
     cap = est["capacity_bytes"]
     if cap is None:
         lines.append(f"peak {gib(est['peak_bytes'])} GiB per rank (no device capacity to compare with: pass --gpu "

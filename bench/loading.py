@@ -72,12 +72,16 @@ class Weights:
     def _read(self, key: str, device) -> torch.Tensor:
         from safetensors import safe_open
         with safe_open(self.files[key], "pt", device=str(device)) as f:
-            return f.get_tensor(key)
+            value = f.get_tensor(key)
+        # on the CPU the tensor is a view of the file's mapping, paged in only when first touched: a copy, so the
+        # rank holds (and the load measures) what it keeps
+        return value.clone() if value.device.type == "cpu" else value
 
     def _read_rows(self, key: str, start: int, end: int, device) -> torch.Tensor:
         from safetensors import safe_open
         with safe_open(self.files[key], "pt", device=str(device)) as f:
-            return f.get_slice(key)[start:end]
+            value = f.get_slice(key)[start:end]
+        return value.clone() if value.device.type == "cpu" else value
 
     def _legacy_experts(self, name: str):
         """Mixtral checkpoints keep one tensor per expert (block_sparse_moe.experts.E.w1/w2/w3), which transformers
@@ -230,10 +234,11 @@ def shards_at_load(plan) -> bool:
 
 
 @contextlib.contextmanager
-def shards_only(mat: Materializer):
+def shards_only(mat: Materializer, placed=lambda: None):
     """Around deepspeed.initialize for a model-parallel model built on the meta device: DeepSpeed's partitioning
     steps see whole tensors one at a time (AutoTP) or only the local experts (AutoEP); what is still on the meta
-    device is filled whole before the engine moves the module to its device."""
+    device is filled whole before the engine moves the module to its device, after which `placed()` is called
+    (the load's memory is read there, before the engine builds its optimizer)."""
     from deepspeed.module_inject import auto_ep_layer, layers
     from deepspeed.moe import ep_repack
     from deepspeed.runtime import engine as engine_module
@@ -286,7 +291,9 @@ def shards_only(mat: Materializer):
         def run(self, module):
             mat.fill_module(module)
             debug_extract_module_and_param_names(module)
-            return original(self, module)
+            out = original(self, module)
+            placed()
+            return out
         return run
     patch(engine_module.DeepSpeedEngine, "_configure_distributed_model", distributed)
     try:
@@ -311,6 +318,28 @@ def stage_layers_only(mat: Materializer):
         yield
     finally:
         PipelineModule._build = original
+
+
+@contextlib.contextmanager
+def host_memory_returned():
+    """While loading: every host allocation of 1 MiB or more is its own mapping, returned to the system when freed.
+    glibc otherwise raises its mmap threshold to the largest block freed so far (up to 32 MiB), so each whole
+    tensor freed after its shard was kept stays in the heap as a hole the next, larger tensor does not fit: on the
+    CPU, where host memory is the device, that is 20-25 % of a shard again (measurements/load_memory.py).
+    Afterwards the threshold is glibc's dynamic ceiling, 32 MiB, so training allocates as before. Elsewhere than
+    glibc: nothing."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3  # malloc.h
+    mallopt(m_mmap_threshold, 2 ** 20)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 * 2 ** 20)
 
 
 def _subclasses(cls) -> list:

@@ -199,8 +199,9 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
               "memory plan", file=sys.stderr, flush=True)
         return None
     if est["fits"] is False and not plan.cfg.ignore_memory_plan:
+        which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(
-            f"predicted peak {est['peak_bytes'] / estimate.GIB:.1f} GiB per GPU against "
+            f"predicted {which} peak {est['peak_bytes'] / estimate.GIB:.1f} GiB per GPU against "
             f"{capacity / estimate.GIB:.1f} GiB on {plan.device_name}: this layout will not fit; try "
             f"{' or '.join(estimate.suggestions(plan))} (bench-plan shows the breakdown; --ignore_memory_plan runs "
             "it anyway)")

@@ -260,9 +260,10 @@ class Session:
     def _train(self):
         device = self._set_up_device()
         self.peaks.mark_before_model()
-        model, counts = self._build_model(device)
-        self._phase("model_build_s")
-        engine = self._initialize(model)
+        with loading.host_memory_returned():
+            model, counts = self._build_model(device)
+            self._phase("model_build_s")
+            engine = self._initialize(model)
         self._phase("ds_initialize_s")
         self.peaks.close("load", then="warmup")  # from here on the peaks are training's, not the load's
         self._start_monitor()
@@ -320,7 +321,8 @@ class Session:
         import deepspeed
         p = self.plan
         shapes = param_shapes(model)
-        shards = loading.shards_only(self._materializer) if self._materializer else contextlib.nullcontext()
+        shards = loading.shards_only(self._materializer, placed=self.peaks.mark_model_placed) \
+            if self._materializer else contextlib.nullcontext()
         with shards, p.strategy.initializing(p, model):
             # lazy: the engine reads it after AutoEP/AutoTP replaced layers (and LoRA re-wrapped AutoTP's)
             engine, *_ = deepspeed.initialize(model=model, config=p.ds, mpu=p.strategy.mpu,

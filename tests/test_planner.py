@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench import estimate, gpus
+from bench import estimate, gpus, models
 from bench.accounting import ActivationCounter
 from bench.config import BenchError
 from bench.plan import check_memory, main as bench_plan, plan_layout
@@ -110,6 +110,29 @@ def test_bench_plan_refuses_bad_input_in_one_line(capfd):
     assert "layout does not fit" in capfd.readouterr().err
 
 
+def test_the_load_is_planned_per_rank_and_the_guard_refuses_on_the_larger_peak():
+    """A model-parallel rank loads its shard plus one transient (bench/loading.py): Mixtral 8x7B under EP2 with
+    LoRA loads one layer's local experts three times over beside its half of the experts, which at a small batch is
+    more than training holds; a layout without model parallelism loads the whole model. A capacity between the two
+    peaks is refused, naming the load."""
+    args = ["--model", "mixtral-8x7b", "--init", "random", "--peft", "lora", "--micro_batch_size", "1",
+            "--seq_len", "128", "--global_batch_size", "2"]
+    ep = plan_layout([*args, "--strategy", "ep", "--ds_config", "ds_configs/ep2.json"], 2, "NVIDIA H100 80GB HBM3")
+    est = estimate.estimate(ep, None)
+    c = models.count_params_from_config(ep.model_config)
+    layer_experts = c["layer"]["experts"] * c["layer"]["mlp"]
+    shard = ep.total_params - c["layers"] * layer_experts // 2  # half the experts, everything else whole
+    device = shard * 2 + 3 * (layer_experts // 2) * 2  # bf16
+    assert est["per_rank"][0]["load_bytes"] == int(device + estimate.CONTEXT_BYTES + estimate.FRAGMENTATION * device)
+    assert est["load_peak_bytes"] > est["training_peak_bytes"] and est["peak_bytes"] == est["load_peak_bytes"]
+    whole = plan_layout([*args, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json"], 1,
+                        "NVIDIA H100 80GB HBM3")
+    assert estimate.load_bytes(whole, 0)["device"] == whole.total_params * 2
+    between = (est["training_peak_bytes"] + est["load_peak_bytes"]) // 2
+    with pytest.raises(BenchError, match=r"predicted loading peak .* GiB per GPU"):
+        check_memory(ep, capacity=between)
+
+
 def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
     """check_memory is what bench/run.py calls before any weight is loaded (the CPU never refuses)."""
     cpu = plan_layout(["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json"], 1)
@@ -117,7 +140,7 @@ def test_a_layout_predicted_not_to_fit_is_refused_on_a_gpu_unless_ignored():
     args = ("--model", "llama3.1-8b", "--init", "random", "--strategy", "dp", "--ds_config",
             "ds_configs/dp_zero1.json", "--peft", "none", "--micro_batch_size", "2", "--seq_len", "2048")
     gpu = plan_layout(list(args), 2, "NVIDIA H100 80GB HBM3")
-    with pytest.raises(BenchError, match=r"predicted peak .* GiB per GPU against 79\.1 GiB .*ZeRO-3"):
+    with pytest.raises(BenchError, match=r"predicted training peak .* GiB per GPU against 79\.1 GiB .*ZeRO-3"):
         check_memory(gpu, capacity=gpus.capacity_bytes("H100-80GB"))
     ignored = plan_layout([*args, "--ignore_memory_plan"], 2, "NVIDIA H100 80GB HBM3")
     assert check_memory(ignored, capacity=gpus.capacity_bytes("H100-80GB"))["fits"] is False

@@ -296,10 +296,11 @@ def pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:
     stages = []
     for s in range(layout.pp):
         ranks = range(s * layout.dp, (s + 1) * layout.dp)
-        idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks]
+        # no timed step (a run no longer than the untimed ones): nothing measured
+        idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks] if res.busy_s else None
         stages.append({"stage": s, "ranks": list(ranks), "params": per_rank[ranks[0]]["total"],
                        "trainable": per_rank[ranks[0]]["trainable"],
-                       "measured_idle_fraction": sum(idle) / len(idle)})
+                       "measured_idle_fraction": sum(idle) / len(idle) if idle else None})
     return {"stages": layout.pp, "micro_batches": micro_batches,
             "theoretical_bubble": metrics.pipeline_bubble(layout.pp, micro_batches), "per_stage": stages}
 

@@ -1,8 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 4 (the seeds' "Mixtral + LoRA + EP").
-# Predicted peak per GPU (bench-plan, H100-80GB): 45.1 GiB, fits
-# The training peak; loading still builds the whole model on each GPU (87 GiB in bf16) before AutoEP splits it,
-# so on 80 GB GPUs this fails while loading until ranks materialize only their shard (docs/planner.md).
+# Predicted peak per GPU (bench-plan, H100-80GB): 45.1 GiB training, 28.3 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/4_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-ep4-mixtral-8x7b
 #SBATCH --nodes=1

@@ -1,8 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 8 (the seeds' "Mixtral + LoRA + EP").
-# Predicted peak per GPU (bench-plan, H100-80GB): 34.0 GiB, fits
-# The training peak; loading still builds the whole model on each GPU (87 GiB in bf16) before AutoEP splits it,
-# so on 80 GB GPUs this fails while loading until ranks materialize only their shard (docs/planner.md).
+# Predicted peak per GPU (bench-plan, H100-80GB): 34.0 GiB training, 16.2 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/8_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-ep8-mixtral-8x7b
 #SBATCH --nodes=1

@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, LoRA, ZeRO-3, activation checkpointing; Ulysses SP over 2 GPUs, 16k tokens per sample.
-# Predicted peak per GPU (bench-plan, H100-80GB): 28.8 GiB, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 28.9 GiB training, 9.9 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/sequence_parallel/llama31_8b/2_gpus.sh [bench/run.py overrides...]
 # The bundled SQuAD sample is padded to this length; pass --data <long documents: .jsonl or .txt, packed> for real
 # long-context samples.

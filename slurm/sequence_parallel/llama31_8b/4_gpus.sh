@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, full fine-tune, ZeRO-3, activation checkpointing; Ulysses SP over 4 GPUs, 32k tokens per sample.
-# Predicted peak per GPU (bench-plan, H100-80GB): 52.1 GiB, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 52.2 GiB training, 6.0 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/sequence_parallel/llama31_8b/4_gpus.sh [bench/run.py overrides...]
 # The bundled SQuAD sample is padded to this length; pass --data <long documents: .jsonl or .txt, packed> for real
 # long-context samples.

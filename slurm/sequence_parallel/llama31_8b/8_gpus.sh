@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, full fine-tune, ZeRO-3; Ulysses SP over 8 GPUs, 32k tokens per sample.
-# Predicted peak per GPU (bench-plan, H100-80GB): 52.6 GiB, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 52.7 GiB training, 4.0 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/sequence_parallel/llama31_8b/8_gpus.sh [bench/run.py overrides...]
 # The bundled SQuAD sample is padded to this length; pass --data <long documents: .jsonl or .txt, packed> for real
 # long-context samples.
