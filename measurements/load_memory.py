@@ -69,6 +69,10 @@ def measure(case: str, init: str, root: str) -> dict:
             "--peft", "lora", "--seq_len", "32", "--micro_batch_size", "1", "--global_batch_size", "4",
             "--max_steps", "2", "--warmup_steps", "1", "--wandb_mode", "disabled"]
     _, summary, _ = common.harness(nprocs, args, out)
+    from bench import estimate
+    from bench.plan import plan_layout
+    plan = plan_layout(args, nprocs)
+    planned = max(estimate.load_bytes(plan, r)["device"] for r in range(nprocs)) / 2 ** 20
     ranks = summary["memory"]["per_rank"]
     whole = summary["params"]["before_peft"] * 4 / 2 ** 20  # fp32 on the CPU
     placed = [r.get("model_placed_peak_rss_mib") for r in ranks]
@@ -76,7 +80,8 @@ def measure(case: str, init: str, root: str) -> dict:
     phase = max(r["phases"]["load"]["peak_rss_mib"] - r["rss_before_model_mib"] for r in ranks)
     ratio = lambda mib: None if mib is None else round(mib / whole, 3)  # noqa: E731
     return {"case": case, "model": model, "init": init, "ranks": nprocs, "status": summary["status"],
-            "whole_model_mib": round(whole, 1), "placed_mib": placed and round(placed, 1), "placed": ratio(placed),
+            "whole_model_mib": round(whole, 1), "planned_mib": round(planned, 1),
+            "placed_mib": placed and round(placed, 1), "placed": ratio(placed),
             "load_phase_mib": round(phase, 1), "load_phase": ratio(phase)}
 
 
@@ -85,11 +90,13 @@ def page(rows: list[dict], label: str) -> list[str]:
              f"`python measurements/load_memory.py` ({common.host_line()}). Per run, the largest over its ranks of "
              "the RSS high-water mark minus the RSS before the model is built: once the model is in place (placed) "
              "and at the end of deepspeed.initialize (load phase), in MiB and as a share of the whole model's fp32 "
-             f"bytes; the limit for placed is {LIMIT} x.", "",
-             "| case | model | init | ranks | whole model MiB | placed MiB | placed x | load phase MiB | load phase x |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"bytes; the limit for placed is {LIMIT} x. Planned: the planner's load peak of the busiest rank "
+             "(bench/estimate.py load_bytes; on the CPU without the GPU allowance).", "",
+             "| case | model | init | ranks | whole model MiB | planned MiB | placed MiB | placed x | load phase MiB "
+             "| load phase x |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['model']} | {r['init']} | {r['ranks']} | {r['whole_model_mib']} | "
-              f"{r['placed_mib']} | {r['placed']} | {r['load_phase_mib']} | {r['load_phase']} |" for r in rows]
+              f"{r.get('planned_mib')} | {r['placed_mib']} | {r['placed']} | {r['load_phase_mib']} | "
+              f"{r['load_phase']} |" for r in rows]
     return lines
 
 
@@ -101,9 +108,16 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="after: each rank materializes its shard")
     ap.add_argument("--out")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--before", help="rows this script wrote (--json) at an earlier commit: shown first, for the "
+                                     "comparison")
+    ap.add_argument("--before_label", default="before")
     a = ap.parse_args(argv)
     rows = [measure(c, i, a.root) for c in a.cases.split(",") for i in a.inits.split(",")]
-    common.write_page(page(rows, a.label), a.out)
+    lines = page(rows, a.label)
+    if a.before:
+        with open(a.before) as fh:
+            lines += ["", f"## {a.before_label}", "", *page(json.load(fh), a.before_label)[4:]]
+    common.write_page(lines, a.out)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -107,3 +107,5 @@ def test_loading_costs_a_rank_well_under_the_whole_model(tmp_path_factory, case,
     row = load_memory.measure(case, init, str(tmp_path_factory.getbasetemp() / "load_memory"))
     assert row["status"] == "completed", row
     assert row["placed"] < load_memory.LIMIT, row
+    # the planner's load peak (bench/estimate.py load_bytes) against the measured one: within 15 %
+    assert row["placed_mib"] == pytest.approx(row["planned_mib"], rel=0.15), row
