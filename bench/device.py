@@ -139,8 +139,8 @@ PHASES = ("load", "warmup", "training")
 
 
 class MemoryPeaks:
-    """The peaks of each phase of a run: "load" (from just before the model is built until the engine is: weights, sharding,
-    ZeRO's buffers), "warmup" (the steps that are not timed, the instrumented ones among them) and "training" (the
+    """The peaks of each phase of a run: "load" (from just before the model is built until the engine is: weights,
+    sharding, ZeRO's buffers), "warmup" (the steps that are not timed, the instrumented ones among them) and "training" (the
     measured steps). Without the resets between them the allocator's peak is the peak since process start, which
     for TP/EP/PP is the model load, not training.
 
