@@ -6,7 +6,7 @@ shapes, no bytes. Each parameter is materialized on the rank's device at the mom
 
 - a weight AutoTP splits: whole, just before DeepSpeed's own partitioning slices it (`_tp_partition` of every
   deepspeed/module_inject/layers.py TensorParallel_Layer), which keeps the slice and frees the rest: one whole
-  tensor at a time is the transient;
+  tensor at a time is the transient (from a checkpoint, a column or row split reads only the rank's slice);
 - experts AutoEP distributes: only this rank's experts (deepspeed/moe/ep_repack.py `repack_expert_weights`, given
   a stand-in holding just the local rows), read expert by expert from the checkpoint;
 - a pipeline stage: only the layers PipelineModule keeps (deepspeed/runtime/pipe/module.py `_build`), the others
@@ -81,6 +81,15 @@ class Weights:
         from safetensors import safe_open
         with safe_open(self.files[key], "pt", device=str(device)) as f:
             value = f.get_slice(key)[start:end]
+        return value.clone() if value.device.type == "cpu" else value
+
+    def slice(self, name: str, dim: int, start: int, size: int, device) -> torch.Tensor:
+        """[start, start + size) along dim 0 or 1 of a checkpoint's 2-D (or, dim 0, 1-D) tensor, read alone."""
+        from safetensors import safe_open
+        key = self._key(name)
+        with safe_open(self.files[key], "pt", device=str(device)) as f:
+            part = f.get_slice(key)
+            value = part[start:start + size] if dim == 0 else part[:, start:start + size]
         return value.clone() if value.device.type == "cpu" else value
 
     def _legacy_experts(self, name: str):
@@ -174,6 +183,17 @@ class Materializer:
             with torch.no_grad():
                 param.copy_(value)
 
+    def fill_slice(self, param, dim: int, sizes, index: int) -> None:
+        """A meta parameter as a whole-shaped tensor of which only part `index` of its split along `dim` into
+        `sizes` is read from the checkpoint (the part AutoTP keeps)."""
+        if not param.is_meta:
+            return
+        start = sum(sizes[:index])
+        value = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+        value.narrow(dim, start, sizes[index]).copy_(
+            self.weights.slice(self.names[id(param)], dim, start, sizes[index], self.device))
+        torch.utils.swap_tensors(param, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+
     def fill_module(self, module, only=None) -> None:
         """Every meta parameter (whose canonical name passes `only`) and buffer of `module`."""
         for p in module.parameters():
@@ -250,10 +270,18 @@ def shards_only(mat: Materializer, placed=lambda: None):
         patches.append((owner, attr, original))
         setattr(owner, attr, make(original))
 
+    # The layers whose _tp_partition keeps `split(_partition_sizes, dim)[tp_index]` of a tensor (weight, and for a
+    # column split its bias): from a checkpoint only that slice is read, into a whole-shaped tensor whose other
+    # rows stay unwritten (the rank still allocates the whole tensor for DeepSpeed to slice, but reads 1/tp of it).
+    sliced = {layers.LinearLayer: 0, layers.LinearAllreduce: 1}
+
     def partition(original):
         def run(self, params_list):
-            for p in params_list:
-                if p is not None:
+            dim = sliced.get(type(self)) if mat.weights.files is not None else None
+            for i, p in enumerate(params_list):
+                if p is not None and dim is not None and (i == 0 or dim == 0):
+                    mat.fill_slice(p, dim, self._partition_sizes, self.tp_index)
+                elif p is not None:
                     mat.fill(p)
             return original(self, params_list)
         return run
