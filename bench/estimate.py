@@ -144,6 +144,7 @@ def model_states(plan, rank: int) -> dict:
     backward (transient_bytes)."""
     w, zero, stage = _width(plan), _zero(plan), plan.zero_stage
     off = offloaded(plan.ds)
+    step = 0
     params = held = plan.strategy.params_per_rank(plan)[rank] * w
     gs = groups(plan, rank)
     trainable = sum(sum(g.sizes) for g in gs)
@@ -179,6 +180,10 @@ def model_states(plan, rank: int) -> dict:
         optimizer = partition * 12 + 4 * len(gs)  # fp32 master + Adam's two states, and a step counter per group
         grads = sum(_partition_overlap(g) for g in gs) * w
         host = 0
+        if w == 2 and "optimizer" not in off:
+            # at the step each group's bf16 gradient partition is copied to fp32 for its master
+            # (stage_1_and_2.py step: flat_grad_partition.to(fp32)), one group at a time, after backward
+            step = max((-(-sum(g.sizes) // g.degree) for g in gs), default=0) * 4
         if "optimizer" in off:  # ZeRO-Offload: fp32 gradient partitions and a staging buffer of the largest
             # parameter on each side (stage_1_and_2.py), and the partition's gradients on the device only while
             # they accumulate over micro-batches; the host holds the optimizer and the fp32 partitions
@@ -195,7 +200,7 @@ def model_states(plan, rank: int) -> dict:
         grads = trainable * (w if w == 4 else 4 + w)  # ... and fp32 gradient accumulators
         buffers = host = 0
     return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "buffers_bytes": buffers,
-            "offloaded_bytes": host, "transient_bytes": transient}
+            "offloaded_bytes": host, "transient_bytes": transient, "step_transient_bytes": step}
 
 
 def lora_sizes(plan) -> list[int]:
@@ -493,13 +498,17 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         if plan.cfg.tiled_loss:  # one slice at a time: its logits, their fp32 copy and gradient
             loss = _tiled_loss_slice(plan)
         transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
+        step = states.pop("step_transient_bytes")
         host = states.pop("offloaded_bytes")
-        held = sum(states.values()) - host + activations + transient  # on the device
+        # on the device: the peak of backward (activations and its transients) or of the optimizer step, after
+        # backward freed them (the step's own transient)
+        held = sum(states.values()) - host + max(activations + transient, step)
         allowance = (lambda b: int(CONTEXT_BYTES + FRAGMENTATION * b)) if device == "cuda" else (lambda b: 0)
         overhead = allowance(held)
         load = load_bytes(plan, rank)
         per_rank.append({"rank": rank, **states, "offloaded_bytes": host, "activation_bytes": activations,
                          "logits_bytes": act["logits_bytes"], "transient_bytes": transient,
+                         "step_transient_bytes": step,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
                          "load_bytes": load["device"] + allowance(load["device"]), "load_host_bytes": load["host"],
                          "micro_batches_in_flight": flight})

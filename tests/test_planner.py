@@ -80,7 +80,7 @@ def test_bench_plan_prints_a_verdict_and_json(capsys):
     for r in est["per_rank"]:
         parts = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
                                    "activation_bytes", "transient_bytes", "overhead_bytes"))
-        assert r["total_bytes"] == parts
+        assert r["total_bytes"] == parts and r["step_transient_bytes"] == 0  # ZeRO-3: no fp32 copy at the step
         # ZeRO-3 over 8 ranks, for 1/8 of 8.03 B parameters each: Adam's two fp32 states, and the gradients'
         # bf16 reduce-scatter target and fp32 partition (16 bytes per parameter with the bf16 weights)
         assert r["optimizer_bytes"] == pytest.approx(8 * 8.03e9 / 8, rel=0.01)
@@ -108,6 +108,29 @@ def test_bench_plan_refuses_bad_input_in_one_line(capfd):
     # an impossible layout: refused as bench/run.py refuses it (the same resolve)
     assert bench_plan(["--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--world_size", "3"]) == 2
     assert "layout does not fit" in capfd.readouterr().err
+
+
+def test_the_fp32_gradient_partition_at_the_step_is_planned_after_backward():
+    """ZeRO-1/2 in bf16 copy each group's gradient partition to fp32 at the optimizer step (stage_1_and_2.py
+    step, flat_grad_partition.to(fp32)), after backward freed its activations: a full fine-tune of LLaMA 3.1 8B on 8
+    ranks under ZeRO-2 holds 8.03 B / 8 x 4 bytes more at the step, which at a short sequence is the peak. fp32
+    training converts nothing; ZeRO-3 and offload keep no such copy on the device."""
+    args = ["--model", "llama3.1-8b", "--init", "random", "--peft", "none", "--micro_batch_size", "1",
+            "--seq_len", "128", "--strategy", "dp"]
+    zero2 = plan_layout([*args, "--ds_config", "ds_configs/dp_zero2.json"], 8, "NVIDIA H100 80GB HBM3")
+    est = estimate.estimate(zero2, None)
+    r = est["per_rank"][0]
+    copy = -(-zero2.total_params // 8) * 4  # one fp32 element per parameter of the rank's partition
+    assert r["step_transient_bytes"] == pytest.approx(copy, rel=1e-3)
+    states = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes"))
+    backward = states + r["activation_bytes"] + r["transient_bytes"]
+    assert r["step_transient_bytes"] > r["activation_bytes"] + r["transient_bytes"]  # the step is the peak here
+    assert r["total_bytes"] == max(backward, states + r["step_transient_bytes"]) + r["overhead_bytes"]
+    for config in ("dp_zero3", "dp_zero2_offload"):
+        other = plan_layout([*args, "--ds_config", f"ds_configs/{config}.json"], 8, "NVIDIA H100 80GB HBM3")
+        assert estimate.estimate(other, None)["per_rank"][0]["step_transient_bytes"] == 0, config
+    fp32 = plan_layout([*args, "--ds_config", "ds_configs/dp_zero2.json", "--precision", "fp32"], 8)
+    assert estimate.estimate(fp32, None)["per_rank"][0]["step_transient_bytes"] == 0
 
 
 def test_the_load_is_planned_per_rank_and_the_guard_refuses_on_the_larger_peak():
