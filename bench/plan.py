@@ -242,8 +242,9 @@ def main(argv=None) -> int:
         if opts.help:
             print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(gpus.plannable())
                   + " | --gpu_memory_gib X] [--json] [--recommend [--top N]]\n  the memory, communication and "
-                  "FLOPs each rank of the layout will have, and whether it fits the GPU; --recommend: the shipped "
-                  "layouts that fit, fastest predicted first (docs/planner.md)")
+                  "FLOPs each rank of the layout will have, and whether it fits the GPU; --recommend: for the job "
+                  "(--peft none|lora, default none), the shipped layouts that fit, fastest predicted first "
+                  "(docs/planner.md)")
             return 0
         if opts.world_size is None or opts.world_size <= 0:
             raise config.BenchError("bench-plan needs --world_size N > 0: the processes the layout will run on")
@@ -274,7 +275,7 @@ def _recommend(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
         raise config.BenchError("--recommend needs --gpu NAME (its peak FLOP/s and links set the cost model)")
     if opts.top <= 0:
         raise config.BenchError(f"--top must be positive, got {opts.top}")
-    for flag in ("--strategy", "--ds_config", "--peft", "--micro_batch_size", "--activation_checkpointing"):
+    for flag in ("--strategy", "--ds_config", "--micro_batch_size", "--activation_checkpointing"):
         if flag in rest:
             raise config.BenchError(f"--recommend chooses {flag} itself; leave it out")
     rows, notes = recommend.recommend(rest, opts.world_size, opts.gpu, capacity, opts.top)

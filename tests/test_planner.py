@@ -178,12 +178,21 @@ def test_recommend_lists_fitting_layouts_fastest_first(capfd):
     rows = out["layouts"]
     assert rows and all(r["peak_bytes"] <= gpus.capacity_bytes("A100-40GB") for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
-    # every 2-rank layout of the tiny LLaMA: ZeRO data parallel with and without LoRA, TP, the pipeline, SP
-    assert {r["strategy"] for r in rows} == {"dp", "tp", "pp", "sp"} and {r["peft"] for r in rows} == {"none", "lora"}
+    # every 2-rank layout of the tiny LLaMA (ZeRO data parallel, TP, the pipeline, SP) for one job: the full
+    # fine-tune unless --peft says otherwise
+    assert {r["strategy"] for r in rows} == {"dp", "tp", "pp", "sp"} and {r["peft"] for r in rows} == {"none"}
     # 8 samples per step: a micro batch of 8 only where one data stream takes them all (TP, pipeline, SP)
     assert {r["strategy"] for r in rows if r["micro_batch_size"] == 8} == {"tp", "pp", "sp"}
     assert any("bf16 peak" in n for n in out["assumptions"])
-    assert bench_plan(args) == 0 and "fastest predicted first" in capfd.readouterr().out
+    for r in rows:  # the step in parts: recompute only under checkpointing, a bubble only in a pipeline
+        parts = ("compute_s", "recompute_s", "communication_s", "bubble_s", "offload_s")
+        assert r["step_s"] == pytest.approx(sum(r[k] for k in parts))
+        assert (r["recompute_s"] > 0) is r["activation_checkpointing"]
+        assert r["recompute_s"] == pytest.approx(r["compute_s"] / 3 if r["activation_checkpointing"] else 0)
+        assert (r["bubble_s"] > 0) is (r["strategy"] == "pp")
+    assert bench_plan([*args, "--json", "--peft", "lora"]) == 0
+    assert {r["peft"] for r in json.loads(capfd.readouterr().out.strip().splitlines()[-1])["layouts"]} == {"lora"}
+    assert bench_plan(args) == 0 and "fastest predicted first (--peft none)" in capfd.readouterr().out
     assert bench_plan(["--recommend", "--world_size", "2", "--gpu_memory_gib", "40"]) == 2
     assert "needs --gpu NAME" in capfd.readouterr().err
     assert bench_plan([*args, "--strategy", "tp"]) == 2
