@@ -167,8 +167,10 @@ class Materializer:
         self.names = {}
         for n, p in model.named_parameters(remove_duplicate=False):
             self.names.setdefault(id(p), canonical(n))  # a tied weight: by its first name, the embedding's
-        # LoRA's adapters now, whole: tensor parallelism splits some of them (bench/strategies/tp_lora.py), and a
-        # split must be of the one-process values
+
+    def fill_adapters(self, model) -> None:
+        """LoRA's adapters, whole, before deepspeed.initialize: tensor parallelism splits some of them
+        (bench/strategies/tp_lora.py), and a split must be of the one-process values."""
         self.fill_module(model, only=lambda name: ".lora_" in name)
 
     def fill(self, param, overwrite: bool = False) -> None:

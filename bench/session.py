@@ -311,6 +311,7 @@ class Session:
         if sharded:
             weights = models.weights_of(cfg.model, cfg.init, p.model_config, cfg.seed)
             self._materializer = loading.Materializer(model, weights, device)
+            self._materializer.fill_adapters(model)
         with loading.stage_layers_only(self._materializer) if sharded else contextlib.nullcontext():
             model = p.strategy.prepare(model, cfg, p.ds)
         if self.is_main:

@@ -38,7 +38,7 @@ def _measured_flops_per_token(model, seq_len: int, batch: int = 2) -> float:
 
 
 class _Cfg:
-    lora_targets, lora_r, lora_alpha = "q_proj,k_proj,v_proj,o_proj", 8, 16
+    lora_targets, lora_r, lora_alpha, seed = "q_proj,k_proj,v_proj,o_proj", 8, 16, 0
 
 
 @pytest.mark.parametrize("name,lora", [("tiny-llama", False), ("tiny-llama", True), ("tiny-mixtral", False)])
