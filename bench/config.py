@@ -59,7 +59,12 @@ class RunConfig:
     ignore_memory_plan: bool = _f(False, "on a GPU, run even when the planner predicts the layout will not fit "
                                   "(bench/estimate.py; docs/planner.md)")
     max_steps: int = _f(20, "optimizer steps to run")
-    seq_len: int = _f(256, "tokens per sample (padded or packed)")
+    seq_len: int = _f(256, "the most tokens a sample keeps (longer prompts lose their start)")
+    packing: str = _f("auto", "on: each micro-batch's samples concatenated into one row, attention confined to each "
+                      "sample (no padding computed); off: one padded row per sample; auto: on for QA data unless "
+                      "--padding longest (text data is cut into full rows already)", choices=("auto", "on", "off"))
+    padding: str = _f("max", "with packing off: pad each row to --seq_len (max) or to the micro-batch's longest "
+                      "sample rounded up to 64 (longest)", choices=("max", "longest"))
     micro_batch_size: int = _f(None, "samples per rank per forward (default: ds_config, else 2)")
     global_batch_size: int = _f(None, "samples per optimizer step (default: ds_config, else micro x DP)")
     lr: float = _f(None, "learning rate (default: ds_config, else 3e-4)")
@@ -128,6 +133,9 @@ def parse_args(argv=None) -> RunConfig:
             raise BenchError(f"--{name} must be positive, got {value}")
     if cfg.warmup_steps < 0 or cfg.eval_interval < 0 or cfg.save_interval < 0:
         raise BenchError("--warmup_steps, --eval_interval and --save_interval must be >= 0")
+    if cfg.packing == "on" and cfg.padding == "longest":
+        raise BenchError("--padding longest pads unpacked rows; with --packing on nothing is padded but the row's "
+                         "end: drop one of them")
     if (cfg.tiled_mlp or cfg.tiled_loss) and cfg.strategy != "sp":
         raise BenchError("--tiled_mlp and --tiled_loss run with --strategy sp (DeepSpeed's ALST tiling, applied by "
                          "its runner); drop them or use --strategy sp")

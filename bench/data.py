@@ -7,6 +7,7 @@ synthetic facts about invented places, so the project ships no downloaded data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -128,9 +129,19 @@ def load_examples(spec: str) -> tuple[str, list]:
 
 @dataclass
 class Tokenized:
-    input_ids: torch.Tensor       # [N, T] long
+    input_ids: torch.Tensor       # [N, T] long, right-padded
     attention_mask: torch.Tensor  # [N, T] long
     labels: torch.Tensor          # [N, T] long, IGNORE where no loss
+    pad_id: int = 0               # the padding token
+    kind: str = "qa"              # qa: one sample per row; text: rows cut from one token stream (packed already)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] each row's real (non-padding) tokens."""
+        return self.attention_mask.sum(1)
+
+    def select(self, idx) -> "Tokenized":
+        return Tokenized(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.pad_id, self.kind)
 
 
 def tokenize_qa(examples: list[dict], tok, seq_len: int) -> Tokenized:
@@ -148,7 +159,7 @@ def tokenize_qa(examples: list[dict], tok, seq_len: int) -> Tokenized:
         ids.append(seq + [tok.pad_token_id] * pad)
         masks.append([1] * len(seq) + [0] * pad)
         labels.append(lab + [IGNORE] * pad)
-    return Tokenized(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels))
+    return Tokenized(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels), tok.pad_token_id, "qa")
 
 
 def tokenize_text(texts: list[str], tok, seq_len: int) -> Tokenized:
@@ -160,7 +171,7 @@ def tokenize_text(texts: list[str], tok, seq_len: int) -> Tokenized:
     if n == 0:
         raise BenchError(f"the text data has {len(stream)} tokens, fewer than one --seq_len ({seq_len}) block")
     ids = torch.tensor(stream[:n * seq_len]).view(n, seq_len)
-    return Tokenized(ids, torch.ones_like(ids), ids.clone())
+    return Tokenized(ids, torch.ones_like(ids), ids.clone(), tok.pad_token_id, "text")
 
 
 def load_dataset(spec: str, tok, seq_len: int, val_fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
@@ -173,8 +184,88 @@ def load_dataset(spec: str, tok, seq_len: int, val_fraction: float, seed: int) -
     n_val = max(1, int(round(n * val_fraction)))
     if n - n_val < 1:
         raise BenchError(f"data {spec!r} has only {n} sample(s): too few to hold out a validation split")
-    pick = lambda idx: Tokenized(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])  # noqa: E731
-    return pick(perm[n_val:]), pick(perm[:n_val])
+    return data.select(perm[n_val:]), data.select(perm[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Micro-batches: padded or packed
+
+ROW_MULTIPLE = 64  # rows are padded to a multiple of this (and of the sequence-parallel degree)
+
+
+@dataclass(frozen=True)
+class Collate:
+    """How a micro-batch's samples become model inputs.
+
+    max: one row per sample, padded to --seq_len, with an attention mask. longest: one row per sample, padded to
+    the micro-batch's longest sample rounded up to `multiple` (at most --seq_len). packed: the micro-batch's
+    samples concatenated into one row (as transformers' DataCollatorWithFlattening and TRL's padding-free
+    batches do), padded at the end to a multiple of `multiple`; position_ids restart at each sample and no
+    attention mask is passed, so transformers confines attention to each sample (masking_utils.py,
+    find_packed_sequence_indices, which needs the KV cache off, as bench/models.py sets it; flash attention's
+    variable-length path on GPUs). The padding at the end is
+    one-token sequences at position 0, so it attends only to itself and a count can tell it from the samples,
+    which always hold two tokens or more (BOS or prompt, answer, EOS)."""
+    mode: str = "max"
+    multiple: int = ROW_MULTIPLE
+
+    @staticmethod
+    def of(kind: str, packing: str, padding: str, sp: int = 1) -> "Collate":
+        """The resolved --packing/--padding for data of this kind. Text rows are full blocks cut from one stream
+        already: nothing to pack or pad."""
+        multiple = ROW_MULTIPLE * sp // math.gcd(ROW_MULTIPLE, sp)  # SP cuts each row into sp equal slices
+        if kind == "text":
+            return Collate("max", multiple)
+        packed = packing == "on" or (packing == "auto" and padding == "max")
+        return Collate("packed" if packed else padding, multiple)
+
+    def __call__(self, data: Tokenized, idx) -> dict:
+        if self.mode == "max":
+            return {"input_ids": data.input_ids[idx], "attention_mask": data.attention_mask[idx],
+                    "labels": data.labels[idx]}
+        lengths = data.lengths[idx].tolist()
+        if self.mode == "longest":
+            width = min(data.input_ids.shape[1], _round_up(max(lengths), self.multiple))
+            return {"input_ids": data.input_ids[idx, :width], "attention_mask": data.attention_mask[idx, :width],
+                    "labels": data.labels[idx, :width]}
+        rows = idx.tolist() if torch.is_tensor(idx) else list(idx)
+        real = sum(lengths)
+        tail = _round_up(real, self.multiple) - real
+        ids = torch.cat([data.input_ids[i, :n] for i, n in zip(rows, lengths)]
+                        + [torch.full((tail,), data.pad_id, dtype=data.input_ids.dtype)])
+        labels = torch.cat([data.labels[i, :n] for i, n in zip(rows, lengths)]
+                           + [torch.full((tail,), IGNORE, dtype=data.labels.dtype)])
+        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
+        return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def batch_work(batch: dict) -> tuple[int, int, int, int]:
+    """-> (real tokens, computed tokens, real attention pairs, computed attention pairs) of one micro-batch.
+
+    Real: the samples' own tokens; computed: every position of every row. Attention pairs are the (query, key)
+    pairs the FLOPs model's attention term counts: per sample, its length squared (real); per row, the row's
+    width squared (computed: what SDPA computes over a padded row or, masked, over a packed row)."""
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    if "position_ids" in batch and "attention_mask" not in batch:
+        lengths = _segment_lengths(batch["position_ids"])
+        lengths = lengths[lengths > 1]  # one-token segments are the packed row's padding
+    else:
+        lengths = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.full((rows,), width)
+    return int(lengths.sum()), rows * width, int((lengths.long() ** 2).sum()), rows * width * width
+
+
+def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """Lengths of the sequences in packed rows: a sequence starts where its position is 0."""
+    lengths = []
+    for row in position_ids:
+        starts = torch.nonzero(row == 0).flatten().tolist() + [row.numel()]
+        lengths += [b - a for a, b in zip(starts, starts[1:])]
+    return torch.tensor(lengths, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,8 +279,10 @@ class ShardedBatches:
     DP=1/accum=2 compute exactly the same micro-batches, which is what makes loss parity testable.
     """
 
-    def __init__(self, data: Tokenized, micro: int, accum: int, dp: int, dp_rank: int, seed: int):
+    def __init__(self, data: Tokenized, micro: int, accum: int, dp: int, dp_rank: int, seed: int,
+                 collate: Collate = Collate()):
         self.data, self.micro, self.accum, self.dp, self.rank, self.seed = data, micro, accum, dp, dp_rank, seed
+        self.collate = collate
         self.global_size = micro * accum * dp
         n = data.input_ids.shape[0]
         if n < self.global_size:
@@ -211,21 +304,19 @@ class ShardedBatches:
         for k in range(self.accum):
             j = self.rank * self.accum + k
             idx = perm[base + j * self.micro: base + (j + 1) * self.micro]
-            out.append({"input_ids": self.data.input_ids[idx], "attention_mask": self.data.attention_mask[idx],
-                        "labels": self.data.labels[idx]})
+            out.append(self.collate(self.data, idx))
         return out
 
 
-def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int) -> list[dict]:
+def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int,
+                collate: Collate = Collate()) -> list[dict]:
     """The first full validation micro-batches (max_batches, rounded down to a multiple of dp so every rank
     runs the same number of forwards, which ZeRO-3 requires), rank r taking r, r+dp, ...: disjoint across
     ranks and the same set for any DP size that divides max_batches, so val_loss compares across layouts."""
     total = min(max_batches, data.input_ids.shape[0] // micro) // dp * dp
     out = []
     for j in range(dp_rank, total, dp):
-        sl = slice(j * micro, (j + 1) * micro)
-        out.append({"input_ids": data.input_ids[sl], "attention_mask": data.attention_mask[sl],
-                    "labels": data.labels[sl]})
+        out.append(collate(data, torch.arange(j * micro, (j + 1) * micro)))
     return out
 
 

@@ -27,27 +27,29 @@ def step_time_stats(step_times: list[float]) -> dict:
             "p10": percentile(step_times, 10), "p90": percentile(step_times, 90)}
 
 
-def throughput(step_times: list[float], real_tokens: int | None, global_batch: int, seq_len: int, world_size: int,
-               flops_per_token: float, hardware_flops_per_token: float, peak_tflops: float | None) -> dict:
+def throughput(step_times: list[float], work: list[int], global_batch: int, world_size: int,
+               model_flops: tuple[float, float], hardware_flops: tuple[float, float],
+               peak_tflops: float | None) -> dict:
     """Throughput over the measured steps: total work / total time (equivalently per-step work / mean time).
 
-    Two token counts, as the peers separate them: real tokens (non-padding: the attention mask's ones, summed
-    over the global batch of the measured steps; None: every position) give tokens_per_s, the model TFLOP/s and
-    MFU, as NeMo and torchtitan report them; computed tokens (every position of every row, padding included: what
-    the device processed) give computed_tokens_per_s and, with the recomputed forward of activation
-    checkpointing, the hardware TFLOP/s behind HFU."""
+    work: [real tokens, computed tokens, real attention pairs, computed attention pairs] summed over those steps'
+    global batches (bench/data.py batch_work). Two token counts, as the peers separate them: real tokens (the
+    samples' own, no padding) give tokens_per_s, the model TFLOP/s and MFU, as NeMo and torchtitan report them,
+    attention counted per sample; computed tokens (every position of every row, padding included: what the
+    device processed) give computed_tokens_per_s and the hardware TFLOP/s behind HFU, attention counted per row
+    as SDPA computes it, plus activation checkpointing's recomputed forward. model_flops and hardware_flops are
+    (per token, per attention pair) FLOPs (bench/models.py flop_coefficients)."""
     keys = ("tokens_per_s", "tokens_per_s_per_gpu", "computed_tokens_per_s", "computed_tokens_per_s_per_gpu",
             "samples_per_s", "tflops_per_gpu", "mfu", "hfu")
     if not step_times:
         return dict.fromkeys(keys)
-    mean = statistics.fmean(step_times)
-    samples_per_s = global_batch / mean
-    computed = samples_per_s * seq_len
-    real = computed if real_tokens is None else real_tokens / sum(step_times)
-    tflops = flops_per_token * real / world_size / 1e12
-    hardware_tflops = hardware_flops_per_token * computed / world_size / 1e12
-    return {"tokens_per_s": real, "tokens_per_s_per_gpu": real / world_size, "computed_tokens_per_s": computed,
-            "computed_tokens_per_s_per_gpu": computed / world_size, "samples_per_s": samples_per_s,
+    seconds = sum(step_times)
+    real, computed, real_pairs, computed_pairs = work
+    tflops = (model_flops[0] * real + model_flops[1] * real_pairs) / seconds / world_size / 1e12
+    hardware_tflops = (hardware_flops[0] * computed + hardware_flops[1] * computed_pairs) / seconds / world_size / 1e12
+    return {"tokens_per_s": real / seconds, "tokens_per_s_per_gpu": real / seconds / world_size,
+            "computed_tokens_per_s": computed / seconds, "computed_tokens_per_s_per_gpu": computed / seconds / world_size,
+            "samples_per_s": global_batch / statistics.fmean(step_times),
             "tflops_per_gpu": tflops, "mfu": (tflops / peak_tflops) if peak_tflops else None,
             "hfu": (hardware_tflops / peak_tflops) if peak_tflops else None}
 

@@ -235,20 +235,34 @@ def count_params_from_config(c) -> dict:
             "layers": L, "final_norm": h}
 
 
-def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward), counting matmuls only.
+def flop_coefficients(model_config, lora_params: int | None = None,
+                      recompute: bool = False) -> tuple[float, float]:
+    """Training FLOPs (forward + backward, matmuls only) as (per token, per attention pair); a step's FLOPs are
+    per_token x tokens + per_pair x pairs, a pair being one (query, key) of a sequence (a sample of T tokens has
+    T^2 of them: the attention term counts QK^T and AV for every pair, as FlopCounterMode does for SDPA).
 
-    Full fine-tune (lora_params=None): 6 N + 12 L H Q T, with N the active matmul parameters (MoE: the top-k
-    experts only, plus the router). LoRA: N grows by the adapter parameters, and the frozen base needs
-    activation gradients (2 N) but no weight gradients, so 4 N + 2 N_lora + 12 L H Q T. The attention term
-    counts QK^T and AV for every (query, key) pair of the sequence, as FlopCounterMode does for SDPA.
-    """
+    Full fine-tune (lora_params=None): 6 N per token, N the active matmul parameters (MoE: the top-k experts only,
+    plus the router). LoRA: N grows by the adapter parameters, and the frozen base needs activation gradients
+    (2 N) but no weight gradients, so 4 N + 2 N_lora. Attention: 12 L H Q per pair. recompute=True adds what
+    activation checkpointing computes a second time in backward (HFU counts it, MFU does not): the decoder
+    layers' forward, 2 N - 2 V h per token (no LM head; Hugging Face checkpoints each decoder layer) and
+    4 L H Q per pair. --tiled_mlp's recomputation is not counted."""
     c = model_config
     n = count_params_from_config(c)["active_matmul"] + (lora_params or 0)
-    attention = 12 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * seq_len
-    if lora_params is None:
-        return 6 * n + attention
-    return 4 * n + 2 * lora_params + attention
+    attention = c.num_hidden_layers * c.num_attention_heads * head_dim(c)
+    per_token = 6 * n if lora_params is None else 4 * n + 2 * lora_params
+    per_pair = 12 * attention
+    if recompute:
+        per_token += 2 * n - 2 * c.vocab_size * c.hidden_size
+        per_pair += 4 * attention
+    return per_token, per_pair
+
+
+def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
+    """Training FLOPs per token of full seq_len-token rows: 6 N + 12 L H Q T (LoRA: 4 N + 2 N_lora + 12 L H Q T);
+    flop_coefficients says what each term counts."""
+    per_token, per_pair = flop_coefficients(model_config, lora_params)
+    return per_token + per_pair * seq_len
 
 
 def forward_flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
@@ -259,11 +273,27 @@ def forward_flops_per_token(model_config, seq_len: int, lora_params: int | None 
 
 
 def recompute_flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
-    """What activation checkpointing computes a second time in backward (HFU counts it, MFU does not): the
-    decoder layers' forward, i.e. one forward without the LM head's 2 V h (Hugging Face checkpoints each decoder
-    layer). --tiled_mlp's recomputation is not counted."""
-    c = model_config
-    return forward_flops_per_token(c, seq_len, lora_params) - 2 * c.vocab_size * c.hidden_size
+    """What activation checkpointing computes a second time in backward, per token of full rows (see
+    flop_coefficients)."""
+    with_recompute = flop_coefficients(model_config, lora_params, recompute=True)
+    without = flop_coefficients(model_config, lora_params)
+    return with_recompute[0] - without[0] + (with_recompute[1] - without[1]) * seq_len
+
+
+def packed_causal_mask(position_ids):
+    """[B, T] position ids -> the [B, 1, T, T] boolean attention mask (True: attend) confining causal attention to
+    each packed sequence, a sequence starting where its position is 0; None where every row holds one sequence
+    (plain causal attention needs no mask). What transformers builds from position_ids for SDPA
+    (masking_utils.py, find_packed_sequence_indices), for the paths that call the attention themselves: pipeline
+    stages and Ulysses' gathered sequence."""
+    import torch
+    sequence = (position_ids == 0).cumsum(-1)
+    if bool((sequence[:, -1] <= 1).all()):
+        return None
+    t = position_ids.shape[-1]
+    index = torch.arange(t, device=position_ids.device)
+    causal = index[None, :] <= index[:, None]
+    return (causal & (sequence[:, :, None] == sequence[:, None, :]))[:, None]
 
 
 def is_moe(model_config) -> bool:

@@ -29,6 +29,7 @@ class Plan:
     tokenizer_source: str
     train_data: data.Tokenized
     val_data: data.Tokenized
+    collate: data.Collate     # --packing/--padding resolved for this data
     device_type: str
     device_name: str | None
     lora_params: int | None   # adapter parameters LoRA adds (None: full fine-tune)
@@ -71,14 +72,26 @@ class Plan:
                                               "dtype": str(self.dtype)},
                 "model_config": self.model_config.to_dict(), **environment()}
 
-    def throughput(self, step_times: list[float], real_tokens: int | None = None) -> dict:
+    def throughput(self, step_times: list[float], work: list[int] | None = None) -> dict:
         """metrics.throughput with this run's constants: real and computed tokens/s, samples/s, TFLOP/s, MFU, HFU.
-        real_tokens: the non-padding tokens of those steps' global batches (None: every position)."""
-        hardware = self.flops_per_token + (models.recompute_flops_per_token(self.model_config, self.cfg.seq_len,
-                                                                            self.lora_params)
-                                           if self.cfg.activation_checkpointing else 0)
-        return metrics.throughput(step_times, real_tokens, self.batch.global_, self.cfg.seq_len,
-                                  self.layout.world_size, self.flops_per_token, hardware, self.peak_tflops)
+        work: those steps' [real tokens, computed tokens, real pairs, computed pairs] (bench/data.py batch_work);
+        None: every step's global batch taken as full --seq_len rows (a checkpoint from before work was counted)."""
+        if work is None:
+            rows = len(step_times) * self.batch.global_
+            work = [rows * self.cfg.seq_len, rows * self.cfg.seq_len] + [rows * self.cfg.seq_len ** 2] * 2
+        model = models.flop_coefficients(self.model_config, self.lora_params)
+        hardware = models.flop_coefficients(self.model_config, self.lora_params, self.cfg.activation_checkpointing)
+        return metrics.throughput(step_times, work, self.batch.global_, self.layout.world_size, model, hardware,
+                                  self.peak_tflops)
+
+    @property
+    def batching(self) -> str:
+        """How samples become rows, in words (the console table, summary.json)."""
+        if self.train_data.kind == "text":
+            return f"text cut into full {self.cfg.seq_len}-token rows"
+        return {"packed": "packed: each micro-batch's samples in one row",
+                "longest": "one row per sample, padded to the micro-batch's longest",
+                "max": f"one row per sample, padded to {self.cfg.seq_len}"}[self.collate.mode]
 
     @property
     def dtype(self):
@@ -105,7 +118,8 @@ class Plan:
             ("MFU peak", (f"{self.peak_tflops:g} TFLOP/s, " if self.peak_tflops else "MFU not reported: ")
                          + self.peak_source),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
-            ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"),
+            ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"
+                     f", {self.batching}"),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
         ]
         return config.format_table(rows, "resolved configuration")
@@ -160,7 +174,8 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     if val.input_ids.shape[0] < batch.micro * dp:
         raise config.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, device_type,
+    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sp)
+    plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})

@@ -313,7 +313,7 @@ class Session:
             self._materializer = loading.Materializer(model, weights, device)
             self._materializer.fill_adapters(model)
         with loading.stage_layers_only(self._materializer) if sharded else contextlib.nullcontext():
-            model = p.strategy.prepare(model, cfg, p.ds)
+            model = p.strategy.prepare(model, p)
         if self.is_main:
             print(_param_table(before, after, p.peft), flush=True)
         return model, (before, after)
@@ -348,8 +348,8 @@ class Session:
     def _make_trainer(self, engine, device) -> Trainer:
         cfg, p = self.cfg, self.plan
         dp, dp_rank = p.layout.data_parallel, p.layout.data_rank(self.env.rank)
-        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed)
-        val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches)
+        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed, p.collate)
+        val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches, p.collate)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
         self.trainer = Trainer(engine, p.strategy.build_runner(engine, device), batches, val, p.batch.global_,
                                device, p.throughput, self._log if self.is_main else None, self.peaks)
@@ -403,9 +403,11 @@ class Session:
         """Continue from the newest complete checkpoint (or from scratch without one). Steps metrics.jsonl holds
         beyond it were done and lost: they are dropped from the file, recomputed, and their time is counted."""
         tag, state = checkpoint.load_newest_readable(engine, ckpt_dir, warn=self._warn)
-        res = TrainResult(**state["result"]) if tag else TrainResult()
-        if tag and "measured_real_tokens" not in state["result"] and res.step_times:
-            res.measured_real_tokens = None  # a checkpoint from before real tokens were counted: every position
+        result = dict(state["result"]) if tag else {}
+        if tag and "measured_work" not in result:  # written before the work was counted: unknown if any was timed
+            result.pop("measured_real_tokens", None)
+            result["measured_work"] = None if result.get("step_times") else [0, 0, 0, 0]
+        res = TrainResult(**result)
         res.preempted, res.stop_status = False, None
         if tag:
             res.resumed_at.append(len(res.records))

@@ -24,7 +24,8 @@ KEYS = {
     "precision": "bf16 | fp16 | fp32: what the resolved ds_config trains in (--precision)",
     "dtypes": "{trainable, frozen, grad_accum}: the dtypes the engine holds (bench/ops.py dtypes_held)",
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
-    "grad_accum": "micro-batches per optimizer step", "seq_len": "tokens per sample",
+    "grad_accum": "micro-batches per optimizer step", "seq_len": "the most tokens a sample keeps",
+    "batching": "packed | longest | max: how a micro-batch's samples become rows (--packing, --padding)",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
     "measured_steps": "steps timed: this process's steps after max(--warmup_steps, the 2 instrumented ones)",
     "step_time_s": "{median, mean, p10, p90} slowest-rank step time over measured steps",
@@ -86,7 +87,7 @@ class RunRecord:
             status="running", error=None, strategy=cfg.strategy, model=cfg.model, peft=plan.peft,
             world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, precision=precision_of(plan.ds), dtypes=None, global_batch_size=batch.global_, micro_batch_size=batch.micro,
-            grad_accum=batch.grad_accum, seq_len=cfg.seq_len, steps=0, max_steps=cfg.max_steps,
+            grad_accum=batch.grad_accum, seq_len=cfg.seq_len, batching=plan.collate.mode, steps=0, max_steps=cfg.max_steps,
             warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
             goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,
             loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.target_loss,
@@ -124,7 +125,7 @@ class RunRecord:
         ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
         self.set(
             steps=len(res.records), measured_steps=len(res.step_times), step_time_s=metrics.step_time_stats(res.step_times),
-            **plan.throughput(res.step_times, res.measured_real_tokens),
+            **plan.throughput(res.step_times, res.measured_work),
             goodput=metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
             applied_updates=res.applied_updates, train_wall_time_s=res.train_wall_s,
             loss={"first": res.losses[0][1] if res.losses else None,

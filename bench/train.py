@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from bench import faults, signals
 from bench.accounting import INSTRUMENTED_STEPS
-from bench.data import IGNORE
+from bench.data import IGNORE, batch_work
 
 
 @dataclass
@@ -26,7 +26,9 @@ class TrainResult:
     val_loss: float | None = None
     applied_updates: int = 0
     useful_tokens: int = 0
-    measured_real_tokens: int | None = 0             # non-padding input tokens of the measured (timed) steps
+    # the measured (timed) steps' [real tokens, computed tokens, real pairs, computed pairs] (bench/data.py
+    # batch_work); None: not counted (resumed from a checkpoint written before they were)
+    measured_work: list | None = field(default_factory=lambda: [0, 0, 0, 0])
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() at the end of this process's first step
     busy_s: list = field(default_factory=list)       # per rank: compute seconds over measured steps (pipeline)
@@ -63,11 +65,12 @@ class Trainer:
         dist.all_gather(out, t)
         return torch.stack(out).cpu()
 
-    def train_step(self, step: int) -> tuple[float, float, int, int, bool]:
+    def train_step(self, step: int) -> tuple[float, float, int, list[int], bool]:
         """One optimizer step (accum micro-batches). -> (local seconds, mean micro-batch loss, target tokens,
-        real input tokens, whether the update was applied)."""
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-                 for b in self.batches.step_batches(step - 1)]
+        this rank's work (bench/data.py batch_work, summed), whether the update was applied)."""
+        batches = self.batches.step_batches(step - 1)
+        work = [sum(w) for w in zip(*(batch_work(b) for b in batches))]
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
         skipped_before = self.engine.skipped_steps
         self.faults.at_step(step)
         self.sync()  # start the clock on an idle device
@@ -76,9 +79,8 @@ class Trainer:
         self.sync()  # wait for the last kernels (optimizer step) before reading the clock
         dt = time.perf_counter() - t0
         tokens = sum(target_tokens(b) for b in micro)
-        real = sum(int(b["attention_mask"].sum()) for b in micro)  # padding excluded
         applied = self.engine.skipped_steps == skipped_before
-        return dt, float(loss), tokens, real, applied
+        return dt, float(loss), tokens, work, applied
 
     def _memory_now(self) -> dict:
         """Per step: allocated now and the current phase's peak on GPUs, RSS on the CPU."""
@@ -135,12 +137,13 @@ class Trainer:
             timed = step - first >= untimed
             if timed and step - first == untimed and self.peaks is not None:
                 self.peaks.close("warmup", then="training")
-            dt, loss, tokens, real, applied = self.train_step(step)
+            dt, loss, tokens, work, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token counts.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
-                              float(signals.STOP_CODES[signals.requested()]), real])
+                              float(signals.STOP_CODES[signals.requested()]), *work])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
-            step_tokens, step_real = int(g[:, 2].sum()) // self.replicas, int(g[:, 6].sum()) // self.replicas
+            step_tokens = int(g[:, 2].sum()) // self.replicas
+            step_work = [int(x) // self.replicas for x in g[:, 6:].sum(0).tolist()]
             all_applied = bool(g[:, 3].min() > 0)
             if step == first:  # this process's first step (after a resume too)
                 res.first_step_end = time.time()
@@ -148,8 +151,8 @@ class Trainer:
             elapsed = time.perf_counter() - t_start
             if timed:
                 res.step_times.append(step_time)
-                if res.measured_real_tokens is not None:
-                    res.measured_real_tokens += step_real
+                if res.measured_work is not None:
+                    res.measured_work = [a + b for a, b in zip(res.measured_work, step_work)]
                 res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
             if all_applied:
                 res.applied_updates += 1
@@ -157,8 +160,9 @@ class Trainer:
             res.losses.append((step, mean_loss, elapsed))
             record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
                       "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
-                      "step_time_s": step_time, **self.rates([step_time], step_real), "consumed_samples": consumed,
-                      "real_tokens": step_real, "target_tokens": step_tokens, "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
+                      "step_time_s": step_time, **self.rates([step_time], step_work), "consumed_samples": consumed,
+                      "real_tokens": step_work[0], "computed_tokens": step_work[1], "target_tokens": step_tokens,
+                      "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
                       **self._memory_now()}
             stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
             res.preempted = stop > 0

@@ -23,23 +23,41 @@ def test_step_time_stats():
 
 
 def test_throughput_mfu_and_hfu():
-    # 8 GPUs, global batch 64 x 2048 positions, steps of 2 s and 4 s (mean 3 s), of which 2 x 40,000 real tokens
-    # (the rest padding); 1e9 model FLOPs/token, 1.3e9 with the recomputed forward; peak 989
-    t = metrics.throughput([2.0, 4.0], 80_000, 64, 2048, 8, 1e9, 1.3e9, 989.0)
+    # 8 GPUs, two steps of 2 s and 4 s (mean 3 s) of a global batch of 64 samples: 2 x 40,000 real tokens in
+    # 2 x 64 rows of 2048 positions (the rest padding); each sample 625 tokens, so 128 x 625^2 real (query, key)
+    # pairs against 128 x 2048^2 computed; 1e9 model FLOPs per token and 1e5 per pair, 1.3e9 and 1.3e5 with the
+    # recomputed forward; peak 989
+    work = [80_000, 2 * 64 * 2048, 128 * 625 ** 2, 128 * 2048 ** 2]
+    t = metrics.throughput([2.0, 4.0], work, 64, 8, (1e9, 1e5), (1.3e9, 1.3e5), 989.0)
     computed, real = 2 * 64 * 2048 / 6.0, 80_000 / 6.0  # total tokens over total time
     assert t["tokens_per_s"] == pytest.approx(real) and t["tokens_per_s_per_gpu"] == pytest.approx(real / 8)
     assert t["computed_tokens_per_s"] == pytest.approx(computed)
     assert t["computed_tokens_per_s_per_gpu"] == pytest.approx(computed / 8)
     assert t["samples_per_s"] == pytest.approx(2 * 64 / 6.0)
-    assert t["tflops_per_gpu"] == pytest.approx(real / 8 * 1e9 / 1e12)
-    assert t["mfu"] == pytest.approx(real / 8 * 1e9 / 1e12 / 989.0)
-    assert t["hfu"] == pytest.approx(computed / 8 * 1.3e9 / 1e12 / 989.0) and t["hfu"] > t["mfu"]
-    unknown = metrics.throughput([2.0], 1, 64, 2048, 8, 1e9, 1e9, None)
+    model_tflops = (80_000 * 1e9 + 128 * 625 ** 2 * 1e5) / 6.0 / 8 / 1e12
+    hardware_tflops = (2 * 64 * 2048 * 1.3e9 + 128 * 2048 ** 2 * 1.3e5) / 6.0 / 8 / 1e12
+    assert t["tflops_per_gpu"] == pytest.approx(model_tflops)
+    assert t["mfu"] == pytest.approx(model_tflops / 989.0)
+    assert t["hfu"] == pytest.approx(hardware_tflops / 989.0) and t["hfu"] > t["mfu"]
+    unknown = metrics.throughput([2.0], [1, 1, 1, 1], 64, 8, (1e9, 0), (1e9, 0), None)
     assert unknown["mfu"] is None and unknown["hfu"] is None
-    # no count of real tokens: every position counts, and MFU = HFU without recomputation
-    whole = metrics.throughput([2.0, 4.0], None, 64, 2048, 8, 1e9, 1e9, 989.0)
+    # full rows and no recomputation: MFU = HFU
+    whole = metrics.throughput([2.0, 4.0], [work[1], work[1], work[3], work[3]], 64, 8, (1e9, 1e5), (1e9, 1e5), 989.0)
     assert whole["tokens_per_s"] == pytest.approx(computed) and whole["mfu"] == pytest.approx(whole["hfu"])
 
+
+def test_flop_coefficients_give_the_per_token_formula_on_full_rows():
+    """F_token + F_pair x T is flops_per_token at T, and the recompute terms are one forward without the head."""
+    from transformers import AutoConfig
+    from bench import models
+    c = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    per_token, per_pair = models.flop_coefficients(c)
+    assert per_token + per_pair * 2048 == pytest.approx(models.flops_per_token(c, 2048))
+    assert per_pair == 12 * 32 * 32 * 128
+    with_recompute = models.flop_coefficients(c, recompute=True)
+    assert with_recompute[0] - per_token + (with_recompute[1] - per_pair) * 2048 == pytest.approx(
+        models.forward_flops_per_token(c, 2048) - 2 * 128256 * 4096)
 
 
 def test_goodput():

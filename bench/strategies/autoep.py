@@ -86,8 +86,8 @@ class AutoEP(ModelParallel):
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_peft_names(ds)
 
-    def prepare(self, model, cfg, ds: dict):
-        if cfg.peft == "lora":
+    def prepare(self, model, plan):
+        if plan.cfg.peft == "lora":
             allow_frozen_experts()
         return model
 

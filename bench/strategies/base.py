@@ -22,7 +22,7 @@ class Strategy:
         """The resolved ds_config with this strategy's presets filled in."""
         return ds
 
-    def prepare(self, model, cfg, ds: dict):
+    def prepare(self, model, plan):
         """The model deepspeed.initialize gets (LoRA-wrapped already if --peft lora): e.g. pipeline stages."""
         return model
 

@@ -3,10 +3,12 @@ and its 1F1B schedule; micro-batches are the ds_config's gradient_accumulation_s
 
 The Hugging Face model is cut into [embedding] + decoder layers + [norm + LM head]; the loss (shifted token
 cross-entropy, mean over target tokens of the micro-batch, as Hugging Face computes it) runs on the last stage.
-Only hidden states travel between stages: each stage recomputes the rotary embedding itself, because passing
-(cos, sin) between stages breaks DeepSpeed's pipeline backward ("element 0 of tensors does not require grad").
-Padding is on the right and attention is causal, so no attention mask needs to travel either: a real token never
-attends to the padding that follows it.
+Hidden states and position ids travel between stages: each stage recomputes the rotary embedding itself, because
+passing (cos, sin) between stages breaks DeepSpeed's pipeline backward ("element 0 of tensors does not require
+grad"; integer tensors are left out of it, deepspeed/runtime/pipe/engine.py _exec_send_grads). Padded rows are
+padded on the right and attention is causal, so no attention mask travels: a real token never attends to the
+padding that follows it. Packed rows (--packing) get their per-sample mask built on each stage from the position
+ids (bench/models.py packed_causal_mask); flash attention finds the samples in the position ids itself.
 """
 from __future__ import annotations
 
@@ -50,21 +52,24 @@ class EmbeddingStage(torch.nn.Module):
         super().__init__()
         self.embed = embed
 
-    def forward(self, input_ids):
-        return self.embed(input_ids)
+    def forward(self, inputs):
+        input_ids, positions = inputs
+        return self.embed(input_ids), positions
 
 
 class DecoderStage(torch.nn.Module):
-    def __init__(self, layer, rotary):
+    def __init__(self, layer, rotary, flash: bool):
         super().__init__()
-        self.layer, self.rotary = layer, rotary
+        self.layer, self.rotary, self.flash = layer, rotary, flash
 
-    def forward(self, hidden):
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        # attention_mask=None: SDPA/flash attention then apply the causal mask themselves
-        out = self.layer(hidden, attention_mask=None, position_ids=positions,
+    def forward(self, inputs):
+        from bench.models import packed_causal_mask
+        hidden, positions = inputs
+        # None: SDPA applies the causal mask itself, and flash attention finds packed samples in the positions
+        mask = None if self.flash else packed_causal_mask(positions)
+        out = self.layer(hidden, attention_mask=mask, position_ids=positions,
                          position_embeddings=self.rotary(hidden, positions))
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out), positions
 
 
 class HeadStage(torch.nn.Module):
@@ -72,8 +77,8 @@ class HeadStage(torch.nn.Module):
         super().__init__()
         self.norm, self.head = norm, head
 
-    def forward(self, hidden):
-        return self.head(self.norm(hidden))
+    def forward(self, inputs):
+        return self.head(self.norm(inputs[0]))
 
 
 def tied_logits(embedding: EmbeddingStage, hidden):
@@ -91,7 +96,9 @@ def causal_lm_loss(logits, labels):
                                              ignore_index=IGNORE)
 
 
-def build_stages(model, ds: dict):
+def build_stages(model, ds: dict, dynamic_shape: bool = False):
+    """The model as a PipelineModule. dynamic_shape: rows change width between micro-batches (packed, or padded
+    to the longest sample), so stages exchange shapes before every send (DeepSpeed's PipelineModule option)."""
     from deepspeed.pipe import PipelineModule
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
@@ -111,10 +118,11 @@ def build_stages(model, ds: dict):
                 TiedLayerSpec("embedding", EmbeddingStage, inner.embed_tokens, forward_fn=tied_logits, **tied)]
     else:
         first, last = [EmbeddingStage(inner.embed_tokens)], [HeadStage(inner.norm, model.lm_head)]
-    layers = first + [DecoderStage(layer, inner.rotary_emb) for layer in inner.layers] + last
+    flash = attn.startswith("flash")
+    layers = first + [DecoderStage(layer, inner.rotary_emb, flash) for layer in inner.layers] + last
     section = ds.get("pipeline") or {}
     return PipelineModule(layers=layers, num_stages=section["stages"], loss_fn=causal_lm_loss,
-                          partition_method=section.get("partition", "parameters"))
+                          partition_method=section.get("partition", "parameters"), dynamic_shape=dynamic_shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +160,15 @@ class BusyTimer:
 
     def total(self) -> float:
         return self._wall + sum(a.elapsed_time(b) for a, b in self._pairs) / 1000.0  # elapsed_time: milliseconds
+
+
+def stage_inputs(batch: dict) -> tuple:
+    """((input ids, position ids), labels): what the first stage and the loss get from a micro-batch."""
+    ids = batch["input_ids"]
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()  # sent between stages
+    return (ids, positions), batch["labels"]
 
 
 class PipelineRunner:
@@ -195,7 +212,7 @@ class PipelineRunner:
     def train_step(self, micro_batches: list[dict]):
         from bench.accounting import counted_step
         self.timer.reset()
-        data = iter([(b["input_ids"], b["labels"]) for b in micro_batches])
+        data = iter([stage_inputs(b) for b in micro_batches])
 
         def run(counter):
             self._counter, self._forwards = counter, 0  # the wrapped instructions call its hooks
@@ -211,7 +228,7 @@ class PipelineRunner:
     def eval_loss(self, batch: dict) -> float | None:
         """This micro-batch's own loss on the last stage (None elsewhere). eval_batch's default would average
         over data-parallel ranks, which breaks the token weighting of val_loss."""
-        data = iter([(batch["input_ids"], batch["labels"])])
+        data = iter([stage_inputs(batch)])
         out = self.engine.eval_batch(data, num_micro_batches=1, reduce_output=None, bcast_loss=False)
         return float(out[0]) if self.engine.is_last_stage() else None
 
@@ -233,8 +250,9 @@ class Pipeline(Strategy):
                              "too; use --strategy hybrid (e.g. ds_configs/pp2_dp2.json) or as many processes as "
                              "stages")
 
-    def prepare(self, model, cfg, ds: dict):
-        return build_stages(model, ds)
+    def prepare(self, model, plan):
+        # rows keep one width only when padded to --seq_len
+        return build_stages(model, plan.ds, dynamic_shape=plan.collate.mode != "max")
 
     def build_runner(self, engine, device):
         return PipelineRunner(engine, device)

@@ -67,17 +67,21 @@ class SequenceParallel(ModelParallel):
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_peft_names(ds)
 
-    def prepare(self, model, cfg, ds: dict):
+    def prepare(self, model, plan):
         """Ulysses attention in place of the model's own (registered with transformers) and DeepSpeed's
         sequence-parallel groups, which deepspeed.initialize gets as its mpu."""
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
         from bench.models import head_dim
+        cfg, ds = plan.cfg, plan.ds
         config = model.config.get_text_config()
         if getattr(config, "head_dim", None) is None:  # Mixtral's config holds head_dim=None, which DeepSpeed takes
             config.head_dim = head_dim(config)         # for the width itself: set what the layers computed
+        if cfg.attn_implementation == "sdpa":
+            confine_sdpa_to_packed_samples()
+        rows = 1 if plan.collate.mode == "packed" else ds["train_micro_batch_size_per_gpu"]  # Ulysses fixes them
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
             model, core_attn_implementation=cfg.attn_implementation,
-            sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=ds["train_micro_batch_size_per_gpu"],
+            sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=rows,
             seq_length=cfg.seq_len, seq_length_is_variable=True)
         if "expert_parallel" in ds:
             self.mpu = without_tensor_parallelism(self.mpu)
@@ -95,6 +99,30 @@ class SequenceParallel(ModelParallel):
     def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
         """The experts' sharding under AutoEP; alone, SP shards no parameter (ZeRO-3's partitions are not TP's)."""
         return super().after_initialize(plan, engine, shapes_before) if plan.layout.ep > 1 else {}
+
+
+def confine_sdpa_to_packed_samples() -> None:
+    """Make transformers' "sdpa" attention build the per-sample mask of packed rows from the position ids it gets.
+
+    Ulysses drops every 4-D mask (its rank's slice's mask is wrong for the gathered sequence) and hands the core
+    attention the gathered position ids instead (deepspeed/runtime/sequence_parallel/ulysses_sp.py,
+    register_with_transformers' uattn_wrapper, and UlyssesSPAttentionHF.forward); flash attention finds the
+    samples there, SDPA would attend causally across them. register_with_transformers takes the core attention
+    from ALL_ATTENTION_FUNCTIONS["sdpa"] when called, so this goes in first. Rows holding one sequence get no
+    mask: unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from bench.models import packed_causal_mask
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(sdpa, "confines_packed_samples", False):
+        return
+
+    def packed_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        if attention_mask is None and kwargs.get("position_ids") is not None:
+            attention_mask = packed_causal_mask(kwargs["position_ids"])
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    packed_sdpa.confines_packed_samples = True
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_sdpa
 
 
 def without_tensor_parallelism(mpu):
@@ -150,10 +178,13 @@ class SequenceParallelRunner(EngineRunner):
         ids, labels = batch["input_ids"], batch["labels"]
         b, s = ids.shape
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE)], dim=1)
-        positions = torch.arange(s, device=ids.device).expand(b, s)
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(s, device=ids.device).expand(b, s)
         part = slice(self.rank * s // self.size, (self.rank + 1) * s // self.size)
         # no attention mask: Ulysses attends causally over the gathered sequence, which is exact for the harness's
-        # right-padded batches (a real token never looks right, at the padding)
+        # right-padded rows (a real token never looks right, at the padding); packed rows are confined to each
+        # sample from the gathered position ids (confine_sdpa_to_packed_samples, flash attention itself)
         inputs = {"input_ids": ids[:, part], "position_ids": positions[:, part]}
         return inputs, shifted[:, part], int((shifted != IGNORE).sum())
 
