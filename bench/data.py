@@ -219,18 +219,26 @@ class Collate:
         packed = packing == "on" or (packing == "auto" and padding == "max")
         return Collate("packed" if packed else padding, multiple)
 
+    def shape(self, lengths: list[int], seq_len: int) -> tuple[int, int]:
+        """(rows, width) of the micro-batch of samples of these lengths."""
+        if self.mode == "packed":
+            return 1, _round_up(sum(lengths), self.multiple)
+        if self.mode == "longest":
+            return len(lengths), min(seq_len, _round_up(max(lengths), self.multiple))
+        return len(lengths), seq_len
+
     def __call__(self, data: Tokenized, idx) -> dict:
         if self.mode == "max":
             return {"input_ids": data.input_ids[idx], "attention_mask": data.attention_mask[idx],
                     "labels": data.labels[idx]}
         lengths = data.lengths[idx].tolist()
+        _, width = self.shape(lengths, data.input_ids.shape[1])
         if self.mode == "longest":
-            width = min(data.input_ids.shape[1], _round_up(max(lengths), self.multiple))
             return {"input_ids": data.input_ids[idx, :width], "attention_mask": data.attention_mask[idx, :width],
                     "labels": data.labels[idx, :width]}
         rows = idx.tolist() if torch.is_tensor(idx) else list(idx)
         real = sum(lengths)
-        tail = _round_up(real, self.multiple) - real
+        tail = width - real
         ids = torch.cat([data.input_ids[i, :n] for i, n in zip(rows, lengths)]
                         + [torch.full((tail,), data.pad_id, dtype=data.input_ids.dtype)])
         labels = torch.cat([data.labels[i, :n] for i, n in zip(rows, lengths)]
@@ -291,21 +299,29 @@ class ShardedBatches:
         self.steps_per_epoch = n // self.global_size
         self._epoch, self._perm = None, None
 
-    def step_batches(self, step: int) -> list[dict]:
-        """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
+    def step_indices(self, step: int, rank: int | None = None) -> list[torch.Tensor]:
+        """The samples of the accum micro-batches a data-parallel rank (default: this one) runs for optimizer step
+        `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:  # one seeded permutation per epoch, the same on every rank
             self._epoch = epoch
             self._perm = torch.randperm(self.data.input_ids.shape[0],
                                         generator=torch.Generator().manual_seed(self.seed + epoch))
-        perm = self._perm
         base = within * self.global_size
-        out = []
-        for k in range(self.accum):
-            j = self.rank * self.accum + k
-            idx = perm[base + j * self.micro: base + (j + 1) * self.micro]
-            out.append(self.collate(self.data, idx))
-        return out
+        first = (self.rank if rank is None else rank) * self.accum
+        return [self._perm[base + j * self.micro: base + (j + 1) * self.micro] for j in range(first, first + self.accum)]
+
+    def step_batches(self, step: int) -> list[dict]:
+        """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
+        return [self.collate(self.data, idx) for idx in self.step_indices(step)]
+
+    def mean_shape(self, steps: int) -> tuple[int, int]:
+        """(rows, width) of the mean micro-batch of the first `steps` steps, over every data-parallel rank (the
+        planner's micro-batch: packed and longest rows change width from one micro-batch to the next)."""
+        lengths = self.data.lengths
+        shapes = [self.collate.shape(lengths[idx].tolist(), self.data.input_ids.shape[1])
+                  for step in range(steps) for rank in range(self.dp) for idx in self.step_indices(step, rank)]
+        return round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes))
 
 
 def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int,

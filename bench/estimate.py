@@ -281,17 +281,22 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
     flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
     c, lay, w = plan.model_config, plan.layout, _width(plan)
-    micro, seq = micro or plan.batch.micro, (seq or plan.cfg.seq_len) // lay.sp  # SP: this rank's slice
+    rows, width = plan.micro_shape  # the run's mean micro-batch (packed: one row of its samples)
+    micro, seq = micro or rows, (seq or width) // lay.sp  # SP: this rank's slice
     tp = lay.tp
     h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     bs = micro * seq
-    # Pipeline stages pass no mask, Ulysses drops it: causal SDPA, keys and values not expanded
-    masked = lay.pp == 1 and lay.sp == 1
+    # Padded rows: pipeline stages pass no mask, Ulysses drops it (causal SDPA, keys and values not expanded).
+    # Packed rows under SDPA get a mask everywhere: transformers' one from the position ids, or each pipeline
+    # stage's and each Ulysses layer's own (bench/models.py packed_causal_mask), over the whole gathered row
+    packed = plan.collate.mode == "packed" and plan.cfg.attn_implementation in ("sdpa", "eager")
+    masked = packed or (lay.pp == 1 and lay.sp == 1)
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
     expanded = masked or lay.sp > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
     attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
-    attention += (micro * seq * seq * w if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
+    mask = micro * (seq * lay.sp) ** 2 if packed and lay.sp > 1 else micro * seq * seq * w  # bool, gathered
+    attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * lay.sp * 8 if lay.sp > 1 else 0  # Ulysses: the gathered position ids
     if plan.cfg.attn_implementation == "eager":
         # transformers' eager_attention_forward: matmul(q, k^T) keeps q and k repeated to every head, the softmax
@@ -344,7 +349,8 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
 def _tiled_loss_slice(plan) -> int:
     """--tiled_loss: the bytes one slice of the LM head and loss holds at once (bench/strategies/ulysses.py)."""
     from bench.strategies.ulysses import tile_count
-    logits = plan.batch.micro * plan.cfg.seq_len // plan.layout.sp * plan.model_config.vocab_size
+    rows, width = plan.micro_shape
+    logits = rows * width // plan.layout.sp * plan.model_config.vocab_size
     return logits * (_width(plan) + 8) // tile_count(logits * 4, 2 ** 30)
 
 
@@ -417,7 +423,7 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
 def comm_bytes_per_step(plan, rank: int) -> dict:
     from bench.strategies.autotp import vocab_parallel
     c, lay, w = plan.model_config, plan.layout, _width(plan)
-    micro, seq, accum = plan.batch.micro, plan.cfg.seq_len, plan.batch.grad_accum
+    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
     bsh = micro * seq * c.hidden_size
     L = c.num_hidden_layers
     out: dict = {}
@@ -515,12 +521,16 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
     training = max(r["total_bytes"] for r in per_rank)
     loading = max(r["load_bytes"] for r in per_rank)
     peak = max(training, loading)
-    tokens = plan.batch.global_ * plan.cfg.seq_len
+    rows, width = plan.micro_shape
+    micro_batches = plan.batch.grad_accum * plan.layout.data_parallel  # per step, over the replicas
+    per_token, per_pair = models.flop_coefficients(plan.model_config, plan.lora_params)
+    flops = micro_batches * rows * (per_token * width + per_pair * width ** 2)  # computed: attention per row
     return {"fits": None if capacity is None else peak <= capacity, "capacity_bytes": capacity, "peak_bytes": peak,
             "training_peak_bytes": training, "load_peak_bytes": loading,
             "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
             "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
-            "flops_per_rank_per_step": plan.flops_per_token * tokens / plan.layout.world_size}
+            "computed_tokens_per_step": micro_batches * rows * width,
+            "flops_per_rank_per_step": flops / plan.layout.world_size}
 
 
 def _in_flight(plan) -> list[int]:

@@ -5,6 +5,8 @@ before a process group exists that could hang.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import time
@@ -83,6 +85,16 @@ class Plan:
         hardware = models.flop_coefficients(self.model_config, self.lora_params, self.cfg.activation_checkpointing)
         return metrics.throughput(step_times, work, self.batch.global_, self.layout.world_size, model, hardware,
                                   self.peak_tflops)
+
+    @functools.cached_property
+    def micro_shape(self) -> tuple[int, int]:
+        """(rows, width) of this run's mean micro-batch: what the planner plans activations, communication and
+        FLOPs for (--seq_len-wide rows unless packed or padded to the longest sample)."""
+        if self.collate.mode == "max":
+            return self.batch.micro, self.cfg.seq_len
+        sharded = data.ShardedBatches(self.train_data, self.batch.micro, self.batch.grad_accum,
+                                      self.layout.data_parallel, 0, self.cfg.seed, self.collate)
+        return sharded.mean_shape(self.cfg.max_steps)
 
     @property
     def batching(self) -> str:

@@ -138,7 +138,7 @@ def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 2
                      "peak_bytes": est["peak_bytes"], "comm_bytes_per_step": max(
                          sum(c.values()) for c in est["comm_bytes_per_step_per_rank"]),
                      "flops_per_rank_per_step": est["flops_per_rank_per_step"], **parts,
-                     "computed_tokens_per_s_per_gpu": plan.batch.global_ * plan.cfg.seq_len / parts["step_s"] / world})
+                     "computed_tokens_per_s_per_gpu": est["computed_tokens_per_step"] / parts["step_s"] / world})
     if not planned:  # nothing resolved: the user's own arguments are wrong, not the layouts
         raise config.BenchError("no layout could be planned; the first reason: " + (reasons[0] if reasons else
                                 "no ds_configs/*.json found"))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, full fine-tune, AutoTP 4.
-# Predicted peak per GPU (bench-plan, H100-80GB): 59.5 GiB training, 6.7 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 48.0 GiB training, 6.7 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/llama31_8b/4_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=full-tp4-llama31-8b
 #SBATCH --nodes=1

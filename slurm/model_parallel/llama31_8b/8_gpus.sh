@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, full fine-tune, AutoTP 8.
-# Predicted peak per GPU (bench-plan, H100-80GB): 42.3 GiB training, 4.9 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 29.6 GiB training, 4.9 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/llama31_8b/8_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=full-tp8-llama31-8b
 #SBATCH --nodes=1
