@@ -37,7 +37,15 @@ def test_tokens_per_s_counts_the_real_tokens_of_the_measured_steps(run):
         int(whole.step_batches(r["step"] - 1)[0]["attention_mask"].sum()) for r in measured]
     assert s["tokens_per_s"] == pytest.approx(real / sum(r["step_time_s"] for r in measured))
     assert real < s["global_batch_size"] * s["seq_len"] * len(measured)
-    assert s["tokens_per_s"] < s["computed_tokens_per_s"] and s["hfu"] is None  # no peak on the CPU
+    # computed: the data's default for QA, packed: each rank's micro-batch of samples is one row of their tokens,
+    # padded up to a multiple of 64
+    assert s["batching"] == "packed"
+    ranks = [data.ShardedBatches(train, s["micro_batch_size"], s["grad_accum"], 2, r, cfg["seed"]) for r in (0, 1)]
+    computed = [sum(-(-int(train.attention_mask[idx].sum()) // 64) * 64
+                    for b in ranks for idx in b.step_indices(r["step"] - 1)) for r in measured]
+    assert [r["computed_tokens"] for r in measured] == computed
+    assert s["computed_tokens_per_s"] == pytest.approx(sum(computed) / sum(r["step_time_s"] for r in measured))
+    assert s["tokens_per_s"] <= s["computed_tokens_per_s"] and s["hfu"] is None  # no peak on the CPU
 
 
 def test_summary_has_every_contract_key_with_sane_values(run):
@@ -53,7 +61,9 @@ def test_summary_has_every_contract_key_with_sane_values(run):
     assert s["steps"] == 5
     # throughput is consistent with the step time (independent arithmetic)
     assert s["samples_per_s"] == pytest.approx(4 / st["mean"])
-    assert s["computed_tokens_per_s"] == pytest.approx(4 * 128 / st["mean"])  # every position, padding too
+    measured = [r for r in run.records() if not r["warmup"]]  # every position, the packed rows' padding too
+    assert s["computed_tokens_per_s"] == pytest.approx(sum(r["computed_tokens"] for r in measured)
+                                                      / sum(r["step_time_s"] for r in measured))
     assert s["computed_tokens_per_s_per_gpu"] == pytest.approx(s["computed_tokens_per_s"] / 2)
     assert s["tokens_per_s_per_gpu"] == pytest.approx(s["tokens_per_s"] / 2)
     assert s["tflops_per_gpu"] > 0 and s["mfu"] is None  # CPU: no known peak, so no invented MFU
