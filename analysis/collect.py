@@ -44,14 +44,14 @@ class Run:
         s, run = self.summary, self.config.get("run") or {}
         precision = s.get("precision") or precision_of(self.config.get("ds_config") or {})
         return (s.get("model"), s.get("seq_len"), s.get("global_batch_size"), run.get("data"), precision,
-                run.get("packing"))
+                s.get("batching"))  # packed | longest | max (bench/data.py Collate); None before it was recorded
 
     @property
     def job_title(self) -> str:
-        """The job in words, e.g. 'tiny-llama, seq 128, global batch 4, squad-sample, fp32'."""
-        model, seq, batch, data, precision, packing = self.job
+        """The job in words, e.g. 'tiny-llama, seq 128, global batch 4, squad-sample, fp32, packed'."""
+        model, seq, batch, data, precision, batching = self.job
         parts = [model or "?", f"seq {seq}", f"global batch {batch}", data, precision,
-                 None if packing is None else ("packed" if packing else "padded")]
+                 {"packed": "packed", "longest": "padded to the longest", "max": "padded"}.get(batching)]
         return ", ".join(str(p) for p in parts if p is not None)
 
     @property

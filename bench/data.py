@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from bench.config import BenchError
+from bench.sources import SAMPLE_PATH, open_source, squad_examples
 
 IGNORE = -100  # label value the loss skips (prompt and padding tokens)
-SAMPLE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "squad_sample.json")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,59 +71,6 @@ def build_tiny_tokenizer(vocab_size: int):
 # ---------------------------------------------------------------------------------------------------------
 # Loading raw examples
 
-def squad_examples(doc: dict, source: str = "squad") -> list[dict]:
-    try:
-        out = []
-        for article in doc["data"]:
-            for para in article["paragraphs"]:
-                for qa in para["qas"]:
-                    out.append({"prompt": f"Context: {para['context']}\nQuestion: {qa['question']}\nAnswer:",
-                                "answer": " " + qa["answers"][0]["text"]})
-        return out
-    except (KeyError, IndexError, TypeError) as e:
-        raise BenchError(f"{source}: not SQuAD v1.1 format (data[].paragraphs[].qas[].answers[].text): "
-                         f"missing {e}") from None
-
-
-def load_examples(spec: str) -> tuple[str, list]:
-    """-> (kind, examples); kind 'qa' gives prompt/answer dicts, 'text' gives strings."""
-    if spec == "squad-sample":
-        spec = SAMPLE_PATH
-    if os.path.isfile(spec):
-        if spec.endswith(".json"):
-            with open(spec) as fh:
-                try:
-                    doc = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise BenchError(f"{spec}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-            return "qa", squad_examples(doc, spec)
-        if spec.endswith(".jsonl"):
-            texts = []
-            with open(spec) as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise BenchError(f"{spec}:{lineno}: expected a JSON object with a \"text\" field") from None
-            return "text", texts
-        with open(spec, encoding="utf-8", errors="replace") as fh:
-            return "text", [p for p in fh.read().split("\n\n") if p.strip()]
-    if os.path.sep in spec or spec.startswith("."):
-        raise BenchError(f"data file not found: {spec}")
-    try:
-        import datasets
-        ds = datasets.load_dataset(spec, split="train")
-    except Exception as e:  # noqa: BLE001 - any failure to fetch is the same bad input for the user
-        raise BenchError(f"cannot load dataset {spec!r} (no such file, and the hub load failed: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    if "context" in ds.column_names and "answers" in ds.column_names:
-        return "qa", [{"prompt": f"Context: {r['context']}\nQuestion: {r['question']}\nAnswer:",
-                       "answer": " " + r["answers"]["text"][0]} for r in ds]
-    return "text", [r["text"] for r in ds]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization
 
@@ -134,11 +81,28 @@ class Tokenized:
     labels: torch.Tensor          # [N, T] long, IGNORE where no loss
     pad_id: int = 0               # the padding token
     kind: str = "qa"              # qa: one sample per row; text: rows cut from one token stream (packed already)
+    # A split of which only the samples a run consumes were tokenized: their positions in the split (sorted;
+    # None: every position, row i being position i) and the split's size
+    index: torch.Tensor | None = None
+    split_size: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Samples in the split (what the epochs' permutations range over), tokenized or not."""
+        return self.input_ids.shape[0] if self.split_size is None else self.split_size
 
     @property
     def lengths(self) -> torch.Tensor:
         """[N] each row's real (non-padding) tokens."""
         return self.attention_mask.sum(1)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows holding these positions of the split."""
+        if self.index is None:
+            return positions
+        rows = torch.searchsorted(self.index, positions)
+        assert bool((self.index[rows.clamp(max=len(self.index) - 1)] == positions).all()), "a sample not tokenized"
+        return rows
 
     def select(self, idx) -> "Tokenized":
         return Tokenized(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], self.pad_id, self.kind)
@@ -162,29 +126,95 @@ def tokenize_qa(examples: list[dict], tok, seq_len: int) -> Tokenized:
     return Tokenized(torch.tensor(ids), torch.tensor(masks), torch.tensor(labels), tok.pad_token_id, "qa")
 
 
-def tokenize_text(texts: list[str], tok, seq_len: int) -> Tokenized:
-    """Concatenate with EOS separators and cut into full seq_len blocks (packing); loss on every token."""
+def tokenize_text(texts, tok, seq_len: int, max_blocks: int | None = None) -> Tokenized:
+    """Concatenate with EOS separators and cut into full seq_len blocks (packing); loss on every token. Reading
+    stops once max_blocks blocks are full."""
     stream = []
     for t in texts:
         stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    n = len(stream) // seq_len
+        if max_blocks is not None and len(stream) >= max_blocks * seq_len:
+            break
+    n = len(stream) // seq_len if max_blocks is None else min(max_blocks, len(stream) // seq_len)
     if n == 0:
         raise BenchError(f"the text data has {len(stream)} tokens, fewer than one --seq_len ({seq_len}) block")
     ids = torch.tensor(stream[:n * seq_len]).view(n, seq_len)
     return Tokenized(ids, torch.ones_like(ids), ids.clone(), tok.pad_token_id, "text")
 
 
-def load_dataset(spec: str, tok, seq_len: int, val_fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
-    kind, examples = load_examples(spec)
-    if not examples:
+@dataclass(frozen=True)
+class Need:
+    """What a run will consume: its global batches for --max_steps steps and its validation micro-batches."""
+    global_batch: int
+    steps: int
+    val_samples: int  # --eval_batches x micro: the validation split's first samples (bench/data.py val_batches)
+
+    def pool(self, val_fraction: float) -> int:
+        """Samples a pool must hold so that its training split covers every step once: for data whose size is not
+        known in advance (text blocks, a hub stream), the run's data is the first this many."""
+        return math.ceil(self.global_batch * self.steps / (1 - val_fraction)) + self.val_samples
+
+
+def load_dataset(spec: str, tok, seq_len: int, val_fraction: float, seed: int,
+                 need: Need | None = None) -> tuple[Tokenized, Tokenized]:
+    """-> (training split, validation split). need: tokenize only what the run consumes (None: everything).
+
+    The split is a seeded permutation of the source's examples (val_fraction of them held out). A source whose
+    size is known (files of QA examples) is split whole and only the consumed samples of each split are read and
+    tokenized; text blocks and hub streams are split over their first need.pool() examples."""
+    src = open_source(spec)
+    if src.kind == "text":
+        pool = None if need is None else need.pool(val_fraction)
+        if src.count == 0:
+            raise BenchError(f"data {spec!r} has no examples")
+        return _split(tokenize_text(src.read(None, None), tok, seq_len, pool), val_fraction, seed, spec)
+    if src.count is None:  # a stream: its first examples, as a file of them would be
+        examples = list(src.read(None, None if need is None else need.pool(val_fraction)))
+        if not examples:
+            raise BenchError(f"data {spec!r} has no examples")
+        return _split(tokenize_qa(examples, tok, seq_len), val_fraction, seed, spec)
+    perm, n_val = _split_order(src.count, val_fraction, seed, spec)
+    train_pos, val_pos = perm[n_val:], perm[:n_val]
+    keep_train = torch.arange(len(train_pos)) if need is None else consumed_positions(len(train_pos), need, seed)
+    keep_val = torch.arange(n_val if need is None else min(n_val, need.val_samples))
+    wanted = sorted(set(train_pos[keep_train].tolist()) | set(val_pos[keep_val].tolist()))
+    examples = dict(zip(wanted, src.read(wanted, None)))
+
+    def split(positions, keep) -> Tokenized:
+        t = tokenize_qa([examples[i] for i in positions[keep].tolist()], tok, seq_len)
+        t.index, t.split_size = keep, len(positions)
+        return t
+    return split(train_pos, keep_train), split(val_pos, keep_val)
+
+
+def _split_order(n: int, val_fraction: float, seed: int, spec: str) -> tuple[torch.Tensor, int]:
+    if n == 0:
         raise BenchError(f"data {spec!r} has no examples")
-    data = tokenize_qa(examples, tok, seq_len) if kind == "qa" else tokenize_text(examples, tok, seq_len)
-    n = data.input_ids.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(n * val_fraction)))
     if n - n_val < 1:
         raise BenchError(f"data {spec!r} has only {n} sample(s): too few to hold out a validation split")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)), n_val
+
+
+def _split(data: Tokenized, val_fraction: float, seed: int, spec: str) -> tuple[Tokenized, Tokenized]:
+    perm, n_val = _split_order(data.input_ids.shape[0], val_fraction, seed, spec)
     return data.select(perm[n_val:]), data.select(perm[:n_val])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training split's order in an epoch: one seeded permutation, the same on every rank."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def consumed_positions(n: int, need: Need, seed: int) -> torch.Tensor:
+    """Sorted positions of the training split that need.steps global batches take (ShardedBatches' order)."""
+    per_epoch = n // need.global_batch
+    if per_epoch == 0:  # fewer samples than one global batch: ShardedBatches refuses it, with the sizes
+        return torch.arange(n)
+    taken = []
+    for epoch in range(math.ceil(need.steps / per_epoch)):
+        steps = min(per_epoch, need.steps - epoch * per_epoch)
+        taken.append(epoch_order(n, seed, epoch)[:steps * need.global_batch])
+    return torch.unique(torch.cat(taken))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,7 +322,7 @@ class ShardedBatches:
         self.data, self.micro, self.accum, self.dp, self.rank, self.seed = data, micro, accum, dp, dp_rank, seed
         self.collate = collate
         self.global_size = micro * accum * dp
-        n = data.input_ids.shape[0]
+        n = data.size
         if n < self.global_size:
             raise BenchError(f"the training split has {n} samples, fewer than one global batch "
                              f"({self.global_size}); use more data or a smaller --global_batch_size")
@@ -303,13 +333,12 @@ class ShardedBatches:
         """The samples of the accum micro-batches a data-parallel rank (default: this one) runs for optimizer step
         `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:  # one seeded permutation per epoch, the same on every rank
-            self._epoch = epoch
-            self._perm = torch.randperm(self.data.input_ids.shape[0],
-                                        generator=torch.Generator().manual_seed(self.seed + epoch))
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_order(self.data.size, self.seed, epoch)
         base = within * self.global_size
         first = (self.rank if rank is None else rank) * self.accum
-        return [self._perm[base + j * self.micro: base + (j + 1) * self.micro] for j in range(first, first + self.accum)]
+        return [self.data.rows(self._perm[base + j * self.micro: base + (j + 1) * self.micro])
+                for j in range(first, first + self.accum)]
 
     def step_batches(self, step: int) -> list[dict]:
         """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
@@ -329,10 +358,10 @@ def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches:
     """The first full validation micro-batches (max_batches, rounded down to a multiple of dp so every rank
     runs the same number of forwards, which ZeRO-3 requires), rank r taking r, r+dp, ...: disjoint across
     ranks and the same set for any DP size that divides max_batches, so val_loss compares across layouts."""
-    total = min(max_batches, data.input_ids.shape[0] // micro) // dp * dp
+    total = min(max_batches, data.size // micro) // dp * dp
     out = []
     for j in range(dp_rank, total, dp):
-        out.append(collate(data, torch.arange(j * micro, (j + 1) * micro)))
+        out.append(collate(data, data.rows(torch.arange(j * micro, (j + 1) * micro))))
     return out
 
 

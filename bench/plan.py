@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench import config, data, gpus, metrics, models
+from bench import config, data, data_cache, gpus, metrics, models
 from bench.strategies import STRATEGIES, Strategy
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
@@ -97,6 +97,12 @@ class Plan:
         return sharded.mean_shape(self.cfg.max_steps)
 
     @property
+    def consumed(self) -> str:
+        """How many samples the run tokenized, in words."""
+        n = self.train_data.input_ids.shape[0] + self.val_data.input_ids.shape[0]
+        return f"{n} tokenized: what {self.cfg.max_steps} steps and the evaluations consume"
+
+    @property
     def batching(self) -> str:
         """How samples become rows, in words (the console table, summary.json)."""
         if self.train_data.kind == "text":
@@ -130,8 +136,8 @@ class Plan:
             ("MFU peak", (f"{self.peak_tflops:g} TFLOP/s, " if self.peak_tflops else "MFU not reported: ")
                          + self.peak_source),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
-            ("data", f"{c.data}: {self.train_data.input_ids.shape[0]} train / {self.val_data.input_ids.shape[0]} val"
-                     f", {self.batching}"),
+            ("data", f"{c.data}: {self.train_data.size} train / {self.val_data.size} val ({self.consumed}), "
+                     f"{self.batching}"),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
         ]
         return config.format_table(rows, "resolved configuration")
@@ -180,11 +186,13 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     if tok.vocab_size > model_config.vocab_size:
         raise config.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
                                 f"{model_config.vocab_size}")
-    train, val = data.load_dataset(cfg.data, tok, cfg.seq_len, cfg.val_fraction, cfg.seed)
+    need = data.Need(batch.global_, cfg.max_steps, cfg.eval_batches * batch.micro)  # tokenize only these
+    train, val = data_cache.load(cfg.data, tok, tok_source, cfg.seq_len, cfg.val_fraction, cfg.seed, need,
+                                 env.local_rank, cfg.dist_timeout_s)
     dp = layout.data_parallel
     data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
-    if val.input_ids.shape[0] < batch.micro * dp:
-        raise config.BenchError(f"the validation split ({val.input_ids.shape[0]} samples) is smaller than one "
+    if val.size < batch.micro * dp:
+        raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sp)
     plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, collate, device_type,

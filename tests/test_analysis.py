@@ -15,7 +15,7 @@ from conftest import REPO, assert_ok, run_many
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "4", "--warmup_steps", "1",
         "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "4", "--eval_interval", "0")
-JOB = "tiny-llama, seq 128, global batch 4, squad-sample, fp32"  # what every tiny-llama run here computes
+JOB = "tiny-llama, seq 128, global batch 4, squad-sample, fp32, packed"  # what every tiny-llama run here computes
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_report_files(report, runs_dir):
     assert "No scaling plot: no strategy of this job was measured at two or more GPU counts." in mixtral
     pngs = sorted(p.name for p in report.glob("*.png"))
     prefix = {j: plots.slug(title) for j, title in jobs.items()}
-    assert prefix["tiny-llama 128"] == "tiny-llama-seq-128-global-batch-4-squad-sample-fp32"
+    assert prefix["tiny-llama 128"] == "tiny-llama-seq-128-global-batch-4-squad-sample-fp32-packed"
     assert pngs == sorted([f"{prefix['tiny-llama 128']}-scaling.png"] + [
         f"{p}-{k}.png" for p in prefix.values() for k in ("loss", "memory", "throughput", "utilization")])
     pngs = sorted(report.glob("*.png"))

@@ -61,3 +61,78 @@ def test_validation_batches_disjoint_and_layout_independent():
     one = [b["input_ids"][:, 0].tolist() for b in data.val_batches(d, 2, 1, 0, 8)]
     two = [b["input_ids"][:, 0].tolist() for r in range(2) for b in data.val_batches(d, 2, 2, r, 8)]
     assert sorted(sum(one, [])) == sorted(sum(two, [])) == list(range(16))
+
+
+def _qa_jsonl(path, n: int) -> str:
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"context": f"Place {i} lies on river R{i % 7}.", "question": f"Where is place {i}?",
+                                 "answers": {"text": [f"on river R{i % 7}"]}}) + "\n")
+    return str(path)
+
+
+def test_only_the_consumed_samples_are_tokenized_and_they_are_the_same_samples(tmp_path):
+    """A run of 3 steps of 8 over a 600-sample QA JSONL tokenizes its 24 training samples and the validation
+    samples it evaluates, and every step gets exactly the micro-batches tokenizing everything would give it."""
+    path, tok = _qa_jsonl(tmp_path / "qa.jsonl", 600), tokenizer()
+    need = data.Need(global_batch=8, steps=3, val_samples=4)
+    full_train, full_val = data.load_dataset(path, tok, 64, 0.1, 5)
+    train, val = data.load_dataset(path, tok, 64, 0.1, 5, need)
+    assert (train.input_ids.shape[0], val.input_ids.shape[0]) == (24, 4)
+    assert (train.size, val.size) == (full_train.size, full_val.size) == (540, 60)
+    for dp, rank in ((1, 0), (2, 1)):
+        whole, some = (data.ShardedBatches(d, 2, 4 // dp, dp, rank, 5, data.Collate("packed"))
+                       for d in (full_train, train))
+        for step in range(3):
+            for a, b in zip(whole.step_batches(step), some.step_batches(step)):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(data.val_batches(full_val, 2, 1, 0, 2), data.val_batches(val, 2, 1, 0, 2)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_reads_only_the_blocks_a_run_needs(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(400)))
+    need = data.Need(global_batch=4, steps=2, val_samples=2)
+    train, val = data.load_dataset(str(path), tokenizer(), 32, 0.5, 0, need)
+    assert train.input_ids.shape[0] + val.input_ids.shape[0] == need.pool(0.5) == 18
+    assert train.input_ids.shape[0] >= 4 * 2
+
+
+def test_a_bad_line_is_refused_wherever_it_is(tmp_path):
+    from bench.config import BenchError
+    path = _qa_jsonl(tmp_path / "qa.jsonl", 300)
+    with open(path, "a") as fh:
+        fh.write('{"context": "c", "question": "q"}\n')
+    with pytest.raises(BenchError, match=r"qa.jsonl:301: expected a JSON object"):
+        data.load_dataset(path, tokenizer(), 64, 0.1, 0, data.Need(4, 1, 2))
+
+
+def test_the_node_tokenizes_once_and_every_rank_maps_the_same_file(tmp_path, monkeypatch):
+    """Local rank 1, a real process started first, waits for local rank 0's file and loads it; a second load reads
+    the file without touching the data; a failure of rank 0 reaches a waiting rank as the same line."""
+    import subprocess
+    import sys
+    from bench import data_cache, models
+    from bench.config import BenchError
+    monkeypatch.setenv("BENCH_DATA_CACHE", str(tmp_path / "cache"))
+    path, source = _qa_jsonl(tmp_path / "qa.jsonl", 200), models.ensure_tiny("tiny-llama")
+    tok = models.load_tokenizer(source)
+    need = data.Need(4, 2, 2)
+    args = (path, tok, source, 64, 0.1, 1, need)
+    code = ("import sys; from bench import data, data_cache, models; s = sys.argv[2]; "
+            "t, v = data_cache.load(sys.argv[1], models.load_tokenizer(s), s, 64, 0.1, 1, data.Need(4, 2, 2), 1, 60); "
+            "print(t.input_ids.shape[0], v.input_ids.shape[0], t.size)")
+    waiting = subprocess.Popen([sys.executable, "-c", code, path, source], stdout=subprocess.PIPE, text=True)
+    train, val = data_cache.load(*args, local_rank=0, timeout_s=60)
+    assert waiting.communicate(timeout=120)[0].split() == ["8", "2", "180"] and waiting.returncode == 0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("tokenized twice"))
+        again, _ = data_cache.load(*args, local_rank=0, timeout_s=60)
+    assert torch.equal(again.input_ids, train.input_ids)
+    bad = str(tmp_path / "missing.jsonl")
+    with pytest.raises(BenchError, match="data file not found"):
+        data_cache.load(bad, tok, source, 64, 0.1, 1, need, local_rank=0, timeout_s=60)
+    with pytest.raises(BenchError, match="data file not found"):  # what rank 0 left, not a wait
+        data_cache.load(bad, tok, source, 64, 0.1, 1, need, local_rank=1, timeout_s=60)

@@ -91,3 +91,20 @@ def test_fault_soak_short_seeded(tmp_path):
     assert "**hangs: 0; runs left `running`: 0; final losses equal to the uninterrupted run: 3/3" in text, text
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
     assert len(rows) == 3 and all("| completed | yes |" in ln for ln in rows), rows
+
+
+def test_data_scaling_records_before_and_after(tmp_path):
+    """measurements/data_scaling.py on a small file: both ranks report for each way, and after tokenizing only
+    the consumed samples once per node the largest rank's memory grows less than when each tokenized all."""
+    page = tmp_path / "page.md"
+    out = subprocess.run([sys.executable, "measurements/data_scaling.py", "--samples", "4000", "--out", str(page)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [ln.split("|")[1:-1] for ln in page.read_text().splitlines() if ln.startswith("| before")
+            or ln.startswith("| after")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (way, rank) for way in ("before", "after, cold cache", "after, warm cache") for rank in ("0", "1")]
+    growth = {(r[0].strip(), r[1].strip()): float(r[3]) for r in rows}
+    tokenized = {int(r[4].replace(",", "")) for r in rows if r[0].startswith("| after") or "after" in r[0]}
+    assert tokenized == {1600 + 32}  # 50 steps x 32 and the 32 validation samples, on both ranks
+    assert max(growth[("after, cold cache", r)] for r in "01") < max(growth[("before", r)] for r in "01")
