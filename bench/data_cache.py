@@ -22,9 +22,10 @@ FIELDS = ("input_ids", "attention_mask", "labels", "index")
 
 
 def cache_dir() -> str:
-    """$BENCH_DATA_CACHE, else ~/.cache/ds-parallel-bench/tokenized."""
-    return os.environ.get("BENCH_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                              "ds-parallel-bench", "tokenized")
+    """$BENCH_DATA_CACHE, else tokenized/ in the harness's cache ($BENCH_CACHE, which slurm/common.sh keeps away
+    from $HOME)."""
+    from bench.models import cache_dir as harness_cache
+    return os.environ.get("BENCH_DATA_CACHE") or os.path.join(harness_cache(), "tokenized")
 
 
 def cache_key(spec: str, tok, tokenizer_source: str, seq_len: int, val_fraction: float, seed: int,

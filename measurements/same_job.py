@@ -52,10 +52,11 @@ def build_model(plan, device):
 
 
 def batches(plan, env):
-    """This rank's micro-batches, step by step, as the harness's ZeRO data parallelism feeds them."""
+    """This rank's micro-batches, step by step, as the harness's ZeRO data parallelism feeds them (packed or
+    padded as the harness's run was)."""
     from bench.data import ShardedBatches
     return ShardedBatches(plan.train_data, plan.batch.micro, plan.batch.grad_accum, plan.layout.data_parallel,
-                          env.rank, plan.cfg.seed)
+                          env.rank, plan.cfg.seed, plan.collate)
 
 
 class StepRecorder:
