@@ -48,7 +48,8 @@ def throughput(step_times: list[float], work: list[int], global_batch: int, worl
     tflops = (model_flops[0] * real + model_flops[1] * real_pairs) / seconds / world_size / 1e12
     hardware_tflops = (hardware_flops[0] * computed + hardware_flops[1] * computed_pairs) / seconds / world_size / 1e12
     return {"tokens_per_s": real / seconds, "tokens_per_s_per_gpu": real / seconds / world_size,
-            "computed_tokens_per_s": computed / seconds, "computed_tokens_per_s_per_gpu": computed / seconds / world_size,
+            "computed_tokens_per_s": computed / seconds,
+            "computed_tokens_per_s_per_gpu": computed / seconds / world_size,
             "samples_per_s": global_batch / statistics.fmean(step_times),
             "tflops_per_gpu": tflops, "mfu": (tflops / peak_tflops) if peak_tflops else None,
             "hfu": (hardware_tflops / peak_tflops) if peak_tflops else None}

@@ -94,8 +94,8 @@ def test_ctrl_c_stops_every_rank_at_a_step_boundary(tmp_path):
 @pytest.mark.multiproc
 def test_a_second_ctrl_c_leaves_at_once_and_still_records(tmp_path):
     # steps of about a second on 2 cores, so the second Ctrl-C lands inside the step after the first
-    procs = start_bench(tmp_path, *TINY, "--seq_len", "1024", "--micro_batch_size", "8", "--global_batch_size",
-                        "32", "--max_steps", "100000", own_session=True)
+    procs = start_bench(tmp_path, *TINY, "--seq_len", "1024", "--packing", "off", "--micro_batch_size", "8",
+                        "--global_batch_size", "32", "--max_steps", "100000", own_session=True)
     wait_for_steps(tmp_path, procs, 2)
     os.killpg(procs[0].pid, signal.SIGINT)
     # apart enough that Python runs its handler in between: two SIGINTs that arrive during one long native op
