@@ -1,5 +1,5 @@
-"""Datasets: SQuAD v1.1 JSON, JSONL/plain text, or a hub dataset; tokenization, padding/packing, and the
-deterministic assignment of samples to data-parallel ranks.
+"""Datasets (their formats: bench/sources.py): tokenizing what a run consumes, the split, padded or packed
+micro-batches and their work counts, and the deterministic assignment of samples to data-parallel ranks.
 
 `python -m bench.data make-sample` regenerates the bundled SQuAD-format sample (data/squad_sample.json):
 synthetic facts about invented places, so the project ships no downloaded data.
@@ -67,9 +67,6 @@ def build_tiny_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], bos_token=specials[1],
                                    eos_token=specials[2])
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading raw examples
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization

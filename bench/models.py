@@ -282,14 +282,12 @@ def recompute_flops_per_token(model_config, seq_len: int, lora_params: int | Non
 
 def packed_causal_mask(position_ids):
     """[B, T] position ids -> the [B, 1, T, T] boolean attention mask (True: attend) confining causal attention to
-    each packed sequence, a sequence starting where its position is 0; None where every row holds one sequence
-    (plain causal attention needs no mask). What transformers builds from position_ids for SDPA
-    (masking_utils.py, find_packed_sequence_indices), for the paths that call the attention themselves: pipeline
-    stages and Ulysses' gathered sequence."""
+    each packed sequence, a sequence starting where its position is 0. What transformers builds from position_ids
+    for SDPA (masking_utils.py, find_packed_sequence_indices), for the paths that call the attention themselves
+    on packed rows: pipeline stages and Ulysses' gathered sequence. Built on the device without reading anything
+    back (no synchronization inside the layer)."""
     import torch
     sequence = (position_ids == 0).cumsum(-1)
-    if bool((sequence[:, -1] <= 1).all()):
-        return None
     t = position_ids.shape[-1]
     index = torch.arange(t, device=position_ids.device)
     causal = index[None, :] <= index[:, None]

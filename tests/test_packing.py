@@ -72,7 +72,7 @@ def test_packed_mask_is_what_transformers_builds_from_the_position_ids():
     t = positions.shape[1]
     expected = torch.tensor([[j <= i and sequence[i] == sequence[j] for j in range(t)] for i in range(t)])
     assert torch.equal(mask, expected)
-    assert models.packed_causal_mask(torch.arange(8)[None]) is None  # one sequence: plain causal, no mask
+    assert torch.equal(models.packed_causal_mask(torch.arange(8)[None])[0, 0], torch.ones(8, 8).tril().bool())
 
 
 def test_a_packed_row_computes_the_padded_rows_loss_and_gradients():

@@ -58,15 +58,15 @@ class EmbeddingStage(torch.nn.Module):
 
 
 class DecoderStage(torch.nn.Module):
-    def __init__(self, layer, rotary, flash: bool):
+    def __init__(self, layer, rotary, masked: bool):
         super().__init__()
-        self.layer, self.rotary, self.flash = layer, rotary, flash
+        self.layer, self.rotary, self.masked = layer, rotary, masked
 
     def forward(self, inputs):
         from bench.models import packed_causal_mask
         hidden, positions = inputs
         # None: SDPA applies the causal mask itself, and flash attention finds packed samples in the positions
-        mask = None if self.flash else packed_causal_mask(positions)
+        mask = packed_causal_mask(positions) if self.masked else None
         out = self.layer(hidden, attention_mask=mask, position_ids=positions,
                          position_embeddings=self.rotary(hidden, positions))
         return (out[0] if isinstance(out, tuple) else out), positions
@@ -96,9 +96,11 @@ def causal_lm_loss(logits, labels):
                                              ignore_index=IGNORE)
 
 
-def build_stages(model, ds: dict, dynamic_shape: bool = False):
-    """The model as a PipelineModule. dynamic_shape: rows change width between micro-batches (packed, or padded
-    to the longest sample), so stages exchange shapes before every send (DeepSpeed's PipelineModule option)."""
+def build_stages(model, ds: dict, batching: str = "max"):
+    """The model as a PipelineModule. batching (bench/data.py Collate): packed rows get a per-sample mask on each
+    stage unless flash attention reads the samples from the position ids; rows that change width between
+    micro-batches (packed, or padded to the longest sample) make the stages exchange shapes before every send
+    (DeepSpeed's PipelineModule dynamic_shape)."""
     from deepspeed.pipe import PipelineModule
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
@@ -118,11 +120,11 @@ def build_stages(model, ds: dict, dynamic_shape: bool = False):
                 TiedLayerSpec("embedding", EmbeddingStage, inner.embed_tokens, forward_fn=tied_logits, **tied)]
     else:
         first, last = [EmbeddingStage(inner.embed_tokens)], [HeadStage(inner.norm, model.lm_head)]
-    flash = attn.startswith("flash")
-    layers = first + [DecoderStage(layer, inner.rotary_emb, flash) for layer in inner.layers] + last
+    masked = batching == "packed" and not attn.startswith("flash")
+    layers = first + [DecoderStage(layer, inner.rotary_emb, masked) for layer in inner.layers] + last
     section = ds.get("pipeline") or {}
     return PipelineModule(layers=layers, num_stages=section["stages"], loss_fn=causal_lm_loss,
-                          partition_method=section.get("partition", "parameters"), dynamic_shape=dynamic_shape)
+                          partition_method=section.get("partition", "parameters"), dynamic_shape=batching != "max")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,8 +253,7 @@ class Pipeline(Strategy):
                              "stages")
 
     def prepare(self, model, plan):
-        # rows keep one width only when padded to --seq_len
-        return build_stages(model, plan.ds, dynamic_shape=plan.collate.mode != "max")
+        return build_stages(model, plan.ds, plan.collate.mode)
 
     def build_runner(self, engine, device):
         return PipelineRunner(engine, device)

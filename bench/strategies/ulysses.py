@@ -76,7 +76,7 @@ class SequenceParallel(ModelParallel):
         config = model.config.get_text_config()
         if getattr(config, "head_dim", None) is None:  # Mixtral's config holds head_dim=None, which DeepSpeed takes
             config.head_dim = head_dim(config)         # for the width itself: set what the layers computed
-        if cfg.attn_implementation == "sdpa":
+        if cfg.attn_implementation == "sdpa" and plan.collate.mode == "packed":
             confine_sdpa_to_packed_samples()
         rows = 1 if plan.collate.mode == "packed" else ds["train_micro_batch_size_per_gpu"]  # Ulysses fixes them
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
@@ -108,8 +108,8 @@ def confine_sdpa_to_packed_samples() -> None:
     attention the gathered position ids instead (deepspeed/runtime/sequence_parallel/ulysses_sp.py,
     register_with_transformers' uattn_wrapper, and UlyssesSPAttentionHF.forward); flash attention finds the
     samples there, SDPA would attend causally across them. register_with_transformers takes the core attention
-    from ALL_ATTENTION_FUNCTIONS["sdpa"] when called, so this goes in first. Rows holding one sequence get no
-    mask: unchanged."""
+    from ALL_ATTENTION_FUNCTIONS["sdpa"] when called, so this goes in first. Only for packed rows: padded rows
+    need no mask (causal attention never looks right, at the padding)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from bench.models import packed_causal_mask
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
