@@ -421,15 +421,31 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
 
 
 def comm_bytes_per_step(plan, rank: int) -> dict:
+    """Bytes per step this rank's collectives log, by kind (what bench/accounting.py counts)."""
+    out: dict = {}
+    for kinds in comm_by_source(plan, rank).values():
+        for kind, n in kinds.items():
+            out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def comm_by_source(plan, rank: int) -> dict:
+    """comm_bytes_per_step by what issues it -> {source: {kind: bytes}}. "tp", "ep", "sp" and "pp": inside a
+    layer or between stages, on the critical path (the next operation needs the result); "zero_backward": ZeRO's
+    gradient reductions inside backward and ZeRO-3's parameter gathers inside forward and backward, which
+    DeepSpeed can overlap with compute (overlap_comm, prefetching); "zero_step": what runs after backward, at the
+    step (plain data parallelism's all-reduce, the norm, ZeRO-1/2's gather of the updated parameters)."""
     from bench.strategies.autotp import vocab_parallel
     c, lay, w = plan.model_config, plan.layout, _width(plan)
     (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
     bsh = micro * seq * c.hidden_size
     L = c.num_hidden_layers
     out: dict = {}
+    source = "tp"
 
     def add(kind, n):
-        out[kind] = out.get(kind, 0) + int(n)
+        kinds = out.setdefault(source, {})
+        kinds[kind] = kinds.get(kind, 0) + int(n)
 
     if lay.tp > 1:
         row, col, head = _tp_linears(plan)
@@ -441,6 +457,7 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
             add("all_reduce", accum * (bsh * w + 3 * micro * (seq - 1) * 4))
         elif head:
             add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
+    source = "ep"
     if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
         tokens = micro * seq // lay.sp  # this rank's
         add("all_to_all", accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
@@ -450,12 +467,14 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
             # fp32 even in bf16 (measured: tests/test_bf16.py); with the experts trained, one more bsh-sized
             # reduction in the training dtype, measured (the data-dependent part: ~8 %)
             add("all_reduce", accum * L * (3 * bsh * 4 + (0 if plan.peft == "lora" else bsh * w)))
+    source = "sp"
     if lay.sp > 1:  # Ulysses: each layer's q, k, v and output all-to-all, forward and backward (k and v with their
         # heads repeated up to the SP size when there are fewer), and its position ids gathered in forward
         tokens, hd = micro * seq // lay.sp, models.head_dim(c)
         q, kv = tokens * c.num_attention_heads * hd, tokens * max(c.num_key_value_heads, lay.sp) * hd
         add("all_to_all", accum * L * 2 * (2 * q + 2 * kv) * w)
         add("all_gather", accum * L * tokens * 8)
+    source = "pp"
     if lay.pp > 1:
         stage = rank // lay.dp
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
@@ -465,23 +484,28 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
             # in fp32: the bf16 optimizer's master gradient)
             add("all_reduce", c.vocab_size * c.hidden_size * (2 if precision_of(plan.ds) == "fp16" else 4))
     gs = groups(plan, rank)
-    stage3 = plan.zero_stage == 3
-    if stage3:
+    source = "zero_backward"
+    if plan.zero_stage == 3:
         sizes = [n for g in gs for n in g.sizes]
         world = lay.world_size
         threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * _reduce_width(plan))
-        add("all_reduce", 4 if "optimizer" in offloaded(plan.ds) else 8)  # the norm: fp32 offloaded, else fp64
         every = _sizes_and_widths(plan)  # frozen ones too: the forward needs them
         small = sum(-(-n // world) * width for n, width in every if n <= threshold)
         large = sum(-(-n // world) * width for n, width in every if n > threshold)
-        add("all_gather", small + 2 * accum * large)  # after the step; forward and backward per micro
+        add("all_gather", 2 * accum * large)  # forward and backward per micro-batch
+        source = "zero_step"
+        add("all_gather", small)  # the persistent parameters, after the step
+        add("all_reduce", 4 if "optimizer" in offloaded(plan.ds) else 8)  # the norm: fp32 offloaded, else fp64
     elif plan.zero_stage == 0 and gs[0].degree > 1:  # plain data parallel: the engine all-reduces at the boundary
+        source = "zero_step"
         add("all_reduce", sum(sum(g.sizes) for g in gs) * _reduce_width(plan))
     elif plan.zero_stage in (1, 2):
         trainable = sum(sum(g.sizes) for g in gs)
         reductions = accum if plan.zero_stage == 2 else 1
-        add("all_reduce", reductions * trainable * _reduce_width(plan) + 4)
+        add("all_reduce", reductions * trainable * _reduce_width(plan))
+        source = "zero_step"
+        add("all_reduce", 4)
         gathered = sum(-(-sum(g.sizes) // g.degree) for g in gs if g.degree > 1)
         if gathered:
             add("all_gather", gathered * w)

@@ -6,7 +6,9 @@ matched as whole words after "NVIDIA ", most specific first, so no product match
 ("H20" is not "H200", "B200" is not "GB200"). A GPU that is not here has no peak: MFU is then null, never guessed.
 
 Sources (bf16 dense, no sparsity; memory as torch reports total_memory, a little under the marketed GB; NVLink one
-direction per GPU): NVIDIA's A100, H100, H200, B200 and GB200 NVL72 datasheets. B200 and GB200 memory is the
+direction per GPU): NVIDIA's A100, H100, H200, B200 and GB200 NVL72 datasheets; streaming multiprocessors: the A100
+and H100 architecture whitepapers (A100 108, H100 SXM5 132, H100 PCIe 114; H200 and GH200 carry the H100 SXM's
+GH100), not listed where no whitepaper says. B200 and GB200 memory is the
 marketed size less the H100's measured 1.1 % reserve: planned, not measured.
 """
 from __future__ import annotations
@@ -25,21 +27,22 @@ class Gpu:
     memory_gib: float | None   # usable, as torch.cuda.get_device_properties().total_memory (None: varies by SKU)
     link_bytes_s: float | None  # per GPU, one direction, within a node (None: not planned)
     source: str
+    sms: int | None = None     # streaming multiprocessors (the cost model's GEMM waves; None: not modelled)
 
 
 CATALOG = (
     Gpu("GB200", r"GB200", 2500.0, 184.0, 900e9, "GB200 NVL72 datasheet: 5 PFLOPS dense bf16 per 2-GPU superchip"),
     Gpu("B200-180GB", r"B200", 2250.0, 178.0, 900e9, "HGX B200 datasheet: 2.25 PFLOPS dense bf16 per GPU"),
-    Gpu("GH200", r"GH200", 989.0, None, 450e9, "GH200 datasheet: the H100 SXM's 989 TFLOPS dense bf16"),
+    Gpu("GH200", r"GH200", 989.0, None, 450e9, "GH200 datasheet: the H100 SXM's 989 TFLOPS dense bf16", 132),
     Gpu("H200-NVL-141GB", r"H200 NVL", 835.0, 139.8, 64e9,
         "H200 NVL datasheet: 835 TFLOPS dense bf16 (a 600 W PCIe card; NVLink bridges pairs, PCIe 5 beyond)"),
-    Gpu("H200-141GB", r"H200", 989.0, 139.8, 450e9, "H200 SXM datasheet: 989 TFLOPS dense bf16"),
+    Gpu("H200-141GB", r"H200", 989.0, 139.8, 450e9, "H200 SXM datasheet: 989 TFLOPS dense bf16", 132),
     Gpu("H100-NVL-94GB", r"H100 NVL", 835.0, 93.1, 64e9,
         "H100 NVL datasheet: 835 TFLOPS dense bf16 (cards bridged in pairs, PCIe 5 beyond)"),
-    Gpu("H100-PCIe-80GB", r"H100 PCIe", 756.0, 79.1, 64e9, "H100 PCIe datasheet: 756 TFLOPS dense bf16"),
-    Gpu("H100-80GB", r"H100", 989.0, 79.1, 450e9, "H100 SXM datasheet: 989 TFLOPS dense bf16"),
-    Gpu("A100-40GB", r"A100(?:-SXM4|-PCIE)?-40GB", 312.0, 39.4, 300e9, "A100 datasheet: 312 TFLOPS dense bf16"),
-    Gpu("A100-80GB", r"A100", 312.0, 79.2, 300e9, "A100 datasheet: 312 TFLOPS dense bf16"),
+    Gpu("H100-PCIe-80GB", r"H100 PCIe", 756.0, 79.1, 64e9, "H100 PCIe datasheet: 756 TFLOPS dense bf16", 114),
+    Gpu("H100-80GB", r"H100", 989.0, 79.1, 450e9, "H100 SXM datasheet: 989 TFLOPS dense bf16", 132),
+    Gpu("A100-40GB", r"A100(?:-SXM4|-PCIE)?-40GB", 312.0, 39.4, 300e9, "A100 datasheet: 312 TFLOPS dense bf16", 108),
+    Gpu("A100-80GB", r"A100", 312.0, 79.2, 300e9, "A100 datasheet: 312 TFLOPS dense bf16", 108),
 )
 BY_KEY = {g.key: g for g in CATALOG}
 

@@ -1,10 +1,12 @@
 """bench-plan --recommend: for one job (the --peft given), the shipped layouts (ds_configs/*.json, micro batches
 1-8, with and without activation checkpointing) that fit the GPUs, ordered by a cost model's predicted step time.
 
-The cost model (docs/planner.md) is deliberately simple and every assumption is printed with the table: compute
-at a fixed share of the GPU's bf16 peak, plus every byte the planner says a rank communicates at the link's
-bandwidth, without overlap (an upper bound on the step), plus the 1F1B bubble, checkpointing's recompute, and
-ZeRO offload's PCIe transfers and CPU Adam time.
+The cost model (docs/planner.md, where each term's source is named) is deliberately simple and every assumption
+is printed with the table: the slowest rank's FLOPs at a fixed share of the GPU's bf16 peak, less for GEMMs that
+leave the GPU's SMs idle (narrow tensor-parallel shards); the collectives a layer or a pipeline stage waits on
+(TP, EP, SP, pipeline sends) exposed at the link's bandwidth; ZeRO's reductions and gathers hidden behind the
+backward they overlap (DeepSpeed's overlap_comm and prefetching), the excess exposed; the 1F1B bubble of the
+slowest stage; checkpointing's recompute; ZeRO offload's PCIe transfers and CPU Adam time.
 """
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ import copy
 import dataclasses
 import glob
 import json
+import math
 import os
 
-from bench import config, estimate
+from bench import config, estimate, models
 from bench import gpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
 
-EFFICIENCY = 0.40  # share of the bf16 dense peak the matmuls sustain (torchtitan: 33-39 % MFU, Llama 3.1 8B, H100)
+# Share of the bf16 dense peak that GEMMs filling the GPU's SMs sustain. Chosen between the published figures it is
+# compared with (docs/results/cost_model.md): torchtitan's eager FSDP runs about 36 % of peak by this harness's
+# FLOP count, NeMo's Transformer Engine runs 58-68 %; 0.5 sits between them. An assumption, not a measurement of
+# this harness on a GPU.
+EFFICIENCY = 0.50
 GPUS_PER_NODE = 8
 # Within a node each GPU's link from bench/gpus.py (NVLink, one direction); between nodes a 400 Gb/s InfiniBand NIC
 # per GPU.
@@ -31,6 +38,8 @@ BUS_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_to_all": 1.0, "broa
 MICRO_BATCHES = (1, 2, 4, 8)
 PCIE = 25e9       # bytes/s host <-> GPU, one direction (PCIe 4 x16 in practice)
 CPU_ADAM = 10e9   # bytes of offloaded state CPU Adam updates per second per rank (a few host cores each)
+TILE = (128, 256)  # output tile (rows, columns) of NVIDIA's wave-quantization example (Matrix Multiplication
+# Background User's Guide): a GEMM runs in waves of one tile per SM, the last wave part-empty
 
 
 def peak_tflops(gpu: str) -> float:
@@ -40,36 +49,113 @@ def peak_tflops(gpu: str) -> float:
 
 def assumptions(gpu: str, world: int) -> list[str]:
     inter = world > GPUS_PER_NODE
-    link = INTER_NODE if inter else gpus.BY_KEY[gpu].link_bytes_s
-    return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({peak_tflops(gpu)}"
-            " TFLOP/s); activation checkpointing recomputes the forward (x 4/3)",
-            f"communication at {link / 1e9:.0f} GB/s per GPU ({'InfiniBand between nodes' if inter else 'NVLink'}), "
-            "ring bus factors (all-reduce 2, all-gather n - 1 shards over the data-parallel or TP group, others 1), "
-            "not overlapped with compute",
-            "pipeline: the 1F1B bubble (stages - 1) / micro-batches on top of compute; expert routing balanced",
+    link = gpus.BY_KEY[gpu].link_bytes_s
+    sms = gpus.BY_KEY[gpu].sms
+    return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({peak_tflops(gpu)} TFLOP/s) for GEMMs that fill "
+            + (f"its {sms} SMs; a decoder layer's GEMMs lose the empty share of their last wave of "
+               f"{TILE[0]}x{TILE[1]} tiles (narrow TP shards lose most)" if sms else "its SMs (waves not modelled)")
+            + "; activation checkpointing recomputes the forward (x 4/3)",
+            f"collectives a layer or stage waits on (TP, EP, SP, pipeline sends) exposed at {link / 1e9:.0f} GB/s "
+            f"per GPU (NVLink){'; ZeRO beyond the node at 50 GB/s (InfiniBand)' if inter else ''}; ring bus "
+            "factors (all-reduce 2, all-gather n - 1 shards, others 1)",
+            "ZeRO's reductions and ZeRO-3's gathers hidden behind backward (ZeRO-1: the last micro-batch's) where "
+            "overlap_comm is on, outside a pipeline; the excess and what runs at the step exposed",
+            "pipeline: every stage waits for the slowest (its layers' and the head's FLOPs), plus the 1F1B bubble "
+            "(stages - 1) x its micro-batch; expert routing balanced",
             f"ZeRO offload: the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
             f"at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
 
 
+def wave_efficiency(m: int, n: int, sms: int | None) -> float:
+    """The share of the SMs' tile slots an [m, n] GEMM output fills: its tiles over waves x SMs tiles' area."""
+    if not sms:
+        return 1.0
+    tiles = math.ceil(m / TILE[0]) * math.ceil(n / TILE[1])
+    return m * n / (math.ceil(tiles / sms) * sms * TILE[0] * TILE[1])
+
+
+def gemm_efficiency(plan, sms: int | None) -> float:
+    """A decoder layer's GEMMs' FLOP-weighted wave efficiency on this rank: one micro-batch's tokens (s/SP of
+    each row) through q, k, v, gate and up split by columns over TP and o and down by rows (their outputs whole);
+    an expert sees its share of the EP group's tokens. Forward shapes stand for backward's."""
+    c, lay = plan.model_config, plan.layout
+    rows, width = plan.micro_shape
+    m = rows * width // lay.sp
+    hd = models.head_dim(c)
+    q, kv, h, f = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
+    experts = getattr(c, "num_local_experts", 0) or 0
+    m_mlp = max(1, m * c.num_experts_per_tok * lay.ep // experts) if experts else m
+    gemms = [(m, q // lay.tp, h), (m, kv // lay.tp, h), (m, kv // lay.tp, h), (m, h, q // lay.tp),
+             (m_mlp, f // lay.tp, h), (m_mlp, f // lay.tp, h), (m_mlp, h, f // lay.tp)]  # (m, n, k)
+    flops = sum(m_ * n * k for m_, n, k in gemms)
+    return flops / sum(m_ * n * k / wave_efficiency(m_, n, sms) for m_, n, k in gemms)
+
+
+def slowest_stage_share(plan) -> float:
+    """The pipeline stage with the most FLOPs, as a multiple of the mean stage's: a stage's decoder layers plus,
+    on the last, the LM head (DeepSpeed balances stages by parameters, bench/strategies/pipeline.py stage_bounds,
+    so the embedding's stage computes less and the head's more). 1 without a pipeline."""
+    lay = plan.layout
+    if lay.pp == 1:
+        return 1.0
+    c = plan.model_config
+    per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
+    head = (6 if plan.lora_params is None else 4) * c.vocab_size * c.hidden_size  # forward + backward per token
+    layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
+    stages = [len(estimate.stage_of(plan, s * lay.dp)[1]) * layer + (head if s == lay.pp - 1 else 0)
+              for s in range(lay.pp)]
+    return max(stages) / (sum(stages) / lay.pp)
+
+
+def _link(plan, gpu: str, source: str) -> float:
+    """Bandwidth a source's collectives see: TP, EP and SP groups are consecutive ranks, inside a node; ZeRO's
+    span every data-parallel rank and pipeline neighbours sit data-parallel-degree ranks apart."""
+    lay = plan.layout
+    span = {"tp": lay.tp, "ep": lay.ep, "sp": lay.sp, "pp": lay.dp * 2}.get(source, lay.world_size)
+    return gpus.BY_KEY[gpu].link_bytes_s if span <= GPUS_PER_NODE else INTER_NODE
+
+
+def _seconds(plan, gpu: str, source: str, kinds: dict) -> float:
+    lay = plan.layout
+    group = {"tp": lay.tp, "ep": lay.ep, "sp": lay.sp}.get(source, lay.zero_degree if lay.zero_degree > 1 else 1)
+    moved = sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0)) for kind, b in kinds.items())
+    return moved / _link(plan, gpu, source)
+
+
 def step_breakdown(plan, est: dict, gpu: str) -> dict:
-    """Predicted seconds per optimizer step, in parts (the slowest rank's share; see assumptions): compute (the
-    forward and backward once), recompute (activation checkpointing's second forward), bubble (the pipeline's
-    1F1B idle share), communication (every byte the planner counts, exposed), offload (ZeRO offload's PCIe
-    transfers and CPU Adam) and their total."""
+    """Predicted seconds per optimizer step, in parts (the slowest rank's; see assumptions): compute (the forward
+    and backward once), recompute (activation checkpointing's second forward), bubble (the pipeline's 1F1B idle
+    share), communication (exposed: on the critical path, or beyond what overlaps backward), offload (ZeRO
+    offload's PCIe transfers and CPU Adam) and their total."""
     peak = peak_tflops(gpu) * 1e12
-    compute = est["flops_per_rank_per_step"] / (peak * EFFICIENCY)
+    lay = plan.layout
+    efficiency = EFFICIENCY * gemm_efficiency(plan, gpus.BY_KEY[gpu].sms)
+    compute = est["flops_per_rank_per_step"] * slowest_stage_share(plan) / (peak * efficiency)
     recompute = compute / 3 if plan.cfg.activation_checkpointing else 0.0
-    bubble = (compute + recompute) * (plan.layout.pp - 1) / plan.batch.grad_accum if plan.layout.pp > 1 else 0.0
-    world = plan.layout.world_size
-    link = INTER_NODE if world > GPUS_PER_NODE else gpus.BY_KEY[gpu].link_bytes_s
+    bubble = (compute + recompute) * (lay.pp - 1) / plan.batch.grad_accum if lay.pp > 1 else 0.0
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     offload = 2 * host / PCIE + host / CPU_ADAM  # ZeRO offload: the states cross PCIe and CPU Adam updates them
-    group = plan.layout.zero_degree if plan.layout.zero_degree > 1 else plan.layout.tp  # who gathers
-    moved = max(sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0))
-                    for kind, b in comm.items()) for comm in est["comm_bytes_per_step_per_rank"])
-    parts = {"compute_s": compute, "recompute_s": recompute, "bubble_s": bubble, "communication_s": moved / link,
+    # DeepSpeed overlaps ZeRO's backward traffic where overlap_comm is on (zero/config.py: the default only for
+    # stage 3); the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py
+    # _exec_reduce_grads)
+    overlap = (estimate._zero(plan).get("overlap_comm", plan.zero_stage == 3) and lay.pp == 1)
+    backward = 2 / 3 * compute + recompute
+    window = backward / plan.batch.grad_accum if plan.zero_stage == 1 else backward
+    exposed = 0.0
+    for rank_sources in [estimate.comm_by_source(plan, r) for r in _representative_ranks(plan)]:
+        t = 0.0
+        for source, kinds in rank_sources.items():
+            seconds = _seconds(plan, gpu, source, kinds)
+            t += max(0.0, seconds - window) if source == "zero_backward" and overlap else seconds
+        exposed = max(exposed, t)
+    parts = {"compute_s": compute, "recompute_s": recompute, "bubble_s": bubble, "communication_s": exposed,
              "offload_s": offload}
     return {**parts, "step_s": sum(parts.values())}
+
+
+def _representative_ranks(plan) -> list[int]:
+    """One rank per pipeline stage (the others of a stage move the same bytes)."""
+    return [s * plan.layout.dp for s in range(plan.layout.pp)]
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:

@@ -38,8 +38,19 @@ class Architecture:
     kind: str  # the model class, for messages
 
 
+_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings",
+          "attention_bias", "mlp_bias")
+_seen: dict = {}  # (id, shape numbers) -> the config's JSON: serializing a config is slower than planning with it
+
+
 def architecture(model_config) -> Architecture:
-    return _architecture(model_config.to_json_string())
+    key = (id(model_config), *(getattr(model_config, k, None) for k in _SHAPE))
+    if key not in _seen:
+        if len(_seen) > 64:
+            _seen.clear()
+        _seen[key] = model_config.to_json_string()
+    return _architecture(_seen[key])
 
 
 @functools.lru_cache(maxsize=8)

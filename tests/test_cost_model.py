@@ -1,0 +1,120 @@
+"""The cost model behind bench-plan --recommend (bench/recommend.py): each term against an independent count,
+the published figures it is compared with (docs/results/cost_model.md), and the order it ranks LLaMA 3.1 8B's
+layouts in on one 8-GPU node."""
+import copy
+import os
+import sys
+
+import pytest
+
+from bench import estimate, gpus, recommend
+from bench.plan import plan_layout
+
+GPU = "H100-80GB"
+EIGHT_B = ["--model", "llama3.1-8b", "--init", "random", "--packing", "off"]
+
+
+def _plan(strategy, ds_config, world, *extra, model=EIGHT_B):
+    return plan_layout([*model, "--strategy", strategy, "--ds_config", ds_config, *extra], world, GPU)
+
+
+def _seconds(plan, kinds: dict, group: int, link: float) -> float:
+    """Bytes a rank logs -> seconds on its link, ring bus factors written out again."""
+    factor = {"all_reduce": 2, "reduce_scatter": 1, "all_to_all": 1, "all_gather": group - 1, "send_recv": 0.5}
+    return sum(b * factor[k] for k, b in kinds.items()) / link
+
+
+@pytest.mark.unit
+def test_wave_quantization_counts_the_idle_share_of_the_last_wave():
+    # 8192 x 256 outputs in 128 x 256 tiles: 64 tiles, one wave on 132 SMs that leaves 68 idle
+    assert recommend.wave_efficiency(8192, 256, 132) == pytest.approx(64 / 132)
+    # 8192 x 4096: 1024 tiles, 8 waves of 132 (1056 slots)
+    assert recommend.wave_efficiency(8192, 4096, 132) == pytest.approx(1024 / 1056)
+    assert recommend.wave_efficiency(8192, 256, None) == 1.0  # a GPU whose SMs the catalog does not list
+
+
+@pytest.mark.unit
+def test_narrow_tensor_parallel_shards_compute_slower_and_wait_on_their_all_reduces():
+    args = ("--seq_len", "4096", "--micro_batch_size", "1", "--global_batch_size", "8")
+    dp, tp = _plan("dp", "ds_configs/dp_zero3.json", 8, *args), _plan("tp", "ds_configs/tp8.json", 8, *args)
+    sms = gpus.BY_KEY[GPU].sms
+    assert recommend.gemm_efficiency(tp, sms) < recommend.gemm_efficiency(dp, sms) < 1
+    # one decoder layer's GEMMs at TP 8, 4096 tokens: k and v are 128 wide (half a tile, 32 tiles in one wave)
+    h, f, kv, m = 4096, 14336, 1024 // 8, 4096
+    shapes = [(h // 8, h), (kv, h), (kv, h), (h, h // 8), (f // 8, h), (f // 8, h), (h, f // 8)]  # (n, k)
+    full = {4096: 16, 512: 4, 128: 1, 1792: 7}  # n -> tiles of 256 across
+
+    def waves(n):
+        tiles = (m // 128) * full[n]
+        return m * n / (-(-tiles // sms) * sms * 128 * 256)
+    expected = sum(m * n * k for n, k in shapes) / sum(m * n * k / waves(n) for n, k in shapes)
+    assert recommend.gemm_efficiency(tp, sms) == pytest.approx(expected)
+    est = estimate.estimate(tp, None)
+    parts = recommend.step_breakdown(tp, est, GPU)
+    assert parts["compute_s"] == pytest.approx(est["flops_per_rank_per_step"] / (
+        989e12 * recommend.EFFICIENCY * expected))
+    tp_bytes = estimate.comm_by_source(tp, 0)["tp"]
+    assert parts["communication_s"] >= _seconds(tp, tp_bytes, 8, 450e9) > 0  # on the critical path, all exposed
+
+
+@pytest.mark.unit
+def test_zero_traffic_hides_behind_backward_only_where_deepspeed_overlaps_it():
+    plan = _plan("dp", "ds_configs/dp_zero3.json", 8, "--seq_len", "1024", "--micro_batch_size", "1",
+                 "--global_batch_size", "8")
+    est = estimate.estimate(plan, None)
+    sources = estimate.comm_by_source(plan, 0)
+    assert set(sources) == {"zero_backward", "zero_step"}
+    backward, step = (_seconds(plan, sources[s], 8, 450e9) for s in ("zero_backward", "zero_step"))
+    parts = recommend.step_breakdown(plan, est, GPU)
+    window = 2 / 3 * parts["compute_s"]  # no checkpointing: backward is two thirds of forward + backward
+    assert backward > window  # one micro-batch of 1024 tokens cannot hide a whole 8B model's gathers
+    assert parts["communication_s"] == pytest.approx(backward - window + step)
+    off = copy.copy(plan)
+    off.ds = {**plan.ds, "zero_optimization": {**plan.ds["zero_optimization"], "overlap_comm": False}}
+    assert recommend.step_breakdown(off, est, GPU)["communication_s"] == pytest.approx(backward + step)
+    assert sum(estimate.comm_bytes_per_step(plan, 0).values()) == sum(
+        sum(k.values()) for k in sources.values())  # the split adds up to what the accounting compares with
+
+
+@pytest.mark.unit
+def test_a_pipeline_runs_at_its_slowest_stage():
+    plan = _plan("pp", "ds_configs/pp2.json", 2, "--seq_len", "128", "--micro_batch_size", "1",
+                 "--global_batch_size", "4", model=["--model", "tiny-llama", "--packing", "off", "--peft", "none"])
+    c = plan.model_config
+    # written out: a decoder layer's matmul parameters (q, k, v, o; gate, up, down), 6 FLOPs each per token,
+    # attention 12 x heads x head_dim per (query, key) pair; the head 6 V h, on the last stage
+    hd = c.hidden_size // c.num_attention_heads
+    layer_params = 2 * c.hidden_size * c.num_attention_heads * hd + 2 * c.hidden_size * c.num_key_value_heads * hd \
+        + 3 * c.hidden_size * c.intermediate_size
+    layer = 6 * layer_params + 12 * c.num_attention_heads * hd * 128
+    head = 6 * c.vocab_size * c.hidden_size
+    layers = [len(estimate.stage_of(plan, s)[1]) for s in range(2)]  # ranks 0 and 1: stages 0 and 1 (dp 1)
+    stages = [layers[0] * layer, layers[1] * layer + head]
+    assert recommend.slowest_stage_share(plan) == pytest.approx(max(stages) / (sum(stages) / 2))
+    est = estimate.estimate(plan, None)
+    parts = recommend.step_breakdown(plan, est, GPU)
+    # 1F1B: the slowest stage's micro-batch, (stages - 1) more times
+    assert parts["bubble_s"] == pytest.approx(parts["compute_s"] / plan.batch.grad_accum)
+
+
+@pytest.mark.unit
+def test_the_published_figures_are_predicted_within_thirty_percent():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "measurements"))
+    import cost_model_vs_published as page
+    for what, published, _, world, args in page.PUBLISHED:
+        ratio = page.predicted(args, world)["tokens_per_s_per_gpu"] / published
+        assert 0.7 <= ratio <= 1.3, (what, ratio)
+
+
+@pytest.mark.unit
+def test_zero_layouts_come_first_for_the_8b_model_on_one_node():
+    capacity = gpus.capacity_bytes(GPU)
+    jobs = [("lora", "4096"), ("none", "4096"), ("none", "8192")]  # the peers' fine-tuning and pre-training rows
+    for peft, seq in jobs:
+        rows, _ = recommend.recommend([*EIGHT_B, "--peft", peft, "--seq_len", seq], 8, GPU, capacity, top=1000)
+        first = {s: min(i for i, r in enumerate(rows) if r["strategy"] in s) for s in (("dp",), ("tp",),
+                                                                                   ("pp", "hybrid"))}
+        # ZeRO data parallelism first; at 8192 tokens ZeRO over Ulysses sequence shards (NeMo's recipe: CP 2)
+        assert rows[0]["strategy"] == ("dp" if seq == "4096" else "sp"), (peft, seq, rows[0])
+        if seq == "4096":
+            assert first[("dp",)] < first[("tp",)] and first[("dp",)] < first[("pp", "hybrid")], (peft, first)
