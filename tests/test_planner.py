@@ -51,6 +51,38 @@ def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
+def test_packed_rows_are_planned_as_autograd_saves_them(peft):
+    """A packed micro-batch (one row, position ids restarting per sample, no attention mask: transformers builds
+    the per-sample mask from the position ids) against the bytes its forward saves, at the width it was packed to;
+    and a micro-batch padded to its longest sample planned at that width."""
+    from transformers import AutoModelForCausalLM
+    from bench import data
+    from bench.strategies.common import apply_lora
+    args = ["--peft", peft, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json"]
+    plan = plan_layout([*args, "--packing", "on"], 1)
+    assert plan.collate.mode == "packed"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(plan.model_config, attn_implementation="sdpa")
+    model.config.use_cache = False  # as bench/models.py trains: transformers finds packing only without a cache
+    model = apply_lora(model, plan.cfg) if peft == "lora" else model
+    model.train()
+    batch = plan.collate(plan.train_data, torch.arange(4))  # the first four samples in one row
+    held = {(p.untyped_storage().data_ptr(), "cpu", None) for p in model.parameters()}
+    with ActivationCounter(exclude=held) as counter:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+    rows, width = batch["input_ids"].shape
+    assert rows == 1 and "attention_mask" not in batch
+    assert estimate.activation_bytes(plan, 0, rows, width)["activation_bytes"] == pytest.approx(counter.bytes,
+                                                                                               rel=0.15)
+    longest = plan_layout([*args, "--packing", "off", "--padding", "longest"], 1)
+    padded = longest.collate(longest.train_data, torch.arange(4))
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] < longest.cfg.seq_len
+    rows, width = padded["input_ids"].shape
+    assert estimate.activation_bytes(longest, 0, rows, width)["activation_bytes"] == pytest.approx(
+        _saved_bytes(longest, torch.float32, rows, width), rel=0.15)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_attention_keeps_its_score_matrices(peft, dtype):
     """--attn_implementation eager keeps the fp32 softmax and its copy in the training dtype (the score matrices
