@@ -317,7 +317,6 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     params = opt.setdefault("params", {})
     if cfg.lr is not None or params.get("lr", "auto") == "auto":
         params["lr"] = cfg.lr if cfg.lr is not None else 3e-4
-    from bench.ops import resolve_optimizer
     resolve_optimizer(params, ds)
     # The harness logs to W&B itself; DeepSpeed's monitor would open a second run per rank.
     for monitor in ("wandb", "tensorboard", "csv_monitor", "comet"):
@@ -329,6 +328,17 @@ def resolve_ds_config(cfg: RunConfig, ds: dict, batch: Batch, device_type: str, 
     if remaining:
         raise BenchError(f"ds_config field {remaining} is \"auto\" but the harness cannot resolve it; set a value")
     return ds
+
+
+def resolve_optimizer(params: dict, ds: dict) -> None:
+    """torch_adam "auto": torch's AdamW with fused=True (one kernel per parameter group on GPUs and CPUs, nothing
+    to compile; DeepSpeed passes the remaining params to it: engine.py, get_optimizer_configuration), except under
+    ZeRO offload, whose optimizer is DeepSpeed's CPU Adam wherever it runs (built by install.sh)."""
+    if params.get("torch_adam") != "auto":
+        return
+    params["torch_adam"] = not offloaded(ds)
+    if params["torch_adam"] and "foreach" not in params:
+        params.setdefault("fused", True)
 
 
 def _apply_precision(precision: str, ds: dict, device_type: str, bf16_ok: bool) -> None:

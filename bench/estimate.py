@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from bench import gpus, models
 from bench.config import BenchError, offloaded, precision_of
 from bench.strategies.autotp import tp_splits
-from bench.strategies.common import architecture, parameter_sizes
+from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes
 
 GIB = gpus.GIB
 # The CUDA context, cuBLAS workspaces and NCCL's buffers (a fixed allowance), and the caching allocator's
@@ -87,7 +87,6 @@ def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
     shards by its degree, EP keeps E/ep experts, a pipeline stage its own layers, and a LoRA run trains only the
     adapters."""
     from bench.strategies.autotp import lora_local_sizes, tp_splits
-    from bench.strategies.common import architecture
     lay = plan.layout
     arch = architecture(plan.model_config)
     stage, layers = stage_of(plan, rank)
@@ -204,7 +203,6 @@ def model_states(plan, rank: int) -> dict:
 
 
 def lora_sizes(plan) -> list[int]:
-    from bench.strategies.common import lora_sizes_by_name
     return [n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)] if plan.peft == "lora" else []
 
 
@@ -392,7 +390,6 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
     partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
     if partition is None:  # AutoTP's automatic policy for LLaMA
         return 2, 5, True
-    from bench.strategies.common import architecture
     row = col = 0
     names = [n for n, _ in architecture(plan.model_config).params if ".layers.0." in n]
     for spec in partition.get("layer_specs", []):

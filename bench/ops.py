@@ -114,17 +114,6 @@ def check_ops(ds: dict, device_type: str) -> None:
                              "(torch's fused AdamW, nothing to compile)")
 
 
-def resolve_optimizer(params: dict, ds: dict) -> None:
-    """torch_adam "auto": torch's AdamW with fused=True (one kernel per parameter group on GPUs and CPUs, nothing
-    to compile; DeepSpeed passes the remaining params to it: engine.py, get_optimizer_configuration), except under
-    ZeRO offload, whose optimizer is DeepSpeed's CPU Adam wherever it runs (built by install.sh)."""
-    if params.get("torch_adam") != "auto":
-        return
-    params["torch_adam"] = not offloaded(ds)
-    if params["torch_adam"] and "foreach" not in params:
-        params.setdefault("fused", True)
-
-
 def keep_fp32_grad_norm(engine) -> None:
     """Without ZeRO, fp16 or bf16 (plain data parallelism in fp32) DeepSpeed clips the gradients and drops their norm
     (runtime/engine.py, clip_fp32_gradients), so get_global_grad_norm() stays None; keep the norm its own

@@ -16,7 +16,7 @@ from bench import config, data, data_cache, gpus, metrics, models
 from bench.strategies import STRATEGIES, Strategy
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
-from bench.strategies.common import lora_adapter_params
+from bench.architecture import lora_adapter_params
 
 
 @dataclass
@@ -256,67 +256,3 @@ def check_resume(plan: Plan, world_size: int) -> None:
     if lines:
         raise config.BenchError("\n".join([f"--resume auto: {path} was started with other settings; resuming "
                                            "would mix two experiments (start a new --run_name instead):", *lines]))
-
-
-def main(argv=None) -> int:
-    """bench-plan / python -m bench.plan: bench/run.py's flags plus --world_size N and --gpu NAME (or
-    --gpu_memory_gib X) -> what each rank will hold, move and compute, and whether it fits (bench/estimate.py)."""
-    import contextlib
-    import sys
-    from bench import estimate
-    p = config._Parser(prog="bench-plan", add_help=False)
-    p.add_argument("--world_size", type=int, default=None)
-    p.add_argument("--gpu", default=None)
-    p.add_argument("--gpu_memory_gib", type=float, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--recommend", action="store_true")
-    p.add_argument("--top", type=int, default=20)
-    p.add_argument("-h", "--help", action="store_true")
-    try:
-        opts, rest = p.parse_known_args(argv)
-        if opts.help:
-            print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(gpus.plannable())
-                  + " | --gpu_memory_gib X] [--json] [--recommend [--top N]]\n  the memory, communication and "
-                  "FLOPs each rank of the layout will have, and whether it fits the GPU; --recommend: for the job "
-                  "(--peft none|lora, default none), the shipped layouts that fit, fastest predicted first "
-                  "(docs/planner.md)")
-            return 0
-        if opts.world_size is None or opts.world_size <= 0:
-            raise config.BenchError("bench-plan needs --world_size N > 0: the processes the layout will run on")
-        capacity = estimate.gpu_capacity(opts.gpu, opts.gpu_memory_gib)
-        # DeepSpeed's logger writes to the stdout of its import: import it here, so stdout holds the plan alone
-        # (--json is read by programs)
-        with contextlib.redirect_stdout(sys.stderr):
-            out, code = (_recommend if opts.recommend else _plan)(rest, opts, capacity)
-    except config.BenchError as e:
-        config.print_error(str(e))
-        return 2
-    print(out)
-    return code
-
-
-def _plan(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
-    from bench import estimate
-    # A GPU plan resolves the ds_config as a GPU run would (bf16 "auto" on); without one, as this machine does.
-    plan = plan_layout(rest, opts.world_size, opts.gpu or ("GPU" if capacity is not None else None))
-    est = estimate.estimate(plan, capacity, device="cuda" if capacity is not None else plan.device_type)
-    out = json.dumps(est) if opts.json else plan.table() + "\n" + estimate.format_table(est, opts.gpu)
-    return out, 0 if est["fits"] is not False else 1
-
-
-def _recommend(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
-    from bench import recommend
-    if opts.gpu is None:
-        raise config.BenchError("--recommend needs --gpu NAME (its peak FLOP/s and links set the cost model)")
-    if opts.top <= 0:
-        raise config.BenchError(f"--top must be positive, got {opts.top}")
-    for flag in ("--strategy", "--ds_config", "--micro_batch_size", "--activation_checkpointing"):
-        if flag in rest:
-            raise config.BenchError(f"--recommend chooses {flag} itself; leave it out")
-    rows, notes = recommend.recommend(rest, opts.world_size, opts.gpu, capacity, opts.top)
-    out = json.dumps({"layouts": rows, "assumptions": notes}) if opts.json else recommend.format_rows(rows, notes)
-    return out, 0 if rows else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

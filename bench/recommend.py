@@ -17,8 +17,8 @@ import json
 import math
 import os
 
-from bench import config, estimate, models
-from bench import gpus
+from bench import config, estimate, gpus, models
+from bench.plan import plan_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
 
@@ -178,7 +178,6 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
     and checkpointing vary on copies of one resolved plan (the data's size is checked for micro 1 only). Without
     --global_batch_size every layout gets 8 samples per GPU per step, so micro batches 1-8 fit. Yields plans;
     reasons collects why the others were left out."""
-    from bench.plan import plan_layout
     if "--global_batch_size" not in args:
         args = [*args, "--global_batch_size", str(8 * world)]
     if "--peft" not in args:

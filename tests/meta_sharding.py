@@ -22,7 +22,8 @@ def main(world: int, rank: int, flags: list[str]) -> dict:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from bench import estimate
     from bench.plan import plan_layout
-    from bench.strategies.common import apply_lora, meta_model
+    from bench.architecture import meta_model
+    from bench.strategies.common import apply_lora
     deepspeed.init_distributed(dist_backend="fake")
     plan = plan_layout([*flags, "--init", "random"], world, "H100-80GB")
     model = meta_model(plan.model_config)

@@ -23,7 +23,7 @@ def test_a_meta_model_filled_from_the_checkpoint_is_what_transformers_loads(pres
     """Mixtral's checkpoint keeps one tensor per expert, fused by transformers at load: the reader fuses them the
     same way (and reads only the rows asked for); a tied head is the embedding."""
     from bench import loading, models
-    from bench.strategies.common import meta_model
+    from bench.architecture import meta_model
     path = models.ensure_tiny(preset)
     reference = _from_pretrained(path)
     expected, config = reference.state_dict(), reference.config

@@ -98,7 +98,7 @@ def test_planned_lora_parameters_equal_pefts(name, targets):
     wrapping of the same architecture must add exactly that many."""
     from peft import LoraConfig, get_peft_model
     from bench.config import parse_args
-    from bench.strategies.common import lora_adapter_params, meta_model
+    from bench.architecture import lora_adapter_params, meta_model
     cfg = parse_args(["--lora_r", "4", "--lora_targets", targets])
     config = models.make_config(models.PRESETS[name])
     planned = lora_adapter_params(cfg, config)

@@ -9,7 +9,8 @@ import torch
 from bench import estimate, gpus, models
 from bench.accounting import ActivationCounter
 from bench.config import BenchError
-from bench.plan import check_memory, main as bench_plan, plan_layout
+from bench.plan import check_memory, plan_layout
+from bench.plan_cli import main as bench_plan
 
 pytestmark = pytest.mark.unit
 
@@ -235,7 +236,7 @@ def test_bench_plan_json_is_all_stdout():
     """A program reading --json gets nothing else on stdout (a fresh process: DeepSpeed imported inside)."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "bench.plan", "--world_size", "2", "--gpu", "H100-80GB",
+    out = subprocess.run([sys.executable, "-m", "bench.plan_cli", "--world_size", "2", "--gpu", "H100-80GB",
                           "--strategy", "tp", "--ds_config", "ds_configs/tp2.json", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 from bench.config import BenchError, zero_stage
-from bench.models import is_moe
+from bench.models import count_params_from_config, is_moe
 from bench.strategies import autotp
 from bench.strategies.common import ModelParallel, reject_foreign_sections
 
@@ -75,9 +75,19 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
                              f"({', '.join(sorted(NON_EXPERT_TARGETS))})")
 
 
+def experts_not_held(plan) -> int:
+    """Expert elements a rank does not hold: each keeps E / ep of every layer's experts."""
+    c = count_params_from_config(plan.model_config)
+    experts = c["layers"] * c["layer"]["experts"] * c["layer"]["mlp"]
+    return experts - experts // plan.layout.ep
+
+
 class AutoEP(ModelParallel):
     """deepspeed.initialize swaps in the expert-parallel MoE layers from the ds_config (prepare: nothing)."""
     name, default_peft = "ep", "none"
+
+    def params_not_held(self, plan) -> int:
+        return experts_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         reject_foreign_sections("ep", ds, allowed=("expert_parallel",))
@@ -95,6 +105,9 @@ class AutoEP(ModelParallel):
 class AutoTPxEP(AutoEP, autotp.AutoTP):
     """AutoEP's preparation, AutoTP's initialization (LoRA following its split), both sets of checks."""
     name, default_peft = "tp_ep", "none"
+
+    def params_not_held(self, plan) -> int:
+        return autotp.tp_params_not_held(plan) + experts_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         reject_foreign_sections("tp_ep", ds, allowed=("expert_parallel", "tensor_parallel"))

@@ -12,7 +12,8 @@ import copy
 import re
 
 from bench.config import BenchError, zero_stage
-from bench.strategies.common import ModelParallel, architecture, lora_sizes_by_name, reject_foreign_sections
+from bench.architecture import architecture, lora_sizes_by_name
+from bench.strategies.common import ModelParallel, reject_foreign_sections
 from bench.strategies.tp_lora import adapters_follow_autotp
 
 MOE_ATTENTION_ONLY = {
@@ -128,6 +129,9 @@ def lora_local_sizes(plan) -> list[tuple[str, int]]:
 class AutoTP(ModelParallel):
     """deepspeed.initialize shards the model from the ds_config (prepare: nothing)."""
     name, default_peft = "tp", "none"
+
+    def params_not_held(self, plan) -> int:
+        return tp_params_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         reject_foreign_sections("tp", ds, allowed=("tensor_parallel",))

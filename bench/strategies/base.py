@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 
+from bench.architecture import parameter_sizes
+
 
 class Strategy:
     name: str = ""
@@ -50,7 +52,6 @@ class Strategy:
         """Parameters each rank will hold once deepspeed.initialize has run (what summary.json's params.per_rank
         records), predicted from the architecture: every rank holds the whole model, or its ZeRO-3 partition of
         each parameter (ceil(n / world), DeepSpeed pads every parameter to a multiple of the world)."""
-        from bench.strategies.common import parameter_sizes
         world = plan.layout.world_size
         if plan.zero_stage == 3:
             return [sum(-(-n // world) for n in parameter_sizes(plan))] * world

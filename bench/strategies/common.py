@@ -1,9 +1,7 @@
 """Pieces several strategies share: LoRA wrapping, the parameter summary and the model-parallel sharding record."""
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
+from bench.architecture import target_names
 from bench.config import BenchError
 from bench.strategies.base import Strategy
 
@@ -17,95 +15,6 @@ def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> Non
         if section in ds and section not in allowed:
             raise BenchError(f"--strategy {strategy} got a ds_config with a '{section}' section; "
                              f"that layout belongs to a {owner} strategy: remove the section or change --strategy")
-
-
-def meta_model(model_config):
-    """The architecture on the meta device: names and shapes without allocating a byte (a fresh model: callers
-    may wrap or change it)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the planner reads from the meta model, built once per architecture (the planner asks per rank):
-    every parameter's (name, numel) in module order, the input embedding's name, and every module's (name,
-    leaf name, (in, out) of a linear or embedding layer, else None)."""
-    params: tuple
-    modules: tuple
-    kind: str  # the model class, for messages
-
-
-_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-          "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings",
-          "attention_bias", "mlp_bias")
-_seen: dict = {}  # (id, shape numbers) -> the config's JSON: serializing a config is slower than planning with it
-
-
-def architecture(model_config) -> Architecture:
-    key = (id(model_config), *(getattr(model_config, k, None) for k in _SHAPE))
-    if key not in _seen:
-        if len(_seen) > 64:
-            _seen.clear()
-        _seen[key] = model_config.to_json_string()
-    return _architecture(_seen[key])
-
-
-@functools.lru_cache(maxsize=8)
-def _architecture(config_json: str) -> Architecture:
-    import json
-    from transformers import AutoConfig
-    d = json.loads(config_json)
-    model = meta_model(AutoConfig.for_model(d.pop("model_type"), **d))
-    params = tuple((n, p.numel()) for n, p in model.named_parameters())
-    modules = tuple((n, n.rsplit(".", 1)[-1], _in_out(m)) for n, m in model.named_modules())
-    return Architecture(params, modules, type(model).__name__)
-
-
-def _target_names(cfg) -> list[str]:
-    return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-
-
-def lora_adapter_params(cfg, model_config) -> int:
-    """The --lora_targets names checked against the architecture; -> the adapter parameters peft will add,
-    r x (in + out) per wrapped linear layer (counted on the meta device, before any weight exists)."""
-    targets = _target_names(cfg)
-    arch = architecture(model_config)
-    present = {leaf for _, leaf, _ in arch.modules}
-    missing = [t for t in targets if t not in present]
-    if not targets or missing:
-        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in {arch.kind}")
-    unsupported = sorted({leaf for _, leaf, io in arch.modules if leaf in targets and io is None})
-    if unsupported:
-        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: {unsupported} are neither linear nor embedding "
-                         f"layers in {arch.kind}; LoRA wraps those only")
-    return sum(n for _, n in lora_sizes_by_name(cfg, model_config))
-
-
-def _in_out(module) -> tuple[int, int] | None:
-    """(in, out) sizes of the layer a LoRA adapter (A: r x in, B: out x r) wraps."""
-    if hasattr(module, "in_features"):
-        return module.in_features, module.out_features
-    if hasattr(module, "num_embeddings"):
-        return module.num_embeddings, module.embedding_dim
-    return None
-
-
-def lora_sizes_by_name(cfg, model_config) -> list[tuple[str, int]]:
-    """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds, in order."""
-    targets, r, sizes = _target_names(cfg), cfg.lora_r, []
-    for name, leaf, (n_in, n_out) in ((n, leaf, io) for n, leaf, io in architecture(model_config).modules
-                                      if leaf in targets):
-        sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]
-    return sizes
-
-
-def parameter_sizes(plan) -> list[int]:
-    """numel of every parameter the model will have, LoRA's A and B included, from the meta device."""
-    sizes = [n for _, n in architecture(plan.model_config).params]
-    return sizes + ([n for _, n in lora_sizes_by_name(plan.cfg, plan.model_config)] if plan.peft == "lora" else [])
 
 
 def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
@@ -135,7 +44,7 @@ def apply_lora(model, cfg):
     are drawn per name (bench/loading.py), the same whatever device or strategy holds them."""
     from peft import LoraConfig, get_peft_model
     from bench.loading import init_adapters
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_target_names(cfg),
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=target_names(cfg),
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     init_adapters(model, cfg.seed)
@@ -211,20 +120,16 @@ class ModelParallel(Strategy):
         return format_sharding(sections["sharding"])
 
     def params_per_rank(self, plan) -> list[int]:
-        """The whole model minus what tensor parallelism splits (weights the ds_config's TP shards and LoRA's
-        adapters on them: /tp) and what expert parallelism distributes (experts: E/ep per rank)."""
-        from bench.models import count_params_from_config
-        from bench.strategies.autotp import tp_params_not_held
-        c, lay = count_params_from_config(plan.model_config), plan.layout
-        if lay.tp == 1 and lay.ep == 1:  # nothing split this way (sequence parallelism alone): ZeRO's share
+        """The whole model minus what this layout's dimensions split off each rank (params_not_held); ZeRO's
+        share where they split nothing (sequence parallelism alone)."""
+        not_held = self.params_not_held(plan)
+        if not not_held:
             return super().params_per_rank(plan)
-        held = plan.total_params
-        if lay.tp > 1:
-            held -= tp_params_not_held(plan)
-        if lay.ep > 1:
-            experts = c["layers"] * c["layer"]["experts"] * c["layer"]["mlp"]
-            held -= experts - experts // lay.ep
-        return [held] * lay.world_size
+        return [plan.total_params - not_held] * plan.layout.world_size
+
+    def params_not_held(self, plan) -> int:
+        """Elements of the model a rank does not hold because this strategy's dimensions split them."""
+        return 0
 
 
 def experts_per_rank(module) -> int | None:

@@ -18,7 +18,7 @@ import math
 
 from bench.config import BenchError, zero_stage
 from bench.models import is_moe
-from bench.strategies.autoep import allow_frozen_experts, check_ep, with_peft_names
+from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
 from bench.strategies.base import EngineRunner
 from bench.strategies.common import ModelParallel, reject_foreign_sections
 from bench.strategies.zero import check_stage
@@ -53,6 +53,9 @@ def check_sp(cfg, ds: dict, layout, model_config) -> None:
 class SequenceParallel(ModelParallel):
     """Ulysses alone, or with AutoEP for MoE models (its groups folded over the SP ranks: world = dp x sp)."""
     name, default_peft = "sp", "none"
+
+    def params_not_held(self, plan) -> int:  # the cross term: AutoEP's groups folded over the SP ranks
+        return experts_not_held(plan) if plan.layout.ep > 1 else 0
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         check_sp(cfg, ds, layout, model_config)
