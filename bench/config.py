@@ -194,6 +194,17 @@ def load_ds_config(path: str) -> dict:
 
 
 @dataclass(frozen=True)
+class Coords:
+    """Where one rank sits in its layout (Layout.coords)."""
+    stage: int        # pipeline stage
+    data: int         # data stream: which micro-batches it reads (0 .. Layout.data_parallel - 1)
+    zero: int         # place in the group ZeRO splits dense parameters over (0 .. Layout.zero_degree - 1)
+    expert_data: int  # place among the ranks holding the same experts (0 .. world / ep - 1)
+    tp: int           # place in its tensor-parallel group
+    sp: int           # place in its sequence-parallel group
+
+
+@dataclass(frozen=True)
 class Layout:
     """How WORLD_SIZE splits: world = dp * tp * ep * pp * sp, DP being the remainder.
 
@@ -230,10 +241,20 @@ class Layout:
         parallelism every rank (DeepSpeed's sequence-data-parallel group)."""
         return self.data_parallel * self.sp
 
-    def data_rank(self, rank: int) -> int:
-        if self.pp > 1:  # DeepSpeed's PipeDataParallelTopology: rank = stage * dp + data rank
-            return rank % self.dp
-        return rank // (self.tp * self.sp)
+    def coords(self, rank: int) -> Coords:
+        """The one place rank topology is computed. Pipeline stages are outermost (DeepSpeed's
+        PipeDataParallelTopology: rank = stage * dp + data rank). Otherwise the ranks of one TP group, or of one
+        SP group, are consecutive (DeepSpeed's (data, tensor) mesh; Ulysses' sequence groups), and so are the
+        ranks of one expert group: a rank's expert-data-parallel partners sit ep apart."""
+        if self.pp > 1:
+            stage, data = divmod(rank, self.dp)
+            return Coords(stage=stage, data=data, zero=data, expert_data=rank // self.ep, tp=0, sp=0)
+        return Coords(stage=0, data=rank // (self.tp * self.sp), zero=(rank // self.tp) % self.zero_degree,
+                      expert_data=rank // self.ep, tp=rank % self.tp, sp=rank % self.sp)
+
+    def stage_ranks(self, stage: int) -> range:
+        """The ranks of one pipeline stage (coords' inverse)."""
+        return range(stage * self.dp, (stage + 1) * self.dp)
 
     @staticmethod
     def from_ds_config(ds: dict, world_size: int) -> "Layout":

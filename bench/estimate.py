@@ -66,7 +66,7 @@ def stage_of(plan, rank: int) -> tuple[int, set | None]:
     if lay.pp == 1:
         return 0, None
     from bench.strategies.pipeline import stage_bounds
-    stage = rank // lay.dp
+    stage = lay.coords(rank).stage
     b = stage_bounds(plan)
     # partition positions: 0 is the embedding, 1..L the decoder layers, then the norm and head (pipeline.py)
     return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
@@ -113,10 +113,10 @@ def groups(plan, rank: int) -> list[Group]:
     """The parameter groups ZeRO flattens on this rank (dense and, under EP, expert parameters)."""
     lay = plan.layout
     dense, expert = _local_sizes(plan, rank)
-    dp_index = (rank // lay.tp) % lay.zero_degree if lay.pp == 1 else rank % lay.dp
-    out = [Group(dense, lay.zero_degree, dp_index)]
+    at = lay.coords(rank)
+    out = [Group(dense, lay.zero_degree, at.zero)]
     if expert:  # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
-        out.append(Group(expert, lay.world_size // lay.ep, rank // lay.ep))
+        out.append(Group(expert, lay.world_size // lay.ep, at.expert_data))
     return out
 
 
@@ -473,7 +473,7 @@ def comm_by_source(plan, rank: int) -> dict:
         add("all_gather", accum * L * tokens * 8)
     source = "pp"
     if lay.pp > 1:
-        stage = rank // lay.dp
+        stage = lay.coords(rank).stage
         sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
         add("send_recv", accum * 2 * sends * bsh * w)  # each one sent here and received there: logged twice
         if plan.model_config.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
@@ -560,7 +560,7 @@ def _in_flight(plan) -> list[int]:
     lay = plan.layout
     if lay.pp == 1:
         return [1] * lay.world_size
-    return [min(lay.pp - r // lay.dp, plan.batch.grad_accum) for r in range(lay.world_size)]
+    return [min(lay.pp - lay.coords(r).stage, plan.batch.grad_accum) for r in range(lay.world_size)]
 
 
 def suggestions(plan) -> list[str]:

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 GIB = 2 ** 30
+GPUS_PER_NODE = 8  # an HGX/DGX node: where the sweep splits nodes and the cost model leaves NVLink
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shippe
 # FLOP count, NeMo's Transformer Engine runs 58-68 %; 0.5 sits between them. An assumption, not a measurement of
 # this harness on a GPU.
 EFFICIENCY = 0.50
-GPUS_PER_NODE = 8
 # Within a node each GPU's link from bench/gpus.py (NVLink, one direction); between nodes a 400 Gb/s InfiniBand NIC
 # per GPU.
 INTER_NODE = 50e9
@@ -48,7 +47,7 @@ def peak_tflops(gpu: str) -> float:
 
 
 def assumptions(gpu: str, world: int) -> list[str]:
-    inter = world > GPUS_PER_NODE
+    inter = world > gpus.GPUS_PER_NODE
     link = gpus.BY_KEY[gpu].link_bytes_s
     sms = gpus.BY_KEY[gpu].sms
     return [f"compute at {EFFICIENCY:.0%} of {gpu}'s bf16 peak ({peak_tflops(gpu)} TFLOP/s) for GEMMs that fill "
@@ -102,7 +101,7 @@ def slowest_stage_share(plan) -> float:
     per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
     head = (6 if plan.lora_params is None else 4) * c.vocab_size * c.hidden_size  # forward + backward per token
     layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
-    stages = [len(estimate.stage_of(plan, s * lay.dp)[1]) * layer + (head if s == lay.pp - 1 else 0)
+    stages = [len(estimate.stage_of(plan, lay.stage_ranks(s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
               for s in range(lay.pp)]
     return max(stages) / (sum(stages) / lay.pp)
 
@@ -112,7 +111,7 @@ def _link(plan, gpu: str, source: str) -> float:
     span every data-parallel rank and pipeline neighbours sit data-parallel-degree ranks apart."""
     lay = plan.layout
     span = {"tp": lay.tp, "ep": lay.ep, "sp": lay.sp, "pp": lay.dp * 2}.get(source, lay.world_size)
-    return gpus.BY_KEY[gpu].link_bytes_s if span <= GPUS_PER_NODE else INTER_NODE
+    return gpus.BY_KEY[gpu].link_bytes_s if span <= gpus.GPUS_PER_NODE else INTER_NODE
 
 
 def _seconds(plan, gpu: str, source: str, kinds: dict) -> float:
@@ -155,7 +154,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
 
 def _representative_ranks(plan) -> list[int]:
     """One rank per pipeline stage (the others of a stage move the same bytes)."""
-    return [s * plan.layout.dp for s in range(plan.layout.pp)]
+    return [plan.layout.stage_ranks(s)[0] for s in range(plan.layout.pp)]
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:

@@ -347,7 +347,7 @@ class Session:
 
     def _make_trainer(self, engine, device) -> Trainer:
         cfg, p = self.cfg, self.plan
-        dp, dp_rank = p.layout.data_parallel, p.layout.data_rank(self.env.rank)
+        dp, dp_rank = p.layout.data_parallel, p.layout.coords(self.env.rank).data
         batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed, p.collate)
         val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches, p.collate)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None

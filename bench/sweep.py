@@ -24,10 +24,10 @@ import time
 
 from bench.config import print_error
 from bench.distributed import free_port
+from bench.gpus import GPUS_PER_NODE
 from bench.loggers import read_records
 from bench.liveness import run_state
 
-GPUS_PER_NODE = 8
 SBATCH = """#!/bin/bash
 #SBATCH --job-name={name}
 #SBATCH --nodes={nodes}

@@ -67,18 +67,18 @@ def test_layout_factors():
     ep = {"enabled": True, "autoep_size": 2}
     lay = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": ep}, 8)
     assert (lay.dp, lay.tp, lay.ep, lay.pp) == (2, 2, 2, 1) and lay.world_size == 8
-    assert lay.data_parallel == 4 and [lay.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert lay.data_parallel == 4 and [lay.coords(r).data for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     # DeepSpeed ignores an expert_parallel section that is not enabled
     assert Layout.from_ds_config({"expert_parallel": {"autoep_size": 2}}, 8) == Layout(dp=8)
     pipe = Layout.from_ds_config({"pipeline": {"stages": 2}}, 4)  # stages are the outer rank axis
-    assert (pipe.dp, pipe.pp) == (2, 2) and [pipe.data_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert (pipe.dp, pipe.pp) == (2, 2) and [pipe.coords(r).data for r in range(4)] == [0, 1, 0, 1]
     assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1)*sp(1) = 8"
     with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\)\*sp\(1\) != WORLD_SIZE\(6\)"):
         Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
     # sequence parallelism: consecutive ranks share the data, ZeRO spans them all
     seq = Layout.from_ds_config({"sequence_parallel_size": 2}, 8)
     assert (seq.dp, seq.sp, seq.data_parallel, seq.zero_degree) == (4, 2, 4, 8)
-    assert [seq.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [seq.coords(r).data for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):
@@ -103,3 +103,24 @@ def test_readme_documents_every_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f.name for f in fields(RunConfig) if f"`--{f.name}`" not in readme]
     assert not missing, f"flags missing from the README's flag table: {missing}"
+
+
+def test_coords_are_deepspeeds_own_rank_topology():
+    """Layout.coords against DeepSpeed's topology objects: the pipeline's (stage, data) grid, and the expert
+    groups (consecutive ranks, so expert-data-parallel partners sit ep apart)."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
+    pipe = Layout.from_ds_config({"pipeline": {"stages": 4}}, 8)
+    topo = PipeDataParallelTopology(num_pp=4, num_dp=2)
+    for rank in range(8):
+        at, theirs = pipe.coords(rank), topo.get_coord(rank)
+        assert (at.stage, at.data, at.zero) == (theirs.pipe, theirs.data, theirs.data)
+    assert [list(pipe.stage_ranks(s)) for s in range(4)] == [topo.filter_match(pipe=s) for s in range(4)]
+    tp = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 8)
+    mesh = ProcessTopology(axes=["data", "model"], dims=[2, 4])  # DeepSpeed's (data, tensor) mesh
+    for rank in range(8):
+        assert (tp.coords(rank).data, tp.coords(rank).tp) == tuple(mesh.get_coord(rank))
+    ep = Layout.from_ds_config({"expert_parallel": {"enabled": True, "autoep_size": 2}}, 8)
+    experts = ProcessTopology(axes=["expert_data", "expert"], dims=[4, 2])
+    for rank in range(8):
+        assert ep.coords(rank).expert_data == experts.get_coord(rank).expert_data
+        assert ep.coords(rank).zero == ep.coords(rank).data == rank  # every rank its own stream for dense weights

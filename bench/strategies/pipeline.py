@@ -268,7 +268,7 @@ class Pipeline(Strategy):
         full, _ = _layer_params(plan, c)
         bounds = stage_bounds(plan)
         per_stage = [sum(full[bounds[s]:bounds[s + 1]]) for s in range(plan.layout.pp)]
-        return [per_stage[rank // plan.layout.dp] for rank in range(plan.layout.world_size)]
+        return [per_stage[plan.layout.coords(rank).stage] for rank in range(plan.layout.world_size)]
 
 
 def _layer_params(plan, c) -> tuple[list[int], list[int]]:
@@ -314,7 +314,7 @@ def pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:
     (stage, data) with the stage as the outer axis, as DeepSpeed's PipeDataParallelTopology numbers them."""
     stages = []
     for s in range(layout.pp):
-        ranks = range(s * layout.dp, (s + 1) * layout.dp)
+        ranks = layout.stage_ranks(s)
         # no timed step (a run no longer than the untimed ones): nothing measured
         idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks] if res.busy_s else None
         stages.append({"stage": s, "ranks": list(ranks), "params": per_rank[ranks[0]]["total"],

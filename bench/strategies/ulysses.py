@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 
 from bench.config import BenchError, zero_stage
+from bench.data import IGNORE
 from bench.models import is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
 from bench.strategies.base import EngineRunner
 from bench.strategies.common import ModelParallel, reject_foreign_sections
 from bench.strategies.zero import check_stage
 
-IGNORE = -100
 
 
 def check_sp(cfg, ds: dict, layout, model_config) -> None:
