@@ -161,7 +161,7 @@ def model_states(plan, rank: int) -> dict:
         params += sum(-(-n // world) + (n if n <= threshold else 0) for n in lora_sizes(plan)) * \
             (_adapter_width(plan) - w)
         optimizer = part3 * 8  # Adam's two fp32 states
-        # gradients as bench/accounting.py finds them (measured, tests/test_zero.py and test_bf16.py): in fp32 the
+        # gradients as bench/accounting.py finds them (measured, tests/integration/test_zero.py and test_bf16.py): in fp32 the
         # reduce-scatter target and the averaged partition; in bf16 one bf16 buffer and the fp32 master
         # partition, which stage3.py keeps outside the inner optimizer's param_groups (fp32 training updates
         # the partition itself: no master)
@@ -461,7 +461,7 @@ def comm_by_source(plan, rank: int) -> dict:
         if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
             add("all_gather", accum * L * 2 * bsh // lay.tp * w)
             # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh), in
-            # fp32 even in bf16 (measured: tests/test_bf16.py); with the experts trained, one more bsh-sized
+            # fp32 even in bf16 (measured: tests/integration/test_bf16.py); with the experts trained, one more bsh-sized
             # reduction in the training dtype, measured (the data-dependent part: ~8 %)
             add("all_reduce", accum * L * (3 * bsh * 4 + (0 if plan.peft == "lora" else bsh * w)))
     source = "sp"

@@ -58,7 +58,7 @@ PRESETS = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), tiny=True),
 }
 # The tiny presets with the LM head tied to the embedding, as LLaMA 3.2 1B/3B and most small models ship: the
-# tied-embedding parity suite (tests/test_tied_embeddings.py) runs the strategies on them.
+# tied-embedding parity suite (tests/integration/test_tied_embeddings.py) runs the strategies on them.
 for _name in ("tiny-llama", "tiny-mixtral"):
     PRESETS[f"{_name}-tied"] = Preset(PRESETS[_name].model_type, {**PRESETS[_name].arch, "tie_word_embeddings": True},
                                       tiny=True)

@@ -158,7 +158,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     t0 = time.time()
     if cfg.strategy not in STRATEGIES:
         raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[cfg.strategy]
+    strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
     ds_raw = config.load_ds_config(cfg.ds_config)
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     layout = config.Layout.from_ds_config(ds_raw, world)

@@ -113,7 +113,7 @@ def main():
         "| micro batch | seq | fine-tune | predicted MiB | counted MiB | error |", "|---|---|---|---|---|---|",
         *act_rows, "",
         "Not shown: anything on a GPU (bf16 on the GPU, the allocator's peak, the CUDA allowance). The bf16 "
-        "activation formula is checked on the CPU against autograd's saved bytes (tests/test_planner.py).",
+        "activation formula is checked on the CPU against autograd's saved bytes (tests/unit/test_planner.py).",
     ]
     write_page(lines, opts.out)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints, one per line, the Debian packages the tests need whose commands are not on PATH; nothing when all are
 # present. Each dependency is checked on its own, so a machine that already has SLURM still gets Chromium.
-# Used by install.sh --with-test-deps; tests/test_install.py runs it with stand-in commands on PATH.
+# Used by install.sh --with-test-deps; tests/unit/test_install.py runs it with stand-in commands on PATH.
 #   command(s) the tests run      package
 deps=(
     "slurmctld                     slurmctld"

@@ -1,22 +1,16 @@
-"""Helpers that start the harness as real processes, under the launchers users use."""
+"""Fixtures and collection rules. Tests live in tests/unit/ (in-process: formulas, parsers, refusals, records;
+marked unit) and tests/integration/ (real launches, SLURM, the browser); what they share is tests/support/."""
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from bench.distributed import free_port
+from support import PARITY_ARGS, LaunchGuard, run_many
+from support.bad_input import write_bad_files
 
-REPO = Path(__file__).resolve().parents[1]
 KINDS = ("unit", "multiproc", "cluster", "browser")  # registered in setup.cfg
-_in_unit_test = False
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,163 +19,18 @@ def pytest_collection_modifyitems(config, items):
                 if len(kinds := {m.name for m in item.iter_markers()} & set(KINDS)) != 1]
     if unmarked:
         raise pytest.UsageError(f"tests need exactly one of the markers {KINDS}: " + "; ".join(unmarked))
+    # the folder is the tier: tests/unit/ holds the unit tests and nothing else
+    misplaced = [item.nodeid for item in items
+                 if ("/unit/" in f"/{item.nodeid}") != (item.get_closest_marker("unit") is not None)]
+    if misplaced:
+        raise pytest.UsageError("unit tests live in tests/unit/ and nothing else does: " + "; ".join(misplaced))
 
 
 @pytest.fixture(autouse=True)
 def _unit_tests_launch_nothing(request):
-    global _in_unit_test
-    _in_unit_test = request.node.get_closest_marker("unit") is not None
+    LaunchGuard.in_unit_test = request.node.get_closest_marker("unit") is not None
     yield
-    _in_unit_test = False
-
-
-class Result:
-    def __init__(self, returncode: int, output: str, out_dir: Path):
-        self.returncode, self.output, self.out_dir = returncode, output, out_dir
-        dirs = sorted(p for p in out_dir.iterdir() if p.is_dir()) if out_dir.exists() else []
-        self.run_dirs = dirs
-        self.run_dir = dirs[0] if len(dirs) == 1 else None
-
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
-
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.records()]
-
-    def wandb_records(self) -> list[dict]:
-        """The run's one offline W&B run, read back with wandb's own transaction-log reader."""
-        files = list((self.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-        assert len(files) == 1, "rank 0 alone writes one W&B run"
-        out = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json",
-                              str(files[0])], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-    def wandb_summary(self) -> dict:
-        summary = {}
-        for r in self.wandb_records():
-            if r["type"] == "summary":
-                summary.update(r["summary"].get("update", {}))
-        return summary
-
-
-def run_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python", timeout: int = 300,
-              env: dict | None = None) -> Result:
-    """launcher: python (world 1), deepspeed, torchrun, accelerate (accelerate launch), or srun-env (N plain
-    processes given only the SLURM_* variables srun sets, as under `srun python bench/run.py`)."""
-    return finish(start_bench(out_dir, *args, nprocs=nprocs, launcher=launcher, env=env), out_dir, timeout)
-
-
-def start_bench(out_dir: Path, *args: str, nprocs: int = 1, launcher: str = "python",
-                env: dict | None = None, port: int | None = None, only_ranks: list | None = None,
-                own_session: bool = False) -> list:
-    """The processes of one run, started and not waited for (the srun-env launcher gives one per rank;
-    only_ranks starts some of them, as if the others never came). port: the rendezvous port (default: a free
-    one). own_session: the launch gets its own process group, which a test can signal as a terminal's Ctrl-C
-    signals the foreground job."""
-    assert not _in_unit_test, "a test marked unit must not launch runs; mark it multiproc"
-    argv = ["bench/run.py", "--output_dir", str(out_dir), "--wandb_mode", "disabled", *args]
-    # A test run inside a SLURM job or a launcher must not leak its own rank variables into the runs.
-    inherited = {k: v for k, v in os.environ.items()
-                 if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
-    port = str(port or free_port())
-    if launcher == "python":
-        cmds = [[sys.executable, *argv]]
-    elif launcher == "deepspeed":
-        cmds = [[sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                 "--master_port", port, *argv]]
-    elif launcher == "torchrun":
-        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
-                 "--master_port", port, *argv]]
-    elif launcher == "accelerate":  # accelerate launch drives torchrun: the same agent-hosted store
-        cmds = [[str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
-                 str(nprocs), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", port, *argv]]
-    elif launcher == "srun-env":
-        cmds = [[sys.executable, *argv] for _ in range(nprocs)]
-    else:
-        raise ValueError(launcher)
-    procs = []
-    for i, cmd in enumerate(cmds):
-        if only_ranks is not None and i not in only_ranks:
-            continue
-        e = dict(full_env)
-        if launcher == "srun-env":
-            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-                e.pop(k, None)
-            e.update(SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NTASKS=str(nprocs),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a long run cannot block on a full pipe
-        # SIGINT back to its default: a test run in the background starts with it ignored, and so would the run.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=own_session,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        proc.log = log
-        procs.append(proc)
-    return procs
-
-
-def finish(procs: list, out_dir: Path, timeout: int = 300) -> Result:
-    outputs, code = [], 0
-    for p in procs:
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        p.log.seek(0)
-        outputs.append(p.log.read())
-        p.log.close()
-        code = code or p.returncode
-    return Result(code, "\n".join(outputs), out_dir)
-
-
-def wait_for_steps(out_dir: Path, procs: list, n: int, timeout: float = 120) -> None:
-    """Until the run under out_dir has recorded n steps (while its processes are still alive)."""
-    t0 = time.time()
-    while True:
-        files = list(out_dir.glob("*/metrics.jsonl"))
-        if files and len(files[0].read_text().splitlines()) >= n:
-            return
-        assert all(p.poll() is None for p in procs), "the run ended before reaching that step"
-        assert time.time() - t0 < timeout, f"no step {n} in {out_dir} after {timeout} s"
-        time.sleep(0.1)
-
-
-def run_many(runs: dict, parallel: int = 2, timeout: int = 400) -> dict:
-    """{name: (out_dir, args, options for start_bench)} -> {name: Result}, at most `parallel` launches at a time.
-    Most of a tiny run is single-threaded start-up (imports), which leaves a core idle; two launches overlap.
-    Runs whose results are compared never depend on each other's timing, only on their numbers."""
-    results, pending, active = {}, list(runs.items()), []
-    while pending or active:
-        while pending and len(active) < parallel:
-            name, (out_dir, args, opts) = pending.pop(0)
-            active.append((name, out_dir, start_bench(out_dir, *args, **opts)))
-        name, out_dir, procs = active.pop(0)
-        results[name] = finish(procs, out_dir, timeout)
-    return results
-
-
-def layout_args(strategy: str, config: str) -> tuple[str, ...]:
-    """--strategy and its shipped ds_config."""
-    return "--strategy", strategy, "--ds_config", f"ds_configs/{config}.json"
-
-
-def run_suite(root: Path, runs: dict) -> dict:
-    """{name: (arguments, processes, reference)} -> their results: one process plainly, several srun-style."""
-    return run_many({name: (root / name, args, {"nprocs": n, "launcher": "srun-env" if n > 1 else "python"})
-                     for name, (args, n, _) in runs.items()})
-
-
-def assert_ok(res: Result) -> None:
-    assert res.returncode == 0, res.output[-4000:]
-    assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
+    LaunchGuard.in_unit_test = False
 
 
 # What a launcher or bench.distributed.discover() sets in the environment.
@@ -222,17 +71,6 @@ def refuse(launch_env, capfd, tmp_path):
     return run
 
 
-def planned_params_per_rank(*args: str, world: int) -> list[int]:
-    """What a dry run of these arguments predicts each rank will hold (resolved in this process)."""
-    from bench.plan import plan_layout
-    plan = plan_layout(list(args), world)
-    return plan.strategy.params_per_rank(plan)
-
-
-PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1",
-               "--global_batch_size", "4", "--micro_batch_size", "2", "--seq_len", "128", "--eval_interval", "0")
-
-
 @pytest.fixture(scope="session")
 def zero_runs(tmp_path_factory):
     """The same model, data and global batch of 4: one process (grad_accum 2) and two processes under
@@ -252,28 +90,9 @@ def zero_runs(tmp_path_factory):
     return runs
 
 
-def assert_plan_matches(summary: dict, comm_rel: float = 0.05) -> None:
-    """The planner's prediction recorded before launch (summary.memory_plan) against what the run counted
-    (summary.accounting), rank by rank: model states within 2 %, activations within 15 % and communication per
-    step within comm_rel (both as the mean over ranks: expert routing differs between ranks)."""
-    plan, measured = summary["memory_plan"]["per_rank"], summary["accounting"]["per_rank"]
-    assert len(plan) == len(measured) == summary["world_size"]
-    for p, m in zip(plan, measured):
-        for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes"):
-            if m[key] is not None:  # pipeline stages count model states only
-                assert p[key] == pytest.approx(m[key], rel=0.02, abs=64), (key, p["rank"], p[key], m[key])
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    if measured[0]["activation_bytes"] is not None:  # one micro-batch's (a pipeline stage holds several)
-        assert mean([p["activation_bytes"] / p["micro_batches_in_flight"] for p in plan]) == pytest.approx(
-            mean([m["activation_bytes"] for m in measured]), rel=0.15)
-    if measured[0]["logits_bytes"] is not None:
-        assert [p["logits_bytes"] for p in plan] == [m["logits_bytes"] for m in measured]
-    if measured[0]["comm_bytes_per_step"] is not None:
-        predicted = summary["memory_plan"]["comm_bytes_per_step_per_rank"]
-        counted = [m["comm_bytes_per_step"] for m in measured]
-        total = mean([sum(c.values()) for c in counted])
-        assert mean([sum(c.values()) for c in predicted]) == pytest.approx(total, rel=comm_rel), (predicted, counted)
-        for kind in {k for c in counted for k in c}:
-            got = mean([c.get(kind, 0) for c in counted])
-            if got > 0.05 * total:  # every kind that matters
-                assert mean([c.get(kind, 0) for c in predicted]) == pytest.approx(got, rel=comm_rel), (kind, predicted)
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """The files tests/support/bad_input.py's cases name as {d}/...: written once per test module."""
+    d = tmp_path_factory.mktemp("bad")
+    write_bad_files(d)
+    return d

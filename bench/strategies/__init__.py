@@ -1,5 +1,6 @@
-"""Strategy registry: --strategy name -> the object that owns everything that strategy does differently
-(bench/strategies/base.py says what that is). Adding a strategy is one module and one line below."""
+"""Strategy registry: --strategy name -> the class that owns everything that strategy does differently
+(bench/strategies/base.py says what that is). Each plan makes its own instance (a strategy may keep per-run
+state, such as Ulysses' mpu). Adding a strategy is one module and one line below."""
 from __future__ import annotations
 
 from bench.strategies.autoep import AutoEP, AutoTPxEP
@@ -9,12 +10,12 @@ from bench.strategies.pipeline import Hybrid, Pipeline
 from bench.strategies.ulysses import SequenceParallel
 from bench.strategies.zero import ZeroDP
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    ZeroDP(),
-    AutoTP(),
-    AutoEP(),
-    AutoTPxEP(),
-    Pipeline(),
-    Hybrid(),
-    SequenceParallel(),
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
+    ZeroDP,
+    AutoTP,
+    AutoEP,
+    AutoTPxEP,
+    Pipeline,
+    Hybrid,
+    SequenceParallel,
 )}

@@ -132,7 +132,7 @@ def without_tensor_parallelism(mpu):
     """DeepSpeed's ALST mpu aliases model parallelism to SP, which AutoEP reads as tensor parallelism and refuses
     ("AutoEP does not currently support tensor model parallelism from mpu"), though its own groups know an "sp"
     folding. The same mpu, saying that there is no tensor parallelism; everything else (DeepSpeed recognises it by
-    initialize_sequence_parallel) unchanged. Parity-tested (tests/test_sequence_parallel.py)."""
+    initialize_sequence_parallel) unchanged. Parity-tested (tests/integration/test_sequence_parallel.py)."""
     import types
     shim = types.SimpleNamespace(**{n: getattr(mpu, n) for n in dir(mpu) if not n.startswith("__")})
     shim.get_tensor_model_parallel_world_size = lambda: 1

@@ -1,6 +1,6 @@
 """Packing and padding: what a micro-batch becomes (--packing, --padding), what its work counts are, and that a
 packed row computes the same per-token loss and gradients as the padded rows of the same samples. The same claim
-on real launches under every strategy is tests/test_packing_parity.py."""
+on real launches under every strategy is tests/integration/test_packing_parity.py."""
 import pytest
 import torch
 

@@ -6,7 +6,7 @@ import pytest
 
 from bench.data import ShardedBatches
 from bench.plan import plan_layout
-from conftest import assert_ok, assert_plan_matches, planned_params_per_rank, run_many
+from support import assert_ok, assert_plan_matches, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 

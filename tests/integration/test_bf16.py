@@ -3,7 +3,7 @@ against one bf16 process with the same micro-batches, in loss and gradient norm,
 bf16's precision (docs/parity.md), and the planner checked against the bf16 runs as against fp32 ones."""
 import pytest
 
-from conftest import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
+from support import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
 
 pytestmark = pytest.mark.multiproc
 

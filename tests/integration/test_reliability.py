@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_ok, finish, run_bench, start_bench, wait_for_steps
+from support import REPO, assert_ok, finish, run_bench, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 

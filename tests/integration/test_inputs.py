@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import assert_ok, run_bench
+from support import assert_ok, run_bench
 
 pytestmark = pytest.mark.multiproc
 

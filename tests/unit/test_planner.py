@@ -26,7 +26,7 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
     if plan.peft == "lora":
         model = apply_lora(model, plan.cfg)
         if plan.zero_stage < 3:  # as deepspeed.initialize does: the whole module, adapters too, in the training
-            model.to(dtype)      # dtype (ZeRO-3 leaves the adapters fp32: tests/test_bf16.py checks that plan)
+            model.to(dtype)      # dtype (ZeRO-3 leaves the adapters fp32: tests/integration/test_bf16.py checks that plan)
     model.train()
     ids = torch.randint(0, plan.model_config.vocab_size, (micro, seq))
     mask = torch.ones_like(ids)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import assert_plan_matches, PARITY_ARGS, assert_ok, planned_params_per_rank, run_bench
+from support import assert_plan_matches, PARITY_ARGS, assert_ok, planned_params_per_rank, run_bench
 
 pytestmark = pytest.mark.multiproc
 

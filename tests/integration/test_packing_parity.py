@@ -4,7 +4,7 @@ processes; so does padding each micro-batch to its longest sample. Both count th
 computes fewer."""
 import pytest
 
-from conftest import assert_ok, run_many
+from support import assert_ok, run_many
 
 pytestmark = pytest.mark.multiproc
 

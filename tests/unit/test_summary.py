@@ -8,7 +8,7 @@ import pytest
 from bench import summary
 
 pytestmark = pytest.mark.unit
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def documented_keys() -> set[str]:

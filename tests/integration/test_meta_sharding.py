@@ -1,6 +1,6 @@
 """The planner's per-rank parameter shards equal what DeepSpeed's AutoTP and AutoEP really build for LLaMA 3.1 8B
 and Mixtral 8x7B at their real size: each layout's last rank, sharded on the meta device under a fake process group
-of the layout's size (tests/meta_sharding.py)."""
+of the layout's size (tests/support/meta_sharding.py)."""
 import json
 import os
 import subprocess
@@ -28,7 +28,7 @@ LAYOUTS = [  # (world, flags)
 @pytest.mark.parametrize("world,flags", LAYOUTS, ids=[f"{f[1]}-{f[5]}-{f[7]}" for _, f in LAYOUTS])
 def test_planned_shards_equal_deepspeeds_at_full_size(world, flags):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    res = subprocess.run([sys.executable, "tests/meta_sharding.py", str(world), str(world - 1), *flags],
+    res = subprocess.run([sys.executable, "tests/support/meta_sharding.py", str(world), str(world - 1), *flags],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])

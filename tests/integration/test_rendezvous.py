@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bench.distributed import free_port
-from conftest import finish, start_bench, wait_for_steps
+from support import finish, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 TINY = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--seq_len", "64",

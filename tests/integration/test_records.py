@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench import summary
-from conftest import assert_ok
+from support import assert_ok
 
 pytestmark = pytest.mark.multiproc
 

@@ -1,5 +1,6 @@
-"""SLURM: every sbatch script follows the directive rules, and the real scripts run on a real one-node cluster
-(Debian's slurmctld/slurmd/munge, started by tests/slurm/local_cluster.sh) with tiny-model overrides."""
+"""SLURM for real: the shipped scripts and the sweep run on a real one-node cluster (Debian's slurmctld/slurmd/
+munge, started by tests/slurm/local_cluster.sh) with tiny-model overrides; the scripts' rules without a cluster:
+tests/unit/test_slurm_scripts.py."""
 import json
 import os
 import re
@@ -10,84 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import sweep
-from conftest import REPO
+from support import REPO
 
 TINY = ["--model", "tiny-llama", "--max_steps", "3", "--warmup_steps", "1", "--seq_len", "128",
         "--micro_batch_size", "2", "--global_batch_size", "4", "--eval_interval", "0", "--wandb_mode", "disabled"]
 SMALL_NODE = ["--cpus-per-task=1", "--time=00:10:00"]  # the test node has 2 CPUs
-
-
-def sbatch_scripts():
-    return sorted(p for p in (REPO / "slurm").rglob("*.sh") if "#SBATCH" in p.read_text())
-
-
-def check_directives(text: str, where: str) -> None:
-    d = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
-    for bad in ("ntasks", "gpus-per-task"):
-        assert bad not in d, f"{where}: --{bad} breaks DeepSpeed/Lightning-style launchers; use --ntasks-per-node"
-    for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "output"):
-        assert key in d, f"{where}: missing --{key}"
-    assert d["output"].endswith("%x-%j.out"), where
-    if "bench_run" in text:  # training jobs: one task per GPU, requeue on preemption, arguments passed through
-        assert d["gpus-per-node"] == d["ntasks-per-node"], where
-        assert "requeue" in d and d.get("signal", "").startswith("B:USR1@"), where
-        assert 'slurm/common.sh"' in text and '"$@"' in text, where
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("path", sbatch_scripts(), ids=lambda p: str(p.relative_to(REPO)))
-def test_sbatch_script_rules(path):
-    text = path.read_text()
-    check_directives(text, str(path))
-    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-
-
-@pytest.mark.unit
-def test_every_experiment_of_both_tracks_has_a_script():
-    have = {str(p.relative_to(REPO / "slurm")) for p in sbatch_scripts()}
-    want = {f"data_parallel/llama31_8b/{n}_gpus.sh" for n in (1, 2, 4, 8)}
-    want |= {f"data_parallel/mixtral_8x7b/{n}_gpus.sh" for n in (2, 4, 8)}
-    want |= {f"model_parallel/llama31_8b/{n}_gpus.sh" for n in (4, 8)}  # full fine-tunes; TP2 cannot fit 80 GB
-    want |= {f"model_parallel/llama31_8b_lora/{n}_gpus.sh" for n in (2, 4, 8)}
-    want |= {f"model_parallel/mixtral_8x7b/{n}_gpus.sh" for n in (2, 4, 8)}
-    want |= {f"sequence_parallel/llama31_8b/{n}_gpus.sh" for n in (2, 4, 8)}
-    want |= {"pipeline/llama32_1b/2_gpus.sh", "pipeline/llama32_1b/4_gpus.sh", "multi_node.sh"}
-    assert want <= have, want - have
-
-
-@pytest.mark.unit
-def test_generated_sweep_scripts_follow_the_rules(tmp_path):
-    for gpus, nodes in ((1, 1), (8, 1), (16, 2)):
-        text = sweep.render({"model": "llama3.1-8b", "strategy": "dp", "ds_config": "ds_configs/dp_zero3.json",
-                             "gpus": gpus}, str(tmp_path), [])
-        check_directives(text, f"sweep {gpus} GPUs")
-        assert f"--nodes={nodes}" in text and f"--ntasks-per-node={gpus // nodes}" in text
-
-
-@pytest.mark.unit
-def test_lora_and_full_runs_of_one_layout_are_different_jobs(tmp_path):
-    entry = {"model": "mixtral-8x7b", "strategy": "ep", "ds_config": "ds_configs/ep8.json", "gpus": 8}
-    lora, full = ({**entry, "args": ["--peft", peft]} for peft in ("lora", "none"))
-    assert sweep.job_name(lora) == "mixtral-8x7b-ep-ep8-lora-8g" != sweep.job_name(full)
-    assert sweep.job_name(entry) == "mixtral-8x7b-ep-ep8-8g"
-    sweep.check_names([lora, full, entry])
-    with pytest.raises(ValueError, match="same job name 'mixtral-8x7b-ep-ep8-lora-8g'"):
-        sweep.check_names([lora, dict(lora)])
-    matrix = tmp_path / "m.json"
-    matrix.write_text(json.dumps([lora, lora]))
-    assert sweep.main(["submit", str(matrix), "--name", "dup", "--sweeps_dir", str(tmp_path), "--dry_run"]) == 2
-    assert not (tmp_path / "dup" / "jobs").exists()  # refused before anything is written
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("summary,state,expected", [
-    (None, "PENDING", "pending"), ("running", "RUNNING", "running"), ("completed", "COMPLETED", "completed"),
-    ("failed", "FAILED", "failed"), ("running", "TIMEOUT", "timeout"), (None, "OUT_OF_MEMORY", "oom"),
-    ("oom", "FAILED", "oom"), ("preempted", "FAILED", "preempted"), ("running", "FAILED", "failed"),
-    ("running", None, "failed"), (None, None, "unknown"), ("completed", None, "completed")])
-def test_status_combination(summary, state, expected):
-    assert sweep.combine(summary, state) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------

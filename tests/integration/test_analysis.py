@@ -11,7 +11,7 @@ from matplotlib import image
 
 from analysis import collect, plots, tables, wandb_export
 from bench import metrics
-from conftest import REPO, assert_ok, run_many
+from support import REPO, assert_ok, run_many
 
 ARGS = ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "4", "--warmup_steps", "1",
         "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "4", "--eval_interval", "0")

@@ -3,7 +3,7 @@ and without; per-stage parameters add up to the model; the bubble is recorded ne
 import pytest
 
 from bench import models
-from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_many
+from support import assert_plan_matches, assert_ok, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 

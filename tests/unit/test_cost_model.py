@@ -2,13 +2,13 @@
 the published figures it is compared with (docs/results/cost_model.md), and the order it ranks LLaMA 3.1 8B's
 layouts in on one 8-GPU node."""
 import copy
-import os
 import sys
 
 import pytest
 
 from bench import estimate, gpus, recommend
 from bench.plan import plan_layout
+from support import REPO
 
 GPU = "H100-80GB"
 EIGHT_B = ["--model", "llama3.1-8b", "--init", "random", "--packing", "off"]
@@ -99,7 +99,7 @@ def test_a_pipeline_runs_at_its_slowest_stage():
 
 @pytest.mark.unit
 def test_the_published_figures_are_predicted_within_thirty_percent():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "measurements"))
+    sys.path.insert(0, str(REPO / "measurements"))
     import cost_model_vs_published as page
     for what, published, _, world, args in page.PUBLISHED:
         ratio = page.predicted(args, world)["tokens_per_s_per_gpu"] / published

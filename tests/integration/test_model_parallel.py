@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import models
-from conftest import assert_plan_matches, assert_ok, planned_params_per_rank, run_bench, run_many
+from support import assert_plan_matches, assert_ok, planned_params_per_rank, run_bench, run_many
 
 pytestmark = pytest.mark.multiproc
 

@@ -100,7 +100,7 @@ def test_readme_documents_every_flag():
     from dataclasses import fields
     from pathlib import Path
     from bench.config import RunConfig
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f.name for f in fields(RunConfig) if f"`--{f.name}`" not in readme]
     assert not missing, f"flags missing from the README's flag table: {missing}"
 

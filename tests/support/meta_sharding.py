@@ -1,5 +1,5 @@
 """One rank of a real-size layout, sharded by DeepSpeed's own AutoEP and AutoTP code on the meta device, against
-the planner: `python tests/meta_sharding.py WORLD RANK bench/run.py-flags...` prints one JSON line.
+the planner: `python tests/support/meta_sharding.py WORLD RANK bench/run.py-flags...` prints one JSON line.
 
 A fake process group of WORLD ranks (torch's "fake" backend: collectives are no-ops) stands in for the cluster,
 and the engine's own replacement steps run on an engine that is never initialized further: the steps

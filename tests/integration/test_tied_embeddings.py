@@ -4,7 +4,7 @@ vocabulary-parallel with DeepSpeed's matching loss (bench/strategies/tp_lora.py 
 LoRA); a pipeline keeps a copy on its first and last stage and sums their gradients (TiedLayerSpec)."""
 import pytest
 
-from conftest import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
+from support import assert_ok, assert_plan_matches, layout_args, planned_params_per_rank, run_suite
 
 pytestmark = pytest.mark.multiproc
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import models
-from conftest import assert_ok, run_bench
+from support import assert_ok, run_bench
 
 pytestmark = pytest.mark.multiproc
 

@@ -1,20 +1,14 @@
-"""Bad input: one clear line, non-zero exit, every rank exits promptly, no run directory left behind.
+"""Bad input the harness must refuse with one line: the cases (tests/unit/test_bad_input.py runs each in this
+process, tests/integration/test_bad_input_launched.py a few as real launches) and the files they name, written
+by the bad_files fixture (tests/conftest.py)."""
 
-Every case runs in-process through bench/run.py's main() (refusals happen before a process group exists, on
-every rank alike); a handful also run as real multi-rank launches to prove every rank says it and exits."""
 import json
-import time
-
-import pytest
-
-from conftest import run_bench
 
 ZERO2 = ("--ds_config", "ds_configs/dp_zero2.json")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad")
+def write_bad_files(d):
+    """The malformed and refused ds_configs and data files the cases name as {d}/..."""
     (d / "bad.json").write_text('{\n  "train_batch_size": 4,\n  "zero_optimization": {"stage": 2,}\n}\n')
     (d / "list.json").write_text("[1, 2]\n")
     (d / "nozero.json").write_text('{"train_batch_size": "auto"}\n')
@@ -36,7 +30,6 @@ def files(tmp_path_factory):
     (d / "tp2_nothing.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {
         "autotp_size": 2, "partition_config": {"use_default_specs": False, "layer_specs": [
             {"patterns": [r".*\.q_proj$"], "partition_type": "column"}]}}}))
-    return d
 
 
 CASES = [  # (id, args, ranks, expected part of the error line)
@@ -123,75 +116,5 @@ CASES = [  # (id, args, ranks, expected part of the error line)
 ]
 
 
-def _args(case, files) -> list[str]:
+def args_of(case, files) -> list[str]:
     return [a.replace("{d}", str(files)) for a in case[1]]
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_with_one_line(refuse, files, case):
-    _, _, ranks, expected = case
-    code, errors = refuse(*_args(case, files), ranks=ranks)
-    assert code == 2
-    assert len(errors) == 1 and expected in errors[0], errors
-
-
-LAUNCHED = ["missing-ds-config", "batch-arithmetic", "layout-mismatch"]  # 1, 2 and 2 ranks
-
-
-@pytest.mark.multiproc
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in LAUNCHED], ids=LAUNCHED)
-def test_every_rank_of_a_real_launch_refuses_and_exits(tmp_path, files, case):
-    _, _, ranks, expected = case
-    out = tmp_path / "runs"
-    t0 = time.time()
-    res = run_bench(out, *_args(case, files), nprocs=ranks, launcher="deepspeed" if ranks > 1 else "python",
-                    timeout=180)
-    assert res.returncode != 0
-    assert time.time() - t0 < 120, "every rank must exit promptly"
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert errors and all(line == errors[0] for line in errors), res.output[-3000:]
-    assert len(errors) == ranks, f"each rank says it once: {errors}"
-    assert expected in errors[0], errors[0]
-    assert "Traceback" not in res.output
-    assert not out.exists() or not any(out.iterdir()), "no run directory for a run that never started"
-
-
-def _mixtral_per_rank(tp: int, ep: int) -> int:
-    """Mixtral 8x7B's parameters on one rank, from its published shape: TP halves attention (the MoE preset
-    shards attention only), EP keeps E/ep of the experts."""
-    L, h, heads, kv, hd, inter, E, vocab = 32, 4096, 32, 8, 128, 14336, 8, 32000
-    attn = 2 * h * heads * hd + 2 * h * kv * hd
-    expert = 3 * h * inter
-    layer = attn // tp + (E // ep) * expert + h * E + 2 * h
-    return 2 * vocab * h + L * layer + h
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("ds_config,strategy,world,tp,ep", [("ds_configs/tp2_ep2.json", "tp_ep", 4, 2, 2),
-                                                           ("ds_configs/ep8.json", "ep", 8, 1, 8)])
-def test_dry_run_plans_any_layout_from_one_process_offline(launch_env, tmp_path, capfd, monkeypatch, ds_config,
-                                                          strategy, world, tp, ep):
-    from bench.run import main
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the bundled architecture and tokenizer are enough
-    monkeypatch.setenv("BENCH_MODELS_DIR", str(tmp_path / "no-local-copies"))
-    code = main(["--dry_run", "--world_size", str(world), "--model", "mixtral-8x7b", "--strategy", strategy,
-                 "--ds_config", ds_config, "--output_dir", str(tmp_path / "runs")])
-    printed = capfd.readouterr().out
-    assert code == 0, printed
-    assert f"dp(1)*tp({tp})*ep({ep})*pp(1)*sp(1) = {world}" in printed
-    assert f"held per rank: {_mixtral_per_rank(tp, ep):,} (ranks 0-{world - 1})" in printed
-    assert "total 46,702,792,704" in printed and "FLOPs per token" in printed and "MFU peak" in printed
-
-
-@pytest.mark.unit
-def test_dry_run_validates_and_exits_without_training(launch_env, tmp_path, capfd):
-    from bench.run import main
-    out = tmp_path / "runs"
-    code = main(["--output_dir", str(out), "--dry_run", "--strategy", "dp", *ZERO2, "--global_batch_size", "8"])
-    printed = capfd.readouterr().out
-    assert code == 0, printed
-    assert "resolved configuration" in printed
-    assert "global 8 = micro 2 x grad_accum 4 x data-parallel 1" in printed
-    assert "iteration" not in printed
-    assert not out.exists()

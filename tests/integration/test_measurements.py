@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 
 sys.path.insert(0, str(REPO / "measurements"))
 import common  # noqa: E402 - measurements/common.py
