@@ -22,26 +22,13 @@ import subprocess
 import sys
 import time
 
+from bench import slurm_scripts
 from bench.config import print_error
 from bench.distributed import free_port
 from bench.gpus import GPUS_PER_NODE
 from bench.loggers import read_records
 from bench.liveness import run_state
 
-SBATCH = """#!/bin/bash
-#SBATCH --job-name={name}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node={per_node}
-#SBATCH --gpus-per-node={per_node}
-#SBATCH --cpus-per-task={cpus}
-#SBATCH --time={time}
-#SBATCH --output={log_dir}/%x-%j.out
-#SBATCH --requeue
-#SBATCH --signal=B:USR1@300
-
-source "${{BENCH_ROOT:-$SLURM_SUBMIT_DIR}}/slurm/common.sh"
-bench_run {args} "$@"
-"""
 # SLURM job states -> the sweep's statuses
 SLURM_STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "RUNNING": "running",
                 "COMPLETING": "running", "COMPLETED": "completed", "FAILED": "failed", "NODE_FAIL": "failed",
@@ -71,15 +58,12 @@ def check_names(matrix: list[dict]) -> None:
 
 
 def render(entry: dict, sweep_dir: str, extra: list[str], cpus: int = 8, time_limit: str = "02:00:00") -> str:
-    gpus = int(entry["gpus"])
-    if gpus < 1:
-        raise ValueError(f"{job_name(entry)}: gpus must be >= 1")
-    nodes = -(-gpus // GPUS_PER_NODE)
-    if gpus % nodes:
-        raise ValueError(f"{job_name(entry)}: {gpus} GPUs do not split evenly over {nodes} nodes")
-    name = job_name(entry)
-    return SBATCH.format(name=name, nodes=nodes, per_node=gpus // nodes, cpus=cpus, time=time_limit,
-                         log_dir=os.path.join(sweep_dir, "logs"), args=" ".join(run_args(entry, sweep_dir, extra)))
+    """The entry's job script, from the template the shipped scripts use (bench/slurm_scripts.py)."""
+    try:
+        return slurm_scripts.render(job_name(entry), int(entry["gpus"]), run_args(entry, sweep_dir, extra),
+                                    log_dir=os.path.join(sweep_dir, "logs"), cpus=cpus, time_limit=time_limit)
+    except ValueError as e:
+        raise ValueError(f"{job_name(entry)}: {e}") from None
 
 
 def run_args(entry: dict, sweep_dir: str, extra: list[str]) -> list[str]:

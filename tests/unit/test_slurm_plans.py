@@ -1,49 +1,47 @@
-"""Every shipped SLURM script, planned with its exact arguments for the 80 GB GPUs it was written for: the
-header's stated peak is the planner's, and what does not fit is known and flagged (docs/planner.md)."""
+"""Every shipped SLURM script is generated from slurm/experiments.json (bench/slurm_scripts.py) and planned with its
+exact arguments for the 80 GB GPUs it was written for: the header's stated peak is the planner's, and what does
+not fit is known and flagged (docs/planner.md)."""
 import glob
+import os
 import re
-import shlex
 
 import pytest
 
-from bench import estimate
-from bench.plan import plan_layout
+from bench import slurm_scripts
 
 pytestmark = pytest.mark.unit
 
-SCRIPTS = sorted(glob.glob("slurm/*/*/*.sh"))
-GPU = "H100-80GB"
+GPU = slurm_scripts.GPU
 # Scripts 80 GB cannot hold as written, shipped on purpose (none: the LLaMA 8B full fine-tune under TP2, 93.8 GiB,
 # and the Mixtral full fine-tunes were replaced by LoRA runs; a GPU run refuses such a layout before loading).
 DOES_NOT_FIT: set[str] = set()
 
 
-def planned(path: str) -> tuple[dict, str]:
-    """The plan of a script's bench_run line on its GPUs. -> (estimate, the script's text)."""
-    text = open(path).read()
-    joined = text.replace("\\\n", " ")
-    args = shlex.split(re.search(r'^bench_run (.*?)"\$@"', joined, re.M).group(1))
-    world = int(re.search(r"--nodes=(\d+)", text).group(1)) * int(re.search(r"--gpus-per-node=(\d+)", text).group(1))
-    plan = plan_layout([*args, "--init", "random"], world, GPU)
-    return estimate.estimate(plan, estimate.gpu_capacity(GPU, None)), text
+def test_the_shipped_scripts_are_what_the_table_generates():
+    """slurm/experiments.json is the one table: regenerating every script from it (the planner's peaks in each
+    header included) changes nothing, and every training script in slurm/ comes from it (import_model.sh, a
+    download job, is written by hand)."""
+    assert slurm_scripts.generate(check=True) == [], "run: python -m bench.slurm_scripts"
+    listed = {os.path.join("slurm", e["script"]) for e in slurm_scripts.table()}
+    shipped = {p for p in glob.glob("slurm/**/*.sh", recursive=True) if "\nbench_run " in open(p).read()}
+    assert listed == shipped and len(listed) >= 20
 
 
-def test_every_script_is_planned():
-    assert len(SCRIPTS) >= 19 and DOES_NOT_FIT <= set(SCRIPTS)
+def test_a_script_whose_layout_stops_fitting_shows_it_in_its_header(tmp_path):
+    entry = {"script": "x/1_gpus.sh", "name": "x", "gpus": 1, "about": "A full fine-tune that cannot fit.",
+             "args": ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json", "--model", "llama3.1-8b",
+                      "--peft", "none", "--seq_len", "2048"]}
+    text = slurm_scripts.experiment_script(entry)
+    assert re.search(r"^# Predicted peak per GPU \(bench-plan, H100-80GB\): [\d.]+ GiB training, [\d.]+ GiB "
+                     r"loading, DOES NOT FIT$", text, re.M), text
 
 
-@pytest.mark.parametrize("path", SCRIPTS)
-def test_each_script_states_its_planned_peaks_and_fits_unless_known(path):
-    """The header states the training peak and the load's (a model-parallel rank materializes only its shard,
-    bench/loading.py), both re-planned here; the GPU guard refuses on the larger."""
-    est, text = planned(path)
-    stated = re.search(r"^# Predicted peak per GPU \(bench-plan, H100-80GB\): ([\d.]+) GiB training, ([\d.]+) GiB "
-                       r"loading, (fits|DOES NOT FIT)$", text, re.M)
-    assert stated, f"{path}: the header states no predicted peaks (run bench-plan with its arguments)"
-    assert float(stated.group(1)) == pytest.approx(est["training_peak_bytes"] / estimate.GIB, abs=0.15), path
-    assert float(stated.group(2)) == pytest.approx(est["load_peak_bytes"] / estimate.GIB, abs=0.15), path
-    assert est["peak_bytes"] == max(est["training_peak_bytes"], est["load_peak_bytes"])
-    assert est["fits"] is (path not in DOES_NOT_FIT) is (stated.group(3) == "fits"), path
+@pytest.mark.parametrize("entry", slurm_scripts.table(), ids=lambda e: e["script"])
+def test_each_script_fits_unless_known(entry):
+    """Planned with its exact arguments on the 80 GB GPUs it was written for (the load's peak too: a
+    model-parallel rank materializes only its shard, bench/loading.py); the GPU guard refuses on the larger."""
+    train, load, fits = slurm_scripts.planned_peaks(tuple(entry["args"]), entry["gpus"])
+    assert fits is (os.path.join("slurm", entry["script"]) not in DOES_NOT_FIT), (entry["script"], train, load)
 
 
 def test_shipped_sweep_matrix_fits_and_a_matrix_that_does_not_is_refused_before_the_queue(tmp_path, capfd):

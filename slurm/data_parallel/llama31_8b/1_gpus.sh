@@ -1,5 +1,6 @@
 #!/bin/bash
-# LLaMA-3.1-8B, LoRA, ZeRO-2 data parallel on 1 GPU(s): micro-batches of 4 per GPU, global batch 32 at every GPU count (strong scaling: one job, so the report compares and scales them).
+# LLaMA-3.1-8B, LoRA, ZeRO-2 data parallel on 1 GPU(s): micro-batches of 4 per GPU, global batch 32 at every GPU count
+# (strong scaling: one job, so the report compares and scales them).
 # Predicted peak per GPU (bench-plan, H100-80GB): 18.7 GiB training, 16.7 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/llama31_8b/1_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=dp-llama31-8b-1g
@@ -13,5 +14,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy dp --ds_config ds_configs/dp_zero2.json --model llama3.1-8b --peft lora \
-    --micro_batch_size 4 --global_batch_size 32 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy dp --ds_config ds_configs/dp_zero2.json --model llama3.1-8b --peft lora --micro_batch_size 4 \
+    --global_batch_size 32 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

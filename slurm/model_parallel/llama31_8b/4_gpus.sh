@@ -13,5 +13,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy tp --ds_config ds_configs/tp4.json --model llama3.1-8b --peft none \
-    --micro_batch_size 4 --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy tp --ds_config ds_configs/tp4.json --model llama3.1-8b --peft none --micro_batch_size 4 \
+    --global_batch_size 4 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

@@ -13,5 +13,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy pp --ds_config ds_configs/pp2.json --model llama3.2-1b --peft lora \
-    --micro_batch_size 2 --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy pp --ds_config ds_configs/pp2.json --model llama3.2-1b --peft lora --micro_batch_size 2 \
+    --global_batch_size 16 --seq_len 1024 --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"

@@ -15,5 +15,5 @@
 #SBATCH --signal=B:USR1@300
 
 source "${BENCH_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
-bench_run --strategy sp --ds_config ds_configs/sp8.json --model llama3.1-8b --peft none \
-    --micro_batch_size 1 --global_batch_size 1 --seq_len 32768 --packing off --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
+bench_run --strategy sp --ds_config ds_configs/sp8.json --model llama3.1-8b --peft none --micro_batch_size 1 \
+    --global_batch_size 1 --seq_len 32768 --packing off --max_steps 50 --warmup_steps 5 --eval_interval 25 "$@"
