@@ -28,7 +28,8 @@ def _f(default, help, **kw):
 
 @dataclass
 class RunConfig:
-    strategy: str = _f("dp", "parallelism strategy (the ds_config holds the layout itself)")
+    strategy: str = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); given, it "
+                             "must agree")
     ds_config: str = _f("ds_configs/dp_zero2.json", "DeepSpeed config JSON; 'auto' fields are resolved")
     model: str = _f("tiny-llama", "preset name (see bench/models.py), local checkpoint directory or hub id")
     init: str = _f("pretrained", "pretrained: load weights; random: benchmark the architecture without weights",
@@ -136,9 +137,6 @@ def parse_args(argv=None) -> RunConfig:
     if cfg.packing == "on" and cfg.padding == "longest":
         raise BenchError("--padding longest pads unpacked rows; with --packing on nothing is padded but the row's "
                          "end: drop one of them")
-    if (cfg.tiled_mlp or cfg.tiled_loss) and cfg.strategy != "sp":
-        raise BenchError("--tiled_mlp and --tiled_loss run with --strategy sp (DeepSpeed's ALST tiling, applied by "
-                         "its runner); drop them or use --strategy sp")
     if cfg.world_size is not None and not cfg.dry_run:
         raise BenchError(f"--world_size only plans a layout with --dry_run; to run {cfg.world_size} processes, "
                          f"launch them: deepspeed --num_gpus {cfg.world_size} bench/run.py ...")
@@ -240,6 +238,18 @@ class Layout:
         """Ranks ZeRO splits a dense parameter's states over: the data-parallel ones, and under sequence
         parallelism every rank (DeepSpeed's sequence-data-parallel group)."""
         return self.data_parallel * self.sp
+
+    @property
+    def strategy(self) -> str:
+        """The strategy this layout is (--strategy's name, bench/strategies): the pipeline with or without data
+        parallelism, TP x EP, Ulysses SP (AutoEP folded over it or not), TP, EP, or ZeRO data parallelism."""
+        if self.pp > 1:
+            return "hybrid" if self.dp > 1 else "pp"
+        if self.tp > 1 and self.ep > 1:
+            return "tp_ep"
+        if self.sp > 1:
+            return "sp"
+        return "tp" if self.tp > 1 else "ep" if self.ep > 1 else "dp"
 
     def coords(self, rank: int) -> Coords:
         """The one place rank topology is computed. Pipeline stages are outermost (DeepSpeed's

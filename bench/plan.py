@@ -156,18 +156,24 @@ def _device(local_rank: int) -> tuple[str, str | None, bool]:
 def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     """device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
     t0 = time.time()
-    if cfg.strategy not in STRATEGIES:
-        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
+    if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
+        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} (or "
+                                "leave --strategy out: the ds_config's layout says it)")
     ds_raw = config.load_ds_config(cfg.ds_config)
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     layout = config.Layout.from_ds_config(ds_raw, world)
+    if cfg.strategy is None:
+        cfg.strategy = layout.strategy  # recorded resolved, like every other "auto"
+    strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
+    if (cfg.tiled_mlp or cfg.tiled_loss) and cfg.strategy != "sp":
+        raise config.BenchError("--tiled_mlp and --tiled_loss run with --strategy sp (DeepSpeed's ALST tiling, "
+                                "applied by its runner); drop them or use --strategy sp")
     batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
     model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
     if cfg.peft == "auto":
         cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
     peft = cfg.peft
-    strategy.check(cfg, ds_raw, layout, model_config)
+    strategy.check(cfg, ds_raw, layout, model_config)  # a --strategy the layout is not refuses here, in one line
     lora_params = lora_adapter_params(cfg, model_config) if peft == "lora" else None
     if cfg.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "

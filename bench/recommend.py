@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import glob
-import json
 import math
 import os
 
@@ -161,16 +160,6 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
     return step_breakdown(plan, est, gpu)["step_s"]
 
 
-def _strategy_for(ds: dict, layout) -> str:
-    if layout.pp > 1:
-        return "hybrid" if layout.dp > 1 else "pp"
-    if layout.tp > 1 and layout.ep > 1:
-        return "tp_ep"
-    if layout.sp > 1:
-        return "sp"
-    return "tp" if layout.tp > 1 else "ep" if layout.ep > 1 else "dp"
-
-
 def candidates(args: list[str], world: int, gpu: str, reasons: list):
     """Resolved plans for every shipped ds_config that suits the model and world size, for one job: the args'
     --peft (a full fine-tune and a LoRA run are different jobs, never ranked together; default none); micro batch
@@ -183,19 +172,12 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
         args = [*args, "--peft", "none"]
     for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
         path = os.path.relpath(path, REPO) if os.getcwd() == REPO else path
-        with open(path) as fh:
-            ds = json.load(fh)
-        try:
-            layout = config.Layout.from_ds_config(ds, world)
-        except config.BenchError as e:
-            reasons.append(f"{path}: {e}")
-            continue
-        try:
-            base = plan_layout([*args, "--strategy", _strategy_for(ds, layout), "--ds_config", path,
-                                "--micro_batch_size", "1"], world, gpu)
+        try:  # the strategy is the ds_config's own (Layout.strategy)
+            base = plan_layout([*args, "--ds_config", path, "--micro_batch_size", "1"], world, gpu)
         except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
             reasons.append(f"{path}: {e}")
             continue
+        layout = base.layout
         for micro in MICRO_BATCHES:
             accum, rest = divmod(base.batch.global_, micro * layout.data_parallel)
             if rest or not accum:

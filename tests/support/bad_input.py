@@ -56,7 +56,7 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "start that many processes (deepspeed --num_gpus 2 bench/run.py ..."),
     ("world-size-without-dry-run", ("--world_size", "2", *ZERO2), 1,
      "--world_size only plans a layout with --dry_run"),
-    ("foreign-section", ("--ds_config", "{d}/tp2.json"), 2, "'tensor_parallel' section"),
+    ("foreign-section", ("--strategy", "dp", "--ds_config", "{d}/tp2.json"), 2, "'tensor_parallel' section"),
     # model parallelism (tp, ep, tp_ep)
     ("tp-without-section", ("--strategy", "tp", *ZERO2), 1, "--strategy tp needs \"tensor_parallel\""),
     ("tp-not-dividing-kv-heads", ("--strategy", "tp", "--ds_config", "ds_configs/tp4.json"), 4,

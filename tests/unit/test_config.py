@@ -1,4 +1,7 @@
 """Config resolution: CLI > ds_config > defaults, "auto" fields, batch arithmetic, layout factors."""
+import json
+from pathlib import Path
+
 import pytest
 
 from bench.config import BenchError, Layout, parse_args, resolve_batch, resolve_ds_config
@@ -98,7 +101,6 @@ def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):
 
 def test_readme_documents_every_flag():
     from dataclasses import fields
-    from pathlib import Path
     from bench.config import RunConfig
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f.name for f in fields(RunConfig) if f"`--{f.name}`" not in readme]
@@ -124,3 +126,41 @@ def test_coords_are_deepspeeds_own_rank_topology():
     for rank in range(8):
         assert ep.coords(rank).expert_data == experts.get_coord(rank).expert_data
         assert ep.coords(rank).zero == ep.coords(rank).data == rank  # every rank its own stream for dense weights
+
+
+def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused():
+    """Layout.strategy names every shipped ds_config's layout; --strategy may be left out (it is derived), and a
+    given one passes its strategy's checks only where it is that name (each other name refuses in one line)."""
+    import glob
+    from bench import models
+    from bench.strategies import STRATEGIES
+    own = 0  # ds_configs whose own strategy passes; the tiny models' 4 heads, 2 key/value heads and 4 experts
+    # cannot split 8 or 4 ways in five of them (tp4, tp8, tp4_ep2, sp8, ep8)
+    for path in sorted(glob.glob("ds_configs/*.json")):
+        ds = json.loads(Path(path).read_text())
+        layout = Layout.from_ds_config(ds, 8)
+        assert layout.strategy in STRATEGIES, path
+        model = "tiny-mixtral" if layout.ep > 1 else "tiny-llama"
+        model_config = models.load_config(model, "random", offline=True)[0]
+        passed = []
+        for name, cls in STRATEGIES.items():
+            cfg = parse_args(["--strategy", name, "--ds_config", path, "--model", model])
+            try:
+                cls().check(cfg, ds, layout, model_config)
+            except BenchError as e:
+                assert "\n" not in str(e), (path, name)
+                continue
+            passed.append(name)
+        assert passed in ([], [layout.strategy]), (path, passed)
+        own += passed == [layout.strategy]
+    assert own == len(glob.glob("ds_configs/*.json")) - 5
+
+
+def test_a_run_without_strategy_takes_the_ds_configs(refuse):
+    from bench.plan import plan_layout
+    plan = plan_layout(["--ds_config", "ds_configs/tp2.json", "--peft", "auto"], 2)
+    assert plan.cfg.strategy == "tp" and plan.peft == "none"  # the tp strategy's default, recorded resolved
+    assert plan_layout(["--ds_config", "ds_configs/pp2_dp2.json"], 4).cfg.strategy == "hybrid"
+    code, errors = refuse("--strategy", "nope")
+    assert code == 2 and errors == ["error: unknown strategy 'nope'; choose one of dp, tp, ep, tp_ep, pp, hybrid, sp "
+                                    "(or leave --strategy out: the ds_config's layout says it)"]
