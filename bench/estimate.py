@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from bench import gpus, models
 from bench.config import BenchError, offloaded, precision_of
+from bench.strategies import autoep, autotp, pipeline, ulysses
 from bench.strategies.autotp import tp_splits
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes
 
@@ -27,6 +28,8 @@ FRAGMENTATION = 0.05
 REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
 PERSISTENCE_THRESHOLD = 100_000
+# The model-parallel dimensions whose collectives their own modules count (comm_bytes(plan, rank, width)).
+DIMENSIONS = {"tp": autotp, "ep": autoep, "sp": ulysses, "pp": pipeline}
 
 
 def gpu_capacity(name: str | None, gib: float | None) -> int | None:
@@ -384,39 +387,6 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
 # ---------------------------------------------------------------------------------------------------------
 # Communication per optimizer step, as DeepSpeed's comms logger counts it (bench/accounting.py: CommCounter)
 
-def _tp_linears(plan) -> tuple[int, int, bool]:
-    """(row-parallel, column-parallel) linear layers AutoTP makes per decoder layer, and whether the LM head is
-    column-parallel (gathered)."""
-    partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
-    if partition is None:  # AutoTP's automatic policy for LLaMA
-        return 2, 5, True
-    row = col = 0
-    names = [n for n, _ in architecture(plan.model_config).params if ".layers.0." in n]
-    for spec in partition.get("layer_specs", []):
-        hits = sum(1 for n in names if any(re.match(p, n) for p in spec.get("patterns", [])))
-        if spec.get("partition_type") == "row":
-            row += hits
-        else:
-            col += hits
-    return row, col, False
-
-
-def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
-    """LoRA under TP, per micro-batch (bench/strategies/tp_lora.py): each adapter on a split layer reduces its
-    r-wide middle (in the model's width: DeepSpeed casts the adapters too), and a column-parallel layer whose input
-    needs no gradient skips its backward all-reduce: the first layer's q/k/v (the embeddings are frozen), and its
-    gate/up too when no attention projection carries an adapter."""
-    from bench.strategies.autotp import tp_splits
-    splits = tp_splits(plan)
-    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
-    adapters = sum(1 for name in splits if name.rsplit(".", 2)[-2] in targets)
-    first = {name.rsplit(".", 2)[-2] for name, kind in splits.items() if ".layers.0." in name and kind == "column"}
-    skipped = first & {"q_proj", "k_proj", "v_proj"}
-    if not targets & {"q_proj", "k_proj", "v_proj", "o_proj"}:
-        skipped |= first & {"gate_proj", "up_proj"}
-    return adapters * tokens * plan.cfg.lora_r * w - len(skipped) * layer_bytes
-
-
 def comm_bytes_per_step(plan, rank: int) -> dict:
     """Bytes per step this rank's collectives log, by kind (what bench/accounting.py counts)."""
     out: dict = {}
@@ -428,60 +398,24 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
 
 def comm_by_source(plan, rank: int) -> dict:
     """comm_bytes_per_step by what issues it -> {source: {kind: bytes}}. "tp", "ep", "sp" and "pp": inside a
-    layer or between stages, on the critical path (the next operation needs the result); "zero_backward": ZeRO's
-    gradient reductions inside backward and ZeRO-3's parameter gathers inside forward and backward, which
-    DeepSpeed can overlap with compute (overlap_comm, prefetching); "zero_step": what runs after backward, at the
-    step (plain data parallelism's all-reduce, the norm, ZeRO-1/2's gather of the updated parameters)."""
-    from bench.strategies.autotp import vocab_parallel
-    c, lay, w = plan.model_config, plan.layout, _width(plan)
-    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
-    bsh = micro * seq * c.hidden_size
-    L = c.num_hidden_layers
+    layer or between stages, on the critical path (the next operation needs the result), each counted by its
+    dimension's module (DIMENSIONS); "zero_backward": ZeRO's gradient reductions inside backward and ZeRO-3's
+    parameter gathers inside forward and backward, which DeepSpeed can overlap with compute (overlap_comm,
+    prefetching); "zero_step": what runs after backward, at the step (plain data parallelism's all-reduce, the
+    norm, ZeRO-1/2's gather of the updated parameters)."""
+    lay, w = plan.layout, _width(plan)
     out: dict = {}
-    source = "tp"
+    for source, module in DIMENSIONS.items():
+        if getattr(lay, source) > 1:
+            out[source] = {kind: int(n) for kind, n in module.comm_bytes(plan, rank, w).items()}
+    source = "zero_backward"
 
     def add(kind, n):
         kinds = out.setdefault(source, {})
         kinds[kind] = kinds.get(kind, 0) + int(n)
 
-    if lay.tp > 1:
-        row, col, head = _tp_linears(plan)
-        add("all_reduce", accum * (L * (row + col) + head) * bsh * w)
-        if plan.peft == "lora":
-            add("all_reduce", accum * _tp_lora_all_reduce(plan, micro * seq, bsh * w, w))
-        if head and vocab_parallel(plan):  # the split embedding's output summed; the loss's max, sum of
-            # exponentials and target logit per predicted token (deepspeed/sequence/cross_entropy.py)
-            add("all_reduce", accum * (bsh * w + 3 * micro * (seq - 1) * 4))
-        elif head:
-            add("all_gather", accum * micro * seq * -(-c.vocab_size // lay.tp) * w)
-    source = "ep"
-    if lay.ep > 1:  # every token's top-k copies out and back, forward and backward; balanced routing assumed
-        tokens = micro * seq // lay.sp  # this rank's
-        add("all_to_all", accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp)
-        if lay.tp > 1:  # AutoEP under TP: the MoE's tokens split across the TP group, gathered and reduced back
-            add("all_gather", accum * L * 2 * bsh // lay.tp * w)
-            # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh), in
-            # fp32 even in bf16 (measured: tests/integration/test_bf16.py); with the experts trained, one more bsh-sized
-            # reduction in the training dtype, measured (the data-dependent part: ~8 %)
-            add("all_reduce", accum * L * (3 * bsh * 4 + (0 if plan.peft == "lora" else bsh * w)))
-    source = "sp"
-    if lay.sp > 1:  # Ulysses: each layer's q, k, v and output all-to-all, forward and backward (k and v with their
-        # heads repeated up to the SP size when there are fewer), and its position ids gathered in forward
-        tokens, hd = micro * seq // lay.sp, models.head_dim(c)
-        q, kv = tokens * c.num_attention_heads * hd, tokens * max(c.num_key_value_heads, lay.sp) * hd
-        add("all_to_all", accum * L * 2 * (2 * q + 2 * kv) * w)
-        add("all_gather", accum * L * tokens * 8)
-    source = "pp"
-    if lay.pp > 1:
-        stage = lay.coords(rank).stage
-        sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
-        add("send_recv", accum * 2 * sends * bsh * w)  # each one sent here and received there: logged twice
-        if plan.model_config.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
-            # the tied embedding/head's two copies sum their gradients (pipe/engine.py, _exec_reduce_tied_grads;
-            # in fp32: the bf16 optimizer's master gradient)
-            add("all_reduce", c.vocab_size * c.hidden_size * (2 if precision_of(plan.ds) == "fp16" else 4))
+    accum = plan.batch.grad_accum
     gs = groups(plan, rank)
-    source = "zero_backward"
     if plan.zero_stage == 3:
         sizes = [n for g in gs for n in g.sizes]
         world = lay.world_size

@@ -82,6 +82,24 @@ def experts_not_held(plan) -> int:
     return experts - experts // plan.layout.ep
 
 
+def comm_bytes(plan, rank: int, w: int) -> dict:
+    """What AutoEP's token exchange moves per step on a rank (bench/estimate.py sums the dimensions): every
+    token's top-k copies out to their experts and back, forward and backward, routing assumed balanced; under TP
+    the cross term: the MoE's tokens split across the TP group, gathered and reduced back."""
+    c, lay = plan.model_config, plan.layout
+    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
+    bsh, L = micro * seq * c.hidden_size, c.num_hidden_layers
+    tokens = micro * seq // lay.sp  # this rank's
+    out = {"all_to_all": accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp}
+    if lay.tp > 1:
+        out["all_gather"] = accum * L * 2 * bsh // lay.tp * w
+        # backward: the gathered outputs' reduction (2 x bsh) and the input gradient's average (1 x bsh), in
+        # fp32 even in bf16 (measured: tests/integration/test_bf16.py); with the experts trained, one more
+        # bsh-sized reduction in the training dtype, measured (the data-dependent part: ~8 %)
+        out["all_reduce"] = accum * L * (3 * bsh * 4 + (0 if plan.peft == "lora" else bsh * w))
+    return out
+
+
 class AutoEP(ModelParallel):
     """deepspeed.initialize swaps in the expert-parallel MoE layers from the ds_config (prepare: nothing)."""
     name, default_peft = "ep", "none"

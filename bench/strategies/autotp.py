@@ -126,6 +126,57 @@ def lora_local_sizes(plan) -> list[tuple[str, int]]:
     return out
 
 
+def comm_bytes(plan, rank: int, w: int) -> dict:
+    """What AutoTP's collectives move per step on a rank (bench/estimate.py sums the dimensions): per micro-batch
+    and decoder layer, each split linear's all-reduce (row-parallel: the output in forward; column-parallel: the
+    input gradient in backward), the LM head's gather or the vocabulary-parallel loss's reductions, and LoRA's."""
+    c, lay = plan.model_config, plan.layout
+    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
+    bsh = micro * seq * c.hidden_size
+    row, col, head = _tp_linears(plan)
+    out = {"all_reduce": accum * (c.num_hidden_layers * (row + col) + head) * bsh * w}
+    if plan.peft == "lora":
+        out["all_reduce"] += accum * _tp_lora_all_reduce(plan, micro * seq, bsh * w, w)
+    if head and vocab_parallel(plan):  # the split embedding's output summed; the loss's max, sum of
+        # exponentials and target logit per predicted token (deepspeed/sequence/cross_entropy.py)
+        out["all_reduce"] += accum * (bsh * w + 3 * micro * (seq - 1) * 4)
+    elif head:
+        out["all_gather"] = accum * micro * seq * -(-c.vocab_size // lay.tp) * w
+    return out
+
+
+def _tp_linears(plan) -> tuple[int, int, bool]:
+    """(row-parallel, column-parallel) linear layers AutoTP makes per decoder layer, and whether the LM head is
+    column-parallel (gathered)."""
+    partition = (plan.ds.get("tensor_parallel") or {}).get("partition_config")
+    if partition is None:  # AutoTP's automatic policy for LLaMA
+        return 2, 5, True
+    row = col = 0
+    names = [n for n, _ in architecture(plan.model_config).params if ".layers.0." in n]
+    for spec in partition.get("layer_specs", []):
+        hits = sum(1 for n in names if any(re.match(p, n) for p in spec.get("patterns", [])))
+        if spec.get("partition_type") == "row":
+            row += hits
+        else:
+            col += hits
+    return row, col, False
+
+
+def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
+    """LoRA under TP, per micro-batch (bench/strategies/tp_lora.py): each adapter on a split layer reduces its
+    r-wide middle (in the model's width: DeepSpeed casts the adapters too), and a column-parallel layer whose input
+    needs no gradient skips its backward all-reduce: the first layer's q/k/v (the embeddings are frozen), and its
+    gate/up too when no attention projection carries an adapter."""
+    splits = tp_splits(plan)
+    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    adapters = sum(1 for name in splits if name.rsplit(".", 2)[-2] in targets)
+    first = {name.rsplit(".", 2)[-2] for name, kind in splits.items() if ".layers.0." in name and kind == "column"}
+    skipped = first & {"q_proj", "k_proj", "v_proj"}
+    if not targets & {"q_proj", "k_proj", "v_proj", "o_proj"}:
+        skipped |= first & {"gate_proj", "up_proj"}
+    return adapters * tokens * plan.cfg.lora_r * w - len(skipped) * layer_bytes
+
+
 class AutoTP(ModelParallel):
     """deepspeed.initialize shards the model from the ds_config (prepare: nothing)."""
     name, default_peft = "tp", "none"

@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench import metrics
-from bench.config import BenchError, zero_stage
+from bench.config import BenchError, precision_of, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
 from bench.strategies.base import Strategy
@@ -240,6 +240,21 @@ class PipelineRunner:
 
 # ---------------------------------------------------------------------------------------------------------
 # The strategies
+
+def comm_bytes(plan, rank: int, w: int) -> dict:
+    """What the pipeline moves per step on a rank (bench/estimate.py sums the dimensions): each micro-batch's
+    activations forward and gradients backward across this stage's boundaries, and the tied embedding's two
+    copies summing their gradients (pipe/engine.py, _exec_reduce_tied_grads; in fp32: the bf16 optimizer's
+    master gradient)."""
+    c, lay = plan.model_config, plan.layout
+    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
+    stage = lay.coords(rank).stage
+    sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
+    out = {"send_recv": accum * 2 * sends * micro * seq * c.hidden_size * w}  # logged by sender and receiver
+    if c.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
+        out["all_reduce"] = c.vocab_size * c.hidden_size * (2 if precision_of(plan.ds) == "fp16" else 4)
+    return out
+
 
 class Pipeline(Strategy):
     name, default_peft = "pp", "lora"

@@ -18,7 +18,7 @@ import math
 
 from bench.config import BenchError, zero_stage
 from bench.data import IGNORE
-from bench.models import is_moe
+from bench.models import head_dim, is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
 from bench.strategies.base import EngineRunner
 from bench.strategies.common import ModelParallel, reject_foreign_sections
@@ -48,6 +48,17 @@ def check_sp(cfg, ds: dict, layout, model_config) -> None:
         raise BenchError("--tiled_mlp tiles dense MLPs (gate/up/down projections); Mixtral's experts route each "
                          "token and are not tiled here: drop --tiled_mlp")
     check_stage(ds)
+
+
+def comm_bytes(plan, rank: int, w: int) -> dict:
+    """What Ulysses moves per step on a rank (bench/estimate.py sums the dimensions): each layer's q, k, v and
+    output all-to-all, forward and backward (k and v with their heads repeated up to the SP size when there are
+    fewer), and its position ids gathered in forward."""
+    c, lay = plan.model_config, plan.layout
+    (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
+    tokens, hd, L = micro * seq // lay.sp, head_dim(c), c.num_hidden_layers
+    q, kv = tokens * c.num_attention_heads * hd, tokens * max(c.num_key_value_heads, lay.sp) * hd
+    return {"all_to_all": accum * L * 2 * (2 * q + 2 * kv) * w, "all_gather": accum * L * tokens * 8}
 
 
 class SequenceParallel(ModelParallel):
