@@ -2,7 +2,11 @@
 
 The plan resolves a run through `check` and `resolve_ds`; the session builds it through `prepare` and
 `build_runner` and records it through `after_initialize` and `after_training`. Neither knows which strategy it
-holds, so adding one is a module here, a ds_config, tests, and one line in the registry (__init__.py).
+holds. The planner asks the strategy what it splits off each rank (`params_per_rank`; model-parallel ones answer
+`params_not_held`, common.py), and a model-parallel dimension's module counts its own collectives
+(`comm_bytes(plan, rank, width)`, summed by bench/estimate.py's DIMENSIONS). Adding a strategy is a module here,
+a ds_config, tests, and one line in the registry (__init__.py); a new dimension also adds its degree to
+config.Layout (from_ds_config, strategy) and one line to estimate.DIMENSIONS.
 """
 from __future__ import annotations
 
