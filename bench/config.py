@@ -28,7 +28,7 @@ def _f(default, help, **kw):
 
 @dataclass
 class RunConfig:
-    strategy: str = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); given, it "
+    strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); given, it "
                              "must agree")
     ds_config: str = _f("ds_configs/dp_zero2.json", "DeepSpeed config JSON; 'auto' fields are resolved")
     model: str = _f("tiny-llama", "preset name (see bench/models.py), local checkpoint directory or hub id")

@@ -114,8 +114,10 @@ def _link(plan, gpu: str, source: str) -> float:
 
 
 def _seconds(plan, gpu: str, source: str, kinds: dict) -> float:
+    """Seconds a source's logged bytes take on its link. The group an all-gather spans: TP's, EP's (its one
+    all-gather is the TP cross term's), SP's, or ZeRO's."""
     lay = plan.layout
-    group = {"tp": lay.tp, "ep": lay.ep, "sp": lay.sp}.get(source, lay.zero_degree if lay.zero_degree > 1 else 1)
+    group = {"tp": lay.tp, "ep": lay.tp, "sp": lay.sp}.get(source, lay.zero_degree if lay.zero_degree > 1 else 1)
     moved = sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0)) for kind, b in kinds.items())
     return moved / _link(plan, gpu, source)
 
