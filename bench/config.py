@@ -28,8 +28,8 @@ def _f(default, help, **kw):
 
 @dataclass
 class RunConfig:
-    strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); given, it "
-                             "must agree")
+    strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); "
+                                    "given, it must agree")
     ds_config: str = _f("ds_configs/dp_zero2.json", "DeepSpeed config JSON; 'auto' fields are resolved")
     model: str = _f("tiny-llama", "preset name (see bench/models.py), local checkpoint directory or hub id")
     init: str = _f("pretrained", "pretrained: load weights; random: benchmark the architecture without weights",
