@@ -83,16 +83,24 @@ def test_the_device_is_selected_before_the_process_group(launch_env, monkeypatch
     assert calls == [("set_device", 0), ("init_distributed",)]
 
 
+def _resident(mib: int):
+    """mib MiB of fresh pages, touched: an anonymous mapping, never memory the allocator already holds from
+    earlier tests in this process (malloc would hand that back without the RSS growing)."""
+    import mmap
+    m = mmap.mmap(-1, mib * 2**20)
+    for offset in range(0, len(m), 4096):
+        m[offset] = 1
+    return m
+
+
 def test_memory_peaks_are_kept_apart_by_phase():
     peaks = device.MemoryPeaks()
     peaks.mark_before_model()
-    load = bytearray(300 * 2**20)  # a "model load" of 300 MiB, freed before training
-    load[::4096] = b"\1" * len(load[::4096])
-    del load
+    load = _resident(300)  # a "model load" of 300 MiB, freed before training
+    load.close()
     peaks.close("load", then="warmup")
     peaks.close("warmup", then="training")
-    step = bytearray(60 * 2**20)
-    step[::4096] = b"\1" * len(step[::4096])
+    step = _resident(60)
     rec = peaks.record()
     phases = rec["phases"]
     assert phases["load"]["peak_rss_mib"] - rec["rss_before_model_mib"] >= 290
@@ -100,7 +108,7 @@ def test_memory_peaks_are_kept_apart_by_phase():
     assert phases["load"]["peak_rss_mib"] - rec["peak_rss_mib"] >= 200, "training's peak is not the load's"
     assert rec["peak_rss_mib"] >= phases["warmup"]["peak_rss_mib"] + 50
     assert rec["peak_allocated_mib"] is None, "the CPU has no allocator peak"
-    del step
+    step.close()
 
 
 @pytest.mark.parametrize("visible,expected", [
