@@ -49,8 +49,9 @@ def test_preempted_run_resumes_exactly(tmp_path, reference):
     recs = second.records()
     assert [r["step"] for r in recs] == list(range(1, 9)), "no duplicated or missing steps"
     # each process's first two steps are instrumented and warming up: never timed, after the resume too
-    assert [r["step"] for r in recs if r["warmup"]] == [1, 2, stopped + 1, stopped + 2]
-    assert s["measured_steps"] == 4
+    resumed_warmup = [step for step in (stopped + 1, stopped + 2) if step <= 8]  # one step left after a stop at 7
+    assert [r["step"] for r in recs if r["warmup"]] == [1, 2, *resumed_warmup]
+    assert s["measured_steps"] == 8 - 2 - len(resumed_warmup)
     assert [r["loss"] for r in recs] == pytest.approx(reference, rel=1e-6)
     assert "resuming after step" in second.output
 
