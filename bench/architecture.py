@@ -2,7 +2,7 @@
 read from the model built on the meta device. The planner, the strategies and the session all count from here."""
 from __future__ import annotations
 
-import functools
+import copy
 from dataclasses import dataclass
 
 from bench.config import BenchError
@@ -27,33 +27,25 @@ class Architecture:
     kind: str  # the model class, for messages
 
 
+# What decides every parameter's name and size: the architecture is built once per distinct set of these.
 _SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings",
           "attention_bias", "mlp_bias")
-_seen: dict = {}  # (id, shape numbers) -> the config's JSON: serializing a config is slower than planning with it
+_built: dict = {}
 
 
 def architecture(model_config) -> Architecture:
-    key = (id(model_config), *(getattr(model_config, k, None) for k in _SHAPE))
-    if key not in _seen:
-        if len(_seen) > 64:
-            _seen.clear()
-        _seen[key] = model_config.to_json_string()
-    return _architecture(_seen[key])
-
-
-@functools.lru_cache(maxsize=8)
-def _architecture(config_json: str) -> Architecture:
-    import json
-    from transformers import AutoConfig
-    d = json.loads(config_json)
-    model = meta_model(AutoConfig.for_model(d.pop("model_type"), **d))
-    params = tuple((n, p.numel()) for n, p in model.named_parameters())
-    modules = tuple((n, n.rsplit(".", 1)[-1], _in_out(m)) for n, m in model.named_modules())
-    return Architecture(params, modules, type(model).__name__)
+    key = tuple(getattr(model_config, k, None) for k in _SHAPE)
+    if key not in _built:
+        model = meta_model(copy.deepcopy(model_config))  # building may set attributes on its config
+        params = tuple((n, p.numel()) for n, p in model.named_parameters())
+        modules = tuple((n, n.rsplit(".", 1)[-1], _in_out(m)) for n, m in model.named_modules())
+        _built[key] = Architecture(params, modules, type(model).__name__)
+    return _built[key]
 
 
 def target_names(cfg) -> list[str]:
+    """--lora_targets as names, blanks dropped: the one place it is parsed."""
     return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
 
 

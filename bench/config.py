@@ -199,7 +199,6 @@ class Coords:
     zero: int         # place in the group ZeRO splits dense parameters over (0 .. Layout.zero_degree - 1)
     expert_data: int  # place among the ranks holding the same experts (0 .. world / ep - 1)
     tp: int           # place in its tensor-parallel group
-    sp: int           # place in its sequence-parallel group
 
 
 @dataclass(frozen=True)
@@ -258,9 +257,9 @@ class Layout:
         ranks of one expert group: a rank's expert-data-parallel partners sit ep apart."""
         if self.pp > 1:
             stage, data = divmod(rank, self.dp)
-            return Coords(stage=stage, data=data, zero=data, expert_data=rank // self.ep, tp=0, sp=0)
+            return Coords(stage=stage, data=data, zero=data, expert_data=rank // self.ep, tp=0)
         return Coords(stage=0, data=rank // (self.tp * self.sp), zero=(rank // self.tp) % self.zero_degree,
-                      expert_data=rank // self.ep, tp=rank % self.tp, sp=rank % self.sp)
+                      expert_data=rank // self.ep, tp=rank % self.tp)
 
     def stage_ranks(self, stage: int) -> range:
         """The ranks of one pipeline stage (coords' inverse)."""

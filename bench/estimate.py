@@ -17,7 +17,7 @@ from bench import gpus, models
 from bench.config import BenchError, offloaded, precision_of
 from bench.strategies import autoep, autotp, pipeline, ulysses
 from bench.strategies.autotp import tp_splits
-from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes
+from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
 
 GIB = gpus.GIB
 # The CUDA context, cuBLAS workspaces and NCCL's buffers (a fixed allowance), and the caching allocator's
@@ -362,7 +362,7 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
     input and their r-wide middle in the adapters' dtype (_adapter_width: bf16 under ZeRO-0/1/2 in bf16, fp32
     under ZeRO-3, where each adapter casts its input to fp32 separately)."""
     h, r = plan.model_config.hidden_size, plan.cfg.lora_r
-    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    targets = set(target_names(plan.cfg))
     if plan.cfg.tiled_mlp:  # the tiled MLP's adapters recompute with it
         targets -= {"gate_proj", "up_proj", "down_proj"}
     inputs = {"q_proj": ("norm1", bs * h), "k_proj": ("norm1", bs * h), "v_proj": ("norm1", bs * h),

@@ -258,6 +258,12 @@ def flop_coefficients(model_config, lora_params: int | None = None,
     return per_token, per_pair
 
 
+def head_flops_per_token(model_config, lora: bool) -> int:
+    """The LM head's part of flop_coefficients' per-token term: 6 V h, or 4 V h frozen under LoRA (no weight
+    gradient)."""
+    return (4 if lora else 6) * model_config.vocab_size * model_config.hidden_size
+
+
 def flops_per_token(model_config, seq_len: int, lora_params: int | None = None) -> float:
     """Training FLOPs per token of full seq_len-token rows: 6 N + 12 L H Q T (LoRA: 4 N + 2 N_lora + 12 L H Q T);
     flop_coefficients says what each term counts."""

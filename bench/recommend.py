@@ -98,7 +98,7 @@ def slowest_stage_share(plan) -> float:
         return 1.0
     c = plan.model_config
     per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
-    head = (6 if plan.lora_params is None else 4) * c.vocab_size * c.hidden_size  # forward + backward per token
+    head = models.head_flops_per_token(c, lora=plan.lora_params is not None)
     layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
     stages = [len(estimate.stage_of(plan, lay.stage_ranks(s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
               for s in range(lay.pp)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+from bench.architecture import target_names
 from bench.config import BenchError, zero_stage
 from bench.models import count_params_from_config, is_moe
 from bench.strategies import autotp
@@ -68,7 +69,7 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoEP here runs with ZeRO stage 0-2, got stage {stage}")
     if cfg.peft == "lora":
-        experts = sorted({t.strip() for t in cfg.lora_targets.split(",")} - NON_EXPERT_TARGETS)
+        experts = sorted(set(target_names(cfg)) - NON_EXPERT_TARGETS)
         if experts:
             raise BenchError(f"--lora_targets {experts} under expert parallelism: AutoEP replaces the experts with "
                              "its own layers, which LoRA cannot wrap; target the attention projections "

@@ -12,7 +12,7 @@ import copy
 import re
 
 from bench.config import BenchError, zero_stage
-from bench.architecture import architecture, lora_sizes_by_name
+from bench.architecture import architecture, lora_sizes_by_name, target_names
 from bench.strategies.common import ModelParallel, reject_foreign_sections
 from bench.strategies.tp_lora import adapters_follow_autotp
 
@@ -39,7 +39,7 @@ def check_tp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
         raise BenchError(f"AutoTP training here runs with ZeRO stage 0-2, got stage {stage}; "
                          "ZeRO-3 with AutoTP is not exercised by this harness")
     if cfg.peft == "lora":
-        outside = sorted({t.strip() for t in cfg.lora_targets.split(",")} - TP_LORA_TARGETS)
+        outside = sorted(set(target_names(cfg)) - TP_LORA_TARGETS)
         if outside:
             raise BenchError(f"--lora_targets {outside} under tensor parallelism: adapters follow AutoTP's split "
                              f"of the attention and MLP projections only ({', '.join(sorted(TP_LORA_TARGETS))})")
@@ -168,7 +168,7 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
     needs no gradient skips its backward all-reduce: the first layer's q/k/v (the embeddings are frozen), and its
     gate/up too when no attention projection carries an adapter."""
     splits = tp_splits(plan)
-    targets = {t.strip() for t in plan.cfg.lora_targets.split(",")}
+    targets = set(target_names(plan.cfg))
     adapters = sum(1 for name in splits if name.rsplit(".", 2)[-2] in targets)
     first = {name.rsplit(".", 2)[-2] for name, kind in splits.items() if ".layers.0." in name and kind == "column"}
     skipped = first & {"q_proj", "k_proj", "v_proj"}
