@@ -59,7 +59,7 @@ class Run:
         """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
         ("ckpt"), tiling, e.g. 'dp zero2 lora'."""
         s, run = self.summary, self.config.get("run") or {}
-        zero = f" zero{s.get('zero_stage')}" if s.get("strategy") in ("dp", "sp") else ""
+        zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every strategy has one
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
         return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled}"

@@ -116,7 +116,7 @@ def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[st
                 "memory scaling (peak_base/peak_N)": metrics.ratio(device0(base).get("peak_mib"), d0.get("peak_mib")),
             })
         job, strategy, zero, peft, recompute = key
-        title = (f"{job}: {strategy}" + (f" ZeRO-{zero}" if strategy in ("dp", "sp") else "") + f", peft {peft}"
+        title = (f"{job}: {strategy}" + (f" ZeRO-{zero}" if zero is not None else "") + f", peft {peft}"
                  + (", activation checkpointing" if recompute else ""))
         out[title + f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
     return out

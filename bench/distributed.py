@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass
@@ -23,10 +24,37 @@ class DistEnv:
     affinity_cpus: int = 1     # CPUs this process may run on (its affinity mask)
 
 
+_PORTS_GIVEN: set[int] = set()
+LAUNCHER_DEFAULTS = range(29500, 29510)  # deepspeed's and torchrun's default ports: other jobs start there
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a launch's rendezvous, chosen below the kernel's ephemeral range and never twice by one
+    process. A port the kernel picks (bind to 0) lies in that range, where, in the seconds between this check and
+    rank 0's bind, any process's outgoing connection or gloo listener may be given it: rank 0 then cannot bind,
+    or another rank reaches the wrong server and waits there. Below the range only an explicit bind takes it."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(max(1024, low - 16384), low)
+        if port in _PORTS_GIVEN or port in LAUNCHER_DEFAULTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise BenchError(f"no free port between {max(1024, low - 16384)} and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def discover() -> DistEnv:

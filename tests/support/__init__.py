@@ -121,14 +121,35 @@ def finish(procs: list, out_dir: Path, timeout: int = 300) -> Result:
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+            pytest.fail(hung(procs, timeout), pytrace=False)
         p.log.seek(0)
         outputs.append(p.log.read())
         p.log.close()
         code = code or p.returncode
     return Result(code, "\n".join(outputs), out_dir)
+
+
+def hung(procs: list, timeout: int) -> str:
+    """End a launch that outlived its timeout and say where each rank was: SIGABRT makes faulthandler (enabled in
+    bench/run.py) print every thread's Python stack before the process dies (a launcher's ranks are its children,
+    and are signalled too); then the tail of each process's output."""
+    import psutil
+    for p in procs:
+        try:
+            for q in psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]:
+                q.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(3)
+    tails = []
+    for i, p in enumerate(procs):
+        p.kill()
+        p.wait()
+        if not p.log.closed:
+            p.log.seek(0)
+            tails.append(f"--- process {i}, the last 80 lines of its output:\n"
+                         + "\n".join(p.log.read().splitlines()[-80:]))
+    return f"a launch ran past {timeout} s: {' '.join(map(str, procs[0].args))}\n" + "\n".join(tails)
 
 
 def wait_for_steps(out_dir: Path, procs: list, n: int, timeout: float = 120) -> None:
@@ -153,7 +174,13 @@ def run_many(runs: dict, parallel: int = 2, timeout: int = 400) -> dict:
             name, (out_dir, args, opts) = pending.pop(0)
             active.append((name, out_dir, start_bench(out_dir, *args, **opts)))
         name, out_dir, procs = active.pop(0)
-        results[name] = finish(procs, out_dir, timeout)
+        try:
+            results[name] = finish(procs, out_dir, timeout)
+        except BaseException:  # a hung launch fails the suite: leave none of the others running
+            for _, _, others in active:
+                for q in others:
+                    q.kill()
+            raise
     return results
 
 

@@ -57,3 +57,18 @@ def test_discover_records_threads_and_local_ranks(launch_env):
     env = distributed.discover()
     assert (env.rank, env.local_world_size) == (1, 2)
     assert env.cpu_threads == int(os.environ["OMP_NUM_THREADS"]) >= 1
+
+
+
+def test_a_free_port_lies_below_the_ephemeral_range_and_is_never_given_twice():
+    """The kernel hands ephemeral ports to any process's connections in the seconds before rank 0 binds; a port
+    below that range is taken only by an explicit bind."""
+    import socket
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+        low = int(fh.read().split()[0])
+    ports = [distributed.free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low and p not in distributed.LAUNCHER_DEFAULTS for p in ports)
+    for port in ports:  # and free
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

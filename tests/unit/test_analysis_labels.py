@@ -1,0 +1,24 @@
+"""The report's names for what it compares (analysis/collect.py, tables.py): every strategy carries its ZeRO stage,
+so two series that differ only in it never share a label or a table title (one title would overwrite the other)."""
+import pytest
+
+from analysis.collect import Run
+from analysis.tables import scaling_tables
+
+pytestmark = pytest.mark.unit
+
+
+def run(name: str, strategy: str, zero: int, gpus: int) -> Run:
+    summary = {"status": "completed", "strategy": strategy, "zero_stage": zero, "peft": "lora", "world_size": gpus,
+               "model": "tiny-llama", "seq_len": 128, "global_batch_size": 8, "layout": {"dp": gpus // 2, "tp": 2},
+               "total_wall_time_s": 10.0 * gpus}
+    return Run(name, summary, {"run": {"data": "squad-sample"}}, [], None)
+
+
+def test_every_strategy_is_named_with_its_zero_stage():
+    runs = [run(f"tp-z{z}-w{g}", "tp", z, g) for z in (1, 2) for g in (2, 4)]
+    assert {r.strategy for r in runs} == {"tp zero1 lora", "tp zero2 lora"}
+    assert len({r.label for r in runs}) == 4
+    tables = scaling_tables(runs)
+    assert len(tables) == 2 and sorted(len(rows) for rows in tables.values()) == [2, 2]
+    assert sum("tp ZeRO-1," in t for t in tables) == sum("tp ZeRO-2," in t for t in tables) == 1
