@@ -25,7 +25,9 @@ class DistEnv:
 
 
 _PORTS_GIVEN: set[int] = set()
-LAUNCHER_DEFAULTS = range(29500, 29510)  # deepspeed's and torchrun's default ports: other jobs start there
+# Where free_port looks: below the kernel's ephemeral range (32768 by default), apart from the ports slurm/common.sh
+# derives from job ids (20000-28999) and the launchers' default 29500.
+FREE_PORTS = range(10000, 20000)
 
 
 def free_port() -> int:
@@ -33,11 +35,11 @@ def free_port() -> int:
     process. A port the kernel picks (bind to 0) lies in that range, where, in the seconds between this check and
     rank 0's bind, any process's outgoing connection or gloo listener may be given it: rank 0 then cannot bind,
     or another rank reaches the wrong server and waits there. Below the range only an explicit bind takes it."""
-    low = _ephemeral_low()
+    ports = range(FREE_PORTS.start, min(FREE_PORTS.stop, _ephemeral_low()))
     pick = random.SystemRandom()
     for _ in range(1000):
-        port = pick.randrange(max(1024, low - 16384), low)
-        if port in _PORTS_GIVEN or port in LAUNCHER_DEFAULTS:
+        port = pick.choice(ports)
+        if port in _PORTS_GIVEN:
             continue
         with socket.socket() as s:
             try:
@@ -46,7 +48,7 @@ def free_port() -> int:
                 continue
         _PORTS_GIVEN.add(port)
         return port
-    raise BenchError(f"no free port between {max(1024, low - 16384)} and {low}")
+    raise BenchError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def _ephemeral_low() -> int:

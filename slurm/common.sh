@@ -28,7 +28,9 @@ bench_setup_env() {
     fi
     # One rendezvous for every task of every node: the first node of the allocation.
     export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-    export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    # Below the kernel's ephemeral ports (32768-60999), which any connection on the node may be given before rank 0
+    # binds this one, and below the launchers' default 29500.
+    export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 9000))}
     export PYTHONUNBUFFERED=1
 }
 
