@@ -266,16 +266,9 @@ class Layout:
         return range(stage * self.dp, (stage + 1) * self.dp)
 
     @staticmethod
-    def from_ds_config(ds: dict, world_size: int) -> "Layout":
-        tp = (ds.get("tensor_parallel") or {}).get("autotp_size", 1)
-        ep_section = ds.get("expert_parallel") or {}
-        ep = ep_section.get("autoep_size", 1) if ep_section.get("enabled", False) else 1  # DeepSpeed's default
-        pp = (ds.get("pipeline") or {}).get("stages", 1)
-        sp = ds.get("sequence_parallel_size", 1)
-        for name, v in (("tensor_parallel.autotp_size", tp), ("expert_parallel.autoep_size", ep),
-                        ("pipeline.stages", pp), ("sequence_parallel_size", sp)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise BenchError(f"ds_config {name} must be a positive integer, got {v!r}")
+    def fit(world_size: int, tp: int = 1, ep: int = 1, pp: int = 1, sp: int = 1) -> "Layout":
+        """The layout of world_size ranks with these model-parallel degrees (read from a ds_config by
+        bench/strategies' layout_of), DP taking the rest; one line when they do not fit."""
         model_par = tp * pp * sp * (1 if sp > 1 else ep)
         if world_size % model_par:
             raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp})*sp({sp}) != "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bench import gpus, models
 from bench.config import BenchError, offloaded, precision_of
-from bench.strategies import autoep, autotp, pipeline, ulysses
+from bench.strategies import DIMENSIONS
 from bench.strategies.autotp import tp_splits
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
 
@@ -28,8 +28,6 @@ FRAGMENTATION = 0.05
 REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
 PERSISTENCE_THRESHOLD = 100_000
-# The model-parallel dimensions whose collectives their own modules count (comm_bytes(plan, rank, width)).
-DIMENSIONS = {"tp": autotp, "ep": autoep, "sp": ulysses, "pp": pipeline}
 
 
 def gpu_capacity(name: str | None, gib: float | None) -> int | None:
@@ -405,9 +403,9 @@ def comm_by_source(plan, rank: int) -> dict:
     norm, ZeRO-1/2's gather of the updated parameters)."""
     lay, w = plan.layout, _width(plan)
     out: dict = {}
-    for source, module in DIMENSIONS.items():
+    for source, dimension in DIMENSIONS.items():
         if getattr(lay, source) > 1:
-            out[source] = {kind: int(n) for kind, n in module.comm_bytes(plan, rank, w).items()}
+            out[source] = {kind: int(n) for kind, n in dimension.comm_bytes(plan, rank, w).items()}
     source = "zero_backward"
 
     def add(kind, n):

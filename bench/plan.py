@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench import config, data, data_cache, gpus, metrics, models
-from bench.strategies import STRATEGIES, Strategy
+from bench.strategies import STRATEGIES, Strategy, layout_of
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
 from bench.architecture import lora_adapter_params
@@ -161,7 +161,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
                                 "leave --strategy out: the ds_config's layout says it)")
     ds_raw = config.load_ds_config(cfg.ds_config)
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
-    layout = config.Layout.from_ds_config(ds_raw, world)
+    layout = layout_of(ds_raw, world)
     if cfg.strategy is None:
         cfg.strategy = layout.strategy  # recorded resolved, like every other "auto"
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own

@@ -18,6 +18,7 @@ import os
 
 from bench import config, estimate, gpus, models
 from bench.plan import plan_layout
+from bench.strategies import DIMENSIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
 
@@ -106,18 +107,18 @@ def slowest_stage_share(plan) -> float:
 
 
 def _link(plan, gpu: str, source: str) -> float:
-    """Bandwidth a source's collectives see: TP, EP and SP groups are consecutive ranks, inside a node; ZeRO's
-    span every data-parallel rank and pipeline neighbours sit data-parallel-degree ranks apart."""
+    """Bandwidth a source's collectives see: NVLink while the ranks they reach fit in a node (a dimension's span,
+    bench/strategies; ZeRO's: every rank), else InfiniBand."""
     lay = plan.layout
-    span = {"tp": lay.tp, "ep": lay.ep, "sp": lay.sp, "pp": lay.dp * 2}.get(source, lay.world_size)
+    span = DIMENSIONS[source].span(lay) if source in DIMENSIONS else lay.world_size
     return gpus.BY_KEY[gpu].link_bytes_s if span <= gpus.GPUS_PER_NODE else INTER_NODE
 
 
 def _seconds(plan, gpu: str, source: str, kinds: dict) -> float:
-    """Seconds a source's logged bytes take on its link. The group an all-gather spans: TP's, EP's (its one
-    all-gather is the TP cross term's), SP's, or ZeRO's."""
+    """Seconds a source's logged bytes take on its link. The group an all-gather gathers from: the dimension's
+    (bench/strategies), or ZeRO's."""
     lay = plan.layout
-    group = {"tp": lay.tp, "ep": lay.tp, "sp": lay.sp}.get(source, lay.zero_degree if lay.zero_degree > 1 else 1)
+    group = DIMENSIONS[source].gather_group(lay) if source in DIMENSIONS else max(lay.zero_degree, 1)
     moved = sum(b * (group - 1 if kind == "all_gather" else BUS_FACTOR.get(kind, 1.0)) for kind, b in kinds.items())
     return moved / _link(plan, gpu, source)
 

@@ -12,7 +12,8 @@ from bench.architecture import target_names
 from bench.config import BenchError, zero_stage
 from bench.models import count_params_from_config, is_moe
 from bench.strategies import autotp
-from bench.strategies.common import ModelParallel, reject_foreign_sections
+from bench.strategies.base import Dimension, register
+from bench.strategies.common import ModelParallel
 
 
 # Modules outside the MoE blocks AutoEP replaces: adapters there are ordinary data-parallel parameters.
@@ -101,15 +102,26 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def degree(ds: dict) -> int:
+    section = ds.get("expert_parallel") or {}
+    return section.get("autoep_size", 1) if section.get("enabled", False) else 1  # DeepSpeed's default: off
+
+
+EP = register(Dimension(
+    "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes,
+    span=lambda lay: lay.ep,  # groups of consecutive ranks
+    gather_group=lambda lay: lay.tp))  # its one all-gather is the TP cross term's
+
+
 class AutoEP(ModelParallel):
     """deepspeed.initialize swaps in the expert-parallel MoE layers from the ds_config (prepare: nothing)."""
-    name, default_peft = "ep", "none"
+    name, default_peft, dimensions = "ep", "none", ("ep",)
 
     def params_not_held(self, plan) -> int:
         return experts_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("ep", ds, allowed=("expert_parallel",))
+        self.reject_foreign_sections(ds)
         check_ep(cfg, ds, layout, model_config, "ep")
 
     def resolve_ds(self, ds: dict, model_config) -> dict:
@@ -123,13 +135,13 @@ class AutoEP(ModelParallel):
 
 class AutoTPxEP(AutoEP, autotp.AutoTP):
     """AutoEP's preparation, AutoTP's initialization (LoRA following its split), both sets of checks."""
-    name, default_peft = "tp_ep", "none"
+    name, default_peft, dimensions = "tp_ep", "none", ("tp", "ep")
 
     def params_not_held(self, plan) -> int:
         return autotp.tp_params_not_held(plan) + experts_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("tp_ep", ds, allowed=("expert_parallel", "tensor_parallel"))
+        self.reject_foreign_sections(ds)
         autotp.check_tp(cfg, ds, layout, model_config, "tp_ep")
         check_ep(cfg, ds, layout, model_config, "tp_ep")
 

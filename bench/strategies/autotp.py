@@ -13,7 +13,8 @@ import re
 
 from bench.config import BenchError, zero_stage
 from bench.architecture import architecture, lora_sizes_by_name, target_names
-from bench.strategies.common import ModelParallel, reject_foreign_sections
+from bench.strategies.base import Dimension, register
+from bench.strategies.common import ModelParallel
 from bench.strategies.tp_lora import adapters_follow_autotp
 
 MOE_ATTENTION_ONLY = {
@@ -145,6 +146,12 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+TP = register(Dimension(
+    "tp", "tensor_parallel", "tensor_parallel.autotp_size",
+    degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
+    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp))  # groups of consecutive ranks
+
+
 def _tp_linears(plan) -> tuple[int, int, bool]:
     """(row-parallel, column-parallel) linear layers AutoTP makes per decoder layer, and whether the LM head is
     column-parallel (gathered)."""
@@ -179,13 +186,13 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
 
 class AutoTP(ModelParallel):
     """deepspeed.initialize shards the model from the ds_config (prepare: nothing)."""
-    name, default_peft = "tp", "none"
+    name, default_peft, dimensions = "tp", "none", ("tp",)
 
     def params_not_held(self, plan) -> int:
         return tp_params_not_held(plan)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("tp", ds, allowed=("tensor_parallel",))
+        self.reject_foreign_sections(ds)
         check_tp(cfg, ds, layout, model_config, "tp")
 
     def resolve_ds(self, ds: dict, model_config) -> dict:

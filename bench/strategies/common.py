@@ -2,19 +2,7 @@
 from __future__ import annotations
 
 from bench.architecture import target_names
-from bench.config import BenchError
 from bench.strategies.base import Strategy
-
-# ds_config sections that turn on a model-parallel dimension, and the strategy that owns each.
-PARALLEL_SECTIONS = {"tensor_parallel": "tp", "expert_parallel": "ep", "pipeline": "pp",
-                     "sequence_parallel_size": "sp"}
-
-
-def reject_foreign_sections(strategy: str, ds: dict, allowed: tuple = ()) -> None:
-    for section, owner in PARALLEL_SECTIONS.items():
-        if section in ds and section not in allowed:
-            raise BenchError(f"--strategy {strategy} got a ds_config with a '{section}' section; "
-                             f"that layout belongs to a {owner} strategy: remove the section or change --strategy")
 
 
 def save_adapters(engine, out_dir: str, is_main: bool) -> bool:

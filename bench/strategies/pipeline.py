@@ -20,8 +20,7 @@ from bench import metrics
 from bench.config import BenchError, precision_of, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
-from bench.strategies.base import Strategy
-from bench.strategies.common import reject_foreign_sections
+from bench.strategies.base import Dimension, Strategy, register
 
 PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
 
@@ -256,11 +255,18 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+PP = register(Dimension(
+    "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
+    comm_bytes=comm_bytes,
+    span=lambda lay: lay.dp * 2,  # a stage's neighbours sit data-parallel-degree ranks away
+    gather_group=lambda lay: 1))  # it gathers nothing
+
+
 class Pipeline(Strategy):
-    name, default_peft = "pp", "lora"
+    name, default_peft, dimensions = "pp", "lora", ("pp",)
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("pp", ds, allowed=("pipeline",))
+        self.reject_foreign_sections(ds)
         check_pp(cfg, ds, layout, model_config, "pp")
         if layout.dp > 1:
             raise BenchError(f"--strategy pp with {layout.describe()}: the world has room for data parallelism "
@@ -316,7 +322,7 @@ class Hybrid(Pipeline):
     name = "hybrid"
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("hybrid", ds, allowed=("pipeline",))
+        self.reject_foreign_sections(ds)
         check_pp(cfg, ds, layout, model_config, "hybrid")
         if layout.dp < 2:
             raise BenchError(f"--strategy hybrid needs data parallelism beside the pipeline, got "

@@ -21,7 +21,8 @@ from bench.data import IGNORE
 from bench.models import head_dim, is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
 from bench.strategies.base import EngineRunner
-from bench.strategies.common import ModelParallel, reject_foreign_sections
+from bench.strategies.base import Dimension, register
+from bench.strategies.common import ModelParallel
 from bench.strategies.zero import check_stage
 
 
@@ -61,16 +62,21 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return {"all_to_all": accum * L * 2 * (2 * q + 2 * kv) * w, "all_gather": accum * L * tokens * 8}
 
 
+SP = register(Dimension(
+    "sp", "sequence_parallel_size", "sequence_parallel_size", degree=lambda ds: ds.get("sequence_parallel_size", 1),
+    comm_bytes=comm_bytes, span=lambda lay: lay.sp, gather_group=lambda lay: lay.sp))  # consecutive ranks
+
+
 class SequenceParallel(ModelParallel):
     """Ulysses alone, or with AutoEP for MoE models (its groups folded over the SP ranks: world = dp x sp)."""
-    name, default_peft = "sp", "none"
+    name, default_peft, dimensions = "sp", "none", ("sp", "ep")
 
     def params_not_held(self, plan) -> int:  # the cross term: AutoEP's groups folded over the SP ranks
         return experts_not_held(plan) if plan.layout.ep > 1 else 0
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         check_sp(cfg, ds, layout, model_config)
-        reject_foreign_sections("sp", ds, allowed=("sequence_parallel_size", "expert_parallel"))
+        self.reject_foreign_sections(ds)
         if layout.ep > 1:
             if zero_stage(ds) == 3:
                 raise BenchError("AutoEP with ZeRO-3 under sequence parallelism is refused: DeepSpeed 0.19.8 does not "

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from bench.config import BenchError
 from bench.strategies.base import Strategy
-from bench.strategies.common import reject_foreign_sections
 
 
 class ZeroDP(Strategy):
     name, default_peft = "dp", "lora"
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
-        reject_foreign_sections("dp", ds)
+        self.reject_foreign_sections(ds)
         zero = ds.get("zero_optimization")
         if not isinstance(zero, dict) or "stage" not in zero:
             raise BenchError(f"--strategy dp needs a 'zero_optimization' section with a 'stage' in {cfg.ds_config} "

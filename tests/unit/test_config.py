@@ -1,10 +1,12 @@
 """Config resolution: CLI > ds_config > defaults, "auto" fields, batch arithmetic, layout factors."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from bench.config import BenchError, Layout, parse_args, resolve_batch, resolve_ds_config
+from bench.strategies import layout_of
 
 pytestmark = pytest.mark.unit
 
@@ -66,20 +68,20 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line():
 
 
 def test_layout_factors():
-    assert Layout.from_ds_config({}, 8) == Layout(dp=8)
+    assert layout_of({}, 8) == Layout(dp=8)
     ep = {"enabled": True, "autoep_size": 2}
-    lay = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": ep}, 8)
+    lay = layout_of({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": ep}, 8)
     assert (lay.dp, lay.tp, lay.ep, lay.pp) == (2, 2, 2, 1) and lay.world_size == 8
     assert lay.data_parallel == 4 and [lay.coords(r).data for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     # DeepSpeed ignores an expert_parallel section that is not enabled
-    assert Layout.from_ds_config({"expert_parallel": {"autoep_size": 2}}, 8) == Layout(dp=8)
-    pipe = Layout.from_ds_config({"pipeline": {"stages": 2}}, 4)  # stages are the outer rank axis
+    assert layout_of({"expert_parallel": {"autoep_size": 2}}, 8) == Layout(dp=8)
+    pipe = layout_of({"pipeline": {"stages": 2}}, 4)  # stages are the outer rank axis
     assert (pipe.dp, pipe.pp) == (2, 2) and [pipe.coords(r).data for r in range(4)] == [0, 1, 0, 1]
     assert lay.describe() == "dp(2)*tp(2)*ep(2)*pp(1)*sp(1) = 8"
     with pytest.raises(BenchError, match=r"dp\(\?\)\*tp\(4\)\*ep\(1\)\*pp\(1\)\*sp\(1\) != WORLD_SIZE\(6\)"):
-        Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 6)
+        layout_of({"tensor_parallel": {"autotp_size": 4}}, 6)
     # sequence parallelism: consecutive ranks share the data, ZeRO spans them all
-    seq = Layout.from_ds_config({"sequence_parallel_size": 2}, 8)
+    seq = layout_of({"sequence_parallel_size": 2}, 8)
     assert (seq.dp, seq.sp, seq.data_parallel, seq.zero_degree) == (4, 2, 4, 8)
     assert [seq.coords(r).data for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
@@ -111,17 +113,17 @@ def test_coords_are_deepspeeds_own_rank_topology():
     """Layout.coords against DeepSpeed's topology objects: the pipeline's (stage, data) grid, and the expert
     groups (consecutive ranks, so expert-data-parallel partners sit ep apart)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology
-    pipe = Layout.from_ds_config({"pipeline": {"stages": 4}}, 8)
+    pipe = layout_of({"pipeline": {"stages": 4}}, 8)
     topo = PipeDataParallelTopology(num_pp=4, num_dp=2)
     for rank in range(8):
         at, theirs = pipe.coords(rank), topo.get_coord(rank)
         assert (at.stage, at.data, at.zero) == (theirs.pipe, theirs.data, theirs.data)
     assert [list(pipe.stage_ranks(s)) for s in range(4)] == [topo.filter_match(pipe=s) for s in range(4)]
-    tp = Layout.from_ds_config({"tensor_parallel": {"autotp_size": 4}}, 8)
+    tp = layout_of({"tensor_parallel": {"autotp_size": 4}}, 8)
     mesh = ProcessTopology(axes=["data", "model"], dims=[2, 4])  # DeepSpeed's (data, tensor) mesh
     for rank in range(8):
         assert (tp.coords(rank).data, tp.coords(rank).tp) == tuple(mesh.get_coord(rank))
-    ep = Layout.from_ds_config({"expert_parallel": {"enabled": True, "autoep_size": 2}}, 8)
+    ep = layout_of({"expert_parallel": {"enabled": True, "autoep_size": 2}}, 8)
     experts = ProcessTopology(axes=["expert_data", "expert"], dims=[4, 2])
     for rank in range(8):
         assert ep.coords(rank).expert_data == experts.get_coord(rank).expert_data
@@ -138,7 +140,7 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
     # cannot split 8 or 4 ways in five of them (tp4, tp8, tp4_ep2, sp8, ep8)
     for path in sorted(glob.glob("ds_configs/*.json")):
         ds = json.loads(Path(path).read_text())
-        layout = Layout.from_ds_config(ds, 8)
+        layout = layout_of(ds, 8)
         assert layout.strategy in STRATEGIES, path
         model = "tiny-mixtral" if layout.ep > 1 else "tiny-llama"
         model_config = models.load_config(model, "random", offline=True)[0]
@@ -154,6 +156,27 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
         assert passed in ([], [layout.strategy]), (path, passed)
         own += passed == [layout.strategy]
     assert own == len(glob.glob("ds_configs/*.json")) - 5
+
+
+def test_each_dimension_reads_its_own_degree_and_owns_its_section():
+    """The dimensions' declarations (bench/strategies: Dimension) are what the layout reads: a degree where its
+    module says, a bad one refused with the place it was read, and a section only strategies made of it accept."""
+    from bench.strategies import DIMENSIONS, STRATEGIES
+    assert list(DIMENSIONS) == ["tp", "ep", "pp", "sp"]
+    for key, ds in [("tp", {"tensor_parallel": {"autotp_size": 2}}), ("pp", {"pipeline": {"stages": 2}}),
+                    ("sp", {"sequence_parallel_size": 2}), ("ep", {"expert_parallel": {"enabled": True,
+                                                                                      "autoep_size": 2}})]:
+        d = DIMENSIONS[key]
+        assert d.section in ds and d.degree(ds) == 2 and getattr(layout_of(ds, 4), key) == 2
+        with pytest.raises(BenchError, match=f"ds_config {re.escape(d.degree_key)} must be a positive integer"):
+            layout_of(json.loads(json.dumps(ds).replace("2", "0")), 4)
+        made_of = sorted(name for name, cls in STRATEGIES.items() if key in cls.dimensions)
+        assert made_of == {"tp": ["tp", "tp_ep"], "ep": ["ep", "sp", "tp_ep"], "pp": ["hybrid", "pp"],
+                           "sp": ["sp"]}[key]
+        for name in set(STRATEGIES) - set(made_of):
+            with pytest.raises(BenchError, match=f"got a ds_config with a '{d.section}' section; that layout belongs "
+                                                 f"to a {key} strategy"):
+                STRATEGIES[name]().reject_foreign_sections(ds)
 
 
 def test_a_run_without_strategy_takes_the_ds_configs(refuse):
