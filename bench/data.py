@@ -341,13 +341,15 @@ class ShardedBatches:
         """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
         return [self.collate(self.data, idx) for idx in self.step_indices(step)]
 
-    def mean_shape(self, steps: int) -> tuple[int, int]:
-        """(rows, width) of the mean micro-batch of the first `steps` steps, over every data-parallel rank (the
-        planner's micro-batch: packed and longest rows change width from one micro-batch to the next)."""
+    def planned_shapes(self, steps: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(rows, width) of the mean and of the widest micro-batch (the most tokens) of the first `steps` steps,
+        over every data-parallel rank: packed and longest rows change width from one micro-batch to the next. The
+        planner computes throughput, FLOPs and communication for the mean one, and the memory peak at the widest."""
         lengths = self.data.lengths
         shapes = [self.collate.shape(lengths[idx].tolist(), self.data.input_ids.shape[1])
                   for step in range(steps) for rank in range(self.dp) for idx in self.step_indices(step, rank)]
-        return round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes))
+        mean = round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes))
+        return mean, max(shapes, key=lambda s: (s[0] * s[1], s[1]))
 
 
 def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int,

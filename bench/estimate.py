@@ -345,10 +345,10 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
 
 
-def _tiled_loss_slice(plan) -> int:
+def _tiled_loss_slice(plan, shape: tuple[int, int]) -> int:
     """--tiled_loss: the bytes one slice of the LM head and loss holds at once (bench/strategies/ulysses.py)."""
     from bench.strategies.ulysses import tile_count
-    rows, width = plan.micro_shape
+    rows, width = shape
     logits = rows * width // plan.layout.sp * plan.model_config.vocab_size
     return logits * (_width(plan) + 8) // tile_count(logits * 4, 2 ** 30)
 
@@ -449,25 +449,23 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
     per_rank, in_flight = [], _in_flight(plan)
     for rank in range(plan.layout.world_size):
         states = model_states(plan, rank)
-        act = activation_bytes(plan, rank)
         flight = in_flight[rank]
-        activations = act["activation_bytes"] * flight + act["recompute_bytes"]
-        # the loss's fp32 copy of the logits and their gradient, on the stage that computes it
-        loss = 2 * act["logits_bytes"] // _width(plan) * 4
-        if plan.cfg.tiled_loss:  # one slice at a time: its logits, their fp32 copy and gradient
-            loss = _tiled_loss_slice(plan)
-        transient = states.pop("transient_bytes") + act["logits_bytes"] + loss
+        activations, transient, logits = _micro_batch_bytes(plan, rank, plan.micro_shape, flight)
+        # Packed and longest-padded micro-batches vary in width: the peak comes with the widest the run will see
+        # (every micro-batch in flight taken as wide as it, an upper bound under the pipeline)
+        widest = sum(_micro_batch_bytes(plan, rank, plan.widest_micro_shape, flight)[:2]) - activations - transient
+        transient += states.pop("transient_bytes")
         step = states.pop("step_transient_bytes")
         host = states.pop("offloaded_bytes")
         # on the device: the peak of backward (activations and its transients) or of the optimizer step, after
         # backward freed them (the step's own transient)
-        held = sum(states.values()) - host + max(activations + transient, step)
+        held = sum(states.values()) - host + max(activations + transient + widest, step)
         allowance = (lambda b: int(CONTEXT_BYTES + FRAGMENTATION * b)) if device == "cuda" else (lambda b: 0)
         overhead = allowance(held)
         load = load_bytes(plan, rank)
         per_rank.append({"rank": rank, **states, "offloaded_bytes": host, "activation_bytes": activations,
-                         "logits_bytes": act["logits_bytes"], "transient_bytes": transient,
-                         "step_transient_bytes": step,
+                         "logits_bytes": logits, "transient_bytes": transient,
+                         "widest_micro_batch_bytes": widest, "step_transient_bytes": step,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
                          "load_bytes": load["device"] + allowance(load["device"]), "load_host_bytes": load["host"],
                          "micro_batches_in_flight": flight})
@@ -480,10 +478,23 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
     flops = micro_batches * rows * (per_token * width + per_pair * width ** 2)  # computed: attention per row
     return {"fits": None if capacity is None else peak <= capacity, "capacity_bytes": capacity, "peak_bytes": peak,
             "training_peak_bytes": training, "load_peak_bytes": loading,
+            "micro_batch_shapes": {"mean": list(plan.micro_shape), "widest": list(plan.widest_micro_shape)},
             "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
             "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
             "computed_tokens_per_step": micro_batches * rows * width,
             "flops_per_rank_per_step": flops / plan.layout.world_size}
+
+
+def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> tuple[int, int, int]:
+    """(activations, transient, logits) of micro-batches of this shape on this rank at its backward's peak: what
+    the micro-batches in flight saved (and one layer's recompute under checkpointing); the logits, the loss's fp32
+    copy of them and their gradient, on the stage that computes it; the logits alone."""
+    act = activation_bytes(plan, rank, *shape)
+    loss = 2 * act["logits_bytes"] // _width(plan) * 4
+    if plan.cfg.tiled_loss:  # one slice at a time: its logits, their fp32 copy and gradient
+        loss = _tiled_loss_slice(plan, shape)
+    logits = act["logits_bytes"]
+    return act["activation_bytes"] * flight + act["recompute_bytes"], logits + loss, logits
 
 
 def _in_flight(plan) -> list[int]:
@@ -518,8 +529,9 @@ def suggestions(plan) -> list[str]:
 def format_table(est: dict, gpu: str | None = None) -> str:
     """The plan as a console table: one row per group of ranks that hold the same, then the verdict."""
     cols = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
-            "transient_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
-    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "overhead", "- host", "total")
+            "transient_bytes", "widest_micro_batch_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
+    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "+ widest", "overhead", "- host",
+            "total")
     rows: list[list] = []
     for r in est["per_rank"]:
         values = [r[k] for k in cols]
@@ -528,8 +540,11 @@ def format_table(est: dict, gpu: str | None = None) -> str:
         else:
             rows.append([[r["rank"], r["rank"]], values])
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    mean, widest = (" x ".join(map(str, est["micro_batch_shapes"][k])) for k in ("mean", "widest"))
     lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md; host: what ZeRO offload keeps in host "
-             "memory, not in the device total)", "-" * 116,
+             "memory, not in the device total)",
+             f"activations and transient: of the mean micro-batch ({mean} tokens); + widest: what the widest the run "
+             f"will see ({widest}) adds", "-" * 128,
              f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
     for (a, b), values in rows:
         lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))

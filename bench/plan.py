@@ -86,15 +86,24 @@ class Plan:
         return metrics.throughput(step_times, work, self.batch.global_, self.layout.world_size, model, hardware,
                                   self.peak_tflops)
 
-    @functools.cached_property
+    @property
     def micro_shape(self) -> tuple[int, int]:
         """(rows, width) of this run's mean micro-batch: what the planner plans activations, communication and
         FLOPs for (--seq_len-wide rows unless packed or padded to the longest sample)."""
+        return self._planned_shapes[0]
+
+    @property
+    def widest_micro_shape(self) -> tuple[int, int]:
+        """(rows, width) of the micro-batch with the most tokens this run will see: where its memory peaks."""
+        return self._planned_shapes[1]
+
+    @functools.cached_property
+    def _planned_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         if self.collate.mode == "max":
-            return self.batch.micro, self.cfg.seq_len
+            return (self.batch.micro, self.cfg.seq_len), (self.batch.micro, self.cfg.seq_len)
         sharded = data.ShardedBatches(self.train_data, self.batch.micro, self.batch.grad_accum,
                                       self.layout.data_parallel, 0, self.cfg.seed, self.collate)
-        return sharded.mean_shape(self.cfg.max_steps)
+        return sharded.planned_shapes(self.cfg.max_steps)
 
     @property
     def consumed(self) -> str:

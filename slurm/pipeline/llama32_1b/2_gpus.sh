@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.2-1B, LoRA, pipeline parallel over 2 stages (8 micro-batches).
-# Predicted peak per GPU (bench-plan, H100-80GB): 3.8 GiB training, 2.5 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 3.9 GiB training, 2.5 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/pipeline/llama32_1b/2_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=pp2-llama32-1b
 #SBATCH --nodes=1
