@@ -341,15 +341,15 @@ class ShardedBatches:
         """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
         return [self.collate(self.data, idx) for idx in self.step_indices(step)]
 
-    def planned_shapes(self, steps: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(rows, width) of the mean and of the widest micro-batch (the most tokens) of the first `steps` steps,
-        over every data-parallel rank: packed and longest rows change width from one micro-batch to the next. The
-        planner computes throughput, FLOPs and communication for the mean one, and the memory peak at the widest."""
+    def planned_shapes(self, steps: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """(rows, width) of the mean micro-batch of the first `steps` steps over every data-parallel rank, and every
+        distinct shape among them: packed and longest rows change width from one micro-batch to the next. The
+        planner computes throughput, FLOPs and communication for the mean one, the memory peak over them all."""
         lengths = self.data.lengths
         shapes = [self.collate.shape(lengths[idx].tolist(), self.data.input_ids.shape[1])
                   for step in range(steps) for rank in range(self.dp) for idx in self.step_indices(step, rank)]
         mean = round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes))
-        return mean, max(shapes, key=lambda s: (s[0] * s[1], s[1]))
+        return mean, sorted(set(shapes))
 
 
 def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int,

@@ -35,7 +35,8 @@ def free_port() -> int:
     process. A port the kernel picks (bind to 0) lies in that range, where, in the seconds between this check and
     rank 0's bind, any process's outgoing connection or gloo listener may be given it: rank 0 then cannot bind,
     or another rank reaches the wrong server and waits there. Below the range only an explicit bind takes it."""
-    ports = range(FREE_PORTS.start, min(FREE_PORTS.stop, _ephemeral_low()))
+    # a host whose ephemeral range starts lower (some set 1024-65535) leaves nothing safe: the whole range then
+    ports = range(FREE_PORTS.start, min(FREE_PORTS.stop, _ephemeral_low())) or FREE_PORTS
     pick = random.SystemRandom()
     for _ in range(1000):
         port = pick.choice(ports)

@@ -451,21 +451,23 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         states = model_states(plan, rank)
         flight = in_flight[rank]
         activations, transient, logits = _micro_batch_bytes(plan, rank, plan.micro_shape, flight)
-        # Packed and longest-padded micro-batches vary in width: the peak comes with the widest the run will see
-        # (every micro-batch in flight taken as wide as it, an upper bound under the pipeline)
-        widest = sum(_micro_batch_bytes(plan, rank, plan.widest_micro_shape, flight)[:2]) - activations - transient
+        # Packed and longest-padded micro-batches vary in width: the peak comes with the one that holds the most of
+        # those the run will see, usually the widest (not always: --tiled_loss's slices shrink as a row crosses a
+        # tile boundary); every micro-batch in flight taken as that one, an upper bound under the pipeline
+        peak = max(sum(_micro_batch_bytes(plan, rank, shape, flight)[:2]) for shape in plan.micro_shapes)
+        extra = max(0, peak - activations - transient)
         transient += states.pop("transient_bytes")
         step = states.pop("step_transient_bytes")
         host = states.pop("offloaded_bytes")
         # on the device: the peak of backward (activations and its transients) or of the optimizer step, after
         # backward freed them (the step's own transient)
-        held = sum(states.values()) - host + max(activations + transient + widest, step)
+        held = sum(states.values()) - host + max(activations + transient + extra, step)
         allowance = (lambda b: int(CONTEXT_BYTES + FRAGMENTATION * b)) if device == "cuda" else (lambda b: 0)
         overhead = allowance(held)
         load = load_bytes(plan, rank)
         per_rank.append({"rank": rank, **states, "offloaded_bytes": host, "activation_bytes": activations,
                          "logits_bytes": logits, "transient_bytes": transient,
-                         "widest_micro_batch_bytes": widest, "step_transient_bytes": step,
+                         "peak_micro_batch_bytes": extra, "step_transient_bytes": step,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
                          "load_bytes": load["device"] + allowance(load["device"]), "load_host_bytes": load["host"],
                          "micro_batches_in_flight": flight})
@@ -478,7 +480,7 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
     flops = micro_batches * rows * (per_token * width + per_pair * width ** 2)  # computed: attention per row
     return {"fits": None if capacity is None else peak <= capacity, "capacity_bytes": capacity, "peak_bytes": peak,
             "training_peak_bytes": training, "load_peak_bytes": loading,
-            "micro_batch_shapes": {"mean": list(plan.micro_shape), "widest": list(plan.widest_micro_shape)},
+            "micro_batch_shapes": {"mean": list(plan.micro_shape), "all": [list(s) for s in plan.micro_shapes]},
             "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
             "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
             "computed_tokens_per_step": micro_batches * rows * width,
@@ -529,8 +531,8 @@ def suggestions(plan) -> list[str]:
 def format_table(est: dict, gpu: str | None = None) -> str:
     """The plan as a console table: one row per group of ranks that hold the same, then the verdict."""
     cols = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
-            "transient_bytes", "widest_micro_batch_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
-    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "+ widest", "overhead", "- host",
+            "transient_bytes", "peak_micro_batch_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
+    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "+ peak mb", "overhead", "- host",
             "total")
     rows: list[list] = []
     for r in est["per_rank"]:
@@ -540,11 +542,13 @@ def format_table(est: dict, gpu: str | None = None) -> str:
         else:
             rows.append([[r["rank"], r["rank"]], values])
     gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-    mean, widest = (" x ".join(map(str, est["micro_batch_shapes"][k])) for k in ("mean", "widest"))
+    shapes = est["micro_batch_shapes"]
+    widest = max(shapes["all"], key=lambda s: s[0] * s[1])
+    mean, widest = (" x ".join(map(str, s)) for s in (shapes["mean"], widest))
     lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md; host: what ZeRO offload keeps in host "
              "memory, not in the device total)",
-             f"activations and transient: of the mean micro-batch ({mean} tokens); + widest: what the widest the run "
-             f"will see ({widest}) adds", "-" * 128,
+             f"activations and transient: of the mean micro-batch ({mean} tokens); + peak mb: what the micro-batch "
+             f"at the peak adds, of {len(shapes['all'])} shapes the run will see (the widest: {widest})", "-" * 128,
              f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
     for (a, b), values in rows:
         lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))

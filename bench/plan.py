@@ -93,14 +93,14 @@ class Plan:
         return self._planned_shapes[0]
 
     @property
-    def widest_micro_shape(self) -> tuple[int, int]:
-        """(rows, width) of the micro-batch with the most tokens this run will see: where its memory peaks."""
+    def micro_shapes(self) -> list[tuple[int, int]]:
+        """Every distinct (rows, width) of the micro-batches this run will see: its memory peaks at one of them."""
         return self._planned_shapes[1]
 
     @functools.cached_property
-    def _planned_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _planned_shapes(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         if self.collate.mode == "max":
-            return (self.batch.micro, self.cfg.seq_len), (self.batch.micro, self.cfg.seq_len)
+            return (self.batch.micro, self.cfg.seq_len), [(self.batch.micro, self.cfg.seq_len)]
         sharded = data.ShardedBatches(self.train_data, self.batch.micro, self.batch.grad_accum,
                                       self.layout.data_parallel, 0, self.cfg.seed, self.collate)
         return sharded.planned_shapes(self.cfg.max_steps)

@@ -20,8 +20,7 @@ from bench.config import BenchError, zero_stage
 from bench.data import IGNORE
 from bench.models import head_dim, is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
-from bench.strategies.base import EngineRunner
-from bench.strategies.base import Dimension, register
+from bench.strategies.base import Dimension, EngineRunner, register
 from bench.strategies.common import ModelParallel
 from bench.strategies.zero import check_stage
 

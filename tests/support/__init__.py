@@ -134,13 +134,25 @@ def hung(procs: list, timeout: int) -> str:
     bench/run.py) print every thread's Python stack before the process dies (a launcher's ranks are its children,
     and are signalled too); then the tail of each process's output."""
     import psutil
+    launched = []  # every process of the launch: a launcher's descendants, or the rank itself (srun-env, python)
     for p in procs:
         try:
-            for q in psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]:
+            launched += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for q in launched:
+        try:
+            script = next((a for a in q.cmdline()[1:] if not a.startswith("-")), "")  # after python's own flags
+            if script.endswith("bench/run.py"):  # a rank, not a launcher (python -m ..., torchrun, accelerate)
                 q.send_signal(signal.SIGABRT)
         except psutil.NoSuchProcess:
             pass
     time.sleep(3)
+    for q in launched:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
     tails = []
     for i, p in enumerate(procs):
         p.kill()

@@ -83,32 +83,42 @@ def test_packed_rows_are_planned_as_autograd_saves_them(peft):
         _saved_bytes(longest, torch.float32, rows, width), rel=0.15)
 
 
-@pytest.mark.parametrize("batching", [("--packing", "on"), ("--packing", "off", "--padding", "longest"),
-                                      ("--packing", "off")])
-def test_the_peak_is_planned_at_the_widest_micro_batch_the_run_will_see(batching):
+@pytest.mark.parametrize("layout,batching", [
+    ("dp_zero2", ("--packing", "on")), ("dp_zero2", ("--packing", "off", "--padding", "longest")),
+    ("dp_zero2", ("--packing", "off")), ("sp2", ("--packing", "on", "--tiled_loss"))])
+def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batching):
     """Packed and longest-padded micro-batches vary in width from one to the next: throughput and FLOPs are
-    planned at the mean one, the memory peak at the widest, found here by collating every micro-batch of every
-    data-parallel rank the run will train on; the peak grows by what that micro-batch saves beyond the mean."""
+    planned at the mean one, the memory peak at the one that holds the most, found here by collating every
+    micro-batch of every data-parallel rank the run will train on and counting each one's activations, logits and
+    loss; the peak grows by what that one holds beyond the mean."""
     from bench import data
-    plan = plan_layout(["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--micro_batch_size", "2",
-                        "--global_batch_size", "8", "--max_steps", "6", *batching], 2)
+    strategy = "sp" if layout.startswith("sp") else "dp"
+    plan = plan_layout(["--strategy", strategy, "--ds_config", f"ds_configs/{layout}.json", "--micro_batch_size",
+                        "2", "--global_batch_size", "4" if strategy == "sp" else "8", "--max_steps", "6",
+                        *batching], 2)
+    streams = plan.layout.data_parallel
     shapes = []
-    for rank in range(2):
-        sharded = data.ShardedBatches(plan.train_data, 2, 2, 2, rank, plan.cfg.seed, plan.collate)
+    for rank in range(streams):
+        sharded = data.ShardedBatches(plan.train_data, 2, plan.batch.grad_accum, streams, rank, plan.cfg.seed,
+                                      plan.collate)
         shapes += [tuple(b["input_ids"].shape) for step in range(6) for b in sharded.step_batches(step)]
-    widest = max(shapes, key=lambda s: (s[0] * s[1], s[1]))
-    assert plan.widest_micro_shape == widest
+    assert plan.micro_shapes == sorted(set(shapes))
     mean = (round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes)))
     assert plan.micro_shape == mean
+
+    def held(shape):  # one micro-batch's saved tensors, its logits, and the loss's fp32 copy and gradient of them
+        act = estimate.activation_bytes(plan, 0, *shape)
+        loss = (estimate._tiled_loss_slice(plan, shape) if plan.cfg.tiled_loss
+                else 2 * act["logits_bytes"] * 4 // estimate._width(plan))
+        return act["activation_bytes"] + act["recompute_bytes"] + act["logits_bytes"] + loss
+
+    extra = max(held(s) for s in shapes) - held(mean)
     r = estimate.estimate(plan, None, device="cpu")["per_rank"][0]
-    wide, mean_act = (estimate.activation_bytes(plan, 0, *shape) for shape in (widest, mean))
-    logits = wide["logits_bytes"] - mean_act["logits_bytes"]
-    extra = wide["activation_bytes"] - mean_act["activation_bytes"] + logits * (1 + 2 * 4 // estimate._width(plan))
-    assert r["widest_micro_batch_bytes"] == extra
+    assert r["peak_micro_batch_bytes"] == max(0, extra)
     if plan.collate.mode == "max":
-        assert extra == 0 and widest == mean == (2, plan.cfg.seq_len)
+        assert extra == 0 and shapes == [(2, plan.cfg.seq_len)] * len(shapes)
     else:
-        assert widest[0] * widest[1] > mean[0] * mean[1] and extra > 0
+        assert len(set(shapes)) > 1 and extra > 0
     states = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes"))
     assert r["total_bytes"] == states + max(r["activation_bytes"] + r["transient_bytes"] + extra,
                                             r["step_transient_bytes"])
@@ -143,7 +153,7 @@ def test_bench_plan_prints_a_verdict_and_json(capsys):
     assert [r["rank"] for r in est["per_rank"]] == list(range(8))
     for r in est["per_rank"]:
         parts = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes",
-                                   "activation_bytes", "transient_bytes", "widest_micro_batch_bytes",
+                                   "activation_bytes", "transient_bytes", "peak_micro_batch_bytes",
                                    "overhead_bytes"))
         assert r["total_bytes"] == parts and r["step_transient_bytes"] == 0  # ZeRO-3: no fp32 copy at the step
         # ZeRO-3 over 8 ranks, for 1/8 of 8.03 B parameters each: Adam's two fp32 states, and the gradients'
@@ -188,7 +198,7 @@ def test_the_fp32_gradient_partition_at_the_step_is_planned_after_backward():
     copy = -(-zero2.total_params // 8) * 4  # one fp32 element per parameter of the rank's partition
     assert r["step_transient_bytes"] == pytest.approx(copy, rel=1e-3)
     states = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes"))
-    backward = states + r["activation_bytes"] + r["transient_bytes"] + r["widest_micro_batch_bytes"]
+    backward = states + r["activation_bytes"] + r["transient_bytes"] + r["peak_micro_batch_bytes"]
     assert r["step_transient_bytes"] > backward - states  # the step is the peak here
     assert r["total_bytes"] == max(backward, states + r["step_transient_bytes"]) + r["overhead_bytes"]
     for config in ("dp_zero3", "dp_zero2_offload"):
