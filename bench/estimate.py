@@ -454,8 +454,8 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
         # Packed and longest-padded micro-batches vary in width: the peak comes with the one that holds the most of
         # those the run will see, usually the widest (not always: --tiled_loss's slices shrink as a row crosses a
         # tile boundary); every micro-batch in flight taken as that one, an upper bound under the pipeline
-        peak = max(sum(_micro_batch_bytes(plan, rank, shape, flight)[:2]) for shape in plan.micro_shapes)
-        extra = max(0, peak - activations - transient)
+        most = max(sum(_micro_batch_bytes(plan, rank, shape, flight)[:2]) for shape in plan.micro_shapes)
+        extra = max(0, most - activations - transient)
         transient += states.pop("transient_bytes")
         step = states.pop("step_transient_bytes")
         host = states.pop("offloaded_bytes")

@@ -133,35 +133,50 @@ def hung(procs: list, timeout: int) -> str:
     """End a launch that outlived its timeout and say where each rank was: SIGABRT makes faulthandler (enabled in
     bench/run.py) print every thread's Python stack before the process dies (a launcher's ranks are its children,
     and are signalled too); then the tail of each process's output."""
-    import psutil
-    launched = []  # every process of the launch: a launcher's descendants, or the rank itself (srun-env, python)
-    for p in procs:
-        try:
-            launched += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
+    launched = _process_tree(procs)
     for q in launched:
-        try:
-            script = next((a for a in q.cmdline()[1:] if not a.startswith("-")), "")  # after python's own flags
-            if script.endswith("bench/run.py"):  # a rank, not a launcher (python -m ..., torchrun, accelerate)
-                q.send_signal(signal.SIGABRT)
-        except psutil.NoSuchProcess:
-            pass
+        script = next((a for a in _cmdline(q)[1:] if not a.startswith("-")), "")  # after python's own flags
+        if script.endswith("bench/run.py"):  # a rank, not a launcher (python -m ..., torchrun, accelerate)
+            _signal(q, signal.SIGABRT)
     time.sleep(3)
     for q in launched:
-        try:
-            q.kill()
-        except psutil.NoSuchProcess:
-            pass
+        _signal(q, signal.SIGKILL)
     tails = []
     for i, p in enumerate(procs):
-        p.kill()
         p.wait()
         if not p.log.closed:
             p.log.seek(0)
             tails.append(f"--- process {i}, the last 80 lines of its output:\n"
                          + "\n".join(p.log.read().splitlines()[-80:]))
     return f"a launch ran past {timeout} s: {' '.join(map(str, procs[0].args))}\n" + "\n".join(tails)
+
+
+def _process_tree(procs: list) -> list:
+    """The launch's processes and all their descendants (a launcher's ranks), as psutil processes."""
+    import psutil
+    out = []
+    for p in procs:
+        try:
+            out += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _cmdline(q) -> list:
+    import psutil
+    try:
+        return q.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(q, sig) -> None:
+    import psutil
+    try:
+        q.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def wait_for_steps(out_dir: Path, procs: list, n: int, timeout: float = 120) -> None:
@@ -190,8 +205,8 @@ def run_many(runs: dict, parallel: int = 2, timeout: int = 400) -> dict:
             results[name] = finish(procs, out_dir, timeout)
         except BaseException:  # a hung launch fails the suite: leave none of the others running
             for _, _, others in active:
-                for q in others:
-                    q.kill()
+                for q in _process_tree(others):
+                    _signal(q, signal.SIGKILL)
             raise
     return results
 
