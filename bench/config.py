@@ -28,8 +28,8 @@ def _f(default, help, **kw):
 
 @dataclass
 class RunConfig:
-    strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout (Layout.strategy); "
-                                    "given, it must agree")
+    strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout "
+                                    "(bench/strategies strategy_of); given, it must agree")
     ds_config: str = _f("ds_configs/dp_zero2.json", "DeepSpeed config JSON; 'auto' fields are resolved")
     model: str = _f("tiny-llama", "preset name (see bench/models.py), local checkpoint directory or hub id")
     init: str = _f("pretrained", "pretrained: load weights; random: benchmark the architecture without weights",
@@ -189,106 +189,6 @@ def load_ds_config(path: str) -> dict:
     if not isinstance(ds, dict):
         raise BenchError(f"{path}: top level must be a JSON object, got {type(ds).__name__}")
     return ds
-
-
-@dataclass(frozen=True)
-class Coords:
-    """Where one rank sits in its layout (Layout.coords)."""
-    stage: int        # pipeline stage
-    data: int         # data stream: which micro-batches it reads (0 .. Layout.data_parallel - 1)
-    zero: int         # place in the group ZeRO splits dense parameters over (0 .. Layout.zero_degree - 1)
-    expert_data: int  # place among the ranks holding the same experts (0 .. world / ep - 1)
-    tp: int           # place in its tensor-parallel group
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How WORLD_SIZE splits: world = dp * tp * ep * pp * sp, DP being the remainder.
-
-    Expert-parallel ranks are data-parallel for everything but the experts (DeepSpeed's expert-data-parallel
-    scheme), so the number of distinct data streams is dp * ep. Ranks of one tensor-parallel group are
-    consecutive (DeepSpeed's (data, tensor) mesh) and read the same data; so are the ranks of one
-    sequence-parallel group, each taking its slice of every sequence. Pipeline stages are the outer axis.
-    Under sequence parallelism AutoEP folds its groups over the ranks there are (consecutive ranks, DeepSpeed's
-    "sp" ordering): EP adds no ranks and no data streams, world = dp * sp.
-    """
-    dp: int
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
-    sp: int = 1
-
-    @property
-    def ep_ranks(self) -> int:
-        """The factor EP multiplies the world by: its degree, or 1 where it folds over the SP ranks."""
-        return 1 if self.sp > 1 else self.ep
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.ep_ranks * self.pp * self.sp
-
-    @property
-    def data_parallel(self) -> int:
-        """Distinct data streams."""
-        return self.dp * self.ep_ranks
-
-    @property
-    def zero_degree(self) -> int:
-        """Ranks ZeRO splits a dense parameter's states over: the data-parallel ones, and under sequence
-        parallelism every rank (DeepSpeed's sequence-data-parallel group)."""
-        return self.data_parallel * self.sp
-
-    @property
-    def strategy(self) -> str:
-        """The strategy this layout is (--strategy's name, bench/strategies): the pipeline with or without data
-        parallelism, TP x EP, Ulysses SP (AutoEP folded over it or not), TP, EP, or ZeRO data parallelism."""
-        if self.pp > 1:
-            return "hybrid" if self.dp > 1 else "pp"
-        if self.tp > 1 and self.ep > 1:
-            return "tp_ep"
-        if self.sp > 1:
-            return "sp"
-        return "tp" if self.tp > 1 else "ep" if self.ep > 1 else "dp"
-
-    def coords(self, rank: int) -> Coords:
-        """The one place rank topology is computed. Pipeline stages are outermost (DeepSpeed's
-        PipeDataParallelTopology: rank = stage * dp + data rank). Otherwise the ranks of one TP group, or of one
-        SP group, are consecutive (DeepSpeed's (data, tensor) mesh; Ulysses' sequence groups), and so are the
-        ranks of one expert group: a rank's expert-data-parallel partners sit ep apart."""
-        if self.pp > 1:
-            stage, data = divmod(rank, self.dp)
-            return Coords(stage=stage, data=data, zero=data, expert_data=rank // self.ep, tp=0)
-        return Coords(stage=0, data=rank // (self.tp * self.sp), zero=(rank // self.tp) % self.zero_degree,
-                      expert_data=rank // self.ep, tp=rank % self.tp)
-
-    def stage_ranks(self, stage: int) -> range:
-        """The ranks of one pipeline stage (coords' inverse)."""
-        return range(stage * self.dp, (stage + 1) * self.dp)
-
-    @staticmethod
-    def fit(world_size: int, tp: int = 1, ep: int = 1, pp: int = 1, sp: int = 1) -> "Layout":
-        """The layout of world_size ranks with these model-parallel degrees (read from a ds_config by
-        bench/strategies' layout_of), DP taking the rest; one line when they do not fit."""
-        model_par = tp * pp * sp * (1 if sp > 1 else ep)
-        if world_size % model_par:
-            raise BenchError(f"layout does not fit: dp(?)*tp({tp})*ep({ep})*pp({pp})*sp({sp}) != "
-                             f"WORLD_SIZE({world_size}); WORLD_SIZE must be a multiple of tp*ep*pp*sp = {model_par}: "
-                             f"start that many processes (deepspeed --num_gpus {model_par} bench/run.py ..., torchrun "
-                             f"--nproc_per_node {model_par}), or plan it from one with --dry_run --world_size "
-                             f"{model_par}")
-        if world_size % ep:
-            raise BenchError(f"expert_parallel.autoep_size {ep} must divide WORLD_SIZE ({world_size}): under sequence "
-                             "parallelism the expert groups fold over the ranks there are")
-        return Layout(dp=world_size // model_par, tp=tp, ep=ep, pp=pp, sp=sp)
-
-    def describe(self) -> str:
-        folded = f" (ep({self.ep}) folded over them)" if self.ep > 1 and self.sp > 1 else ""
-        ep = "" if folded else f"*ep({self.ep})"
-        return f"dp({self.dp})*tp({self.tp}){ep}*pp({self.pp})*sp({self.sp}) = {self.world_size}{folded}"
-
-    def as_dict(self) -> dict:
-        """What summary.json and config.json record as "layout"."""
-        return {"dp": self.dp, "tp": self.tp, "ep": self.ep, "pp": self.pp, "sp": self.sp}
 
 
 @dataclass

@@ -237,10 +237,10 @@ class Collate:
     multiple: int = ROW_MULTIPLE
 
     @staticmethod
-    def of(kind: str, packing: str, padding: str, sp: int = 1) -> "Collate":
+    def of(kind: str, packing: str, padding: str, slices: int = 1) -> "Collate":
         """The resolved --packing/--padding for data of this kind. Text rows are full blocks cut from one stream
         already: nothing to pack or pad."""
-        multiple = ROW_MULTIPLE * sp // math.gcd(ROW_MULTIPLE, sp)  # SP cuts each row into sp equal slices
+        multiple = ROW_MULTIPLE * slices // math.gcd(ROW_MULTIPLE, slices)  # SP cuts each row into equal slices
         if kind == "text":
             return Collate("max", multiple)
         packed = packing == "on" or (packing == "auto" and padding == "max")

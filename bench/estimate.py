@@ -67,7 +67,7 @@ def stage_of(plan, rank: int) -> tuple[int, set | None]:
     if lay.pp == 1:
         return 0, None
     from bench.strategies.pipeline import stage_bounds
-    stage = lay.coords(rank).stage
+    stage = lay.coords(rank)["pp"]
     b = stage_bounds(plan)
     # partition positions: 0 is the embedding, 1..L the decoder layers, then the norm and head (pipeline.py)
     return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
@@ -117,7 +117,7 @@ def groups(plan, rank: int) -> list[Group]:
     at = lay.coords(rank)
     out = [Group(dense, lay.zero_degree, at.zero)]
     if expert:  # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
-        out.append(Group(expert, lay.world_size // lay.ep, at.expert_data))
+        out.append(Group(expert, lay.world_size // lay.ep, at["ep"]))
     return out
 
 
@@ -208,12 +208,17 @@ def lora_sizes(plan) -> list[int]:
 
 
 def _reduce_width(plan) -> int:
-    """Bytes per element of ZeRO's gradient reductions: under SP the engine reduces in
-    seq_parallel_communication_data_type (runtime/engine.py sets communication_data_type from it), whose default
-    is fp32 even in bf16 (runtime/constants.py)."""
-    if plan.layout.sp == 1:
-        return _width(plan)
-    return {"fp32": 4, "fp16": 2, "bf16": 2}[plan.ds.get("seq_parallel_communication_data_type", "fp32")]
+    """Bytes per element of ZeRO's gradient reductions: the training dtype's, or the dtype a dimension that is on
+    reduces in (its module's reduce_dtype: SP's)."""
+    for d in _on(plan):
+        if d.reduce_dtype:
+            return {"fp32": 4, "fp16": 2, "bf16": 2}[d.reduce_dtype(plan.ds)]
+    return _width(plan)
+
+
+def _on(plan) -> list:
+    """The declarations (DIMENSIONS) of the dimensions this plan's layout turns on."""
+    return [d for key, d in DIMENSIONS.items() if key in plan.layout.on()]
 
 
 def _sizes_and_widths(plan) -> list[tuple[int, int]]:
@@ -281,22 +286,24 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
     c, lay, w = plan.model_config, plan.layout, _width(plan)
     rows, width = plan.micro_shape  # the run's mean micro-batch (packed: one row of its samples)
-    micro, seq = micro or rows, (seq or width) // lay.sp  # SP: this rank's slice
+    micro, seq = micro or rows, (seq or width) // lay.sequence_split  # SP: this rank's slice
     tp = lay.tp
     h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     bs = micro * seq
-    # Padded rows: pipeline stages pass no mask, Ulysses drops it (causal SDPA, keys and values not expanded).
-    # Packed rows under SDPA get a mask everywhere: transformers' one from the position ids, or each pipeline
-    # stage's and each Ulysses layer's own (bench/models.py packed_causal_mask), over the whole gathered row
+    # Padded rows: pipeline stages pass no mask, Ulysses drops it (causal SDPA, keys and values not expanded):
+    # their modules' drops_mask. Packed rows under SDPA get a mask everywhere: transformers' one from the position
+    # ids, or each pipeline stage's and each Ulysses layer's own (bench/models.py packed_causal_mask), over the
+    # whole gathered row. A dimension that splits the sequence (Ulysses) attends over the gathered row
+    split = lay.sequence_split
     packed = plan.collate.mode == "packed" and plan.cfg.attn_implementation in ("sdpa", "eager")
-    masked = packed or (lay.pp == 1 and lay.sp == 1)
+    masked = packed or not any(d.drops_mask for d in _on(plan))
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
-    expanded = masked or lay.sp > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
+    expanded = masked or split > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
     attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
-    mask = micro * (seq * lay.sp) ** 2 if packed and lay.sp > 1 else micro * seq * seq * w  # bool, gathered
+    mask = micro * (seq * split) ** 2 if packed and split > 1 else micro * seq * seq * w  # bool, gathered
     attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
-    attention += micro * seq * lay.sp * 8 if lay.sp > 1 else 0  # Ulysses: the gathered position ids
+    attention += micro * seq * split * 8 if split > 1 else 0  # Ulysses: the gathered position ids
     if plan.cfg.attn_implementation == "eager":
         # transformers' eager_attention_forward: matmul(q, k^T) keeps q and k repeated to every head, the softmax
         # its fp32 output and matmul(p, v) the probabilities cast back to w (one tensor in fp32) and v repeated;
@@ -343,14 +350,6 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             outside += bs * vocab * 4
     logits = bs * vocab * w if last and not plan.cfg.tiled_loss else 0
     return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
-
-
-def _tiled_loss_slice(plan, shape: tuple[int, int]) -> int:
-    """--tiled_loss: the bytes one slice of the LM head and loss holds at once (bench/strategies/ulysses.py)."""
-    from bench.strategies.ulysses import tile_count
-    rows, width = shape
-    logits = rows * width // plan.layout.sp * plan.model_config.vocab_size
-    return logits * (_width(plan) + 8) // tile_count(logits * 4, 2 ** 30)
 
 
 def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int) -> int:
@@ -493,8 +492,9 @@ def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> 
     copy of them and their gradient, on the stage that computes it; the logits alone."""
     act = activation_bytes(plan, rank, *shape)
     loss = 2 * act["logits_bytes"] // _width(plan) * 4
-    if plan.cfg.tiled_loss:  # one slice at a time: its logits, their fp32 copy and gradient
-        loss = _tiled_loss_slice(plan, shape)
+    for d in _on(plan):  # a dimension's runner that tiles the head and loss holds one slice at a time
+        tiled = d.loss_slice(plan, shape) if d.loss_slice else None
+        loss = loss if tiled is None else tiled
     logits = act["logits_bytes"]
     return act["activation_bytes"] * flight + act["recompute_bytes"], logits + loss, logits
 
@@ -505,7 +505,7 @@ def _in_flight(plan) -> list[int]:
     lay = plan.layout
     if lay.pp == 1:
         return [1] * lay.world_size
-    return [min(lay.pp - lay.coords(r).stage, plan.batch.grad_accum) for r in range(lay.world_size)]
+    return [min(lay.pp - lay.coords(r)["pp"], plan.batch.grad_accum) for r in range(lay.world_size)]
 
 
 def suggestions(plan) -> list[str]:

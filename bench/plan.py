@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from bench import config, data, data_cache, gpus, metrics, models
-from bench.strategies import STRATEGIES, Strategy, layout_of
+from bench.layout import DIMENSIONS, Layout, layout_of
+from bench.strategies import STRATEGIES, Strategy, strategy_of
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
 from bench.architecture import lora_adapter_params
@@ -24,7 +25,7 @@ class Plan:
     cfg: config.RunConfig
     strategy: Strategy
     ds: dict                  # resolved ds_config: what DeepSpeed gets and what is recorded
-    layout: config.Layout
+    layout: Layout
     batch: config.Batch
     peft: str
     model_config: object
@@ -172,11 +173,13 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     layout = layout_of(ds_raw, world)
     if cfg.strategy is None:
-        cfg.strategy = layout.strategy  # recorded resolved, like every other "auto"
+        cfg.strategy = strategy_of(layout)  # recorded resolved, like every other "auto"
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
-    if (cfg.tiled_mlp or cfg.tiled_loss) and cfg.strategy != "sp":
-        raise config.BenchError("--tiled_mlp and --tiled_loss run with --strategy sp (DeepSpeed's ALST tiling, "
-                                "applied by its runner); drop them or use --strategy sp")
+    for d in DIMENSIONS.values():  # a dimension's own flags need a strategy made of it
+        if any(getattr(cfg, flag) for flag in d.flags) and d.key not in strategy.dimensions:
+            names = " or ".join(n for n, s in STRATEGIES.items() if d.key in s.dimensions)
+            raise config.BenchError(f"--{' and --'.join(d.flags)} run with --strategy {names} (they need its {d.key} "
+                                    f"dimension); drop them or use --strategy {names}")
     batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
     model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
     if cfg.peft == "auto":
@@ -209,7 +212,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     if val.size < batch.micro * dp:
         raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sp)
+    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split)
     plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),

@@ -79,7 +79,7 @@ def gemm_efficiency(plan, sms: int | None) -> float:
     an expert sees its share of the EP group's tokens. Forward shapes stand for backward's."""
     c, lay = plan.model_config, plan.layout
     rows, width = plan.micro_shape
-    m = rows * width // lay.sp
+    m = rows * width // lay.sequence_split
     hd = models.head_dim(c)
     q, kv, h, f = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
     experts = getattr(c, "num_local_experts", 0) or 0
@@ -101,7 +101,7 @@ def slowest_stage_share(plan) -> float:
     per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
     head = models.head_flops_per_token(c, lora=plan.lora_params is not None)
     layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
-    stages = [len(estimate.stage_of(plan, lay.stage_ranks(s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
+    stages = [len(estimate.stage_of(plan, lay.ranks_at("pp", s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
               for s in range(lay.pp)]
     return max(stages) / (sum(stages) / lay.pp)
 
@@ -156,7 +156,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
 
 def _representative_ranks(plan) -> list[int]:
     """One rank per pipeline stage (the others of a stage move the same bytes)."""
-    return [plan.layout.stage_ranks(s)[0] for s in range(plan.layout.pp)]
+    return [plan.layout.ranks_at("pp", s)[0] for s in range(plan.layout.pp)]
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:
@@ -175,7 +175,7 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
         args = [*args, "--peft", "none"]
     for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
         path = os.path.relpath(path, REPO) if os.getcwd() == REPO else path
-        try:  # the strategy is the ds_config's own (Layout.strategy)
+        try:  # the strategy is the ds_config's own (strategy_of)
             base = plan_layout([*args, "--ds_config", path, "--micro_batch_size", "1"], world, gpu)
         except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
             reasons.append(f"{path}: {e}")

@@ -12,7 +12,7 @@ from bench.architecture import target_names
 from bench.config import BenchError, zero_stage
 from bench.models import count_params_from_config, is_moe
 from bench.strategies import autotp
-from bench.strategies.base import Dimension, register
+from bench.layout import Dimension, register
 from bench.strategies.common import ModelParallel
 
 
@@ -91,7 +91,7 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     c, lay = plan.model_config, plan.layout
     (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
     bsh, L = micro * seq * c.hidden_size, c.num_hidden_layers
-    tokens = micro * seq // lay.sp  # this rank's
+    tokens = micro * seq // lay.sequence_split  # this rank's
     out = {"all_to_all": accum * L * 4 * tokens * c.num_experts_per_tok * c.hidden_size * w // lay.tp}
     if lay.tp > 1:
         out["all_gather"] = accum * L * 2 * bsh // lay.tp * w
@@ -110,7 +110,9 @@ def degree(ds: dict) -> int:
 EP = register(Dimension(
     "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes,
     span=lambda lay: lay.ep,  # groups of consecutive ranks
-    gather_group=lambda lay: lay.tp))  # its one all-gather is the TP cross term's
+    gather_group=lambda lay: lay.tp,  # its one all-gather is the TP cross term's
+    streams=True,  # expert-data-parallel: its ranks are data-parallel for everything but the experts
+    coord=lambda lay, rank: rank // lay.ep))  # place among the ranks holding the same experts (partners ep apart)
 
 
 class AutoEP(ModelParallel):

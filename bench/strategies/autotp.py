@@ -13,7 +13,7 @@ import re
 
 from bench.config import BenchError, zero_stage
 from bench.architecture import architecture, lora_sizes_by_name, target_names
-from bench.strategies.base import Dimension, register
+from bench.layout import Dimension, register
 from bench.strategies.common import ModelParallel
 from bench.strategies.tp_lora import adapters_follow_autotp
 
@@ -149,7 +149,8 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
 TP = register(Dimension(
     "tp", "tensor_parallel", "tensor_parallel.autotp_size",
     degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
-    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp))  # groups of consecutive ranks
+    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp,
+    order=10))  # groups of consecutive ranks, innermost (DeepSpeed's (data, tensor) mesh)
 
 
 def _tp_linears(plan) -> tuple[int, int, bool]:

@@ -3,51 +3,19 @@
 The plan resolves a run through `check` and `resolve_ds`; the session builds it through `prepare` and
 `build_runner` and records it through `after_initialize` and `after_training`. Neither knows which strategy it
 holds. The planner asks the strategy what it splits off each rank (`params_per_rank`; model-parallel ones answer
-`params_not_held`, common.py). A model-parallel dimension's module declares it (`Dimension`, `register`): the
-ds_config section that turns it on, where its degree is read, the collectives it adds to a step and the ranks they
-cross; the layout, the planner and the cost model read every dimension from DIMENSIONS. Adding a strategy is a
-module here, a ds_config, tests, and one line in the registry (__init__.py); a new dimension also places its ranks
-in config.Layout (its degree, world_size, coords and the strategy name).
+`params_not_held`, common.py). A model-parallel dimension's module declares it (bench/layout.py `Dimension`,
+`register`): the ds_config section that turns it on, where its degree is read, where its ranks sit, the collectives
+it adds to a step and the ranks they cross; the layout, the planner and the cost model read every dimension from
+DIMENSIONS, and a layout's strategy is the one made of its dimensions (`dimensions`, `claims`). Adding a strategy or
+a dimension is a module here, a ds_config, tests, and one line in the registry (__init__.py).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
 
 from bench.architecture import parameter_sizes
-from bench.config import BenchError, Layout
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """A model-parallel dimension, as its own module declares it."""
-    key: str                          # its degree's name: Layout's field, summary.json's layout, the planner's source
-    section: str                      # the ds_config key that turns it on; strategies not made of it refuse it
-    degree_key: str                   # where its degree is read, as messages name it
-    degree: Callable[[dict], object]  # ds_config -> its degree (1 when off)
-    comm_bytes: Callable[..., dict]   # (plan, rank, width) -> {kind: bytes} per step, on the critical path
-    span: Callable[[Layout], int]     # the ranks its collectives reach across (inside a node or not)
-    gather_group: Callable[[Layout], int]  # the ranks one of its all-gathers gathers from
-
-
-DIMENSIONS: dict[str, Dimension] = {}  # filled as the registry (__init__.py) imports each dimension's module
-
-
-def register(dimension: Dimension) -> Dimension:
-    DIMENSIONS[dimension.key] = dimension
-    return dimension
-
-
-def layout_of(ds: dict, world_size: int) -> Layout:
-    """How world_size ranks split under this ds_config: each dimension's degree, read where it says."""
-    degrees = {}
-    for d in DIMENSIONS.values():
-        value = d.degree(ds)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise BenchError(f"ds_config {d.degree_key} must be a positive integer, got {value!r}")
-        degrees[d.key] = value
-    return Layout.fit(world_size, **degrees)
+from bench.config import BenchError
+from bench.layout import DIMENSIONS
 
 
 class Strategy:
@@ -55,6 +23,12 @@ class Strategy:
     default_peft: str = "none"     # what --peft auto means for this strategy
     dimensions: tuple = ()         # the model-parallel dimensions it is made of (DIMENSIONS' keys)
     mpu = None                     # the parallel-state object deepspeed.initialize gets, where one is needed
+
+    @classmethod
+    def claims(cls, layout) -> bool:
+        """Whether a layout made of this strategy's dimensions is this strategy (strategy_of; e.g. a pipeline with
+        or without data parallelism)."""
+        return True
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         """Refuse a ds_config, model or flag this strategy cannot run (raise BenchError with one line)."""

@@ -20,7 +20,8 @@ from bench import metrics
 from bench.config import BenchError, precision_of, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
-from bench.strategies.base import Dimension, Strategy, register
+from bench.layout import Dimension, register
+from bench.strategies.base import Strategy
 
 PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
 
@@ -247,7 +248,7 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     master gradient)."""
     c, lay = plan.model_config, plan.layout
     (micro, seq), accum = plan.micro_shape, plan.batch.grad_accum
-    stage = lay.coords(rank).stage
+    stage = lay.coords(rank)["pp"]
     sends = (stage < lay.pp - 1) + (stage > 0)  # activations forward, gradients backward
     out = {"send_recv": accum * 2 * sends * micro * seq * c.hidden_size * w}  # logged by sender and receiver
     if c.tie_word_embeddings and plan.peft != "lora" and stage in (0, lay.pp - 1):
@@ -259,11 +260,17 @@ PP = register(Dimension(
     "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
     comm_bytes=comm_bytes,
     span=lambda lay: lay.dp * 2,  # a stage's neighbours sit data-parallel-degree ranks away
-    gather_group=lambda lay: 1))  # it gathers nothing
+    gather_group=lambda lay: 1,  # it gathers nothing
+    drops_mask=True,  # stages pass hidden states, position ids and labels, no mask (build_stages)
+    order=90))  # stages outermost: DeepSpeed's PipeDataParallelTopology (rank = stage * dp + data rank)
 
 
 class Pipeline(Strategy):
     name, default_peft, dimensions = "pp", "lora", ("pp",)
+
+    @classmethod
+    def claims(cls, layout) -> bool:
+        return layout.dp == 1  # as many processes as stages
 
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         self.reject_foreign_sections(ds)
@@ -289,7 +296,7 @@ class Pipeline(Strategy):
         full, _ = _layer_params(plan, c)
         bounds = stage_bounds(plan)
         per_stage = [sum(full[bounds[s]:bounds[s + 1]]) for s in range(plan.layout.pp)]
-        return [per_stage[plan.layout.coords(rank).stage] for rank in range(plan.layout.world_size)]
+        return [per_stage[plan.layout.coords(rank)["pp"]] for rank in range(plan.layout.world_size)]
 
 
 def _layer_params(plan, c) -> tuple[list[int], list[int]]:
@@ -321,6 +328,10 @@ class Hybrid(Pipeline):
     """Pipeline x data parallelism."""
     name = "hybrid"
 
+    @classmethod
+    def claims(cls, layout) -> bool:
+        return layout.dp > 1
+
     def check(self, cfg, ds: dict, layout, model_config) -> None:
         self.reject_foreign_sections(ds)
         check_pp(cfg, ds, layout, model_config, "hybrid")
@@ -335,7 +346,7 @@ def pipeline_summary(layout, micro_batches: int, res, per_rank: list) -> dict:
     (stage, data) with the stage as the outer axis, as DeepSpeed's PipeDataParallelTopology numbers them."""
     stages = []
     for s in range(layout.pp):
-        ranks = layout.stage_ranks(s)
+        ranks = layout.ranks_at("pp", s)
         # no timed step (a run no longer than the untimed ones): nothing measured
         idle = [metrics.idle_fraction(res.busy_s[r], sum(res.step_times)) for r in ranks] if res.busy_s else None
         stages.append({"stage": s, "ranks": list(ranks), "params": per_rank[ranks[0]]["total"],

@@ -20,7 +20,8 @@ from bench.config import BenchError, zero_stage
 from bench.data import IGNORE
 from bench.models import head_dim, is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
-from bench.strategies.base import Dimension, EngineRunner, register
+from bench.layout import Dimension, register
+from bench.strategies.base import EngineRunner
 from bench.strategies.common import ModelParallel
 from bench.strategies.zero import check_stage
 
@@ -63,7 +64,17 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
 
 SP = register(Dimension(
     "sp", "sequence_parallel_size", "sequence_parallel_size", degree=lambda ds: ds.get("sequence_parallel_size", 1),
-    comm_bytes=comm_bytes, span=lambda lay: lay.sp, gather_group=lambda lay: lay.sp))  # consecutive ranks
+    comm_bytes=comm_bytes, span=lambda lay: lay.sp, gather_group=lambda lay: lay.sp,  # consecutive ranks
+    order=20,  # inside the data axis, outside TP's (Ulysses' sequence groups are consecutive ranks)
+    zero_shards=True,  # ZeRO splits over DeepSpeed's sequence-data-parallel group: every rank
+    splits_sequence=True,
+    flags=("tiled_mlp", "tiled_loss"),  # DeepSpeed's ALST tiling, applied by this module's runner
+    drops_mask=True,  # padded rows: Ulysses' attention runs causal SDPA without one
+    # runtime/engine.py sets communication_data_type from seq_parallel_communication_data_type, whose default is
+    # fp32 even in bf16 (runtime/constants.py)
+    reduce_dtype=lambda ds: ds.get("seq_parallel_communication_data_type", "fp32"),
+    loss_slice=lambda plan, shape: loss_slice_bytes(plan, shape) if plan.cfg.tiled_loss else None,
+    folds=("ep",)))  # the SP x EP cross term: AutoEP's groups fold over the SP ranks (DeepSpeed's "sp" ordering)
 
 
 class SequenceParallel(ModelParallel):
@@ -154,6 +165,14 @@ def without_tensor_parallelism(mpu):
     shim.get_tensor_model_parallel_world_size = lambda: 1
     shim.get_tensor_model_parallel_rank = lambda: 0
     return shim
+
+
+def loss_slice_bytes(plan, shape: tuple[int, int]) -> int:
+    """--tiled_loss: the bytes one slice of the LM head and loss holds at once on a rank: its logits in the
+    training dtype, their fp32 copy and gradient (tile_loss's slices of this rank's share of the row)."""
+    rows, width = shape
+    logits = rows * width // plan.layout.sp * plan.model_config.vocab_size
+    return logits * (plan.dtype.itemsize + 8) // tile_count(logits * 4, 2 ** 30)
 
 
 def tile_count(tokens: int, width: int) -> int:

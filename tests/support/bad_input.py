@@ -96,7 +96,8 @@ CASES = [  # (id, args, ranks, expected part of the error line)
      "AutoEP with ZeRO-3 under sequence parallelism is refused"),
     ("sp-ep-on-dense-model", ("--strategy", "sp", "--ds_config", "ds_configs/sp2_ep2.json"), 2,
      "expert parallelism needs a mixture-of-experts model"),
-    ("tiled-without-sp", ("--tiled_loss", *ZERO2), 1, "--tiled_mlp and --tiled_loss run with --strategy sp"),
+    ("tiled-without-sp", ("--tiled_loss", *ZERO2), 1,
+     "--tiled_mlp and --tiled_loss run with --strategy sp (they need its sp dimension)"),
     ("tiled-mlp-on-experts", ("--strategy", "sp", "--model", "tiny-mixtral", "--ds_config", "ds_configs/sp2.json",
                               "--tiled_mlp"), 2, "--tiled_mlp tiles dense MLPs"),
     # checkpoints and resume

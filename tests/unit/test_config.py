@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import BenchError, Layout, parse_args, resolve_batch, resolve_ds_config
-from bench.strategies import layout_of
+from bench.config import BenchError, parse_args, resolve_batch, resolve_ds_config
+from bench.strategies import Layout, layout_of, strategy_of
 
 pytestmark = pytest.mark.unit
 
@@ -117,21 +117,21 @@ def test_coords_are_deepspeeds_own_rank_topology():
     topo = PipeDataParallelTopology(num_pp=4, num_dp=2)
     for rank in range(8):
         at, theirs = pipe.coords(rank), topo.get_coord(rank)
-        assert (at.stage, at.data, at.zero) == (theirs.pipe, theirs.data, theirs.data)
-    assert [list(pipe.stage_ranks(s)) for s in range(4)] == [topo.filter_match(pipe=s) for s in range(4)]
+        assert (at["pp"], at.data, at.zero) == (theirs.pipe, theirs.data, theirs.data)
+    assert [pipe.ranks_at("pp", s) for s in range(4)] == [topo.filter_match(pipe=s) for s in range(4)]
     tp = layout_of({"tensor_parallel": {"autotp_size": 4}}, 8)
     mesh = ProcessTopology(axes=["data", "model"], dims=[2, 4])  # DeepSpeed's (data, tensor) mesh
     for rank in range(8):
-        assert (tp.coords(rank).data, tp.coords(rank).tp) == tuple(mesh.get_coord(rank))
+        assert (tp.coords(rank).data, tp.coords(rank)["tp"]) == tuple(mesh.get_coord(rank))
     ep = layout_of({"expert_parallel": {"enabled": True, "autoep_size": 2}}, 8)
     experts = ProcessTopology(axes=["expert_data", "expert"], dims=[4, 2])
     for rank in range(8):
-        assert ep.coords(rank).expert_data == experts.get_coord(rank).expert_data
+        assert ep.coords(rank)["ep"] == experts.get_coord(rank).expert_data
         assert ep.coords(rank).zero == ep.coords(rank).data == rank  # every rank its own stream for dense weights
 
 
 def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused():
-    """Layout.strategy names every shipped ds_config's layout; --strategy may be left out (it is derived), and a
+    """strategy_of names every shipped ds_config's layout; --strategy may be left out (it is derived), and a
     given one passes its strategy's checks only where it is that name (each other name refuses in one line)."""
     import glob
     from bench import models
@@ -141,7 +141,7 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
     for path in sorted(glob.glob("ds_configs/*.json")):
         ds = json.loads(Path(path).read_text())
         layout = layout_of(ds, 8)
-        assert layout.strategy in STRATEGIES, path
+        assert strategy_of(layout) in STRATEGIES, path
         model = "tiny-mixtral" if layout.ep > 1 else "tiny-llama"
         model_config = models.load_config(model, "random", offline=True)[0]
         passed = []
@@ -153,8 +153,8 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
                 assert "\n" not in str(e), (path, name)
                 continue
             passed.append(name)
-        assert passed in ([], [layout.strategy]), (path, passed)
-        own += passed == [layout.strategy]
+        assert passed in ([], [strategy_of(layout)]), (path, passed)
+        own += passed == [strategy_of(layout)]
     assert own == len(glob.glob("ds_configs/*.json")) - 5
 
 
@@ -187,3 +187,50 @@ def test_a_run_without_strategy_takes_the_ds_configs(refuse):
     code, errors = refuse("--strategy", "nope")
     assert code == 2 and errors == ["error: unknown strategy 'nope'; choose one of dp, tp, ep, tp_ep, pp, hybrid, sp "
                                     "(or leave --strategy out: the ds_config's layout says it)"]
+
+
+def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchanged():
+    """Layout names no dimension: one declared elsewhere (here a context-parallel one, ranks inside the data axis
+    and outside TP's, ZeRO sharding over them) gets its place in world_size, the data streams, ZeRO's group, the
+    coordinates, the description and the recorded layout, with nothing else changed."""
+    from bench.layout import DIMENSIONS, Dimension, register
+    cp = Dimension("cp", "context_parallel", "context_parallel.size", degree=lambda ds: ds.get("context_parallel", 1),
+                   comm_bytes=lambda plan, rank, w: {}, span=lambda lay: lay.cp, gather_group=lambda lay: lay.cp,
+                   order=15, zero_shards=True, splits_sequence=True)
+    register(cp)
+    try:
+        lay = layout_of({"tensor_parallel": {"autotp_size": 2}, "context_parallel": 2}, 16)
+        assert (lay.dp, lay.tp, lay.cp, lay.world_size, lay.data_parallel, lay.zero_degree) == (4, 2, 2, 16, 4, 8)
+        assert lay.sequence_split == 2 and lay.as_dict()["cp"] == 2
+        # rank = (data * cp + cp place) * tp + tp place: an independent mixed radix
+        for rank in range(16):
+            at = lay.coords(rank)
+            assert (at.data, at["cp"], at["tp"]) == (rank // 4, rank // 2 % 2, rank % 2)
+            assert at.zero == rank // 2  # ZeRO runs over the data and cp axes, not TP's
+        assert lay.describe() == "dp(4)*tp(2)*ep(1)*pp(1)*sp(1)*cp(2) = 16"
+        with pytest.raises(BenchError, match=r"no strategy runs cp with tp together"):
+            strategy_of(lay)
+    finally:
+        del DIMENSIONS["cp"]
+
+
+def test_sequence_parallelism_lives_in_its_own_module():
+    """The sp dimension moved into its module (bench/strategies/ulysses.py): no other module of the package reads
+    its degree, names it or imports from it, except the registry's one line; the layout, planner, cost model and
+    data read what it declares (bench/layout.py Dimension)."""
+    import ast
+    package = Path(__file__).resolve().parents[2] / "bench"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "ulysses.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            named = (isinstance(node, ast.Attribute) and node.attr == "sp"
+                     or isinstance(node, ast.Constant) and node.value == "sp" and id(node) not in docs
+                     or isinstance(node, ast.ImportFrom) and (node.module or "").endswith("ulysses"))
+            if named:
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found == ["strategies/__init__.py:13"], found

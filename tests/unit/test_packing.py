@@ -47,7 +47,7 @@ def test_collate_resolution():
     assert data.Collate.of("qa", "auto", "longest").mode == "longest"
     assert data.Collate.of("qa", "off", "max").mode == "max"
     assert data.Collate.of("text", "on", "max").mode == "max"  # text rows are full blocks of one stream
-    assert data.Collate.of("qa", "on", "max", sp=3).multiple == 192  # SP cuts rows into equal slices
+    assert data.Collate.of("qa", "on", "max", slices=3).multiple == 192  # SP cuts rows into equal slices
 
 
 @pytest.mark.parametrize("mode", ["packed", "longest", "max"])
