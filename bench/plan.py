@@ -1,20 +1,22 @@
-"""Resolve a run before anything heavy starts: config, layout, batch arithmetic, model config and data.
+"""Resolve a run before anything heavy starts: its spec (bench/spec.py: layout, batch arithmetic, the resolved
+ds_config), then the model config and data.
 
 Every rank resolves the same inputs the same way, so bad input makes every rank exit with the same line,
 before a process group exists that could hang.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
 from bench import config, data, data_cache, gpus, metrics, models
-from bench.layout import DIMENSIONS, Layout, layout_of
-from bench.strategies import STRATEGIES, Strategy, strategy_of
+from bench.layout import DIMENSIONS, Layout
+from bench.spec import RunSpec, spec_of
+from bench.strategies import STRATEGIES, Strategy
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
 from bench.architecture import lora_adapter_params
@@ -23,11 +25,9 @@ from bench.architecture import lora_adapter_params
 @dataclass
 class Plan:
     cfg: config.RunConfig
+    spec: RunSpec             # the run's shape, from the ds_config and the command line alone
     strategy: Strategy
-    ds: dict                  # resolved ds_config: what DeepSpeed gets and what is recorded
-    layout: Layout
-    batch: config.Batch
-    peft: str
+    ds: dict                  # resolved ds_config with the strategy's presets: what DeepSpeed gets and is recorded
     model_config: object
     tokenizer_source: str
     train_data: data.Tokenized
@@ -43,8 +43,27 @@ class Plan:
     memory_plan: dict | None = None  # bench/estimate.py's prediction (check_memory)
 
     @property
+    def layout(self) -> Layout:
+        return self.spec.layout
+
+    @property
+    def batch(self) -> config.Batch:
+        return self.spec.batch
+
+    @property
+    def peft(self) -> str:
+        return self.spec.peft
+
+    @property
     def zero_stage(self) -> int:
         return config.zero_stage(self.ds)
+
+    def varied(self, micro: int, activation_checkpointing: bool) -> "Plan":
+        """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
+        spec = self.spec.varied(micro, activation_checkpointing)
+        cfg = dataclasses.replace(self.cfg, micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
+        ds = {**self.ds, **{k: spec.ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}}
+        return dataclasses.replace(self, cfg=cfg, spec=spec, ds=ds)
 
     @property
     def total_params(self) -> int:
@@ -166,37 +185,28 @@ def _device(local_rank: int) -> tuple[str, str | None, bool]:
 def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     """device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
     t0 = time.time()
-    if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
-        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} (or "
-                                "leave --strategy out: the ds_config's layout says it)")
-    ds_raw = config.load_ds_config(cfg.ds_config)
+    here = device is None  # this machine runs it (planning for another GPU needs no kernels here)
+    device_type, device_name, bf16_ok = _device(env.local_rank) if here else device
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
-    layout = layout_of(ds_raw, world)
-    if cfg.strategy is None:
-        cfg.strategy = strategy_of(layout)  # recorded resolved, like every other "auto"
+    spec = spec_of(cfg, world, device_type, bf16_ok)
+    cfg.strategy, cfg.peft = spec.strategy, spec.peft  # recorded resolved, like every other "auto"
+    layout, batch = spec.layout, spec.batch
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
     for d in DIMENSIONS.values():  # a dimension's own flags need a strategy made of it
         if any(getattr(cfg, flag) for flag in d.flags) and d.key not in strategy.dimensions:
             names = " or ".join(n for n, s in STRATEGIES.items() if d.key in s.dimensions)
             raise config.BenchError(f"--{' and --'.join(d.flags)} run with --strategy {names} (they need its {d.key} "
                                     f"dimension); drop them or use --strategy {names}")
-    batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
     model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
-    if cfg.peft == "auto":
-        cfg.peft = strategy.default_peft  # recorded resolved, like every other "auto"
-    peft = cfg.peft
-    strategy.check(cfg, ds_raw, layout, model_config)  # a --strategy the layout is not refuses here, in one line
-    lora_params = lora_adapter_params(cfg, model_config) if peft == "lora" else None
+    strategy.check(cfg, spec.ds, layout, model_config)  # a --strategy the layout is not refuses here, in one line
+    lora_params = lora_adapter_params(cfg, model_config) if spec.peft == "lora" else None
     if cfg.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                 f"({model_config.max_position_embeddings})")
-    if device is None:  # this machine runs it (planning for another GPU needs no kernels here)
-        device = _device(env.local_rank)
-        problem = attention_problem(cfg.attn_implementation, device[0])
-        if problem:
-            raise config.BenchError(problem)
-    device_type, device_name, bf16_ok = device
-    ds = strategy.resolve_ds(config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok), model_config)
+    problem = attention_problem(cfg.attn_implementation, device_type) if here else None
+    if problem:
+        raise config.BenchError(problem)
+    ds = strategy.resolve_ds(spec.ds, model_config)
     if not cfg.dry_run:  # planning may happen on another machine than the run
         check_ops(ds, device_type)
     t_data = time.time()
@@ -213,7 +223,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
         raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split)
-    plan = Plan(cfg, strategy, ds, layout, batch, peft, model_config, tok_source, train, val, collate, device_type,
+    plan = Plan(cfg, spec, strategy, ds, model_config, tok_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})

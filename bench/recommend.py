@@ -10,8 +10,6 @@ slowest stage; checkpointing's recompute; ZeRO offload's PCIe transfers and CPU 
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import glob
 import math
 import os
@@ -166,7 +164,8 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
 def candidates(args: list[str], world: int, gpu: str, reasons: list):
     """Resolved plans for every shipped ds_config that suits the model and world size, for one job: the args'
     --peft (a full fine-tune and a LoRA run are different jobs, never ranked together; default none); micro batch
-    and checkpointing vary on copies of one resolved plan (the data's size is checked for micro 1 only). Without
+    and checkpointing vary its spec (Plan.varied: one resolved model and data; the data's size is checked for
+    micro 1 only). Without
     --global_batch_size every layout gets 8 samples per GPU per step, so micro batches 1-8 fit. Yields plans;
     reasons collects why the others were left out."""
     if "--global_batch_size" not in args:
@@ -186,10 +185,7 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
             if rest or not accum:
                 continue
             for ckpt in (False, True):
-                plan = copy.copy(base)
-                plan.cfg = dataclasses.replace(base.cfg, micro_batch_size=micro, activation_checkpointing=ckpt)
-                plan.batch = config.Batch(micro, accum, base.batch.global_)
-                yield plan
+                yield base.varied(micro, ckpt)
 
 
 def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20) -> tuple[list[dict], list[str]]:

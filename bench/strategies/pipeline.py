@@ -12,6 +12,7 @@ ids (bench/models.py packed_causal_mask); flash attention finds the samples in t
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -315,13 +316,20 @@ def stage_bounds(plan) -> list[int]:
     """DeepSpeed's own partitioner over the stages' layers, weighted as PipelineModule weighs them: trainable
     parameters per layer ('parameters'), or layer count ('uniform'). -> stage s runs layers [b[s], b[s+1]) of
     _layer_params' list. Ranks are (stage, data) with the stage outermost."""
-    from deepspeed.runtime import utils as ds_utils
     from bench.models import count_params_from_config
     full, trainable = _layer_params(plan, count_params_from_config(plan.model_config))
-    stages = plan.layout.pp
-    if (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform":
-        return ds_utils.partition_uniform(len(full), stages)
-    return ds_utils.partition_balanced(trainable, stages)
+    uniform = (plan.ds.get("pipeline") or {}).get("partition", "parameters") == "uniform"
+    return list(_partition(len(full) if uniform else tuple(trainable), plan.layout.pp))
+
+
+@functools.lru_cache(maxsize=256)
+def _partition(layers, stages: int) -> tuple:
+    """deepspeed/runtime/utils.py: partition_uniform over a layer count, partition_balanced over layer weights.
+    Cached: the planner asks for the same bounds once per rank and per candidate layout (--recommend)."""
+    from deepspeed.runtime import utils as ds_utils
+    if isinstance(layers, int):
+        return tuple(ds_utils.partition_uniform(layers, stages))
+    return tuple(ds_utils.partition_balanced(list(layers), stages))
 
 
 class Hybrid(Pipeline):

@@ -1,0 +1,62 @@
+"""A run's shape, typed and resolved from the ds_config and the command line alone, without a model or data: the
+layout's degrees, ZeRO stage and offload, precision, peft, batch, sequence, checkpointing and packing. The strategy
+is a label derived from the layout (strategy_of); a given --strategy is checked against it by that strategy's own
+`check` (one line when it disagrees). bench/plan.py adds the model, the data and the device; --recommend
+(bench/recommend.py) enumerates specs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from bench import config
+from bench.layout import Layout, layout_of
+from bench.strategies import STRATEGIES, strategy_of
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    layout: Layout
+    strategy: str                  # --strategy as given, else the layout's (strategy_of)
+    ds: dict                       # the ds_config with every "auto" resolved (before a strategy's model presets)
+    batch: config.Batch
+    peft: str                      # lora | none ("auto": the strategy's default)
+    seq_len: int
+    activation_checkpointing: bool
+    packing: str                   # --packing, --padding as given: the data's kind settles them (data.Collate)
+    padding: str
+
+    @property
+    def zero_stage(self) -> int:
+        return config.zero_stage(self.ds)
+
+    @property
+    def offload(self) -> list[str]:
+        """What ZeRO offloads to host memory: "optimizer" and/or "param"."""
+        return config.offloaded(self.ds)
+
+    @property
+    def precision(self) -> str:
+        return config.precision_of(self.ds)
+
+    def varied(self, micro: int, activation_checkpointing: bool) -> "RunSpec":
+        """This spec with another micro batch (the global batch kept) and checkpointing: --recommend's variants."""
+        batch = config.Batch(micro, self.batch.global_ // (micro * self.layout.data_parallel), self.batch.global_)
+        ds = {**self.ds, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": batch.grad_accum}
+        return dataclasses.replace(self, batch=batch, ds=ds, activation_checkpointing=activation_checkpointing)
+
+
+def spec_of(cfg: config.RunConfig, world: int, device_type: str, bf16_ok: bool) -> RunSpec:
+    """The spec of a run of `world` processes on a device of this type; one line for a ds_config, layout or batch
+    that cannot run."""
+    if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
+        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} (or "
+                                "leave --strategy out: the ds_config's layout says it)")
+    ds_raw = config.load_ds_config(cfg.ds_config)
+    layout = layout_of(ds_raw, world)
+    strategy = cfg.strategy or strategy_of(layout)
+    peft = STRATEGIES[strategy].default_peft if cfg.peft == "auto" else cfg.peft
+    batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
+    ds = config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok)
+    return RunSpec(layout, strategy, ds, batch, peft, cfg.seq_len, cfg.activation_checkpointing, cfg.packing,
+                   cfg.padding)
