@@ -234,3 +234,23 @@ def test_sequence_parallelism_lives_in_its_own_module():
             if named:
                 found.append(f"{path.relative_to(package)}:{node.lineno}")
     assert found == ["strategies/__init__.py:13"], found
+
+
+def test_the_run_spec_is_built_without_a_model_or_data():
+    """RunSpec (bench/spec.py) from the ds_config and the flags alone: a model and a data set that do not exist
+    are never read; the strategy is the layout's label, peft its default, and a variant keeps the global batch."""
+    from bench.spec import spec_of
+    cfg = parse_args(["--ds_config", "ds_configs/tp2.json", "--model", "/nonexistent/model", "--data",
+                      "/nonexistent/data.jsonl", "--global_batch_size", "8", "--micro_batch_size", "2",
+                      "--seq_len", "512"])
+    spec = spec_of(cfg, 4, "cuda", True)
+    assert (spec.strategy, spec.peft, spec.layout) == ("tp", "none", Layout(dp=2, tp=2))
+    assert (spec.batch.micro, spec.batch.grad_accum, spec.batch.global_) == (2, 2, 8)
+    assert (spec.zero_stage, spec.offload, spec.precision, spec.seq_len) == (1, [], "bf16", 512)
+    assert spec_of(cfg, 4, "cpu", False).precision == "fp32"
+    other = spec.varied(1, True)
+    assert (other.batch.micro, other.batch.grad_accum, other.batch.global_) == (1, 4, 8)
+    assert other.ds["train_micro_batch_size_per_gpu"] == 1 and other.ds["gradient_accumulation_steps"] == 4
+    assert other.activation_checkpointing and not spec.activation_checkpointing
+    offload = spec_of(parse_args(["--ds_config", "ds_configs/dp_zero3_offload.json"]), 2, "cuda", True)
+    assert (offload.strategy, offload.peft, offload.zero_stage) == ("dp", "lora", 3) and "optimizer" in offload.offload
