@@ -10,6 +10,7 @@ of the two). `Layout.coords(rank)` is the only place rank topology is computed.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,14 +64,14 @@ class Coords:
 
 class Layout:
     """world = dp x the ranks each dimension adds, DP being the remainder. Immutable; `lay.tp`, `lay.sp`, ... read a
-    registered dimension's degree (1 when off)."""
+    registered dimension's degree (1 when off). The dimensions register as bench.strategies is imported."""
 
     def __init__(self, dp: int, **degrees: int):
         unknown = set(degrees) - set(DIMENSIONS)
         if unknown:
             raise TypeError(f"no dimension {sorted(unknown)} is registered (bench/strategies)")
         object.__setattr__(self, "dp", dp)
-        object.__setattr__(self, "degrees", {k: degrees.get(k, 1) for k in DIMENSIONS})
+        object.__setattr__(self, "degrees", types.MappingProxyType({k: degrees.get(k, 1) for k in DIMENSIONS}))
 
     def __getattr__(self, key: str) -> int:
         degrees = self.__dict__.get("degrees", {})
@@ -163,8 +164,10 @@ class Layout:
                              f"{model_par}), or plan it from one with --dry_run --world_size {model_par}")
         for key, degree in shape.degrees.items():
             if world_size % degree:  # only a folded dimension's degree can fail to divide here
+                folder = DIMENSIONS[shape.folded(key)]
                 raise BenchError(f"{DIMENSIONS[key].degree_key} {degree} must divide WORLD_SIZE ({world_size}): under "
-                                 f"{shape.folded(key)} its groups fold over the ranks there are")
+                                 f"{folder.degree_key} {shape.degrees[folder.key]} its groups fold over the ranks there "
+                                 "are")
         return Layout(world_size // model_par, **degrees)
 
     def describe(self) -> str:

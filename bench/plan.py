@@ -6,6 +6,7 @@ before a process group exists that could hang.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -62,8 +63,10 @@ class Plan:
         """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
         spec = self.spec.varied(micro, activation_checkpointing)
         cfg = dataclasses.replace(self.cfg, micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
-        ds = {**self.ds, **{k: spec.ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}}
-        return dataclasses.replace(self, cfg=cfg, spec=spec, ds=ds)
+        ds = copy.deepcopy(self.ds)
+        ds.update({k: spec.ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")})
+        return dataclasses.replace(self, cfg=cfg, spec=spec, ds=ds, strategy=type(self.strategy)(),
+                                   phases=dict(self.phases), memory_plan=None)
 
     @property
     def total_params(self) -> int:
@@ -186,9 +189,15 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     """device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
     t0 = time.time()
     here = device is None  # this machine runs it (planning for another GPU needs no kernels here)
-    device_type, device_name, bf16_ok = _device(env.local_rank) if here else device
+    found = []  # this machine's device, looked up once the spec's cheap checks have passed
+
+    def device_kind() -> tuple[str, bool]:
+        found.append(_device(env.local_rank) if here else device)
+        return found[0][0], found[0][2]
+
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
-    spec = spec_of(cfg, world, device_type, bf16_ok)
+    spec = spec_of(cfg, world, device_kind)
+    device_type, device_name, _ = found[0]
     cfg.strategy, cfg.peft = spec.strategy, spec.peft  # recorded resolved, like every other "auto"
     layout, batch = spec.layout, spec.batch
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
@@ -206,7 +215,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     problem = attention_problem(cfg.attn_implementation, device_type) if here else None
     if problem:
         raise config.BenchError(problem)
-    ds = strategy.resolve_ds(spec.ds, model_config)
+    ds = strategy.resolve_ds(copy.deepcopy(spec.ds), model_config)  # the spec's stays as resolved from the flags
     if not cfg.dry_run:  # planning may happen on another machine than the run
         check_ops(ds, device_type)
     t_data = time.time()

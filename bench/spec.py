@@ -6,15 +6,17 @@ is a label derived from the layout (strategy_of); a given --strategy is checked 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from bench import config
 from bench.layout import Layout, layout_of
 from bench.strategies import STRATEGIES, strategy_of
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: it holds a dict, compared and hashed by identity
 class RunSpec:
     layout: Layout
     strategy: str                  # --strategy as given, else the layout's (strategy_of)
@@ -41,14 +43,19 @@ class RunSpec:
 
     def varied(self, micro: int, activation_checkpointing: bool) -> "RunSpec":
         """This spec with another micro batch (the global batch kept) and checkpointing: --recommend's variants."""
-        batch = config.Batch(micro, self.batch.global_ // (micro * self.layout.data_parallel), self.batch.global_)
-        ds = {**self.ds, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": batch.grad_accum}
+        accum, rest = divmod(self.batch.global_, micro * self.layout.data_parallel)
+        if rest or not accum:
+            raise config.BenchError(f"micro batch {micro} x data-parallel {self.layout.data_parallel} does not divide "
+                                    f"the global batch {self.batch.global_}")
+        batch = config.Batch(micro, accum, self.batch.global_)
+        ds = copy.deepcopy(self.ds)
+        ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
         return dataclasses.replace(self, batch=batch, ds=ds, activation_checkpointing=activation_checkpointing)
 
 
-def spec_of(cfg: config.RunConfig, world: int, device_type: str, bf16_ok: bool) -> RunSpec:
-    """The spec of a run of `world` processes on a device of this type; one line for a ds_config, layout or batch
-    that cannot run."""
+def spec_of(cfg: config.RunConfig, world: int, device: Callable[[], tuple[str, bool]]) -> RunSpec:
+    """The spec of a run of `world` processes; one line for a ds_config, layout or batch that cannot run. device:
+    -> (its type, whether it has bf16), asked only once the cheap checks have passed (it may start CUDA)."""
     if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
         raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} (or "
                                 "leave --strategy out: the ds_config's layout says it)")
@@ -57,6 +64,6 @@ def spec_of(cfg: config.RunConfig, world: int, device_type: str, bf16_ok: bool) 
     strategy = cfg.strategy or strategy_of(layout)
     peft = STRATEGIES[strategy].default_peft if cfg.peft == "auto" else cfg.peft
     batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
-    ds = config.resolve_ds_config(cfg, ds_raw, batch, device_type, bf16_ok)
+    ds = config.resolve_ds_config(cfg, ds_raw, batch, *device())
     return RunSpec(layout, strategy, ds, batch, peft, cfg.seq_len, cfg.activation_checkpointing, cfg.packing,
                    cfg.padding)

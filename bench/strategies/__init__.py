@@ -1,7 +1,9 @@
 """Strategy registry: --strategy name -> the class that owns everything that strategy does differently
 (bench/strategies/base.py says what that is). Each plan makes its own instance (a strategy may keep per-run
-state, such as Ulysses' mpu). Adding a strategy, or a dimension (bench/layout.py), is one module and one line below. Importing the modules registers
-their model-parallel dimensions (bench/layout.py DIMENSIONS: tp, ep, pp, sp), in this order."""
+state, such as Ulysses' mpu). Adding a strategy, or a
+dimension (bench/layout.py), is one module and one line below. Importing the modules registers
+their model-parallel dimensions (bench/layout.py DIMENSIONS: tp, ep, pp, sp), in this order: a Layout can be made
+once this package is imported."""
 from __future__ import annotations
 
 from bench.config import BenchError
@@ -30,7 +32,7 @@ def strategy_of(layout: Layout) -> str:
     on = layout.on()
     made_of = [s for s in STRATEGIES.values() if on <= set(s.dimensions) and s.claims(layout)]
     if not made_of:
-        raise BenchError(f"no strategy runs {' with '.join(sorted(on))} together ({layout.describe()}); each "
+        raise BenchError(f"no strategy runs {' and '.join(sorted(on))} together ({layout.describe()}); each "
                          "strategy's dimensions: " + ", ".join(f"{s.name} ({'+'.join(s.dimensions) or 'dp'})"
                                                                  for s in STRATEGIES.values()))
     return min(made_of, key=lambda s: len(s.dimensions)).name

@@ -84,6 +84,13 @@ def test_layout_factors():
     seq = layout_of({"sequence_parallel_size": 2}, 8)
     assert (seq.dp, seq.sp, seq.data_parallel, seq.zero_degree) == (4, 2, 4, 8)
     assert [seq.coords(r).data for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    # AutoEP folded over the SP ranks adds none, and its degree must divide the world it folds over
+    folded = layout_of({"sequence_parallel_size": 2, "expert_parallel": {"enabled": True, "autoep_size": 2}}, 4)
+    assert (folded.dp, folded.data_parallel, folded.world_size) == (2, 2, 4)
+    assert folded.describe() == "dp(2)*tp(1)*pp(1)*sp(2) = 4 (ep(2) folded over them)"
+    with pytest.raises(BenchError, match=r"expert_parallel.autoep_size 3 must divide WORLD_SIZE \(4\): under "
+                                         r"sequence_parallel_size 2 its groups fold"):
+        layout_of({"sequence_parallel_size": 2, "expert_parallel": {"enabled": True, "autoep_size": 3}}, 4)
 
 
 def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):
@@ -208,7 +215,7 @@ def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchan
             assert (at.data, at["cp"], at["tp"]) == (rank // 4, rank // 2 % 2, rank % 2)
             assert at.zero == rank // 2  # ZeRO runs over the data and cp axes, not TP's
         assert lay.describe() == "dp(4)*tp(2)*ep(1)*pp(1)*sp(1)*cp(2) = 16"
-        with pytest.raises(BenchError, match=r"no strategy runs cp with tp together"):
+        with pytest.raises(BenchError, match=r"no strategy runs cp and tp together"):
             strategy_of(lay)
     finally:
         del DIMENSIONS["cp"]
@@ -232,8 +239,8 @@ def test_sequence_parallelism_lives_in_its_own_module():
                      or isinstance(node, ast.Constant) and node.value == "sp" and id(node) not in docs
                      or isinstance(node, ast.ImportFrom) and (node.module or "").endswith("ulysses"))
             if named:
-                found.append(f"{path.relative_to(package)}:{node.lineno}")
-    assert found == ["strategies/__init__.py:13"], found
+                found.append(f"{path.relative_to(package)}:{node.lineno} {type(node).__name__}")
+    assert [f.split(":")[0] + " " + f.split()[1] for f in found] == ["strategies/__init__.py ImportFrom"], found
 
 
 def test_the_run_spec_is_built_without_a_model_or_data():
@@ -243,14 +250,17 @@ def test_the_run_spec_is_built_without_a_model_or_data():
     cfg = parse_args(["--ds_config", "ds_configs/tp2.json", "--model", "/nonexistent/model", "--data",
                       "/nonexistent/data.jsonl", "--global_batch_size", "8", "--micro_batch_size", "2",
                       "--seq_len", "512"])
-    spec = spec_of(cfg, 4, "cuda", True)
+    spec = spec_of(cfg, 4, lambda: ("cuda", True))
     assert (spec.strategy, spec.peft, spec.layout) == ("tp", "none", Layout(dp=2, tp=2))
     assert (spec.batch.micro, spec.batch.grad_accum, spec.batch.global_) == (2, 2, 8)
     assert (spec.zero_stage, spec.offload, spec.precision, spec.seq_len) == (1, [], "bf16", 512)
-    assert spec_of(cfg, 4, "cpu", False).precision == "fp32"
+    assert spec_of(cfg, 4, lambda: ("cpu", False)).precision == "fp32"
     other = spec.varied(1, True)
     assert (other.batch.micro, other.batch.grad_accum, other.batch.global_) == (1, 4, 8)
     assert other.ds["train_micro_batch_size_per_gpu"] == 1 and other.ds["gradient_accumulation_steps"] == 4
     assert other.activation_checkpointing and not spec.activation_checkpointing
-    offload = spec_of(parse_args(["--ds_config", "ds_configs/dp_zero3_offload.json"]), 2, "cuda", True)
+    assert spec.ds["train_micro_batch_size_per_gpu"] == 2  # a variant is a copy
+    with pytest.raises(BenchError, match="micro batch 3 x data-parallel 2 does not divide the global batch 8"):
+        spec.varied(3, False)
+    offload = spec_of(parse_args(["--ds_config", "ds_configs/dp_zero3_offload.json"]), 2, lambda: ("cuda", True))
     assert (offload.strategy, offload.peft, offload.zero_stage) == ("dp", "lora", 3) and "optimizer" in offload.offload
