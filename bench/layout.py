@@ -91,6 +91,13 @@ class Layout:
     def __repr__(self) -> str:
         return f"Layout({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
 
+    def __reduce__(self):  # copies and pickles rebuild it (its degrees are a read-only view)
+        return Layout._of, (self.as_dict(),)
+
+    @staticmethod
+    def _of(recorded: dict) -> "Layout":
+        return Layout(**recorded)
+
     def folded(self, key: str) -> str | None:
         """The dimension whose ranks `key`'s groups fold over, or None where it adds ranks of its own."""
         return next((o for o, d in DIMENSIONS.items() if key in d.folds and self.degrees[o] > 1), None)

@@ -69,6 +69,10 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line():
 
 def test_layout_factors():
     assert layout_of({}, 8) == Layout(dp=8)
+    import copy
+    import pickle
+    tp2 = Layout(dp=2, tp=2)
+    assert copy.deepcopy(tp2) == pickle.loads(pickle.dumps(tp2)) == tp2 and hash(copy.copy(tp2)) == hash(tp2)
     ep = {"enabled": True, "autoep_size": 2}
     lay = layout_of({"tensor_parallel": {"autotp_size": 2}, "expert_parallel": ep}, 8)
     assert (lay.dp, lay.tp, lay.ep, lay.pp) == (2, 2, 2, 1) and lay.world_size == 8
