@@ -221,6 +221,12 @@ def _on(plan) -> list:
     return [d for key, d in DIMENSIONS.items() if key in plan.layout.on()]
 
 
+def _tiler(plan, hook: str):
+    """The dimension whose runner tiles the dense MLPs ("tiles_mlp") or the LM head and loss ("tiles_loss") in
+    this run (SP's, under --tiled_mlp / --tiled_loss), or None."""
+    return next((d for d in _on(plan) if getattr(d, hook) and getattr(d, hook)(plan)), None)
+
+
 def _sizes_and_widths(plan) -> list[tuple[int, int]]:
     """(numel, bytes per element) of every parameter of the model, adapters last (parameter_sizes' order)."""
     adapters = lora_sizes(plan)
@@ -318,12 +324,12 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         split = tp if lay.ep > 1 else 1
         mlp = (4 * tokens * inter // split + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4
         mlp += 4 * tokens * 8  # routing indices
-    else:  # --tiled_mlp keeps only the MLP's input (the norm's output, counted above) and recomputes the rest
-        mlp = 0 if plan.cfg.tiled_mlp else 4 * bs * inter // tp * w
+    else:  # a tiled MLP keeps only its input (the norm's output, counted above) and recomputes the rest
+        mlp = 0 if _tiler(plan, "tiles_mlp") else 4 * bs * inter // tp * w
     layer = norms + attention + mlp
     if plan.peft == "lora":
         dense_inter = inter // tp  # what a rank holds of a dense MLP (TP splits it)
-        layer = _lora_layer(plan, bs, q_elems, 0 if plan.cfg.tiled_mlp else dense_inter, attention, w)
+        layer = _lora_layer(plan, bs, q_elems, 0 if _tiler(plan, "tiles_mlp") else dense_inter, attention, w)
         if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
             # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
             layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
@@ -346,9 +352,9 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             outside += bs * h * (4 + 2 * w) + bs * 4
         elif plan.zero_stage == 3:
             outside += bs * h * w
-        if not plan.cfg.tiled_loss:  # tiled: the head and loss run slice by slice, their backward at once
+        if not _tiler(plan, "tiles_loss"):  # tiled: the head and loss run slice by slice, their backward at once
             outside += bs * vocab * 4
-    logits = bs * vocab * w if last and not plan.cfg.tiled_loss else 0
+    logits = bs * vocab * w if last and not _tiler(plan, "tiles_loss") else 0
     return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
 
 
@@ -360,7 +366,7 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
     under ZeRO-3, where each adapter casts its input to fp32 separately)."""
     h, r = plan.model_config.hidden_size, plan.cfg.lora_r
     targets = set(target_names(plan.cfg))
-    if plan.cfg.tiled_mlp:  # the tiled MLP's adapters recompute with it
+    if _tiler(plan, "tiles_mlp"):  # the tiled MLP's adapters recompute with it
         targets -= {"gate_proj", "up_proj", "down_proj"}
     inputs = {"q_proj": ("norm1", bs * h), "k_proj": ("norm1", bs * h), "v_proj": ("norm1", bs * h),
               "o_proj": ("o", q_elems), "gate_proj": ("norm2", bs * h), "up_proj": ("norm2", bs * h),
@@ -492,9 +498,9 @@ def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> 
     copy of them and their gradient, on the stage that computes it; the logits alone."""
     act = activation_bytes(plan, rank, *shape)
     loss = 2 * act["logits_bytes"] // _width(plan) * 4
-    for d in _on(plan):  # a dimension's runner that tiles the head and loss holds one slice at a time
-        tiled = d.loss_slice(plan, shape) if d.loss_slice else None
-        loss = loss if tiled is None else tiled
+    tiler = _tiler(plan, "tiles_loss")
+    if tiler:  # its runner computes the head and loss one slice at a time
+        loss = tiler.loss_slice(plan, shape)
     logits = act["logits_bytes"]
     return act["activation_bytes"] * flight + act["recompute_bytes"], logits + loss, logits
 

@@ -39,8 +39,9 @@ class Dimension:
     # its terms of the planner's model (bench/estimate.py) beyond comm_bytes:
     drops_mask: bool = False          # its runner computes padded rows causally, passing attention no mask
     reduce_dtype: Callable[[dict], str] | None = None  # ds_config -> the dtype ZeRO's reductions run in under it
-    loss_slice: Callable[..., int | None] | None = None  # (plan, (rows, width)) -> bytes one slice of a tiled LM
-    # head and loss holds at once, None where the run does not tile it
+    tiles_mlp: Callable[..., bool] | None = None   # plan -> whether its runner tiles (and recomputes) dense MLPs
+    tiles_loss: Callable[..., bool] | None = None  # plan -> whether its runner tiles the LM head and loss ...
+    loss_slice: Callable[..., int] | None = None   # ... and (plan, (rows, width)) -> the bytes one slice holds
 
 
 DIMENSIONS: dict[str, Dimension] = {}  # filled as bench/strategies imports each dimension's module

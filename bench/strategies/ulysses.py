@@ -73,7 +73,8 @@ SP = register(Dimension(
     # runtime/engine.py sets communication_data_type from seq_parallel_communication_data_type, whose default is
     # fp32 even in bf16 (runtime/constants.py)
     reduce_dtype=lambda ds: ds.get("seq_parallel_communication_data_type", "fp32"),
-    loss_slice=lambda plan, shape: loss_slice_bytes(plan, shape) if plan.cfg.tiled_loss else None,
+    tiles_mlp=lambda plan: plan.cfg.tiled_mlp, tiles_loss=lambda plan: plan.cfg.tiled_loss,
+    loss_slice=lambda plan, shape: loss_slice_bytes(plan, shape),  # defined below
     folds=("ep",)))  # the SP x EP cross term: AutoEP's groups fold over the SP ranks (DeepSpeed's "sp" ordering)
 
 

@@ -227,8 +227,9 @@ def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchan
 
 def test_sequence_parallelism_lives_in_its_own_module():
     """The sp dimension moved into its module (bench/strategies/ulysses.py): no other module of the package reads
-    its degree, names it or imports from it, except the registry's one line; the layout, planner, cost model and
-    data read what it declares (bench/layout.py Dimension)."""
+    its degree or its flags (--tiled_mlp, --tiled_loss: declared, as every flag, in config.RunConfig), names it or
+    imports from it, except the registry's one line; the layout, planner, cost model and data read what it
+    declares (bench/layout.py Dimension)."""
     import ast
     package = Path(__file__).resolve().parents[2] / "bench"
     found = []
@@ -239,7 +240,7 @@ def test_sequence_parallelism_lives_in_its_own_module():
         docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
                 and n.body and isinstance(n.body[0], ast.Expr)}
         for node in ast.walk(tree):
-            named = (isinstance(node, ast.Attribute) and node.attr == "sp"
+            named = (isinstance(node, ast.Attribute) and node.attr in ("sp", "tiled_mlp", "tiled_loss")
                      or isinstance(node, ast.Constant) and node.value == "sp" and id(node) not in docs
                      or isinstance(node, ast.ImportFrom) and (node.module or "").endswith("ulysses"))
             if named:
