@@ -197,16 +197,51 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
 
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     spec = spec_of(cfg, world, device_kind)
-    device_type, device_name, _ = found[0]
+    model = load_model(cfg)
+    plan = assemble(cfg, spec, found[0], model, lambda: load_data(cfg, spec, model, env), here, t0)
+    if cfg.resume == "auto":
+        check_resume(plan, world)
+    return plan
+
+
+@dataclass(frozen=True)
+class Model:
+    """What planning needs of the model: its config (no weights) and its tokenizer's source."""
+    config: object
+    tokenizer_source: str
+
+
+def load_model(cfg: config.RunConfig) -> Model:
+    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
+    return Model(model_config, tok_source)
+
+
+def load_data(cfg: config.RunConfig, spec: RunSpec, model: Model, env) -> tuple[data.Tokenized, data.Tokenized]:
+    """The train and validation splits the run consumes: tokenized once per node (bench/data_cache.py)."""
+    tok = models.load_tokenizer(model.tokenizer_source)
+    if tok.vocab_size > model.config.vocab_size:
+        raise config.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
+                                f"{model.config.vocab_size}")
+    need = data.Need(spec.batch.global_, cfg.max_steps, cfg.eval_batches * spec.batch.micro)  # tokenize only these
+    return data_cache.load(cfg.data, tok, model.tokenizer_source, cfg.seq_len, cfg.val_fraction, cfg.seed, need,
+                           env.local_rank, cfg.dist_timeout_s)
+
+
+def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, splits, here: bool = False,
+             t0: float | None = None) -> Plan:
+    """The plan of a spec with its model, device and data (splits: -> the train and validation splits, asked for
+    once the model's checks have passed): every check that needs the model or the data, in one line each.
+    here: the device is this machine's, which must have the kernels."""
+    t0 = time.time() if t0 is None else t0
+    device_type, device_name, _ = device
     cfg.strategy, cfg.peft = spec.strategy, spec.peft  # recorded resolved, like every other "auto"
-    layout, batch = spec.layout, spec.batch
+    layout, batch, model_config = spec.layout, spec.batch, model.config
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
     for d in DIMENSIONS.values():  # a dimension's own flags need a strategy made of it
         if any(getattr(cfg, flag) for flag in d.flags) and d.key not in strategy.dimensions:
             names = " or ".join(n for n, s in STRATEGIES.items() if d.key in s.dimensions)
             raise config.BenchError(f"--{' and --'.join(d.flags)} run with --strategy {names} (they need its {d.key} "
                                     f"dimension); drop them or use --strategy {names}")
-    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
     strategy.check(cfg, spec.ds, layout, model_config)  # a --strategy the layout is not refuses here, in one line
     lora_params = lora_adapter_params(cfg, model_config) if spec.peft == "lora" else None
     if cfg.seq_len > model_config.max_position_embeddings:
@@ -219,35 +254,30 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     if not cfg.dry_run:  # planning may happen on another machine than the run
         check_ops(ds, device_type)
     t_data = time.time()
-    tok = models.load_tokenizer(tok_source)
-    if tok.vocab_size > model_config.vocab_size:
-        raise config.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
-                                f"{model_config.vocab_size}")
-    need = data.Need(batch.global_, cfg.max_steps, cfg.eval_batches * batch.micro)  # tokenize only these
-    train, val = data_cache.load(cfg.data, tok, tok_source, cfg.seq_len, cfg.val_fraction, cfg.seed, need,
-                                 env.local_rank, cfg.dist_timeout_s)
+    train, val = splits()
     dp = layout.data_parallel
     data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
     if val.size < batch.micro * dp:
         raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split)
-    plan = Plan(cfg, spec, strategy, ds, model_config, tok_source, train, val, collate, device_type,
+    return Plan(cfg, spec, strategy, ds, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})
-    if cfg.resume == "auto":
-        check_resume(plan, world)
-    return plan
+
+
+def planning_config(args: list[str], world: int) -> config.RunConfig:
+    """bench/run.py's flags as a dry run of `world` processes from this one."""
+    return config.parse_args([*args, "--dry_run", "--world_size", str(world), "--wandb_mode", "disabled"])
 
 
 def plan_layout(args: list[str], world: int, gpu: str | None = None) -> Plan:
-    """A layout planned from this one process without launching it (bench-plan, --recommend, sweeps, tests):
-    bench/run.py's flags as a dry run of `world` processes, resolved as on a GPU named `gpu` (bf16 "auto" on) or,
-    without one, as on this machine."""
+    """A layout planned from this one process without launching it (bench-plan, sweeps, tests): bench/run.py's
+    flags as a dry run of `world` processes, resolved as on a GPU named `gpu` (bf16 "auto" on) or, without one, as
+    on this machine."""
     from bench.distributed import DistEnv
-    cfg = config.parse_args([*args, "--dry_run", "--world_size", str(world), "--wandb_mode", "disabled"])
-    return resolve(cfg, DistEnv(0, 0, 1), device=("cuda", gpu, True) if gpu else None)
+    return resolve(planning_config(args, world), DistEnv(0, 0, 1), device=("cuda", gpu, True) if gpu else None)
 
 
 def device_capacity(plan: Plan, local_rank: int) -> int | None:

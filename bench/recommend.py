@@ -10,12 +10,14 @@ slowest stage; checkpointing's recompute; ZeRO offload's PCIe transfers and CPU 
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
 
 from bench import config, estimate, gpus, models
-from bench.plan import plan_layout
+from bench.plan import assemble, load_data, load_model, planning_config
+from bench.spec import spec_of
 from bench.strategies import DIMENSIONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped ds_configs/ live here
@@ -162,26 +164,33 @@ def step_seconds(plan, est: dict, gpu: str) -> float:
 
 
 def candidates(args: list[str], world: int, gpu: str, reasons: list):
-    """Resolved plans for every shipped ds_config that suits the model and world size, for one job: the args'
-    --peft (a full fine-tune and a LoRA run are different jobs, never ranked together; default none); micro batch
-    and checkpointing vary its spec (Plan.varied: one resolved model and data; the data's size is checked for
-    micro 1 only). Without
+    """Plans for every shipped ds_config that suits the model and world size, for one job: the args' --peft (a
+    full fine-tune and a LoRA run are different jobs, never ranked together; default none). Each ds_config is a
+    run spec (bench/spec.py), planned with the one model config and data the job loads once; micro batch and
+    checkpointing vary the spec (Plan.varied; the data's size is checked for micro 1 only). Without
     --global_batch_size every layout gets 8 samples per GPU per step, so micro batches 1-8 fit. Yields plans;
     reasons collects why the others were left out."""
+    from bench.distributed import DistEnv
     if "--global_batch_size" not in args:
         args = [*args, "--global_batch_size", str(8 * world)]
     if "--peft" not in args:
         args = [*args, "--peft", "none"]
+    job, env, device = planning_config(args, world), DistEnv(0, 0, 1), ("cuda", gpu, True)
+    model, splits = None, []
     for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
         path = os.path.relpath(path, REPO) if os.getcwd() == REPO else path
-        try:  # the strategy is the ds_config's own (strategy_of)
-            base = plan_layout([*args, "--ds_config", path, "--micro_batch_size", "1"], world, gpu)
+        cfg = dataclasses.replace(job, ds_config=path, micro_batch_size=1)  # the strategy is the ds_config's own
+        try:
+            spec = spec_of(cfg, world, lambda: (device[0], device[2]))
+            model = model or load_model(cfg)
+            if not splits:  # the same data for every spec: one global batch, micro 1
+                splits.append(load_data(cfg, spec, model, env))
+            base = assemble(cfg, spec, device, model, lambda: splits[0])
         except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
             reasons.append(f"{path}: {e}")
             continue
-        layout = base.layout
         for micro in MICRO_BATCHES:
-            accum, rest = divmod(base.batch.global_, micro * layout.data_parallel)
+            accum, rest = divmod(base.batch.global_, micro * base.layout.data_parallel)
             if rest or not accum:
                 continue
             for ckpt in (False, True):

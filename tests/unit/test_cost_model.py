@@ -118,3 +118,32 @@ def test_zero_layouts_come_first_for_the_8b_model_on_one_node():
         assert rows[0]["strategy"] == ("dp" if seq == "4096" else "sp"), (peft, seq, rows[0])
         if seq == "4096":
             assert first[("dp",)] < first[("tp",)] and first[("dp",)] < first[("pp", "hybrid")], (peft, first)
+
+
+@pytest.mark.unit
+def test_recommend_plans_specs_with_one_model_and_one_data_load(monkeypatch):
+    """--recommend resolves each shipped ds_config into a run spec and plans them all with the model config and
+    data it loads once (bench/recommend.py candidates); each candidate is what bench-plan plans for that ds_config
+    and micro batch alone."""
+    from bench import data_cache, models
+    loads = {"config": 0, "data": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            loads[name] += 1
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(models, "load_config", counted("config", models.load_config))
+    monkeypatch.setattr(data_cache, "load", counted("data", data_cache.load))
+    reasons = []
+    plans = list(recommend.candidates(["--model", "tiny-mixtral", "--peft", "none"], 4, GPU, reasons))
+    assert loads == {"config": 1, "data": 1}
+    ds_configs = {p.cfg.ds_config for p in plans}
+    assert len(ds_configs) + len(reasons) == len(list((REPO / "ds_configs").glob("*.json")))
+    monkeypatch.undo()
+    for plan in plans[::7]:  # a sample: each against bench-plan's own plan of it
+        alone = plan_layout(["--model", "tiny-mixtral", "--peft", "none", "--global_batch_size", "32",
+                             "--ds_config", plan.cfg.ds_config, "--micro_batch_size", str(plan.batch.micro),
+                             *(["--activation_checkpointing"] if plan.cfg.activation_checkpointing else [])], 4, GPU)
+        assert estimate.estimate(plan, None) == estimate.estimate(alone, None), plan.cfg.ds_config
+        assert alone.ds == plan.ds and alone.layout == plan.layout and alone.cfg.strategy == plan.cfg.strategy
