@@ -106,11 +106,13 @@ def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batc
     mean = (round(sum(r for r, _ in shapes) / len(shapes)), round(sum(w for _, w in shapes) / len(shapes)))
     assert plan.micro_shape == mean
 
-    from bench.strategies.ulysses import loss_slice_bytes
+    def ulysses_loss_slice(plan, shape):  # SP's own term (its module), imported only where SP runs
+        from bench.strategies.ulysses import loss_slice_bytes
+        return loss_slice_bytes(plan, shape)
 
     def held(shape):  # one micro-batch's saved tensors, its logits, and the loss's fp32 copy and gradient of them
         act = estimate.activation_bytes(plan, 0, *shape)
-        loss = (loss_slice_bytes(plan, shape) if plan.cfg.tiled_loss
+        loss = (ulysses_loss_slice(plan, shape) if plan.cfg.tiled_loss
                 else 2 * act["logits_bytes"] * 4 // estimate._width(plan))
         return act["activation_bytes"] + act["recompute_bytes"] + act["logits_bytes"] + loss
 
