@@ -307,7 +307,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
     expanded = masked or split > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
     attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in
-    mask = micro * (seq * split) ** 2 if packed and split > 1 else micro * seq * seq * w  # bool, gathered
+    mask = micro * (seq * split if packed else seq) ** 2 * w  # SDPA converts a bool mask to the query dtype
     attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * split * 8 if split > 1 else 0  # Ulysses: the gathered position ids
     if plan.cfg.attn_implementation == "eager":

@@ -48,3 +48,27 @@ def test_same_loss_and_gradient_norm_as_the_padded_run(runs, name):
     assert [r["real_tokens"] for r in b] == [r["real_tokens"] for r in a]
     assert all(x["computed_tokens"] < y["computed_tokens"] for x, y in zip(b, a))  # less padding computed
     assert (run.summary()["batching"], padded.summary()["batching"]) == ({"packed": "packed"}.get(way, way), "max")
+
+
+@pytest.mark.parametrize("layout", ["dp", "sp", "pp"])
+def test_the_planner_counts_a_packed_micro_batchs_activations(runs, layout):
+    """What the first micro-batch of a packed run saved for backward on each rank (summary.accounting), against the
+    planner's count at that micro-batch's shape, found here by collating it again: within 1 %. Under Ulysses SP
+    each layer's mask over the gathered row is saved in the query's dtype (SDPA converts a bool mask), which the
+    plan missed by 12-23 % (docs/results/planner_cpu.md). A pipeline stage counts 1.1 % more than planned (15 KiB
+    on tiny-llama: not itemized yet), hence its 2 %."""
+    from bench import data, estimate
+    from bench.plan import plan_layout
+    run = runs[f"{layout}-packed"]
+    assert_ok(run)
+    strategy, config, extra = LAYOUTS[layout]
+    plan = plan_layout(["--strategy", strategy, "--ds_config", f"ds_configs/{config}.json", *ARGS, *extra,
+                        *BATCHING["packed"]], 2)
+    counted = run.summary()["accounting"]["per_rank"]
+    for rank, got in enumerate(counted):
+        stream = plan.layout.coords(rank).data
+        first = data.ShardedBatches(plan.train_data, plan.batch.micro, plan.batch.grad_accum,
+                                    plan.layout.data_parallel, stream, plan.cfg.seed, plan.collate).step_batches(0)[0]
+        planned = estimate.activation_bytes(plan, rank, *first["input_ids"].shape)["activation_bytes"]
+        assert planned == pytest.approx(got["activation_bytes"], rel=0.02 if layout == "pp" else 0.01), (
+            rank, tuple(first["input_ids"].shape))
