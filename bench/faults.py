@@ -5,6 +5,8 @@
     BENCH_FAULT_KILL_STEP=N    the process SIGKILLs itself as step N starts (the kernel's OOM killer)
     BENCH_FAULT_STOP_STEP=N    the process SIGSTOPs itself as step N starts (a rank that hangs: alive, silent)
     BENCH_FAULT_SLOW_LOAD_S=S  the model load takes S seconds longer (signals during start-up)
+    BENCH_FAULT_SLOW_STEP_S=S  every step takes S seconds longer (a signal sent mid-run lands before the last step
+                               on a machine where tiny steps take milliseconds)
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ def _step(name: str, rank: int) -> int:
 class StepFaults:
     def __init__(self, rank: int):
         self.oom, self.kill, self.stop = (_step(f"BENCH_FAULT_{k}_STEP", rank) for k in ("OOM", "KILL", "STOP"))
+        self.slow_s = float(os.environ.get("BENCH_FAULT_SLOW_STEP_S", 0))
 
     def at_step(self, step: int) -> None:
         """Called as each step starts."""
+        time.sleep(self.slow_s)
         if step == self.oom:
             import torch
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BENCH_FAULT_OOM_STEP={step})")

@@ -28,7 +28,10 @@ def reference(tmp_path_factory):
 
 def test_preempted_run_resumes_exactly(tmp_path, reference):
     args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "100", "--wandb_mode", "offline")
-    procs = start_bench(tmp_path, *args, "--monitor_interval_s", "0.2", nprocs=2, launcher="srun-env")
+    # steps slowed to 0.5 s: the five left after the third outlast the signal's way to the next step boundary
+    # (unslowed, a loaded machine once ran them all first)
+    procs = start_bench(tmp_path, *args, "--monitor_interval_s", "0.2", nprocs=2, launcher="srun-env",
+                        env={"BENCH_FAULT_SLOW_STEP_S": "0.5"})
     wait_for_steps(tmp_path, procs, 3)
     procs[1].send_signal(signal.SIGUSR1)  # any rank; the ranks agree at the next step boundary
     first = finish(procs, tmp_path)
@@ -182,7 +185,8 @@ def test_a_run_killed_outright_is_shown_lost_and_resumed(tmp_path):
     `running`. Once its heartbeats are old (aged here instead of waiting a minute) the report lists it as lost,
     apart from the results, and --resume auto takes the directory over, says so, and completes it exactly."""
     args = (*ARGS, "--run_name", "job", "--resume", "auto", "--save_interval", "2")
-    procs = start_bench(tmp_path / "runs", *args, nprocs=2, launcher="srun-env", own_session=True)
+    procs = start_bench(tmp_path / "runs", *args, nprocs=2, launcher="srun-env", own_session=True,
+                        env={"BENCH_FAULT_SLOW_STEP_S": "0.5"})  # slowed: killed before its last step
     wait_for_steps(tmp_path / "runs", procs, 5)
     for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: no rank sees another die and records it
         for p in procs:
