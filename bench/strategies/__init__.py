@@ -1,9 +1,8 @@
 """Strategy registry: --strategy name -> the class that owns everything that strategy does differently
 (bench/strategies/base.py says what that is). Each plan makes its own instance (a strategy may keep per-run
-state, such as Ulysses' mpu). Adding a strategy, or a
-dimension (bench/layout.py), is one module and one line below. Importing the modules registers
-their model-parallel dimensions (bench/layout.py DIMENSIONS: tp, ep, pp, sp), in this order: a Layout can be made
-once this package is imported."""
+state, such as Ulysses' mpu). Adding a strategy, or a dimension (bench/layout.py), is one module and one line
+below. Importing the modules registers their model-parallel dimensions (bench/layout.py DIMENSIONS: tp, ep, pp,
+sp), in this order: a Layout can be made once this package is imported."""
 from __future__ import annotations
 
 from bench.config import BenchError
