@@ -106,8 +106,7 @@ def settle(procs: list, pids: list[int]) -> bool:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     for pid in alive(pids):
-        hung = True
-        os.kill(pid, signal.SIGKILL)
+        hung = signal_if_alive(pid, signal.SIGKILL) or hung
     return hung
 
 
@@ -132,6 +131,18 @@ class Tmpfs:
         subprocess.run(["umount", "-l", self.path], check=False)
 
 
+ENDED = "the run ended before the fault"  # a trial whose run outran it: recorded, not a crash of the soak
+
+
+def signal_if_alive(pid: int, sig: int) -> bool:
+    """Signal pid; False where it had already exited (its run finished before the fault could land)."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict:
     from bench.distributed import free_port
     fault = rng.choice([f for f in FAULTS if f != "full_disk" or os.geteuid() == 0])
@@ -153,16 +164,16 @@ def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict
         target = rng.randrange(2)
         if fault.endswith("_rank") and reached and pids:
             sig = {"sigkill_rank": signal.SIGKILL, "sigterm_rank": signal.SIGTERM, "sigint_rank": signal.SIGINT}[fault]
-            os.kill(pids[min(target, len(pids) - 1)], sig)
-            note = f"rank {target}"
+            note = f"rank {target}" if signal_if_alive(pids[min(target, len(pids) - 1)], sig) else ENDED
         elif fault == "sigkill_launch" and pids and parent(pids[0]):
-            os.kill(parent(pids[0]), signal.SIGKILL)
+            note = "" if signal_if_alive(parent(pids[0]), signal.SIGKILL) else ENDED
         elif fault == "sigterm_deepspeed":
             first.send_signal(signal.SIGTERM)
         elif fault in ("second_port", "second_dir"):
             procs.append(start(out, port if fault == "second_port" else free_port()))
         elif fault in ("truncate_checkpoint", "delete_checkpoint"):
-            os.kill(pids[0], signal.SIGTERM) if pids else None  # preempted: it saves, then the newest is damaged
+            # preempted: it saves, then the newest is damaged
+            note = "" if pids and signal_if_alive(pids[0], signal.SIGTERM) else ENDED
         hung = settle(procs, pids)
         status = summary(out).get("status")
         left_running = status == "running"
