@@ -29,7 +29,8 @@ class StepFaults:
 
     def at_step(self, step: int) -> None:
         """Called as each step starts."""
-        time.sleep(self.slow_s)
+        if self.slow_s:  # no call at all on the hot path unless a test asks for it
+            time.sleep(self.slow_s)
         if step == self.oom:
             import torch
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BENCH_FAULT_OOM_STEP={step})")
