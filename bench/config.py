@@ -45,6 +45,11 @@ class RunConfig:
                                   "matrix, eager keeps its softmax per layer, planned; sequence parallelism refuses "
                                   "eager)",
                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
+    attn_mask: str = _f("auto", "auto: padded rows pass no mask (causal) and packed rows attend within each sample "
+                        "through the document boundaries the collator computes (varlen flash attention on CUDA, one "
+                        "SDPA call per sample elsewhere), never a T x T mask; dense: transformers' dense masks (the "
+                        "padding mask, the packed rows' block-diagonal mask), for comparison (bench/attention.py)",
+                        choices=("auto", "dense"))
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                         "keeping them (Hugging Face gradient checkpointing, non-reentrant)")
     tiled_mlp: bool = _f(False, "--strategy sp: DeepSpeed's TiledMLP, each MLP computed over slices of the "

@@ -220,31 +220,61 @@ def consumed_positions(n: int, need: Need, seed: int) -> torch.Tensor:
 ROW_MULTIPLE = 64  # rows are padded to a multiple of this (and of the sequence-parallel degree)
 
 
+class MicroBatch(dict):
+    """A micro-batch: the model's keyword inputs (the dict's items) and what the collator knows of it on the host,
+    so nothing in a timed step reads a device value back: each sample's real length (`lengths`) and the tokens
+    the loss is computed on (`target_tokens`)."""
+
+    def __init__(self, inputs: dict, lengths: list[int], target_tokens: int, blocks: list[int] | None = None):
+        super().__init__(inputs)
+        self.lengths, self.target_tokens = lengths, target_tokens
+        self.blocks = blocks  # the lengths attention runs over, where not whole rows: a packed row's documents
+
+    def to(self, device) -> "MicroBatch":
+        """The inputs on `device` (host ints, the documents' longest length, stay as they are)."""
+        return MicroBatch({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in self.items()},
+                          self.lengths, self.target_tokens, self.blocks)
+
+    @property
+    def work(self) -> tuple[int, int, int, int]:
+        """-> (real tokens, computed tokens, real attention pairs, computed attention pairs).
+
+        Real: the samples' own tokens; computed: every position of every row. Attention pairs are the (query, key)
+        pairs the FLOPs model's attention term counts: per sample, its length squared (real); computed: per row,
+        the row's width squared (a padded row; a packed row under a dense mask), or per document of a packed row
+        its length squared (the document path computes nothing across documents)."""
+        rows, width = self["input_ids"].shape
+        computed_pairs = rows * width * width if self.blocks is None else sum(n * n for n in self.blocks)
+        return sum(self.lengths), rows * width, sum(n * n for n in self.lengths), computed_pairs
+
+
 @dataclass(frozen=True)
 class Collate:
     """How a micro-batch's samples become model inputs.
 
-    max: one row per sample, padded to --seq_len, with an attention mask. longest: one row per sample, padded to
-    the micro-batch's longest sample rounded up to `multiple` (at most --seq_len). packed: the micro-batch's
-    samples concatenated into one row (as transformers' DataCollatorWithFlattening and TRL's padding-free
-    batches do), padded at the end to a multiple of `multiple`; position_ids restart at each sample and no
-    attention mask is passed, so transformers confines attention to each sample (masking_utils.py,
-    find_packed_sequence_indices, which needs the KV cache off, as bench/models.py sets it; flash attention's
-    variable-length path on GPUs). The padding at the end is
-    one-token sequences at position 0, so it attends only to itself and a count can tell it from the samples,
-    which always hold two tokens or more (BOS or prompt, answer, EOS)."""
+    max: one row per sample, right-padded to --seq_len. longest: one row per sample, padded to the micro-batch's
+    longest sample rounded up to `multiple` (at most --seq_len). Padded rows pass no attention mask: padding
+    comes after every real token, so causal attention never lets a real token see it (bench/attention.py); with
+    `dense` (--attn_mask dense) they carry transformers' padding mask as before. packed: the micro-batch's samples
+    concatenated into one row (as transformers' DataCollatorWithFlattening and TRL's padding-free batches do),
+    padded at the end to a multiple of `multiple`; position_ids restart at each sample and the row's document
+    offsets (cu_seq_lens_q/k, max_length_q/k: flash attention's names) confine attention to each sample
+    (bench/attention.py). The padding at the end is one more document at position 0; its labels are ignored."""
     mode: str = "max"
     multiple: int = ROW_MULTIPLE
+    # attention over whole rows (--attn_mask dense, or eager attention): padded rows keep their attention mask
+    # and a packed row's attention is computed over all of it
+    dense: bool = False
 
     @staticmethod
-    def of(kind: str, packing: str, padding: str, slices: int = 1) -> "Collate":
+    def of(kind: str, packing: str, padding: str, slices: int = 1, dense: bool = False) -> "Collate":
         """The resolved --packing/--padding for data of this kind. Text rows are full blocks cut from one stream
         already: nothing to pack or pad."""
         multiple = ROW_MULTIPLE * slices // math.gcd(ROW_MULTIPLE, slices)  # SP cuts each row into equal slices
         if kind == "text":
-            return Collate("max", multiple)
+            return Collate("max", multiple, dense)
         packed = packing == "on" or (packing == "auto" and padding == "max")
-        return Collate("packed" if packed else padding, multiple)
+        return Collate("packed" if packed else padding, multiple, dense)
 
     def shape(self, lengths: list[int], seq_len: int) -> tuple[int, int]:
         """(rows, width) of the micro-batch of samples of these lengths."""
@@ -254,53 +284,38 @@ class Collate:
             return len(lengths), min(seq_len, _round_up(max(lengths), self.multiple))
         return len(lengths), seq_len
 
-    def __call__(self, data: Tokenized, idx) -> dict:
-        if self.mode == "max":
-            return {"input_ids": data.input_ids[idx], "attention_mask": data.attention_mask[idx],
-                    "labels": data.labels[idx]}
+    def __call__(self, data: Tokenized, idx) -> MicroBatch:
         lengths = data.attention_mask[idx].sum(1).tolist()  # these rows only: this runs every micro-batch
         _, width = self.shape(lengths, data.input_ids.shape[1])
-        if self.mode == "longest":
-            return {"input_ids": data.input_ids[idx, :width], "attention_mask": data.attention_mask[idx, :width],
-                    "labels": data.labels[idx, :width]}
+        if self.mode != "packed":
+            labels = data.labels[idx, :width]
+            inputs = {"input_ids": data.input_ids[idx, :width], "labels": labels}
+            if self.dense:
+                inputs["attention_mask"] = data.attention_mask[idx, :width]
+            return MicroBatch(inputs, lengths, int((labels[:, 1:] != IGNORE).sum()))
+        from bench.attention import offsets
         rows = idx.tolist() if torch.is_tensor(idx) else list(idx)
-        real = sum(lengths)
-        tail = width - real
+        tail = width - sum(lengths)
         ids = torch.cat([data.input_ids[i, :n] for i, n in zip(rows, lengths)]
                         + [torch.full((tail,), data.pad_id, dtype=data.input_ids.dtype)])
         labels = torch.cat([data.labels[i, :n] for i, n in zip(rows, lengths)]
                            + [torch.full((tail,), IGNORE, dtype=data.labels.dtype)])
         positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
-        return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+        bounds, longest = offsets(lengths, width)
+        inputs = {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None],
+                  "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+        blocks = None if self.dense else (bounds[1:] - bounds[:-1]).tolist()
+        return MicroBatch(inputs, lengths, int((labels[1:] != IGNORE).sum()), blocks)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def batch_work(batch: dict) -> tuple[int, int, int, int]:
-    """-> (real tokens, computed tokens, real attention pairs, computed attention pairs) of one micro-batch.
-
-    Real: the samples' own tokens; computed: every position of every row. Attention pairs are the (query, key)
-    pairs the FLOPs model's attention term counts: per sample, its length squared (real); per row, the row's
-    width squared (computed: what SDPA computes over a padded row or, masked, over a packed row)."""
-    ids = batch["input_ids"]
-    rows, width = ids.shape
-    if "position_ids" in batch and "attention_mask" not in batch:
-        lengths = _segment_lengths(batch["position_ids"])
-        lengths = lengths[lengths > 1]  # one-token segments are the packed row's padding
-    else:
-        lengths = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.full((rows,), width)
-    return int(lengths.sum()), rows * width, int((lengths.long() ** 2).sum()), rows * width * width
-
-
-def _segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
-    """Lengths of the sequences in packed rows: a sequence starts where its position is 0."""
-    lengths = []
-    for row in position_ids:
-        starts = torch.nonzero(row == 0).flatten().tolist() + [row.numel()]
-        lengths += [b - a for a, b in zip(starts, starts[1:])]
-    return torch.tensor(lengths, dtype=torch.long)
+def batch_work(batch: MicroBatch) -> tuple[int, int, int, int]:
+    """-> (real tokens, computed tokens, real attention pairs, computed attention pairs) of one micro-batch, from
+    the collator's host-side lengths (MicroBatch.work)."""
+    return batch.work
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +352,7 @@ class ShardedBatches:
         return [self.data.rows(self._perm[base + j * self.micro: base + (j + 1) * self.micro])
                 for j in range(first, first + self.accum)]
 
-    def step_batches(self, step: int) -> list[dict]:
+    def step_batches(self, step: int) -> list[MicroBatch]:
         """The accum micro-batches this rank runs for optimizer step `step` (0-based)."""
         return [self.collate(self.data, idx) for idx in self.step_indices(step)]
 
@@ -353,7 +368,7 @@ class ShardedBatches:
 
 
 def val_batches(data: Tokenized, micro: int, dp: int, dp_rank: int, max_batches: int,
-                collate: Collate = Collate()) -> list[dict]:
+                collate: Collate = Collate()) -> list[MicroBatch]:
     """The first full validation micro-batches (max_batches, rounded down to a multiple of dp so every rank
     runs the same number of forwards, which ZeRO-3 requires), rank r taking r, r+dp, ...: disjoint across
     ranks and the same set for any DP size that divides max_batches, so val_loss compares across layouts."""

@@ -27,6 +27,20 @@ def step_time_stats(step_times: list[float]) -> dict:
             "p10": percentile(step_times, 10), "p90": percentile(step_times, 90)}
 
 
+def rank_step_time_stats(rank_step_times: list[list[float]]) -> dict:
+    """Per rank, {min, median, max} of its own step times over the measured steps, and the slowest rank (the
+    highest median) with its median over the fastest rank's (1.0: no straggler). rank_step_times: per measured
+    step, every rank's time (each rank's clock started together, bench/train.py)."""
+    if not rank_step_times:
+        return {"per_rank": [], "slowest_rank": None, "slowest_over_fastest": None}
+    per_rank = [{"rank": r, "min": min(ts), "median": statistics.median(ts), "max": max(ts)}
+                for r, ts in enumerate(zip(*rank_step_times))]
+    slowest = max(per_rank, key=lambda x: x["median"])
+    fastest = min(x["median"] for x in per_rank)
+    return {"per_rank": per_rank, "slowest_rank": slowest["rank"],
+            "slowest_over_fastest": slowest["median"] / fastest if fastest > 0 else None}
+
+
 def throughput(step_times: list[float], work: list[int], global_batch: int, world_size: int,
                model_flops: tuple[float, float], hardware_flops: tuple[float, float],
                peak_tflops: float | None) -> dict:

@@ -144,6 +144,14 @@ class Plan:
                 "max": f"one row per sample, padded to {self.cfg.seq_len}"}[self.collate.mode]
 
     @property
+    def attention(self) -> dict:
+        """The attention path this run takes (bench/attention.py describe): summary.json's `attention`."""
+        from bench.attention import describe
+        from bench.layout import DIMENSIONS
+        drops = any(DIMENSIONS[k].drops_mask for k in self.layout.on())
+        return describe(self.cfg.attn_implementation, self.cfg.attn_mask, self.collate.mode, drops, self.device_type)
+
+    @property
     def dtype(self):
         import torch
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision_of(self.ds)]
@@ -170,6 +178,7 @@ class Plan:
             ("lr", self.ds["optimizer"]["params"]["lr"]),
             ("data", f"{c.data}: {self.train_data.size} train / {self.val_data.size} val ({self.consumed}), "
                      f"{self.batching}"),
+            ("attention", "{implementation}: {kernel}, {mask} mask".format(**self.attention)),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
         ]
         return config.format_table(rows, "resolved configuration")
@@ -260,7 +269,8 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     if val.size < batch.micro * dp:
         raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                 f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split)
+    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split,
+                              dense=cfg.attn_mask == "dense" or cfg.attn_implementation == "eager")
     return Plan(cfg, spec, strategy, ds, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 from bench import checkpoint, device, distributed, faults, liveness, loading, metrics, models, ops, signals
 from bench.config import BenchError, format_table, print_error
+from bench.attention import model_implementation
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_space, write_json_atomic
 from bench.strategies.common import apply_lora, param_counts, param_shapes, save_adapters
@@ -297,7 +298,8 @@ class Session:
         zero3 = p.ds if p.zero_stage == 3 else None
         sharded = loading.shards_at_load(p)
         model, self._zero3_ctx = models.build_model(cfg.model, cfg.init, p.model_config, p.dtype, device, zero3,
-                                                    cfg.seed, cfg.attn_implementation, sharded=sharded)
+                                                    cfg.seed, model_implementation(cfg.attn_implementation,
+                                                                                   cfg.attn_mask), sharded=sharded)
         if cfg.activation_checkpointing:
             # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
             # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no

@@ -26,9 +26,13 @@ KEYS = {
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "the most tokens a sample keeps",
     "batching": "packed | longest | max: how a micro-batch's samples become rows (--packing, --padding)",
+    "attention": "{implementation, kernel, mask}: the attention path that ran (mask: causal | documents | dense; "
+                 "bench/attention.py)",
     "steps": "optimizer steps run", "max_steps": "--max_steps", "warmup_steps": "--warmup_steps",
     "measured_steps": "steps timed: this process's steps after max(--warmup_steps, the 2 instrumented ones)",
     "step_time_s": "{median, mean, p10, p90} slowest-rank step time over measured steps",
+    "step_time_by_rank": "{per_rank[] {rank, min, median, max}, slowest_rank, slowest_over_fastest}: each rank's "
+                         "own step times over measured steps",
     "tokens_per_s": "global real (non-padding) tokens per second", "tokens_per_s_per_gpu": "tokens_per_s / world_size",
     "computed_tokens_per_s": "global tokens per second the device processed, padding included",
     "computed_tokens_per_s_per_gpu": "computed_tokens_per_s / world_size",
@@ -88,8 +92,9 @@ class RunRecord:
             world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, precision=precision_of(plan.ds), dtypes=None, global_batch_size=batch.global_, micro_batch_size=batch.micro,
             grad_accum=batch.grad_accum, seq_len=cfg.seq_len,
-            batching=plan.collate.mode, steps=0, max_steps=cfg.max_steps,
-            warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]), **plan.throughput([]),
+            batching=plan.collate.mode, attention=plan.attention, steps=0, max_steps=cfg.max_steps,
+            warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]),
+            step_time_by_rank=metrics.rank_step_time_stats([]), **plan.throughput([]),
             goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,
             loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.target_loss,
             time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
@@ -126,6 +131,7 @@ class RunRecord:
         ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
         self.set(
             steps=len(res.records), measured_steps=len(res.step_times), step_time_s=metrics.step_time_stats(res.step_times),
+            step_time_by_rank=metrics.rank_step_time_stats(res.rank_step_times),
             **plan.throughput(res.step_times, res.measured_work),
             goodput=metrics.goodput(res.applied_updates, res.useful_tokens, res.train_wall_s),
             applied_updates=res.applied_updates, train_wall_time_s=res.train_wall_s,

@@ -15,13 +15,14 @@ import torch.distributed as dist
 
 from bench import faults, signals
 from bench.accounting import INSTRUMENTED_STEPS
-from bench.data import IGNORE, batch_work
+from bench.data import IGNORE
 
 
 @dataclass
 class TrainResult:
     records: list = field(default_factory=list)      # one dict per step (what metrics.jsonl gets)
     step_times: list = field(default_factory=list)   # slowest-rank step times, warm-up excluded
+    rank_step_times: list = field(default_factory=list)  # per measured step: every rank's own time (stragglers)
     losses: list = field(default_factory=list)       # (step, loss, seconds since training start)
     val_loss: float | None = None
     applied_updates: int = 0
@@ -66,21 +67,34 @@ class Trainer:
         return torch.stack(out).cpu()
 
     def train_step(self, step: int) -> tuple[float, float, int, list[int], bool]:
-        """One optimizer step (accum micro-batches). -> (local seconds, mean micro-batch loss, target tokens,
-        this rank's work (bench/data.py batch_work, summed), whether the update was applied)."""
+        """One optimizer step (accum micro-batches). -> (local seconds, mean micro-batch loss (this rank's part
+        where several ranks' add up to it: runner.loss_parts), target tokens, this rank's work (bench/data.py
+        MicroBatch.work, summed), whether the update was applied).
+
+        Every count comes from the collator's host-side lengths, so the timed window holds the runner's step and
+        nothing else: no host read of a device value, no collective of the harness's own."""
         batches = self.batches.step_batches(step - 1)
-        work = [sum(w) for w in zip(*(batch_work(b) for b in batches))]
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        work = [sum(w) for w in zip(*(b.work for b in batches))]
+        tokens = sum(b.target_tokens for b in batches)
+        micro = [b.to(self.device) for b in batches]
         skipped_before = self.engine.skipped_steps
         self.faults.at_step(step)
-        self.sync()  # start the clock on an idle device
+        self._start_together()
         t0 = time.perf_counter()
         loss = self.runner.train_step(micro)
         self.sync()  # wait for the last kernels (optimizer step) before reading the clock
         dt = time.perf_counter() - t0
-        tokens = sum(target_tokens(b) for b in micro)
         applied = self.engine.skipped_steps == skipped_before
         return dt, float(loss), tokens, work, applied
+
+    def _start_together(self) -> None:
+        """Start every rank's clock at the same moment: a barrier after the previous step's bookkeeping (rank 0
+        writes metrics.jsonl, W&B and the console while the others would already be timing their next step, and
+        wait for rank 0 in its first collective), then the device drained, so the clock starts on an idle device.
+        Both are outside the timed window."""
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        self.sync()
 
     def _memory_now(self) -> dict:
         """Per step: allocated now and the current phase's peak on GPUs, RSS on the CPU."""
@@ -97,10 +111,9 @@ class Trainer:
         self.engine.eval()
         loss_x_tokens, tokens = 0.0, 0
         for b in self.val:
-            b = {k: v.to(self.device) for k, v in b.items()}
-            loss = self.runner.eval_loss(b)
+            loss = self.runner.eval_loss(b.to(self.device))
             if loss is not None:
-                n = target_tokens(b)
+                n = b.target_tokens
                 loss_x_tokens += loss * n
                 tokens += n
         self.engine.train()
@@ -141,7 +154,7 @@ class Trainer:
             # Everyone learns the slowest rank's time, the mean loss and the global token counts.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
                               float(signals.STOP_CODES[signals.requested()]), *work])
-            step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean())
+            step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean()) * self.runner.loss_parts
             step_tokens = int(g[:, 2].sum()) // self.replicas
             step_work = [int(x) // self.replicas for x in g[:, 6:].sum(0).tolist()]
             all_applied = bool(g[:, 3].min() > 0)
@@ -151,6 +164,7 @@ class Trainer:
             elapsed = time.perf_counter() - t_start
             if timed:
                 res.step_times.append(step_time)
+                res.rank_step_times.append(g[:, 0].tolist())
                 if res.measured_work is not None:
                     res.measured_work = [a + b for a, b in zip(res.measured_work, step_work)]
                 res.busy_s = [a + b for a, b in zip(res.busy_s or [0.0] * len(g), g[:, 4].tolist())]
@@ -182,7 +196,8 @@ class Trainer:
 
 
 def target_tokens(batch: dict) -> int:
-    """Tokens the loss is computed on: labels shifted by one (next-token prediction), minus the ignored ones."""
+    """Tokens the loss is computed on: labels shifted by one (next-token prediction), minus the ignored ones (an
+    independent count of what the collator records as MicroBatch.target_tokens)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 

@@ -83,6 +83,7 @@ class EngineRunner:
     """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""
 
     busy_s = 0.0  # only pipeline stages measure their busy time
+    loss_parts = 1  # ranks whose train losses add up to one micro-batch's (Ulysses: the sequence-parallel group)
 
     def __init__(self, engine):
         self.engine = engine

@@ -7,8 +7,9 @@ Hidden states and position ids travel between stages: each stage recomputes the 
 passing (cos, sin) between stages breaks DeepSpeed's pipeline backward ("element 0 of tensors does not require
 grad"; integer tensors are left out of it, deepspeed/runtime/pipe/engine.py _exec_send_grads). Padded rows are
 padded on the right and attention is causal, so no attention mask travels: a real token never attends to the
-padding that follows it. Packed rows (--packing) get their per-sample mask built on each stage from the position
-ids (bench/models.py packed_causal_mask); flash attention finds the samples in the position ids itself.
+padding that follows it. Packed rows (--packing) carry their document offsets from stage to stage
+(bench/attention.py); under --attn_mask dense each stage builds the per-sample mask from the position ids
+instead (bench/models.py packed_causal_mask).
 """
 from __future__ import annotations
 
@@ -54,23 +55,28 @@ class EmbeddingStage(torch.nn.Module):
         self.embed = embed
 
     def forward(self, inputs):
-        input_ids, positions = inputs
-        return self.embed(input_ids), positions
+        return (self.embed(inputs[0]), *inputs[1:])  # position ids (and a packed row's document offsets) go on
 
 
 class DecoderStage(torch.nn.Module):
+    """One decoder layer on (hidden states, position ids[, document offsets]). A packed row's offsets travel
+    between stages beside the position ids and reach the attention as the collator's keyword arguments
+    (bench/attention.py); only its longest document stays behind (a host int cannot travel), so the varlen kernel
+    gets the row's width as its bound."""
+
     def __init__(self, layer, rotary, masked: bool):
         super().__init__()
         self.layer, self.rotary, self.masked = layer, rotary, masked
 
     def forward(self, inputs):
         from bench.models import packed_causal_mask
-        hidden, positions = inputs
-        # None: SDPA applies the causal mask itself, and flash attention finds packed samples in the positions
+        hidden, positions, *bounds = inputs
+        # --attn_mask dense: the packed row's block-diagonal mask, as transformers would build it; otherwise none
         mask = packed_causal_mask(positions) if self.masked else None
+        documents = {"cu_seq_lens_q": bounds[0], "cu_seq_lens_k": bounds[0]} if bounds and not self.masked else {}
         out = self.layer(hidden, attention_mask=mask, position_ids=positions,
-                         position_embeddings=self.rotary(hidden, positions))
-        return (out[0] if isinstance(out, tuple) else out), positions
+                         position_embeddings=self.rotary(hidden, positions), **documents)
+        return ((out[0] if isinstance(out, tuple) else out), positions, *bounds)
 
 
 class HeadStage(torch.nn.Module):
@@ -103,8 +109,9 @@ def build_stages(model, ds: dict, batching: str = "max"):
     micro-batches (packed, or padded to the longest sample) make the stages exchange shapes before every send
     (DeepSpeed's PipelineModule dynamic_shape)."""
     from deepspeed.pipe import PipelineModule
+    from bench.attention import NAME
     attn = getattr(model.config, "_attn_implementation", "sdpa")
-    if attn not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+    if attn not in (NAME, "sdpa", "flash_attention_2", "flash_attention_3"):
         raise BenchError(f"pipeline stages rely on causal-by-default attention (sdpa/flash), got {attn!r}")
     if hasattr(model, "base_model") and hasattr(model.base_model, "model"):
         model = model.base_model.model  # a peft model: its adapters live inside the layers the stages reuse
@@ -121,7 +128,7 @@ def build_stages(model, ds: dict, batching: str = "max"):
                 TiedLayerSpec("embedding", EmbeddingStage, inner.embed_tokens, forward_fn=tied_logits, **tied)]
     else:
         first, last = [EmbeddingStage(inner.embed_tokens)], [HeadStage(inner.norm, model.lm_head)]
-    masked = batching == "packed" and not attn.startswith("flash")
+    masked = batching == "packed" and attn == "sdpa"  # --attn_mask dense
     layers = first + [DecoderStage(layer, inner.rotary_emb, masked) for layer in inner.layers] + last
     section = ds.get("pipeline") or {}
     return PipelineModule(layers=layers, num_stages=section["stages"], loss_fn=causal_lm_loss,
@@ -166,12 +173,14 @@ class BusyTimer:
 
 
 def stage_inputs(batch: dict) -> tuple:
-    """((input ids, position ids), labels): what the first stage and the loss get from a micro-batch."""
+    """((input ids, position ids[, document offsets]), labels): what the first stage and the loss get from a
+    micro-batch."""
     ids = batch["input_ids"]
     positions = batch.get("position_ids")
     if positions is None:
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()  # sent between stages
-    return (ids, positions), batch["labels"]
+    bounds = (batch["cu_seq_lens_q"],) if "cu_seq_lens_q" in batch else ()
+    return (ids, positions, *bounds), batch["labels"]
 
 
 class PipelineRunner:
@@ -179,6 +188,8 @@ class PipelineRunner:
     (BusyTimer: no synchronization inside the step) on every stage, so a stage's idle fraction is 1 - busy / step time. Like EngineRunner,
     it counts what the stage holds in its first step (the first micro-batch's forward saved for backward, the
     gradients just before the optimizer step) and what it communicates in its second (bench/accounting.py)."""
+
+    loss_parts = 1  # train_batch returns the whole mean loss on every stage
 
     def __init__(self, engine, device):
         from deepspeed.runtime.pipe import schedule

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from bench.config import BenchError, zero_stage
+from bench.attention import KWARGS
 from bench.data import IGNORE
 from bench.models import head_dim, is_moe
 from bench.strategies.autoep import allow_frozen_experts, check_ep, experts_not_held, with_peft_names
@@ -107,11 +108,13 @@ class SequenceParallel(ModelParallel):
         config = model.config.get_text_config()
         if getattr(config, "head_dim", None) is None:  # Mixtral's config holds head_dim=None, which DeepSpeed takes
             config.head_dim = head_dim(config)         # for the width itself: set what the layers computed
-        if cfg.attn_implementation == "sdpa" and plan.collate.mode == "packed":
+        if cfg.attn_implementation == "sdpa" and cfg.attn_mask == "dense" and plan.collate.mode == "packed":
             confine_sdpa_to_packed_samples()
         rows = 1 if plan.collate.mode == "packed" else ds["train_micro_batch_size_per_gpu"]  # Ulysses fixes them
+        # the model's own implementation (bench/attention.py NAME for sdpa): DeepSpeed wraps that entry of
+        # transformers' AttentionInterface and passes the collator's document offsets through to it
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
-            model, core_attn_implementation=cfg.attn_implementation,
+            model, core_attn_implementation=model.config._attn_implementation,
             sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=rows,
             seq_length=cfg.seq_len, seq_length_is_variable=True)
         if "expert_parallel" in ds:
@@ -133,7 +136,8 @@ class SequenceParallel(ModelParallel):
 
 
 def confine_sdpa_to_packed_samples() -> None:
-    """Make transformers' "sdpa" attention build the per-sample mask of packed rows from the position ids it gets.
+    """--attn_mask dense: make transformers' "sdpa" attention build the per-sample mask of packed rows from the
+    position ids it gets (the dense path kept for comparison; the default is bench/attention.py's document path).
 
     Ulysses drops every 4-D mask (its rank's slice's mask is wrong for the gathered sequence) and hands the core
     attention the gathered position ids instead (deepspeed/runtime/sequence_parallel/ulysses_sp.py,
@@ -208,11 +212,13 @@ class SequenceParallelRunner(EngineRunner):
         self.group = mpu.get_sequence_parallel_group()
         self.size, self.rank = mpu.get_sequence_parallel_world_size(), mpu.get_sequence_parallel_rank()
         self.loss_scale, self.tiled_loss = loss_scale, tiled_loss
+        self.loss_parts = self.size  # each rank's train loss is its slice's part of the micro-batch's
         model = engine.module.get_base_model() if hasattr(engine.module, "get_base_model") else engine.module
         self.head = model.get_output_embeddings()
 
-    def _slice(self, batch: dict) -> tuple[dict, object, int]:
-        """-> (model inputs of this rank's slice, its shifted labels, the micro-batch's target tokens)."""
+    def _slice(self, batch) -> tuple[dict, object, int]:
+        """-> (model inputs of this rank's slice, its shifted labels, the micro-batch's target tokens: the
+        collator's host count, bench/data.py MicroBatch, so nothing is read back from the device)."""
         import torch
         ids, labels = batch["input_ids"], batch["labels"]
         b, s = ids.shape
@@ -223,9 +229,10 @@ class SequenceParallelRunner(EngineRunner):
         part = slice(self.rank * s // self.size, (self.rank + 1) * s // self.size)
         # no attention mask: Ulysses attends causally over the gathered sequence, which is exact for the harness's
         # right-padded rows (a real token never looks right, at the padding); packed rows are confined to each
-        # sample from the gathered position ids (confine_sdpa_to_packed_samples, flash attention itself)
-        inputs = {"input_ids": ids[:, part], "position_ids": positions[:, part]}
-        return inputs, shifted[:, part], int((shifted != IGNORE).sum())
+        # sample by the whole row's document offsets, which every rank of the group holds (bench/attention.py)
+        inputs = {"input_ids": ids[:, part], "position_ids": positions[:, part],
+                  **{k: batch[k] for k in KWARGS if k in batch}}
+        return inputs, shifted[:, part], batch.target_tokens
 
     def _loss_sum(self, out, labels):
         import torch.nn.functional as F
@@ -276,8 +283,9 @@ class SequenceParallelRunner(EngineRunner):
         return out, self._loss_sum(out, labels) / max(tokens, 1)
 
     def backward(self, out, pending):
-        """-> the micro-batch's loss: the slices' parts added up over the group."""
-        import torch.distributed as dist
+        """-> this rank's part of the micro-batch's loss: the parts of a group add up to it (loss_parts). They are
+        added up by the training loop's per-step gather, after the timed step: no collective of the harness's own
+        inside it."""
         if self.tiled_loss:  # the head's gradient is made inside, before the engine divides by gas: pre-divide
             hidden, labels, tokens = pending
             gas = self.engine.gradient_accumulation_steps()
@@ -287,9 +295,7 @@ class SequenceParallelRunner(EngineRunner):
         else:
             loss = pending
             self.engine.backward(loss * self.loss_scale)
-        whole = loss.detach().clone()
-        dist.all_reduce(whole, group=self.group)
-        return whole
+        return loss.detach()
 
     def eval_loss(self, batch: dict) -> float:
         import torch.distributed as dist

@@ -25,19 +25,26 @@ def qa_data(lengths: list[int], width: int = 48, pad: int = 0) -> data.Tokenized
 def test_packing_concatenates_the_samples_with_restarting_positions_and_pads_the_end():
     d = qa_data([5, 7, 3])
     b = data.Collate("packed", 8)(d, torch.tensor([2, 0]))
-    assert set(b) == {"input_ids", "position_ids", "labels"}  # no mask: transformers confines attention itself
+    # no mask: the document offsets confine attention to each sample (bench/attention.py)
+    assert set(b) == {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                      "max_length_k"}
     assert b["input_ids"][0].tolist() == [201, 202, 203, 1, 2, 3, 4, 5] and b["input_ids"].shape == (1, 8)
     assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert b["labels"][0].tolist() == [IGNORE, IGNORE, 203, IGNORE, IGNORE, 3, 4, 5]
-    b = data.Collate("packed", 8)(d, torch.tensor([0, 1]))  # 12 tokens: padded to 16 with one-token sequences
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 8] and b["cu_seq_lens_q"].dtype == torch.int32
+    assert b["max_length_q"] == 5 and (b.lengths, b.target_tokens) == ([3, 5], 4)
+    b = data.Collate("packed", 8)(d, torch.tensor([0, 1]))  # 12 tokens: padded to 16, the padding one document
     assert b["input_ids"][0, 12:].tolist() == [0] * 4 and b["position_ids"][0, 12:].tolist() == [0] * 4
     assert (b["labels"][0, 12:] == IGNORE).all()
+    assert b["cu_seq_lens_q"].tolist() == [0, 5, 12, 16] and b["max_length_q"] == 7
 
 
-def test_longest_pads_to_the_longest_sample_rounded_up_and_never_past_seq_len():
+def test_padded_rows_carry_no_attention_mask_unless_dense_masks_are_asked():
     d = qa_data([5, 7, 3])
     b = data.Collate("longest", 4)(d, torch.tensor([0, 2]))
-    assert b["input_ids"].shape == (2, 8) and torch.equal(b["attention_mask"].sum(1), torch.tensor([5, 3]))
+    assert set(b) == {"input_ids", "labels"} and b["input_ids"].shape == (2, 8) and b.lengths == [5, 3]
+    dense = data.Collate("longest", 4, dense=True)(d, torch.tensor([0, 2]))
+    assert torch.equal(dense["attention_mask"].sum(1), torch.tensor([5, 3]))
     assert data.Collate("longest", 64)(d, torch.tensor([1]))["input_ids"].shape == (1, 48)  # capped at the width
     assert data.Collate("max")(d, torch.tensor([1]))["input_ids"].shape == (1, 48)
 
@@ -51,17 +58,26 @@ def test_collate_resolution():
 
 
 @pytest.mark.parametrize("mode", ["packed", "longest", "max"])
-def test_work_counts_match_an_independent_count(mode):
+@pytest.mark.parametrize("dense", [False, True])
+def test_work_counts_match_an_independent_count(mode, dense):
+    """Counted from the labels and input ids here, not from the collator's lengths: real tokens are the non-padding
+    ids, target tokens the shifted labels that are not ignored; a packed row on the document path computes each
+    document's pairs (the padding at its end one more document), under dense masks the whole row's."""
+    from bench.train import target_tokens
     lengths = [5, 7, 3, 11]
     d = qa_data(lengths)
     idx = torch.tensor([3, 0, 2])
-    b = data.Collate(mode, 8)(d, idx)
+    b = data.Collate(mode, 8, dense=dense)(d, idx)
     real, computed, real_pairs, computed_pairs = data.batch_work(b)
     mine = [lengths[i] for i in idx.tolist()]
     width = {"packed": 24, "longest": 16, "max": 48}[mode]  # 19 tokens -> 24; longest 11 -> 16
     rows = 1 if mode == "packed" else 3
-    assert (real, computed) == (sum(mine), rows * width)
-    assert (real_pairs, computed_pairs) == (sum(n * n for n in mine), rows * width * width)
+    assert (real, computed) == (int((b["input_ids"] != 0).sum()), rows * width) == (sum(mine), rows * width)
+    whole_rows = rows * width * width
+    documents = sum(n * n for n in mine) + (width - sum(mine)) ** 2
+    assert (real_pairs, computed_pairs) == (sum(n * n for n in mine),
+                                            documents if mode == "packed" and not dense else whole_rows)
+    assert b.target_tokens == target_tokens(b) == sum(n - 2 for n in mine)  # answers from the 3rd token
 
 
 def test_packed_mask_is_what_transformers_builds_from_the_position_ids():
@@ -75,25 +91,66 @@ def test_packed_mask_is_what_transformers_builds_from_the_position_ids():
     assert torch.equal(models.packed_causal_mask(torch.arange(8)[None])[0, 0], torch.ones(8, 8).tril().bool())
 
 
-def test_a_packed_row_computes_the_padded_rows_loss_and_gradients():
-    """The micro-batch's mean loss over its answer tokens and every gradient agree (fp32) between the padded
-    micro-batch and the packed row of the same samples, under SDPA and eager attention."""
+def _loss_and_grads(path, implementation: str, batch: dict):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=implementation, dtype=torch.float32)
+    model.config.use_cache = False  # as bench/models.py trains: with a KV cache transformers finds no packing
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_every_attention_path_computes_the_dense_masked_loss_and_gradients():
+    """Against today's reference, padded rows under transformers' dense padding mask (SDPA): padded rows without a
+    mask (causal), a packed row on the document path (bench/attention.py, one SDPA call per sample here), a packed
+    row under transformers' block-diagonal mask, and eager attention both ways: the same mean loss over the
+    answer tokens and the same gradients (fp32). Negative control: the packed row without its document offsets
+    attends across samples, and the loss moves."""
+    from bench import attention
     from bench.data import load_dataset
     path = models.ensure_tiny("tiny-llama")
     tok = models.load_tokenizer(path)
     train, _ = load_dataset("squad-sample", tok, 128, 0.1, 0)
     idx = torch.arange(4)
-    for attn in ("sdpa", "eager"):
-        results = []
-        for mode in ("max", "packed"):
-            from transformers import AutoModelForCausalLM
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
-            model.config.use_cache = False  # as bench/models.py trains: with a KV cache transformers finds no packing
-            loss = model(**data.Collate(mode)(train, idx)).loss
-            loss.backward()
-            results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-        (loss_a, grads_a), (loss_b, grads_b) = results
-        assert loss_b == pytest.approx(loss_a, rel=1e-5), attn
-        for ga, gb in zip(grads_a, grads_b):
-            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    documents = attention.model_implementation("sdpa", "auto")
+    reference = _loss_and_grads(path, "sdpa", data.Collate("max", dense=True)(train, idx))
+    paths = {"padded, no mask": (documents, data.Collate("max")(train, idx)),
+             "packed, documents": (documents, data.Collate("packed")(train, idx)),
+             "packed, dense mask": ("sdpa", data.Collate("packed", dense=True)(train, idx)),
+             "eager padded": ("eager", data.Collate("max", dense=True)(train, idx)),
+             "eager packed": ("eager", data.Collate("packed", dense=True)(train, idx))}
+    for name, (implementation, batch) in paths.items():
+        loss, grads = _loss_and_grads(path, implementation, batch)
+        assert loss == pytest.approx(reference[0], rel=1e-5), name
+        for ga, gb in zip(reference[1], grads):
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6, msg=name)
+    packed = data.Collate("packed")(train, idx)
+    across = {k: v for k, v in packed.items() if k not in attention.KWARGS}
+    assert abs(_loss_and_grads(path, documents, across)[0] - reference[0]) > 1e-3
+
+
+def test_the_document_path_never_builds_a_row_by_row_mask():
+    """transformers builds no mask for the harness's implementation (it is not in AttentionMaskInterface), so the
+    attention function gets None, and the packed position ids are never scanned for samples."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from bench import attention
+    name = attention.model_implementation("sdpa", "auto")
+    assert name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    model = AutoModelForCausalLM.from_pretrained(models.ensure_tiny("tiny-llama"), attn_implementation=name)
+    model.config.use_cache = False
+    seen = []
+    original = attention.document_attention
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, "cu_seq_lens_q" in kwargs))
+        return original(module, query, key, value, attention_mask, **kwargs)
+    from transformers import AttentionInterface
+    AttentionInterface.register(name, spy)
+    try:
+        d = qa_data([5, 7, 3])
+        model(**data.Collate("packed", 8)(d, torch.tensor([0, 1, 2])))
+    finally:
+        attention.register()
+    assert seen and all(mask is None and offsets for mask, offsets in seen)

@@ -1,0 +1,112 @@
+"""One attention path per batching, for every strategy: the harness's own SDPA entry in transformers'
+AttentionInterface (`NAME`).
+
+- Padded rows (right-padded, causal): no mask at all. Padding comes after every real token, so causal attention
+  never lets a real token see it, and the loss mask already skips it; SDPA runs with is_causal (flash on a GPU).
+- Packed rows: the collator gives the row's document boundaries once per micro-batch (bench/data.py Collate:
+  `cu_seq_lens_q/k`, `max_length_q/k`, the names transformers' flash attention reads too), and attention is causal
+  within each document, never materializing a T x T mask: on CUDA torch's `varlen_attn` (flash kernels, with
+  autograd; torch/nn/attention/varlen.py), elsewhere one causal SDPA call per document.
+
+Because the name is not in transformers' AttentionMaskInterface, transformers builds no mask for it at all
+(masking_utils.py `_preprocess_mask_arguments`: "custom attention without equivalent mask creation"), and it
+skips the packed-sequence detection that reads a device value on the host every forward. Pipeline stages call the
+decoder layers with the same keyword arguments, and DeepSpeed's Ulysses wrapper passes them through to this core
+attention after its all-to-all (deepspeed/runtime/sequence_parallel/ulysses_sp.py UlyssesSPAttentionHF.forward),
+where every rank holds the whole gathered row, so the whole row's boundaries apply.
+
+`--attn_mask dense` keeps transformers' own dense masks (a [B, 1, T, T] mask built from the padding mask or the
+packed position ids) for comparison; `--attn_implementation eager` always builds one; flash_attention_2/3 read the
+same boundaries from the keyword arguments.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "bench_sdpa"  # the AttentionInterface key the model is built with (--attn_implementation sdpa)
+KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what the collator adds to a packed row
+
+
+def register() -> None:
+    """Make NAME an attention implementation transformers can build a model with (idempotent)."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(NAME, document_attention)
+
+
+def model_implementation(attn_implementation: str, attn_mask: str) -> str:
+    """The implementation name the model is built with: the harness's path for sdpa unless dense masks are asked."""
+    if attn_implementation == "sdpa" and attn_mask == "auto":
+        register()
+        return NAME
+    return attn_implementation
+
+
+def describe(attn_implementation: str, attn_mask: str, batching: str, drops_mask: bool, device_type: str) -> dict:
+    """What summary.json records as `attention`: the implementation asked for, the kernel that runs and the mask
+    kind. drops_mask: a strategy whose attention never gets the padding mask (pipeline stages, Ulysses)."""
+    packed = batching == "packed"
+    if attn_implementation == "eager":
+        return {"implementation": "eager", "kernel": "eager (matmul + softmax)", "mask": "dense"}
+    if attn_implementation.startswith("flash"):
+        return {"implementation": attn_implementation, "kernel": f"flash-attn ({'varlen' if packed else 'causal'})",
+                "mask": "documents" if packed else "causal"}
+    if attn_mask == "dense":  # transformers' masks: the packed block-diagonal one, the padded rows' padding mask
+        dense = packed or not drops_mask
+        return {"implementation": "sdpa", "kernel": "sdpa (masked)" if dense else "sdpa (causal)",
+                "mask": "dense" if dense else "causal"}
+    if packed:
+        kernel = "varlen_attn" if device_type == "cuda" and _varlen() is not None else "sdpa per document"
+        return {"implementation": "sdpa", "kernel": kernel, "mask": "documents"}
+    return {"implementation": "sdpa", "kernel": "sdpa (causal)", "mask": "causal"}
+
+
+def _varlen():
+    """torch's variable-length flash attention, where this torch has it (CUDA builds of torch >= 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def document_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers' attention signature: query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None).
+    Causal within each document of cu_seq_lens_q (offsets into the B x T tokens, flattened), causal over the row
+    without them."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    b, heads, t, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))  # [tokens, heads, D]
+    gqa = k.shape[1] != heads
+    if dropout:
+        raise ValueError("document attention runs without attention dropout (the LLaMA/Mixtral configs have none)")
+    varlen = _varlen() if q.device.type == "cuda" else None
+    if varlen is not None:
+        # max_length_q: the longest document, a host int from the collator; the row's width bounds it where a
+        # caller (a pipeline stage) has only the tensor
+        longest = int(max_length_q) if max_length_q is not None else b * t
+        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=scaling,
+                     window_size=(-1, 0), enable_gqa=gqa)
+    else:
+        # the host list of lengths: free on the CPU, where the offsets never left host memory
+        bounds = cu_seq_lens_q.tolist()
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        parts = [torch.nn.functional.scaled_dot_product_attention(
+                    qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                    is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
+                 for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+        out = torch.cat(parts)
+    return out.reshape(b, t, heads, d), None
+
+
+def offsets(lengths: list[int], width: int) -> tuple[torch.Tensor, int]:
+    """A packed row's document offsets (cu_seqlens, int32 as flash kernels take them) and its longest document:
+    each sample, then the padding at the end as one more document (it attends only to itself and carries no
+    loss)."""
+    sizes = list(lengths) + ([width - sum(lengths)] if width > sum(lengths) else [])
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32), max(sizes)
