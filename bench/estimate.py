@@ -285,7 +285,7 @@ def load_bytes(plan, rank: int) -> dict:
 
 def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None = None) -> dict:
     """What one micro-batch's forward saves for backward on this rank (saved-tensor hooks, each storage once; the
-    harness's padded batches carry an attention mask), and the logits. Per decoder layer, counted tensor by tensor
+    attention path of plan.attention), and the logits. Per decoder layer, counted tensor by tensor
     from Hugging Face's LLaMA/Mixtral forward under SDPA (docs/planner.md): the two RMSNorms keep an fp32 copy,
     their output and 1/rms; attention keeps q, k, v (expanded to every head when a mask is given), its output and
     log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
@@ -297,13 +297,14 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     bs = micro * seq
-    # Padded rows: pipeline stages pass no mask, Ulysses drops it (causal SDPA, keys and values not expanded):
-    # their modules' drops_mask. Packed rows under SDPA get a mask everywhere: transformers' one from the position
-    # ids, or each pipeline stage's and each Ulysses layer's own (bench/models.py packed_causal_mask), over the
-    # whole gathered row. A dimension that splits the sequence (Ulysses) attends over the gathered row
+    # The attention path (bench/attention.py, plan.attention): padded rows pass no mask and packed rows attend
+    # within their documents (causal SDPA per document, keys and values not expanded), unless the run asks for
+    # transformers' dense masks (--attn_mask dense, eager): the padding mask, where a strategy passes it (pipeline
+    # stages and Ulysses never do: their modules' drops_mask), and the packed rows' block-diagonal mask, over the
+    # whole gathered row under Ulysses (a dimension that splits the sequence attends over the gathered row)
     split = lay.sequence_split
-    packed = plan.collate.mode == "packed" and plan.cfg.attn_implementation in ("sdpa", "eager")
-    masked = packed or not any(d.drops_mask for d in _on(plan))
+    masked = plan.attention["mask"] == "dense"
+    packed = masked and plan.collate.mode == "packed"
     q_elems, kv_elems = bs * heads * hd // tp, bs * kv * hd // tp
     expanded = masked or split > 1  # SDPA gets k and v repeated to every head (under SP: this rank's heads)
     attention = (2 * q_elems + (2 * q_elems if expanded else 2 * kv_elems) + q_elems) * w  # q, out, k, v, o_proj in

@@ -5,8 +5,9 @@
     BENCH_FAULT_KILL_STEP=N    the process SIGKILLs itself as step N starts (the kernel's OOM killer)
     BENCH_FAULT_STOP_STEP=N    the process SIGSTOPs itself as step N starts (a rank that hangs: alive, silent)
     BENCH_FAULT_SLOW_LOAD_S=S  the model load takes S seconds longer (signals during start-up)
-    BENCH_FAULT_SLOW_STEP_S=S  every step takes S seconds longer (a signal sent mid-run lands before the last step
-                               on a machine where tiny steps take milliseconds)
+    BENCH_FAULT_SLOW_STEP_S=S  every step takes S seconds longer, before its clock starts (a signal sent mid-run
+                               lands before the last step on a machine where tiny steps take milliseconds; on one
+                               rank: slow bookkeeping between steps, which the other ranks must not time)
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _step(name: str, rank: int) -> int:
 class StepFaults:
     def __init__(self, rank: int):
         self.oom, self.kill, self.stop = (_step(f"BENCH_FAULT_{k}_STEP", rank) for k in ("OOM", "KILL", "STOP"))
-        self.slow_s = float(os.environ.get("BENCH_FAULT_SLOW_STEP_S", 0))
+        target = os.environ.get("BENCH_FAULT_RANK")
+        self.slow_s = float(os.environ.get("BENCH_FAULT_SLOW_STEP_S", 0)) if target in (None, str(rank)) else 0.0
 
     def at_step(self, step: int) -> None:
         """Called as each step starts."""

@@ -1,7 +1,9 @@
 """A packed run computes what the unpacked run of the same samples computes: the same loss (1e-5), gradient norm
 (1e-4) and validation loss, step by step, under data, tensor, expert, pipeline and sequence parallelism, on real
 processes; so does padding each micro-batch to its longest sample. Both count the same real tokens, and packing
-computes fewer."""
+computes fewer. The document path packed rows take (bench/attention.py) computes what transformers' dense
+block-diagonal mask computes (--attn_mask dense, the path before it) under every strategy, TP x EP included, and
+every strategy records the same attention path for the same batching."""
 import pytest
 
 from support import assert_ok, run_many
@@ -19,8 +21,12 @@ LAYOUTS = {  # name -> (strategy, ds_config, extra arguments)
 }
 BATCHING = {"packed": ("--packing", "on"), "padded": ("--packing", "off"),
             "longest": ("--packing", "off", "--padding", "longest")}
+LAYOUTS["tp_ep"] = ("tp_ep", "tp2_ep2", ("--global_batch_size", "4", "--model", "tiny-mixtral"))  # 4 processes
+BATCHING["dense"] = ("--packing", "on", "--attn_mask", "dense")  # packed rows under transformers' dense mask
 RUNS = {f"{layout}-{way}": (layout, way) for layout in LAYOUTS for way in BATCHING
-        if way != "longest" or layout in ("dp", "pp")}  # longest: the plain engine and the pipeline's shapes
+        if (way != "longest" or layout in ("dp", "pp"))  # longest: the plain engine and the pipeline's shapes
+        and (layout != "tp_ep" or way in ("packed", "dense"))}  # TP x EP: the document path's parity only
+PROCESSES = {"tp_ep": 4}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +36,37 @@ def runs(tmp_path_factory):
     for name, (layout, way) in RUNS.items():
         strategy, config, extra = LAYOUTS[layout]
         args = ("--strategy", strategy, "--ds_config", f"ds_configs/{config}.json", *ARGS, *extra, *BATCHING[way])
-        launches[name] = (root / name, args, {"nprocs": 2, "launcher": "srun-env"})
+        launches[name] = (root / name, args, {"nprocs": PROCESSES.get(layout, 2), "launcher": "srun-env"})
     return run_many(launches)
 
 
-@pytest.mark.parametrize("name", [n for n, (_, way) in RUNS.items() if way != "padded"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_document_path_computes_what_the_dense_mask_computes(runs, layout):
+    """Packed rows: per-sample attention through the collator's offsets against transformers' block-diagonal
+    mask (Ulysses: over the gathered row; pipeline: on every stage), loss and gradient norm step by step."""
+    run, dense = runs[f"{layout}-packed"], runs[f"{layout}-dense"]
+    assert_ok(run)
+    assert_ok(dense)
+    a, b = dense.records(), run.records()
+    assert len(a) == len(b) == 3
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
+    assert run.summary()["val_loss"] == pytest.approx(dense.summary()["val_loss"], rel=1e-5)
+    assert run.summary()["attention"]["mask"] == "documents" and dense.summary()["attention"]["mask"] == "dense"
+    # the document path computes each sample's attention pairs only
+    assert [r["computed_tokens"] for r in b] == [r["computed_tokens"] for r in a]
+
+
+@pytest.mark.parametrize("way", ["packed", "padded", "longest"])
+def test_every_strategy_records_the_same_attention_path_for_the_same_batching(runs, way):
+    recorded = {name: runs[name].summary()["attention"] for name, (_, w) in RUNS.items() if w == way}
+    expected = {"implementation": "sdpa", "kernel": "sdpa per document" if way == "packed" else "sdpa (causal)",
+                "mask": "documents" if way == "packed" else "causal"}
+    assert recorded and all(a == expected for a in recorded.values()), recorded
+
+
+@pytest.mark.parametrize("name", [n for n, (lay, way) in RUNS.items()
+                                  if way in ("packed", "longest") and f"{lay}-padded" in RUNS])
 def test_same_loss_and_gradient_norm_as_the_padded_run(runs, name):
     layout, way = RUNS[name]
     run, padded = runs[name], runs[f"{layout}-padded"]

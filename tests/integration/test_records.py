@@ -30,7 +30,8 @@ def test_tokens_per_s_counts_the_real_tokens_of_the_measured_steps(run):
     _, source, _ = models.load_config(cfg["model"], cfg["init"])
     train, _ = data.load_dataset(cfg["data"], models.load_tokenizer(source), cfg["seq_len"], cfg["val_fraction"],
                                  cfg["seed"])
-    whole = data.ShardedBatches(train, s["global_batch_size"], 1, 1, 0, cfg["seed"])  # one global batch per step
+    whole = data.ShardedBatches(train, s["global_batch_size"], 1, 1, 0, cfg["seed"],  # one global batch per step
+                                data.Collate(dense=True))  # its rows with their attention masks
     measured = [r for r in run.records() if not r["warmup"]]
     real = sum(int(whole.step_batches(r["step"] - 1)[0]["attention_mask"].sum()) for r in measured)
     assert len(measured) == s["measured_steps"] > 0 and [r["real_tokens"] for r in measured] == [
@@ -158,3 +159,25 @@ def test_wandb_offline_run_holds_the_metrics(run):
     assert summary["step_time_s/median"] == pytest.approx(run.summary()["step_time_s"]["median"])
     metrics = [r["metric"] for r in records if r["type"] == "metric"]
     assert any(m.get("glob_name") == "*" and m.get("step_metric") == "step" for m in metrics)
+
+
+def test_every_rank_starts_its_timed_step_together(tmp_path):
+    """Rank 0 spends 0.6 s between steps (what its metrics.jsonl, W&B and console writes do, exaggerated: the slow
+    step fault sleeps before the clock starts). Every rank starts its clock after a barrier, so no rank times
+    that wait: without it, rank 1 would start its clock and wait for rank 0 in its first collective, and every
+    step would read >= 0.6 s. Each rank's own statistics are recorded."""
+    from support import PARITY_ARGS, run_bench
+    res = run_bench(tmp_path, *PARITY_ARGS, "--ds_config", "ds_configs/dp_zero2.json", "--max_steps", "6",
+                    nprocs=2, launcher="srun-env", env={"BENCH_FAULT_SLOW_STEP_S": "0.6", "BENCH_FAULT_RANK": "0"})
+    assert_ok(res)
+    s = res.summary()
+    assert s["measured_steps"] == 4
+    assert all(r["step_time_s"] < 0.3 for r in res.records() if not r["warmup"]), res.records()
+    by_rank = s["step_time_by_rank"]
+    assert [r["rank"] for r in by_rank["per_rank"]] == [0, 1]
+    for r in by_rank["per_rank"]:
+        assert r["min"] <= r["median"] <= r["max"] < 0.3
+    # the slowest rank's own times are the step times the run reports (each step's maximum over ranks)
+    slowest = max(r["max"] for r in by_rank["per_rank"])
+    assert slowest == pytest.approx(max(r["step_time_s"] for r in res.records() if not r["warmup"]))
+    assert by_rank["slowest_over_fastest"] >= 1.0
