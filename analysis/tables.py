@@ -69,6 +69,13 @@ def comm_mib(run: Run) -> float | None:
     return max(sum(c.values()) for c in per_rank) / 2**20
 
 
+def attention(run: Run) -> str | None:
+    """The attention path that ran (summary.attention), e.g. 'sdpa per document, documents'; None before it was
+    recorded."""
+    a = run.summary.get("attention")
+    return f"{a['kernel']}, {a['mask']}" if a else None
+
+
 def _get(run: Run, *keys):
     node = run.summary
     for k in keys:
@@ -151,7 +158,8 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
         b = baseline
         rows.append({
-            "run": r.name, "job": r.job_title, "strategy": r.label, "GPUs": r.gpus,
+            "run": r.name, "job": r.job_title, "strategy": r.label, "GPUs": r.gpus, "attention": attention(r),
+            "slowest / fastest rank": _get(r, "step_time_by_rank", "slowest_over_fastest"),
             "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),
             "memory reduction (x)": metrics.ratio(b and peak_memory_mib(b), peak_memory_mib(r)),

@@ -78,27 +78,31 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     b, heads, t, d = query.shape
-    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))  # [tokens, heads, D]
-    gqa = k.shape[1] != heads
+    gqa = key.shape[1] != heads
     if dropout:
         raise ValueError("document attention runs without attention dropout (the LLaMA/Mixtral configs have none)")
-    varlen = _varlen() if q.device.type == "cuda" else None
+    varlen = _varlen() if query.device.type == "cuda" else None
     if varlen is not None:
-        # max_length_q: the longest document, a host int from the collator; the row's width bounds it where a
-        # caller (a pipeline stage) has only the tensor
+        # flash's layout, [tokens, heads, D]; max_length_q: the longest document, a host int from the collator,
+        # bounded by the row's width where a caller (a pipeline stage) has only the tensor
+        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
         longest = int(max_length_q) if max_length_q is not None else b * t
         out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=scaling,
                      window_size=(-1, 0), enable_gqa=gqa)
-    else:
-        # the host list of lengths: free on the CPU, where the offsets never left host memory
-        bounds = cu_seq_lens_q.tolist()
-        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-        parts = [torch.nn.functional.scaled_dot_product_attention(
-                    qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                    is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
-                 for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
-        out = torch.cat(parts)
-    return out.reshape(b, t, heads, d), None
+        return out.reshape(b, t, heads, d), None
+    if b > 1:  # rows side by side, as the offsets count them (the harness packs one row per micro-batch)
+        query, key, value = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value))
+    # Slices of the row along the sequence, views of q, k and v: SDPA saves them, not copies. The host list of
+    # lengths is free here, where the offsets never left host memory.
+    bounds = cu_seq_lens_q.tolist()
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    parts = [torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
+                                                              enable_gqa=gqa)
+             for qs, ks, vs in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]
+    out = torch.cat(parts, 2)  # [1, heads, b * t, D]
+    if b > 1:
+        out = out.reshape(heads, b, t, d).transpose(0, 1)
+    return out.transpose(1, 2), None
 
 
 def offsets(lengths: list[int], width: int) -> tuple[torch.Tensor, int]:

@@ -311,6 +311,12 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     mask = micro * (seq * split if packed else seq) ** 2 * w  # SDPA converts a bool mask to the query dtype
     attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * split * 8 if split > 1 else 0  # Ulysses: the gathered position ids
+    if plan.attention["kernel"] == "sdpa per document" and split == 1:
+        # one SDPA call per document saves each document's output, and their concatenation is the o_proj input
+        # (a whole-row kernel's output is the o_proj input itself); under Ulysses the all-to-all's output is
+        # the o_proj input either way. Measured: one q-sized tensor per layer (tests/integration/
+        # test_packing_parity.py)
+        attention += q_elems * w
     if plan.cfg.attn_implementation == "eager":
         # transformers' eager_attention_forward: matmul(q, k^T) keeps q and k repeated to every head, the softmax
         # its fp32 output and matmul(p, v) the probabilities cast back to w (one tensor in fp32) and v repeated;

@@ -260,6 +260,7 @@ class Session:
 
     def _train(self):
         device = self._set_up_device()
+        self._start_monitor()  # before the model: the load's peak is one the monitor must see too
         self.peaks.mark_before_model()
         with loading.host_memory_returned():
             model, counts = self._build_model(device)
@@ -267,7 +268,6 @@ class Session:
             engine = self._initialize(model)
         self._phase("ds_initialize_s")
         self.peaks.close("load", then="warmup")  # from here on the peaks are training's, not the load's
-        self._start_monitor()
         trainer = self._make_trainer(engine, device)
         start, save = self._checkpointing(engine)
         self._phase("setup_s")

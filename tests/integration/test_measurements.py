@@ -71,9 +71,10 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = page.read_text()
     for heading in ("## 1. The default job", "## 2. One device", "## 3. The bare DeepSpeed loop", "## 4. ZeRO-2 offload",
-                    "## 5. Layouts on 2 devices"):
+                    "## 5. Packed and padded rows", "## 6. Layouts on 2 devices"):
         assert heading in text, heading
-    assert "Every check passed." in text and "DeepSpeedCPUAdam" in text
+    assert "Every check that ran passed; none was skipped." in text and "DeepSpeedCPUAdam" in text
+    assert "| packed | sdpa per document, documents |" in text and "| padded | sdpa (causal), causal |" in text
     ratio = float(text.split("Median step time, harness / bare loop")[1].split("**")[1])
     assert 0.3 < ratio < 3, ratio
     parity = [ln for ln in text.splitlines() if ln.startswith(("| TP2", "| EP2", "| PP2", "| SP2"))]
