@@ -27,6 +27,10 @@ class Preset:
     extra: dict = field(default_factory=dict)
 
 
+# The tiny presets take rows as long as the real models' (RoPE needs nothing else): long-context work (Ulysses SP,
+# packed 8K-32K rows, docs/results/packed_attention_cpu.md) runs on the CPU
+TINY_POSITIONS = 32768
+
 PRESETS = {
     "llama3.1-8b": Preset("llama", dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -49,11 +53,11 @@ PRESETS = {
     # (GQA, SwiGLU, untied head; for Mixtral top-2 routing over 4 experts).
     "tiny-llama": Preset("llama", dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, rms_norm_eps=1e-5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), tiny=True),
     "tiny-mixtral": Preset("mixtral", dict(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, num_local_experts=4,
+        num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS, rms_norm_eps=1e-5, num_local_experts=4,
         num_experts_per_tok=2, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), tiny=True),
 }
@@ -62,7 +66,7 @@ PRESETS = {
 for _name in ("tiny-llama", "tiny-mixtral"):
     PRESETS[f"{_name}-tied"] = Preset(PRESETS[_name].model_type, {**PRESETS[_name].arch, "tie_word_embeddings": True},
                                       tiny=True)
-TINY_FORMAT_VERSION = 1  # bump when a tiny preset changes so cached copies are rebuilt, not reused
+TINY_FORMAT_VERSION = 2  # bump when a tiny preset changes so cached copies are rebuilt, not reused
 
 
 def cache_dir() -> str:
