@@ -2,7 +2,7 @@
 # N nodes x 8 GPUs (default 2 nodes; `sbatch --nodes=N slurm/multi_node.sh` to change): LLaMA-3.1-8B, LoRA, ZeRO-3
 # data parallel. srun starts one task per GPU on every node; ranks come from SLURM_PROCID/SLURM_LOCALID, the
 # rendezvous from the first node of the allocation (common.sh).
-# Predicted peak per GPU (bench-plan, H100-80GB): 6.4 GiB training, 3.0 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 6.2 GiB training, 3.0 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/multi_node.sh [bench/run.py overrides...]
 # --val_fraction 0.2: the bundled sample's validation split then holds one micro-batch for each of the 16 ranks.
 #SBATCH --job-name=dp-llama31-8b-multinode

@@ -17,12 +17,15 @@ pytestmark = pytest.mark.unit
 
 def _saved_bytes(plan, dtype, micro, seq) -> int:
     """What one forward of the Hugging Face model (peft-wrapped for LoRA) saves for backward, counted by the
-    harness's own ActivationCounter, with a padded batch's attention mask as the harness feeds it."""
+    harness's own ActivationCounter, on the attention path the plan's run takes (bench/attention.py): a padded
+    batch without a mask, or with its attention mask under dense masks."""
     from transformers import AutoModelForCausalLM
+    from bench.attention import model_implementation
     from bench.strategies.common import apply_lora
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(plan.model_config, dtype=dtype,
-                                             attn_implementation=plan.cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_config(
+        plan.model_config, dtype=dtype,
+        attn_implementation=model_implementation(plan.cfg.attn_implementation, plan.cfg.attn_mask))
     if plan.peft == "lora":
         model = apply_lora(model, plan.cfg)
         if plan.zero_stage < 3:  # as deepspeed.initialize does: the whole module, adapters too, in the training
@@ -32,8 +35,9 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
     mask = torch.ones_like(ids)
     mask[:, -3:] = 0
     held = {(p.untyped_storage().data_ptr(), "cpu", None) for p in model.parameters()}
+    masks = {"attention_mask": mask} if plan.attention["mask"] == "dense" else {}
     with ActivationCounter(exclude=held) as counter:
-        model(input_ids=ids, attention_mask=mask, labels=ids)
+        model(input_ids=ids, labels=ids, **masks)
     return counter.bytes
 
 
@@ -53,24 +57,25 @@ def test_activation_bytes_match_what_autograd_saves(model, peft, dtype):
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_packed_rows_are_planned_as_autograd_saves_them(peft):
-    """A packed micro-batch (one row, position ids restarting per sample, no attention mask: transformers builds
-    the per-sample mask from the position ids) against the bytes its forward saves, at the width it was packed to;
-    and a micro-batch padded to its longest sample planned at that width."""
+    """A packed micro-batch (one row, position ids restarting per sample, no attention mask: the collator's
+    document offsets confine attention to each sample, bench/attention.py) against the bytes its forward saves, at
+    the width it was packed to; and a micro-batch padded to its longest sample planned at that width."""
     from transformers import AutoModelForCausalLM
-    from bench import data
+    from bench.attention import model_implementation
     from bench.strategies.common import apply_lora
     args = ["--peft", peft, "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json"]
     plan = plan_layout([*args, "--packing", "on"], 1)
     assert plan.collate.mode == "packed"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(plan.model_config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(plan.model_config, attn_implementation=model_implementation("sdpa",
+                                                                                                         "auto"))
     model.config.use_cache = False  # as bench/models.py trains: transformers finds packing only without a cache
     model = apply_lora(model, plan.cfg) if peft == "lora" else model
     model.train()
     batch = plan.collate(plan.train_data, torch.arange(4))  # the first four samples in one row
     held = {(p.untyped_storage().data_ptr(), "cpu", None) for p in model.parameters()}
     with ActivationCounter(exclude=held) as counter:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        model(**batch)
     rows, width = batch["input_ids"].shape
     assert rows == 1 and "attention_mask" not in batch
     assert estimate.activation_bytes(plan, 0, rows, width)["activation_bytes"] == pytest.approx(counter.bytes,

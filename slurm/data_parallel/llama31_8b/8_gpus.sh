@@ -1,7 +1,7 @@
 #!/bin/bash
 # LLaMA-3.1-8B, LoRA, ZeRO-2 data parallel on 8 GPU(s): micro-batches of 4 per GPU, global batch 32 at every GPU count
 # (strong scaling: one job, so the report compares and scales them).
-# Predicted peak per GPU (bench-plan, H100-80GB): 18.7 GiB training, 16.7 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 18.6 GiB training, 16.7 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/llama31_8b/8_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=dp-llama31-8b-8g
 #SBATCH --nodes=1

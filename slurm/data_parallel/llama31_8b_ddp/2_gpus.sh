@@ -2,7 +2,7 @@
 # LLaMA-3.1-8B, LoRA, plain data parallel (ZeRO-0: the DDP baseline every ZeRO stage is read against) on 2 GPU(s):
 # micro-batches of 4 per GPU, global batch 32 at every GPU count (strong scaling: one job, so the report compares and
 # scales them).
-# Predicted peak per GPU (bench-plan, H100-80GB): 18.6 GiB training, 16.7 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 18.5 GiB training, 16.7 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/llama31_8b_ddp/2_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=ddp-llama31-8b-2g
 #SBATCH --nodes=1

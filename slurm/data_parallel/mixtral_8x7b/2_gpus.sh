@@ -1,6 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, LoRA, ZeRO-3 data parallel on 2 GPUs (the bf16 weights alone are ~94 GB, so they are partitioned).
-# Predicted peak per GPU (bench-plan, H100-80GB): 52.0 GiB training, 48.5 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 51.9 GiB training, 48.5 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/data_parallel/mixtral_8x7b/2_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=dp-mixtral-8x7b-2g
 #SBATCH --nodes=1

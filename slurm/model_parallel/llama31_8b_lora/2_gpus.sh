@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, LoRA on the attention (adapters split with their layers), AutoTP 2 (the seeds' "LLaMA 3.1 8B + LoRA").
-# Predicted peak per GPU (bench-plan, H100-80GB): 11.7 GiB training, 10.4 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 11.6 GiB training, 10.4 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/llama31_8b_lora/2_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-tp2-llama31-8b
 #SBATCH --nodes=1

@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-3.1-8B, LoRA on the attention (adapters split with their layers), AutoTP 8 (the seeds' "LLaMA 3.1 8B + LoRA").
-# Predicted peak per GPU (bench-plan, H100-80GB): 5.8 GiB training, 4.9 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 5.7 GiB training, 4.9 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/llama31_8b_lora/8_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-tp8-llama31-8b
 #SBATCH --nodes=1

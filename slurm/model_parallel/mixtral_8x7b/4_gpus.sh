@@ -1,6 +1,6 @@
 #!/bin/bash
 # Mixtral-8x7B, LoRA on the attention with the experts frozen, AutoEP 4 (the seeds' "Mixtral + LoRA + EP").
-# Predicted peak per GPU (bench-plan, H100-80GB): 28.9 GiB training, 28.3 GiB loading, fits
+# Predicted peak per GPU (bench-plan, H100-80GB): 28.8 GiB training, 28.3 GiB loading, fits
 # Submit from the repository root: mkdir -p logs && sbatch slurm/model_parallel/mixtral_8x7b/4_gpus.sh [bench/run.py overrides...]
 #SBATCH --job-name=lora-ep4-mixtral-8x7b
 #SBATCH --nodes=1
