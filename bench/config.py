@@ -93,6 +93,9 @@ class RunConfig:
     log_interval: int = _f(1, "console line and W&B record every N steps (metrics.jsonl gets every step)")
     monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
     dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
+    hang_timeout_s: float = _f(None, "the run is hung when no training step completes for this long: every rank's "
+                               "Python stack goes to the run directory, the run is recorded failed, every rank exits "
+                               "(default: max(10 x the median step, 300 s), kept under 0.8 x --dist_timeout_s)")
     save_interval: int = _f(0, "checkpoint every N steps, and when preempted (0: no checkpoints)")
     checkpoint_dir: str = _f(None, "where checkpoints go (default: <run dir>/checkpoints)")
     resume: str = _f("none", "auto: continue the run named --run_name from its newest complete checkpoint",
@@ -133,7 +136,7 @@ def parse_args(argv=None) -> RunConfig:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise BenchError(f"--{name} must be positive, got {value}")
-    for name in ("lr", "monitor_interval_s", "peak_tflops", "dist_timeout_s"):
+    for name in ("lr", "monitor_interval_s", "peak_tflops", "dist_timeout_s", "hang_timeout_s"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise BenchError(f"--{name} must be positive, got {value}")

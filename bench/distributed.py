@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import socket
@@ -258,10 +259,26 @@ def job_token(env: DistEnv) -> str:
     return "shared"  # ranks started by hand, or on several hosts: they rely on distinct ports, as before
 
 
-def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[str, str]:
+class AlreadyCompleted(Exception):
+    """--resume auto of a run that completed its --max_steps: nothing to do, and nothing may be touched."""
+
+
+def completed_steps(run_dir: str) -> int | None:
+    """The steps a run directory's summary.json says the run completed, or None (not completed, or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return summary.get("steps") if summary.get("status") == "completed" else None
+
+
+def make_run_dir(output_dir: str, run_name: str, reuse: bool = False, max_steps: int | None = None
+                 ) -> tuple[str, str]:
     """Rank 0 creates a directory no other run owns (name, name-2, ...) and every rank learns its path, and this
     launch's id (which tells its heartbeats from an earlier launch's, bench/liveness.py). reuse=True (resuming)
-    takes the existing directory of that name instead. -> (path, launch id)."""
+    takes the existing directory of that name instead, unless its run already completed max_steps steps: then
+    every rank raises AlreadyCompleted before anything in it is claimed or written. -> (path, launch id)."""
     import uuid
 
     import torch.distributed as dist
@@ -269,6 +286,11 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[s
     from bench import liveness
     path = [None, uuid.uuid4().hex, None, None]  # path, launch id, a refusal, a note
     existing = os.path.join(output_dir, run_name)
+    done = completed_steps(existing) if dist.get_rank() == 0 and reuse else None
+    if done is not None and max_steps is not None and done >= max_steps:
+        path[2] = f"already completed at step {done}: nothing to do ({existing})"
+        dist.broadcast_object_list(path, src=0, device=_object_device())
+        raise AlreadyCompleted(path[2])
     if dist.get_rank() == 0 and reuse and os.path.isfile(os.path.join(existing, "config.json")):
         path[0] = existing
     elif dist.get_rank() == 0:
@@ -287,6 +309,8 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False) -> tuple[s
         except BenchError as e:
             path[2] = str(e)
     dist.broadcast_object_list(path, src=0, device=_object_device())
+    if path[2] and path[2].startswith("already completed"):
+        raise AlreadyCompleted(path[2])
     if path[2]:
         raise BenchError(path[2])
     if path[0] is None:

@@ -4,6 +4,8 @@
     BENCH_FAULT_OOM_STEP=N     an out-of-memory error as step N starts (CUDA OOM cannot happen on the CPU)
     BENCH_FAULT_KILL_STEP=N    the process SIGKILLs itself as step N starts (the kernel's OOM killer)
     BENCH_FAULT_STOP_STEP=N    the process SIGSTOPs itself as step N starts (a rank that hangs: alive, silent)
+    BENCH_FAULT_HANG_STEP=N    the process waits forever as step N starts, alive and beating, never entering the
+                               step's collectives (a deadlock, a stuck data loader)
     BENCH_FAULT_SLOW_LOAD_S=S  the model load takes S seconds longer (signals during start-up)
     BENCH_FAULT_SLOW_STEP_S=S  every step takes S seconds longer, before its clock starts (a signal sent mid-run
                                lands before the last step on a machine where tiny steps take milliseconds; on one
@@ -25,7 +27,8 @@ def _step(name: str, rank: int) -> int:
 
 class StepFaults:
     def __init__(self, rank: int):
-        self.oom, self.kill, self.stop = (_step(f"BENCH_FAULT_{k}_STEP", rank) for k in ("OOM", "KILL", "STOP"))
+        self.oom, self.kill, self.stop, self.hang = (_step(f"BENCH_FAULT_{k}_STEP", rank)
+                                                     for k in ("OOM", "KILL", "STOP", "HANG"))
         target = os.environ.get("BENCH_FAULT_RANK")
         self.slow_s = float(os.environ.get("BENCH_FAULT_SLOW_STEP_S", 0)) if target in (None, str(rank)) else 0.0
 
@@ -40,6 +43,8 @@ class StepFaults:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.stop:
             os.kill(os.getpid(), signal.SIGSTOP)
+        while step == self.hang:
+            time.sleep(1)
 
 
 def slow_load() -> None:

@@ -1,9 +1,13 @@
 """Every rank's heartbeat, and what the others conclude when one stops.
 
-Each rank writes <run dir>/.ranks/rank<N>.json once (host, pid, this launch's id) and touches it every
-HEARTBEAT_S from a daemon thread, off the training path. The same thread watches the other ranks: a peer is lost
-when its process on this host has exited (the kernel's OOM killer, a SIGKILL), or when its heartbeat is older than
-the peer timeout (a process on another host that died, or one that stopped: SIGSTOP, a hung node). That is what no
+Each rank writes <run dir>/.ranks/rank<N>.json once (host, pid, this launch's id) and, every HEARTBEAT_S from a
+daemon thread off the training path, counts up a beat counter in rank<N>.beat (and touches rank<N>.json for the
+readers below). The same thread watches the other ranks: a peer is lost when its process on this host has exited
+(the kernel's OOM killer, a SIGKILL), or when its counter has not moved for the peer timeout, timed by this rank's
+own clock (a process on another host that died, or one that stopped: SIGSTOP, a hung node). A peer is judged by
+what it wrote, never by a file's mtime against this host's clock: across nodes the mtime comes from another
+clock and through NFS attribute caching (actimeo up to 60 s), and skew or a metadata stall would fool it. The
+counter is rewritten in place (one inode: NFS's close-to-open consistency shows a reader the last close). That is what no
 signal handler can see, and what NCCL shows only as a collective that hangs until its watchdog aborts the process
 after --dist_timeout_s, recording nothing: the survivors record `failed` naming the rank that stopped (the session
 decides how, see Session._peer_lost).
@@ -57,7 +61,10 @@ class Heartbeat:
         self.host = socket.gethostname()
         self.on_lost, self.lost = on_lost, None
         self._peers: dict[int, dict] = {}
+        self._seen: dict[int, tuple] = {}  # peer -> (its counter as last read, this clock's time it was first read)
+        self._beats = 0
         self._path = os.path.join(self.dir, f"rank{rank}.json")
+        self._beat_path = os.path.join(self.dir, f"rank{rank}.beat")
         tmp = self._path + ".tmp"
         with open(tmp, "w") as fh:
             json.dump({"rank": rank, "host": self.host, "pid": os.getpid(), "launch_id": launch_id,
@@ -76,7 +83,7 @@ class Heartbeat:
         while True:
             time.sleep(HEARTBEAT_S)
             try:
-                os.utime(self._path)
+                self.beat()
             except OSError:
                 pass  # a full disk or a lost mount: the peers may call this rank lost, which it then is
             try:
@@ -86,6 +93,23 @@ class Heartbeat:
                     threading.Thread(target=self.on_lost, args=self.lost, name="peer-lost", daemon=True).start()
             except Exception:  # noqa: BLE001 - the beat must go on, or the peers would call this rank lost
                 continue
+
+    def beat(self) -> None:
+        """One beat: the counter up by one, written in place, and rank<N>.json touched for the readers."""
+        self._beats += 1
+        fd = os.open(self._beat_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, b"%020d\n" % self._beats, 0)
+        finally:
+            os.close(fd)
+        os.utime(self._path)
+
+    def _counter(self, rank: int) -> str | None:
+        try:
+            with open(os.path.join(self.dir, f"rank{rank}.beat")) as fh:
+                return fh.read().strip() or None
+        except OSError:
+            return None
 
     def _peer(self, rank: int) -> dict | None:
         """A peer's record of this launch (None until it has written one)."""
@@ -101,32 +125,37 @@ class Heartbeat:
         return self._peers[rank]
 
     def why_lost(self, rank: int, now: float | None = None) -> str | None:
+        """Why a peer is lost, or None. now: this rank's monotonic clock (tests pass it)."""
         info = self._peer(rank)
         if info is None:
             return None
         if info["host"] == self.host and process_gone(info["pid"]):
             return f"its process (pid {info['pid']} on {info['host']}) exited"
-        try:
-            age = (now or time.time()) - os.stat(os.path.join(self.dir, f"rank{rank}.json")).st_mtime
-        except OSError:
+        now = time.monotonic() if now is None else now
+        value = self._counter(rank)
+        seen = self._seen.get(rank)
+        if seen is None or seen[0] != value:  # it beat since the last look (or this is the first look)
+            self._seen[rank] = (value, now)
             return None
-        if age > self.timeout:
-            return f"no heartbeat from it for {age:.0f} s (pid {info['pid']} on {info['host']})"
+        silent = now - seen[1]
+        if silent > self.timeout:
+            return (f"no heartbeat from it for {silent:.0f} s (its beat counter stayed at {int(value or 0)}; pid "
+                    f"{info['pid']} on {info['host']})")
         return None
 
-    def check(self) -> tuple[int, str] | None:
+    def check(self, now: float | None = None) -> tuple[int, str] | None:
         """The first lost peer and why, or None (remembered once found)."""
         if self.lost is None:
             for r in range(self.world):
-                why = None if r == self.rank else self.why_lost(r)
+                why = None if r == self.rank else self.why_lost(r, now)
                 if why:
                     self.lost = (r, why)
                     break
         return self.lost
 
-    def lowest_alive(self) -> int:
+    def lowest_alive(self, now: float | None = None) -> int:
         """The lowest rank not known to be lost: the survivor that writes the run's records when rank 0 is gone."""
-        return next(r for r in range(self.world) if r == self.rank or not self.why_lost(r))
+        return next(r for r in range(self.world) if r == self.rank or not self.why_lost(r, now))
 
 
 def run_state(run_dir: str, status: str, now: float | None = None) -> tuple[str, float | None]:

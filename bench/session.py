@@ -23,6 +23,7 @@ from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_spa
 from bench.strategies.common import apply_lora, param_counts, param_shapes, save_adapters
 from bench.summary import RunRecord, result_table
 from bench.train import Console, Trainer, TrainResult
+from bench.watchdog import HangWatchdog, dump_stacks
 
 
 PEER_GRACE_S = 5.0  # how long the heartbeat's watch lets the main thread record a lost peer itself
@@ -38,6 +39,7 @@ class Session:
         resolving = sum(plan.phases.values())
         self.record.startup(imports_s=self._phase_start - process_start - resolving, **plan.phases)
         self.jsonl = self.wandb = self.monitor = self.trainer = self.peaks = self.heartbeat = None
+        self._earlier = {}  # rank 0, resuming: the earlier launch's summary (_open_records)
         self._end_lock, self._ending = threading.Lock(), False
         self.device_index = 0
 
@@ -68,7 +70,8 @@ class Session:
         code, together = 0, False
         try:
             self.run_dir, self.launch_id = distributed.make_run_dir(
-                self.cfg.output_dir, self.cfg.run_name or self._default_name(), reuse=self.cfg.resume == "auto")
+                self.cfg.output_dir, self.cfg.run_name or self._default_name(), reuse=self.cfg.resume == "auto",
+                max_steps=self.cfg.max_steps)
             self.record.set(run_dir=self.run_dir)
             self.heartbeat = liveness.Heartbeat(self.run_dir, self.env.rank, self.env.world_size, self.launch_id,
                                                 liveness.peer_timeout(self.cfg.dist_timeout_s), self._peer_lost)
@@ -83,6 +86,11 @@ class Session:
                 code = signals.EXIT_CODE[self.record["status"]]
             else:
                 self.record.end("completed")
+        except distributed.AlreadyCompleted as e:  # a sweep submitted again: its finished runs stay as they are
+            signals.closing()
+            if self.is_main:
+                print(e, flush=True)
+            together = True
         except signals.Stopped as e:  # before training began, or a second Ctrl-C
             self._own_the_ending()
             res = self.trainer.res if self.trainer is not None else None
@@ -181,16 +189,42 @@ class Session:
             sys.stderr.flush()
             os._exit(code)
 
+    def _hung(self, step: int, silent: float, limit: float, frame: str) -> None:
+        """The hang watchdog found no step completing (bench/watchdog.py): every thread's stack to the run
+        directory, the run recorded failed with where the main thread waits, and the process ends, since its
+        main thread may never return from the collective it waits in."""
+        with self._end_lock:
+            if self._ending:
+                return
+            self._ending = True
+        signals.closing()
+        code = 1
+        try:
+            dump_stacks(self.run_dir, self.env.rank)
+            if not self.is_main:  # rank 0's watchdog fires within a poll of this one's and records the hang; this
+                time.sleep(PEER_GRACE_S)  # rank's exit must not reach it first as a lost peer
+            self.record.end("failed", f"hung at step {step}: no step completed for {silent:.0f} s (bound "
+                                      f"{limit:.0f} s, --hang_timeout_s); rank {self.env.rank}'s main thread "
+                                      f"waits in {frame}; every rank's stacks in hang.rank*.txt")
+            self._record_partial()
+            print_error(self.record["error"])
+            self._close_records(code)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
     # -----------------------------------------------------------------------------------------------------
     # Records: rank 0 owns the run directory's files
 
     def _open_records(self):
         d, p = self.run_dir, self.plan
         config = p.config_record(self.env.world_size)
-        resume_id = None
+        self._earlier = {}  # the summary of the launch this one resumes: the run's start stays its
         if self.cfg.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
             with open(os.path.join(d, "summary.json")) as fh:
-                resume_id = json.load(fh).get("wandb_run_id")
+                self._earlier = json.load(fh)
+        resume_id = self._earlier.get("wandb_run_id")
         write_json_atomic(os.path.join(d, "config.json"), config)
         self.record.write(os.path.join(d, "summary.json"))
         reserve_space(d)
@@ -210,7 +244,9 @@ class Session:
                 self.record.memory(device=devices)
         if self.record["run_dir"] is None or not self._writes_records():
             return
-        self.record.set(total_wall_time_s=time.time() - self.t0)
+        # every launch of the run, this one's from its process start (a resume adds to the earlier launches')
+        earlier = self._earlier.get("total_wall_time_s") or 0.0
+        self.record.set(total_wall_time_s=earlier + time.time() - self.t0)
         path = os.path.join(self.run_dir, "summary.json")
         if not self.is_main:  # rank 0 is gone: keep what it recorded at the start (its W&B id, ...)
             self.record.adopt(path)
@@ -284,8 +320,11 @@ class Session:
         import torch
         env = self.env
         torch.set_num_threads(env.cpu_threads)  # torch may have been imported before OMP_NUM_THREADS was set
+        per_task = os.environ.get("SLURM_CPUS_PER_TASK")  # what srun gave this task (slurm/common.sh passes it on)
         self.record.set(cpu_threads={"per_rank": torch.get_num_threads(), "source": env.cpu_threads_source,
-                                     "local_ranks": env.local_world_size, "affinity_cpus": env.affinity_cpus})
+                                     "local_ranks": env.local_world_size, "affinity_cpus": env.affinity_cpus,
+                                     "slurm_cpus_per_task": int(per_task) if per_task and per_task.isdigit()
+                                     else None})
         self.record.set(versions={**self.record["versions"], **device.versions()})
         return device.torch_device(self.device_index)  # selected with the process group (distributed.init)
 
@@ -353,8 +392,9 @@ class Session:
         batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed, p.collate)
         val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches, p.collate)
         self.console = Console(cfg.max_steps, p.batch.global_) if self.is_main else None
+        hangs = HangWatchdog(cfg.hang_timeout_s, cfg.dist_timeout_s, self._hung)
         self.trainer = Trainer(engine, p.strategy.build_runner(engine, device), batches, val, p.batch.global_,
-                               device, p.throughput, self._log if self.is_main else None, self.peaks)
+                               device, p.throughput, self._log if self.is_main else None, self.peaks, hangs)
         return self.trainer
 
     def _checkpointing(self, engine):
@@ -372,7 +412,10 @@ class Session:
         p, env = self.plan, self.env
         before, after = counts
         self.record.fill_results(res, p)
-        if res.first_step_end is not None:  # None: a resumed run that had no step left to do
+        earlier = self._earlier
+        if earlier.get("time_to_first_step_s") is not None:  # a resume: the run started with the first launch
+            self.record.set(time_to_first_step_s=earlier["time_to_first_step_s"], startup_s=earlier["startup_s"])
+        elif res.first_step_end is not None and res.first_step_end >= self.t0:  # this process ran a step
             self.record.startup(first_step_s=res.first_step_end - self._phase_start)
             self.record.set(time_to_first_step_s=res.first_step_end - self.t0)
         self.peaks.close("training", then=None)

@@ -20,7 +20,9 @@ _requested: tuple[str, str] | None = None  # (status, signal name) of the first 
 _training = False
 _closing = False  # recording how the run ended: nothing may interrupt that
 _parent: int | None = None  # the launcher: this process's parent at start
+_command: int | None = None  # under the deepspeed launcher: the `deepspeed` command, the launcher's parent
 _told_orphan = False
+_orphan_reason: str | None = None  # what orphaned() found, for the SIGHUP it sends
 
 
 class Stopped(BaseException):
@@ -38,9 +40,19 @@ def _handler(signum, frame):
         return
     name = signal.Signals(signum).name
     if signum == signal.SIGHUP:
-        if os.getppid() == _parent:
+        if _orphan_reason is not None:
+            name = f"SIGHUP: {_orphan_reason}"
+        elif os.getppid() == _parent:
             return  # the launcher is alive: a thread of it ended (PR_SET_PDEATHSIG follows threads), not the process
-        name = f"SIGHUP: its launcher (pid {_parent}) exited"
+        else:
+            name = f"SIGHUP: its launcher (pid {_parent}) exited"
+    else:
+        from bench.launch_guard import forwarded
+        note = forwarded(name, within_s=5.0)
+        if note is not None:
+            if _requested is not None and _requested[1].startswith(name) and forwarded(name, within_s=1.0):
+                return  # one Ctrl-C, twice: from the terminal to every process, and forwarded by the runner
+            name = f"{name} to {note['to']} (pid {note['pid']}), forwarded to every rank"
     first = _requested is None
     if first:
         _requested = (STATUS[signum], name)
@@ -56,8 +68,10 @@ def install() -> None:
     launcher goes away (the per-node launcher SIGKILLed, torchrun's agent gone) is told with SIGHUP by the kernel
     (PR_SET_PDEATHSIG) and stops at the next step boundary like a preempted one, saying why, instead of running
     on as an orphan; the heartbeat thread checks the parent too (orphaned() below) where prctl is missing."""
-    global _parent
+    global _parent, _command
     _parent = os.getppid()
+    if "LOCAL_SIZE" in os.environ:  # a rank of deepspeed.launcher.launch
+        _command = _ppid_of(_parent)
     for sig in STATUS:
         signal.signal(sig, _handler)
     try:
@@ -67,12 +81,28 @@ def install() -> None:
         pass
 
 
+def _ppid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def orphaned() -> bool:
-    """This process's launcher has exited (it was re-parented). Tells this process with SIGHUP, once."""
-    global _told_orphan
-    if _parent is None or os.getppid() == _parent or _told_orphan:
+    """This process's launcher has exited (it was re-parented), or, under the deepspeed launcher, the `deepspeed`
+    command above it has (SIGKILLed, or SIGTERMed where bench/launch_guard.py is not installed: the launcher
+    was re-parented). Tells this process with SIGHUP, once."""
+    global _told_orphan, _orphan_reason
+    if _parent is None or _told_orphan:
         return False
-    _told_orphan = True
+    if os.getppid() != _parent:
+        reason = None  # the handler names the launcher
+    elif _command is not None and _ppid_of(_parent) not in (_command, None):
+        reason = f"the deepspeed command (pid {_command}) above its launcher exited"
+    else:
+        return False
+    _told_orphan, _orphan_reason = True, reason
     os.kill(os.getpid(), signal.SIGHUP)
     return True
 

@@ -42,7 +42,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record,
-                 peaks=None):
+                 peaks=None, watchdog=None):
         self.engine, self.runner, self.batches, self.val = engine, runner, batches, val_batches
         # Model-parallel ranks of one replica see the same tokens; sums over all ranks count each `replicas` times.
         self.replicas = dist.get_world_size() // batches.dp
@@ -52,6 +52,7 @@ class Trainer:
         self.faults = faults.StepFaults(dist.get_rank())  # the tests' fault injection (bench/faults.py)
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
         self.peaks = peaks  # bench/device.py MemoryPeaks: the training phase starts with the first timed step
+        self.watchdog = watchdog  # bench/watchdog.py: no step completed within its bound -> the run is hung
         from deepspeed.accelerator import get_accelerator
         self.acc = get_accelerator()
         self.sync = self.acc.synchronize  # a no-op on the CPU, where every op has finished when it returns
@@ -130,9 +131,13 @@ class Trainer:
         # the activation checkpointing of --activation_checkpointing, which Hugging Face applies only in training.
         self.engine.train()
         signals.training(True)
+        if self.watchdog is not None:
+            self.watchdog.start(len(res.records) + 1)
         try:
             return self._run(res, max_steps, warmup_steps, eval_interval, save_interval, save)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             # Every rank is past its last step: what follows only records the run (collectives included), so a
             # signal now must not make one rank leave while the others wait for it. A signal noted during the
             # last step is already in the result.
@@ -189,6 +194,8 @@ class Trainer:
             res.train_wall_s = time.perf_counter() - t_start
             if save and ((save_interval and step % save_interval == 0) or res.preempted):
                 save(step, res)
+            if self.watchdog is not None:
+                self.watchdog.progress(step, step_time)
             if res.preempted:
                 break
         res.train_wall_s = time.perf_counter() - t_start

@@ -6,8 +6,11 @@ Every trial starts the default job's shape (tiny LLaMA, ZeRO-2, 2 ranks under th
 every 3 steps, --resume auto) and, after a random step and a random fraction of a step, does one of:
 SIGKILL / SIGTERM / SIGINT to a random rank or to the launcher (the `deepspeed` command, or its per-node
 `deepspeed.launcher.launch`), a second launch on the same port or on the same run directory, a truncated or a
-deleted newest checkpoint (after a preemption), or a full disk (the run directory on a tmpfs too small for the
-checkpoints; root only). Then it waits for every process of the launch (bounded: a process alive past the bound
+deleted newest checkpoint (after a preemption), a full disk (the run directory on a tmpfs too small for the
+checkpoints; root only), the same command again on a run that completed (nothing may change), the heartbeat files'
+mtimes kept 90 s in the past (a skewed clock or NFS attribute caching: the run must not stop), or a hang with every
+rank alive (one rank never enters step N's collectives; --hang_timeout_s 5). The faults are drawn in a shuffled
+round, so every one is drawn as often as the trials allow. Then it waits for every process of the launch (bounded: a process alive past the bound
 is a hang, and is killed), reads the status it left, and resumes with the same command until the run completes.
 The table: hangs, runs left `running`, the final losses against an uninterrupted run's (exact: fp32 on the CPU),
 and the steps lost against the checkpoint interval. Exit 1 when a trial hung, left `running`, or ended with
@@ -34,17 +37,60 @@ JOB = ["bench/run.py", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.j
        "--global_batch_size", "4", "--eval_interval", "0", "--wandb_mode", "disabled", "--dist_timeout_s", "60"]
 RESUMABLE = ["--run_name", "job", "--resume", "auto", "--save_interval", str(SAVE_EVERY)]
 BOUND_S = 120  # every process of a launch has exited this long after the fault, or it hung
-FAULTS = ("sigkill_rank", "sigterm_rank", "sigint_rank", "sigkill_launch", "sigterm_deepspeed", "second_port",
-          "second_dir", "truncate_checkpoint", "delete_checkpoint", "full_disk")
+FAULTS = ("sigkill_rank", "sigterm_rank", "sigint_rank", "sigkill_launch", "sigterm_deepspeed", "sigint_deepspeed",
+          "sigkill_deepspeed", "second_port", "second_dir", "truncate_checkpoint", "delete_checkpoint", "full_disk",
+          "resume_completed", "skewed_heartbeat", "hang")
 
 
-def start(out: str, port: int, extra=()) -> subprocess.Popen:
+def start(out: str, port: int, extra=(), env=None) -> subprocess.Popen:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            *JOB, "--output_dir", out, *RESUMABLE, *extra]
     log = open(os.path.join(os.path.dirname(out), f"launch-{time.time_ns()}.log"), "w")
     # own session: a fault to "the launcher" hits the command; the process group is what a hang check covers
     return subprocess.Popen(cmd, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def negative_durations(s: dict) -> int:
+    """Durations (keys ending in _s, at any depth) below zero in a summary."""
+    if isinstance(s, dict):
+        return sum((1 if k.endswith("_s") and isinstance(v, (int, float)) and v < 0 else 0) + negative_durations(v)
+                   for k, v in s.items())
+    return sum(negative_durations(v) for v in s) if isinstance(s, list) else 0
+
+
+def record_bytes(out: str) -> dict:
+    """The completed run's record, byte for byte: summary.json, metrics.jsonl, config.json."""
+    d = os.path.join(out, "job")
+    kept = {}
+    for name in ("summary.json", "metrics.jsonl", "config.json"):
+        with open(os.path.join(d, name), "rb") as fh:
+            kept[name] = fh.read()
+    return kept
+
+
+class SkewedHeartbeats:
+    """Keeps every heartbeat file's mtime 90 s in the past while a run goes on (another host's clock behind this
+    one's, or NFS attribute caching): a healthy run must not call a peer lost for it."""
+
+    def __init__(self, out: str):
+        import threading
+        self.dir, self.stop = os.path.join(out, "job", ".ranks"), threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.wait(0.3):
+            for name in os.listdir(self.dir) if os.path.isdir(self.dir) else ():
+                try:
+                    os.utime(os.path.join(self.dir, name), (time.time() - 90,) * 2)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
 
 
 def records(out: str) -> list[dict]:
@@ -143,9 +189,19 @@ def signal_if_alive(pid: int, sig: int) -> bool:
         return False
 
 
-def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict:
+def schedule(trials: int, rng: random.Random) -> list[str]:
+    """The faults of the trials: shuffled rounds of every fault, so each is drawn as often as the trials allow."""
+    kinds = [f for f in FAULTS if f != "full_disk" or os.geteuid() == 0]
+    out = []
+    while len(out) < trials:
+        round_ = list(kinds)
+        rng.shuffle(round_)
+        out += round_
+    return out[:trials]
+
+
+def trial(i: int, fault: str, rng: random.Random, root: str, reference: list[float]) -> dict:
     from bench.distributed import free_port
-    fault = rng.choice([f for f in FAULTS if f != "full_disk" or os.geteuid() == 0])
     # a damaged newest checkpoint needs an earlier complete one to fall back to (the first is written at step
     # SAVE_EVERY); with none readable the resume is refused by design (docs/reliability.md), not a soak finding
     first = SAVE_EVERY + 1 if fault in ("truncate_checkpoint", "delete_checkpoint") else 1
@@ -155,28 +211,44 @@ def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict
     os.makedirs(base)
     disk = Tmpfs(out, "2M") if fault == "full_disk" else None
     port = free_port()
+    target = rng.randrange(2)
+    skew, rewritten, negative = None, False, 0
     try:
-        first = start(out, port)
+        hang = {"BENCH_FAULT_HANG_STEP": str(at_step + 1), "BENCH_FAULT_RANK": str(target)} if fault == "hang" else {}
+        first = start(out, port, ("--hang_timeout_s", "5") if hang else (), env=hang)
         procs, note = [first], ""
         reached = wait_steps(out, at_step, first)
         time.sleep(delay)
         pids = rank_pids(out)
-        target = rng.randrange(2)
+        if fault == "skewed_heartbeat":
+            skew = SkewedHeartbeats(out)
         if fault.endswith("_rank") and reached and pids:
             sig = {"sigkill_rank": signal.SIGKILL, "sigterm_rank": signal.SIGTERM, "sigint_rank": signal.SIGINT}[fault]
             note = f"rank {target}" if signal_if_alive(pids[min(target, len(pids) - 1)], sig) else ENDED
         elif fault == "sigkill_launch" and pids and parent(pids[0]):
             note = "" if signal_if_alive(parent(pids[0]), signal.SIGKILL) else ENDED
-        elif fault == "sigterm_deepspeed":
-            first.send_signal(signal.SIGTERM)
+        elif fault in ("sigterm_deepspeed", "sigint_deepspeed", "sigkill_deepspeed"):
+            first.send_signal({"sigterm_deepspeed": signal.SIGTERM, "sigint_deepspeed": signal.SIGINT,
+                               "sigkill_deepspeed": signal.SIGKILL}[fault])
+        elif fault == "hang":
+            note = f"rank {target}, step {at_step + 1}"
         elif fault in ("second_port", "second_dir"):
             procs.append(start(out, port if fault == "second_port" else free_port()))
         elif fault in ("truncate_checkpoint", "delete_checkpoint"):
             # preempted: it saves, then the newest is damaged
             note = "" if pids and signal_if_alive(pids[0], signal.SIGTERM) else ENDED
         hung = settle(procs, pids)
-        status = summary(out).get("status")
+        if skew:
+            skew.close()
+        after = summary(out)
+        status, negative = after.get("status"), negative_durations(after)
         left_running = status == "running"
+        if fault == "resume_completed" and status == "completed":
+            kept = record_bytes(out)  # the sweep submitted again: the finished run must stay as it is
+            again = start(out, free_port())
+            hung = settle([again], []) or hung
+            rewritten = again.returncode != 0 or record_bytes(out) != kept
+            note = "nothing changed" if not rewritten else "REWRITTEN"
         ckpt = newest_checkpoint(out)
         if fault == "truncate_checkpoint" and ckpt:
             for name in os.listdir(ckpt):
@@ -198,12 +270,16 @@ def trial(i: int, rng: random.Random, root: str, reference: list[float]) -> dict
                 time.sleep(0.2)
             hung = settle([resume], rp) or hung
             final = summary(out)
+            negative += negative_durations(final)
         losses = [r["loss"] for r in records(out)]
         exact = len(losses) == len(reference) and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(losses, reference))
         return {"trial": i, "fault": fault, "at_step": at_step, "target": note, "status_after_fault": status,
                 "hung": hung, "left_running": left_running, "resumes": attempts, "final": final.get("status"),
-                "exact": exact, "lost_steps": final.get("lost_steps"), "resumed_at": final.get("resumed_at")}
+                "exact": exact, "lost_steps": final.get("lost_steps"), "resumed_at": final.get("resumed_at"),
+                "negative": negative, "rewritten": rewritten, "error": (after.get("error") or "")[:90]}
     finally:
+        if skew:
+            skew.close()
         if disk:
             disk.close()
 
@@ -225,12 +301,13 @@ def main(argv=None) -> int:
         if summary(ref_out).get("status") != "completed":
             sys.exit("the uninterrupted reference run did not complete")
         rows = []
-        for i in range(1, opts.trials + 1):
-            rows.append(trial(i, rng, root, reference))
+        for i, fault in enumerate(schedule(opts.trials, rng), start=1):
+            rows.append(trial(i, fault, rng, root, reference))
             r = rows[-1]
             print(f"trial {i}: {r['fault']} at step {r['at_step']} {r['target']} -> {r['status_after_fault']}; "
                   f"resumed {r['resumes']}x -> {r['final']}, exact {r['exact']}, hung {r['hung']}", flush=True)
-    bad = [r for r in rows if r["hung"] or r["left_running"] or r["final"] != "completed" or not r["exact"]]
+    bad = [r for r in rows if r["hung"] or r["left_running"] or r["final"] != "completed" or not r["exact"]
+           or r["negative"] or r["rewritten"]]
     lost_ok = all((r["lost_steps"] or 0) < 2 * SAVE_EVERY for r in rows)
     lines = [f"# Fault soak: {opts.trials} trials, seed {opts.seed}", "",
              f"- {common.host_line()}",
@@ -240,12 +317,14 @@ def main(argv=None) -> int:
              f"until the run completes; a process alive {BOUND_S} s after the fault is a hang", "",
              f"**hangs: {sum(r['hung'] for r in rows)}; runs left `running`: {sum(r['left_running'] for r in rows)}; "
              f"final losses equal to the uninterrupted run: {sum(r['exact'] for r in rows)}/{len(rows)}; steps lost "
-             f"below two checkpoint intervals: {'all' if lost_ok else 'not all'}**", "",
-             "| trial | fault | after step | status the fault left | resumes | final | losses exact | lost steps "
-             "| resumed at |", "|---|---|---|---|---|---|---|---|---|"]
+             f"below two checkpoint intervals: {'all' if lost_ok else 'not all'}; negative durations: "
+             f"{sum(r['negative'] for r in rows)}; completed records rewritten: "
+             f"{sum(r['rewritten'] for r in rows)}**", "",
+             "| trial | fault | after step | status the fault left | its error | resumes | final | losses exact | "
+             "lost steps | resumed at |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['trial']} | {r['fault']} {r['target']} | {r['at_step']} | {r['status_after_fault']} | "
-              f"{r['resumes']} | {r['final']} | {'yes' if r['exact'] else 'NO'} | {r['lost_steps']} | "
-              f"{r['resumed_at']} |" for r in rows]
+              f"{r['error'].replace('|', '/')} | {r['resumes']} | {r['final']} | {'yes' if r['exact'] else 'NO'} | "
+              f"{r['lost_steps']} | {r['resumed_at']} |" for r in rows]
     by = {f: sum(r["fault"] == f for r in rows) for f in FAULTS}
     lines += ["", "Trials per fault: " + ", ".join(f"{f} {n}" for f, n in by.items()) + "."]
     common.write_page(lines, opts.out)

@@ -25,6 +25,9 @@ VENV=${VENV:-.venv}
 python -m pip install -q --upgrade pip
 bash scripts/install_torch.sh
 python -m pip install -q -e ".[dev]"
+# SIGTERM/SIGINT to the `deepspeed` command reach the ranks (DeepSpeed's runner forwards neither): a one-line .pth
+# that lets the runner process, and no other, forward them (bench/launch_guard.py)
+python -c "import os, site; from bench.launch_guard import PTH, PTH_LINE; open(os.path.join(site.getsitepackages()[0], PTH), 'w').write(PTH_LINE)"
 python -c "import torch, deepspeed, transformers, peft, wandb; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| wandb', wandb.__version__)"
 # DeepSpeed compiles its CPU communication op on first use (45-120 s on 2 cores); build it now, into this
 # environment's own cache (bench/distributed.py points every run there), so the first run starts in seconds.

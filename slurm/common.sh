@@ -65,8 +65,14 @@ bench_run() {
         local runtime; runtime=$(command -v apptainer || command -v singularity)
         cmd=("$runtime" exec --nv "$BENCH_CONTAINER" "${cmd[@]}")
     fi
+    # Each task keeps the CPUs the job asked for per task: srun of Slurm 22.05 and later does not take
+    # --cpus-per-task from sbatch, and a task of one CPU would run the rank, its data path, heartbeat, monitor and
+    # W&B writer on that one CPU (bench/distributed.py cpu_share).
+    local -a per_task=()
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && per_task=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    echo "Task command  : srun --kill-on-bad-exit=1 ${per_task[*]} ${cmd[*]}"
     # srun in the background so this shell can take the pre-timeout signal (--signal=B:USR1@N) and pass it on.
-    srun --kill-on-bad-exit=1 "${cmd[@]}" &
+    srun --kill-on-bad-exit=1 "${per_task[@]}" "${cmd[@]}" &
     local srun_pid=$!
     trap 'echo "signal: asking the run to stop at the next step"; kill -USR1 $srun_pid 2>/dev/null' USR1 TERM
     local rc=0

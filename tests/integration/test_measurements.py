@@ -82,14 +82,18 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
 
 
 def test_fault_soak_short_seeded(tmp_path):
-    """measurements/fault_soak.py, three seeded trials (a full disk as root, a truncated checkpoint, a SIGTERMed
-    rank with seed 5): no hang, no run left `running`, every resumed run's losses equal to the uninterrupted run's."""
+    """measurements/fault_soak.py, three seeded trials (with seed 7: the per-node launcher SIGKILLed, the same
+    command again on a completed run, a hang with every rank alive): no hang left to the bound, no run left
+    `running`, every resumed run's losses equal to the uninterrupted run's, no negative duration in any summary
+    the trials wrote, no completed record rewritten."""
     page = tmp_path / "soak.md"
-    out = subprocess.run([sys.executable, "measurements/fault_soak.py", "--trials", "3", "--seed", "5", "--out",
+    out = subprocess.run([sys.executable, "measurements/fault_soak.py", "--trials", "3", "--seed", "7", "--out",
                           str(page)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = page.read_text()
     assert "**hangs: 0; runs left `running`: 0; final losses equal to the uninterrupted run: 3/3" in text, text
+    assert "negative durations: 0; completed records rewritten: 0**" in text, text
+    assert "| resume_completed nothing changed |" in text and "hung at step" in text, text
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
     assert len(rows) == 3 and all("| completed | yes |" in ln for ln in rows), rows
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from support import REPO, assert_ok, finish, run_bench, start_bench, wait_for_steps
+from support import REPO, assert_no_negative_durations, assert_ok, finish, run_bench, start_bench, wait_for_steps
 
 pytestmark = pytest.mark.multiproc
 
@@ -57,6 +57,27 @@ def test_preempted_run_resumes_exactly(tmp_path, reference):
     assert s["measured_steps"] == 8 - 2 - len(resumed_warmup)
     assert [r["loss"] for r in recs] == pytest.approx(reference, rel=1e-6)
     assert "resuming after step" in second.output
+    assert s["time_to_first_step_s"] == first.summary()["time_to_first_step_s"]  # the record keeps its start
+    assert s["total_wall_time_s"] > first.summary()["total_wall_time_s"]  # both launches
+    assert_no_negative_durations(s)
+
+    # The sweep submitted again: the completed run is left byte for byte as it was, W&B run included
+    run_dir = second.run_dir
+    kept = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and ".ranks" not in p.parts}
+    third = run_bench(tmp_path, *args, nprocs=2, launcher="srun-env")
+    assert third.returncode == 0, third.output[-3000:]
+    assert f"already completed at step 8: nothing to do ({run_dir})" in third.output
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and ".ranks" not in p.parts} == kept
+
+    # A larger --max_steps continues to the new end, from the last checkpoint, as a resume does
+    fourth = run_bench(tmp_path, *args, "--max_steps", "10", nprocs=2, launcher="srun-env")
+    assert_ok(fourth)
+    s4 = fourth.summary()
+    assert s4["status"] == "completed" and s4["steps"] == 10 and s4["resumed_at"] == [stopped, stopped]
+    assert s4["time_to_first_step_s"] == s["time_to_first_step_s"]
+    assert [r["step"] for r in fourth.records()] == list(range(1, 11))
+    assert_no_negative_durations(s4)
 
 
 def test_killed_rank_fails_cleanly_and_lost_work_is_counted(tmp_path, reference):
@@ -272,3 +293,28 @@ def test_resume_refuses_other_settings_and_skips_an_unreadable_checkpoint(tmp_pa
     assert hopeless.returncode == 2
     assert any("could be read on every rank; resume is impossible" in line for line in hopeless.output.splitlines()
                if line.startswith("error:")), hopeless.output[-3000:]
+
+
+def test_a_hang_with_every_rank_alive_is_recorded(tmp_path):
+    """Rank 1 waits forever as step 4 starts (alive, its heartbeat going, never entering the step's collectives);
+    rank 0 waits for it in a collective. Within the hang bound (3 s here, the process group's timeout 120 s) every
+    rank writes its stacks and exits non-zero, and summary.json says where it hung."""
+    t0 = time.time()
+    res = run_bench(tmp_path, *ARGS, "--hang_timeout_s", "3", "--dist_timeout_s", "120", nprocs=2,
+                    launcher="srun-env", env={"BENCH_FAULT_HANG_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=100)
+    assert time.time() - t0 < 90, "recorded well before the collective timeout"
+    assert res.returncode != 0
+    s = res.summary()
+    assert s["status"] == "failed" and s["error"].startswith("hung at step 4: no step completed for"), s["error"]
+    assert "main thread waits in" in s["error"] and s["steps"] == 3
+    stacks = {r: (res.run_dir / f"hang.rank{r}.txt").read_text() for r in (0, 1)}
+    assert "faults.py" in stacks[1] and "at_step" in stacks[1]  # the hung rank, caught where it waits
+    assert "train.py" in stacks[0]  # the waiting rank, inside its step
+    assert len(res.records()) == 3
+
+
+def test_a_slow_but_progressing_run_is_not_called_hung(tmp_path):
+    res = run_bench(tmp_path, *ARGS, "--max_steps", "4", "--hang_timeout_s", "4", nprocs=2, launcher="srun-env",
+                    env={"BENCH_FAULT_SLOW_STEP_S": "1.5"})
+    assert_ok(res)
+    assert res.summary()["status"] == "completed" and not list(res.run_dir.glob("hang.rank*.txt"))

@@ -25,7 +25,10 @@ def test_ctrl_c_stops_every_rank_at_a_step_boundary(tmp_path):
     os.killpg(procs[0].pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the launcher and every rank
     res = finish(procs, tmp_path, timeout=120)
     s = res.summary()
-    assert s["status"] == "interrupted" and "stopped by SIGINT after step" in s["error"], s["error"]
+    # the ranks get the Ctrl-C from the terminal and, forwarded, from the deepspeed command: one signal
+    assert s["status"] == "interrupted" and re.search(
+        r"stopped by SIGINT( to the deepspeed command \(pid \d+\), forwarded to every rank)? after step",
+        s["error"]), s["error"]
     assert 3 <= s["steps"] < 100000 and len(res.records()) == s["steps"], "every finished step is kept"
     # The W&B writer (a process of its own) is not cut short by the Ctrl-C: every step and the status reach it.
     wandb = res.wandb_records()
@@ -97,3 +100,84 @@ def test_a_full_disk_gives_one_line_and_damages_nothing(small_disk):
     assert s["steps"] == len(res.records()) > 2
     ckpts = sorted((res.run_dir / "checkpoints").glob("step*"))
     assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts), "only complete checkpoints remain"
+
+
+STOP_ARGS = (*TINY, "--seq_len", "64", "--run_name", "job", "--resume", "auto", "--save_interval", "100",
+             "--max_steps", "30")
+
+
+def rank_pids(run_dir) -> list[int]:
+    import json
+    return [json.loads(p.read_text())["pid"] for p in sorted((run_dir / ".ranks").glob("rank*.json"))]
+
+
+def all_exited(pids: list[int], timeout: float = 30) -> bool:
+    from bench.liveness import process_gone
+    t0 = time.time()
+    while not all(process_gone(p) for p in pids):
+        if time.time() - t0 > timeout:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from support import assert_ok, run_bench
+    res = run_bench(tmp_path_factory.mktemp("whole"), *STOP_ARGS, nprocs=2, launcher="srun-env")
+    assert_ok(res)
+    return res.losses()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("launcher,sig,status", [
+    ("deepspeed", signal.SIGTERM, "preempted"), ("deepspeed", signal.SIGINT, "interrupted"),
+    ("torchrun", signal.SIGTERM, "preempted"), ("torchrun", signal.SIGINT, "interrupted")])
+def test_a_signal_to_the_launch_command_stops_the_run_as_one_to_a_rank(tmp_path, uninterrupted, launcher, sig,
+                                                                       status):
+    """SIGTERM (kill PID, timeout, a container's stop) or SIGINT to the launch command alone, not its process
+    group: every rank stops at the next step boundary with a checkpoint, the record names the signal (and, for
+    the deepspeed command, who received it), every rank exits, and --resume auto continues exactly."""
+    from support import assert_ok, run_bench
+    procs = start_bench(tmp_path, *STOP_ARGS, nprocs=2, launcher=launcher, env={"BENCH_FAULT_SLOW_STEP_S": "0.3"})
+    wait_for_steps(tmp_path, procs, 3)
+    pids = rank_pids(tmp_path / "job")
+    procs[0].send_signal(sig)
+    res = finish(procs, tmp_path, timeout=120)
+    s = res.summary()
+    name = signal.Signals(sig).name
+    assert s["status"] == status and f"stopped by {name}" in s["error"], s["error"]
+    if launcher == "deepspeed":
+        assert f"{name} to the deepspeed command (pid {procs[0].pid})" in s["error"], s["error"]
+        assert res.returncode == {"preempted": 75, "interrupted": 130}[status]
+    assert 3 <= s["steps"] < 30
+    assert (tmp_path / "job" / "checkpoints" / f"step{s['steps']:08d}" / "COMPLETE").exists()
+    assert all_exited(pids), "every rank exited"
+    if (launcher, sig) == ("deepspeed", signal.SIGTERM):
+        resumed = run_bench(tmp_path, *STOP_ARGS, nprocs=2, launcher="srun-env")
+        assert_ok(resumed)
+        assert resumed.summary()["resumed_at"] == [s["steps"]]
+        assert resumed.losses() == pytest.approx(uninterrupted, rel=1e-6)
+
+
+@pytest.mark.multiproc
+def test_a_sigkilled_deepspeed_command_stops_its_ranks(tmp_path):
+    """SIGKILL to the deepspeed command (nothing can forward it): its launcher is re-parented, the ranks see that
+    within a few seconds and stop as preempted, with a checkpoint, naming it."""
+    procs = start_bench(tmp_path, *STOP_ARGS, "--max_steps", "100000", nprocs=2, launcher="deepspeed",
+                        env={"BENCH_FAULT_SLOW_STEP_S": "0.3"})
+    wait_for_steps(tmp_path, procs, 3)
+    pids = rank_pids(tmp_path / "job")
+    procs[0].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    summary = tmp_path / "job" / "summary.json"
+    import json
+    while json.loads(summary.read_text())["status"] == "running":
+        assert time.time() - t0 < 60, "the ranks went on without their deepspeed command"
+        time.sleep(0.3)
+    s = json.loads(summary.read_text())
+    assert s["status"] == "preempted", s
+    assert f"the deepspeed command (pid {procs[0].pid}) above its launcher exited" in s["error"], s["error"]
+    assert (tmp_path / "job" / "checkpoints" / f"step{s['steps']:08d}" / "COMPLETE").exists()
+    assert all_exited(pids), "every rank exited"
+    finish(procs, tmp_path, timeout=60)

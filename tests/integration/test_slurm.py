@@ -78,10 +78,13 @@ def test_real_script_runs_and_records(cluster, tmp_path):
     assert "Start time    :" in log and "End time      :" in log
     assert re.search(r"Total time    : \d\d:\d\d:\d\d", log)
     assert "iteration 3/3" in log
+    # each task keeps the CPUs the job asked for per task (srun of Slurm >= 22.05 does not take them from sbatch)
+    assert "Task command  : srun --kill-on-bad-exit=1 --cpus-per-task=1 " in log
     (run_dir,) = list(runs.iterdir())
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["world_size"] == 2 and s["slurm_job_id"] == job
     assert s["model"] == "tiny-llama", "arguments after the script name override the script's"
+    assert s["cpu_threads"]["slurm_cpus_per_task"] == 1
 
 
 @pytest.mark.cluster
@@ -127,6 +130,26 @@ def test_preemption_signal_records_preempted(cluster, tmp_path):
     assert len(lines) == s["steps"], "every finished step is kept"
     log = next((tmp_path / "logs").glob(f"*-{job}.out")).read_text()
     assert "Exit code     : 75" in log
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("sig,status", [("TERM", "preempted"), ("INT", "interrupted")])
+def test_a_signal_to_the_srun_step_stops_every_task(cluster, tmp_path, sig, status):
+    """SIGTERM or SIGINT to the job's srun step (what scancel --signal does to a step): every task stops at the
+    next step boundary and the run records the signal."""
+    runs = tmp_path / "runs"
+    job = sbatch(cluster, tmp_path / "logs", *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
+                 "--max_steps", "100000", "--output_dir", str(runs))
+    t0 = time.time()
+    while not list(runs.glob("*/metrics.jsonl")) or not list(runs.glob("*/metrics.jsonl"))[0].stat().st_size:
+        assert time.time() - t0 < 120, "the run never started"
+        time.sleep(1)
+    subprocess.run(["scancel", f"--signal={sig}", f"{job}.0"], env=cluster, check=True)
+    wait_for(cluster, job)
+    (run_dir,) = list(runs.iterdir())
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == status and f"stopped by SIG{sig}" in s["error"], s["error"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == s["steps"] > 0
 
 
 @pytest.mark.multiproc

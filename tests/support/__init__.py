@@ -227,6 +227,20 @@ def assert_ok(res: Result) -> None:
     assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
 
 
+def assert_no_negative_durations(summary: dict) -> None:
+    """Every duration a summary records (a key ending in _s, at any depth) is null or >= 0."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k.endswith("_s") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    assert v >= 0, f"{path}{k} = {v}"
+                walk(v, f"{path}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}{i}.")
+    walk(summary, "")
+
+
 def planned_params_per_rank(*args: str, world: int) -> list[int]:
     """What a dry run of these arguments predicts each rank will hold (resolved in this process)."""
     from bench.plan import plan_layout

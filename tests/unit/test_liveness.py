@@ -64,10 +64,13 @@ def test_peers_lost_by_exit_or_by_silence(tmp_path):
     assert hb.check() == (2, f"its process (pid {gone.pid} on {os.uname().nodename}) exited")
     assert hb.lowest_alive() == 0
     hb2 = liveness.Heartbeat(str(tmp_path / "b"), 1, 2, "M", timeout_s=10)
-    beat(tmp_path / "b", 0, "M", 30, host="another-host")  # another host: only its heartbeat can tell
-    rank, why = hb2.check()
-    assert rank == 0 and why.startswith("no heartbeat from it for 30 s")
-    assert hb2.lowest_alive() == 1, "rank 0 lost: rank 1 writes the records"
+    beat(tmp_path / "b", 0, "M", 0, host="another-host")  # another host: only its heartbeat can tell
+    now = time.monotonic()
+    assert hb2.why_lost(0, now) is None and hb2.why_lost(0, now + 9) is None  # silent, not yet for long
+    why = hb2.why_lost(0, now + 30)
+    assert why.startswith("no heartbeat from it for 30 s (its beat counter stayed at 0")
+    assert hb2.check(now + 30)[0] == 0
+    assert hb2.lowest_alive(now + 30) == 1, "rank 0 lost: rank 1 writes the records"
     beat(tmp_path / "c", 1, "old-launch", 10_000)
     assert liveness.Heartbeat(str(tmp_path / "c"), 0, 2, "new", 10).check() is None, "an earlier launch's file"
 
@@ -93,3 +96,22 @@ def test_a_holder_whose_process_exited_is_taken_over_at_once(tmp_path):
                                                        "pid": gone.pid, "started": time.time()}))
     beat(tmp_path, 0, "x", 1)  # a fresh heartbeat, but its process is gone (killed with the node's launcher)
     assert "its process has exited" in liveness.claim(str(tmp_path), "y", "python")
+
+
+def test_a_peer_is_judged_by_its_counter_not_by_this_hosts_clock(tmp_path):
+    """A peer on another host keeps beating, but its files' mtimes read 90 s in the past (its clock behind this
+    one's, or NFS attribute caching): not lost. Its counter stops moving: lost once the timeout has passed on
+    this rank's own clock."""
+    watcher = liveness.Heartbeat(str(tmp_path), 0, 2, "L", timeout_s=10)
+    peer = liveness.Heartbeat(str(tmp_path), 1, 2, "L", timeout_s=10)
+    info = json.loads((tmp_path / ".ranks" / "rank1.json").read_text())
+    (tmp_path / ".ranks" / "rank1.json").write_text(json.dumps({**info, "host": "another-host"}))
+    now = time.monotonic()
+    for i in range(6):  # a minute of healthy beats, every file's mtime 90 s old
+        peer.beat()
+        for name in ("rank1.json", "rank1.beat"):
+            os.utime(tmp_path / ".ranks" / name, (time.time() - 90,) * 2)
+        assert watcher.why_lost(1, now + 12 * i) is None, i
+    assert watcher.why_lost(1, now + 12 * 5 + 5) is None  # last seen moving 5 s ago (this clock): not yet
+    why = watcher.why_lost(1, now + 12 * 5 + 11)
+    assert why and why.startswith("no heartbeat from it for 11 s (its beat counter stayed at 6")

@@ -1,0 +1,85 @@
+"""SIGTERM or SIGINT to the `deepspeed` command reaches the ranks, as it does under torchrun and srun.
+
+DeepSpeed's single-node runner (deepspeed/launcher/runner.py `main`) installs no signal handler: SIGTERM (what
+`timeout`, a container runtime's stop and `kill PID` send) ends it and leaves its per-node launcher
+(deepspeed/launcher/launch.py) and the ranks running to the end; SIGINT raises KeyboardInterrupt in it alone.
+scripts/install.sh puts a one-line .pth file (PTH) into the environment's site-packages that calls install() in
+every Python process of the environment; it returns at once unless the process is the deepspeed runner, where it
+installs a handler that forwards the signal to the ranks (the runner's grandchildren) and keeps the runner
+waiting for them, so the run ends as SIGTERM to a rank ends it: a checkpoint at the next step boundary and
+`preempted` (SIGINT: `interrupted`). Before forwarding it leaves a note (note_path) that the ranks read
+(bench/signals.py) to say who received the signal, and to take a terminal's Ctrl-C, which reaches the ranks
+themselves too, for the one signal it is. A SIGKILLed runner forwards nothing: the ranks see it gone
+(bench/signals.py orphaned) and stop the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+PTH = "zz_bench_launch_guard.pth"  # after the editable install's own .pth, which makes `bench` importable
+PTH_LINE = ("import sys; (sys.argv[:1] and sys.argv[0].endswith('deepspeed') or 'deepspeed.launcher.runner' in "
+            "getattr(sys, 'orig_argv', ())) and __import__('bench.launch_guard').launch_guard.install()\n")
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
+def is_runner() -> bool:
+    """This process is DeepSpeed's runner: the `deepspeed` command, or `python -m deepspeed.launcher.runner`."""
+    argv = getattr(sys, "orig_argv", None) or sys.argv
+    return bool(sys.argv[:1] and os.path.basename(sys.argv[0]) == "deepspeed") or "deepspeed.launcher.runner" in argv
+
+
+def install() -> None:
+    if is_runner():
+        for sig in FORWARDED:
+            signal.signal(sig, _forward)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def note_path(launcher_pid: int) -> str:
+    """Where the runner notes a forwarded signal for the ranks whose parent (the per-node launcher) is this pid."""
+    return os.path.join(tempfile.gettempdir(), f"bench-forwarded-signal-{launcher_pid}.json")
+
+
+def _forward(signum, frame):
+    name = signal.Signals(signum).name
+    for launcher in children(os.getpid()):  # deepspeed.launcher.launch, whose children are the ranks
+        try:
+            with open(note_path(launcher), "w") as fh:
+                json.dump({"signal": name, "to": "the deepspeed command", "pid": os.getpid(), "time": time.time()},
+                          fh)
+        except OSError:
+            pass
+        for rank in children(launcher):
+            try:
+                os.kill(rank, signum)
+            except ProcessLookupError:
+                pass
+    # the runner goes on waiting for its launcher, which exits with the ranks' code (75 preempted, 130 interrupted)
+
+
+def forwarded(signame: str, within_s: float = 10.0) -> dict | None:
+    """In a rank: the runner's note that it forwarded this signal to this rank's launcher's ranks, if recent."""
+    try:
+        with open(note_path(os.getppid())) as fh:
+            note = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return note if note.get("signal") == signame and time.time() - note.get("time", 0) < within_s else None
