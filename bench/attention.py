@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 
 NAME = "bench_sdpa"  # the AttentionInterface key the model is built with (--attn_implementation sdpa)
-KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what the collator adds to a packed row
+# What the collator adds to a packed row: the offsets (flash attention's names) and the documents' lengths as host
+# ints, so that the per-document path never reads the offsets back from a device
+KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "document_lengths")
 
 
 def register() -> None:
@@ -41,9 +43,20 @@ def model_implementation(attn_implementation: str, attn_mask: str) -> str:
     return attn_implementation
 
 
-def describe(attn_implementation: str, attn_mask: str, batching: str, drops_mask: bool, device_type: str) -> dict:
+def varlen_runs(device_type: str, dtype, head_dim: int, capability: tuple | None = None) -> bool:
+    """Whether torch's varlen_attn takes a packed row here: its flash kernel (aten._flash_attention_forward) needs
+    CUDA, fp16 or bf16, an Ampere or newer GPU (capability: None when the planner cannot ask) and a head width
+    that is a multiple of 8 up to 256. Elsewhere the per-document SDPA path runs."""
+    import torch
+    return (device_type == "cuda" and _varlen() is not None and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256 and (capability is None or tuple(capability) >= (8, 0)))
+
+
+def describe(attn_implementation: str, attn_mask: str, batching: str, drops_mask: bool, device_type: str,
+             varlen: bool = False) -> dict:
     """What summary.json records as `attention`: the implementation asked for, the kernel that runs and the mask
-    kind. drops_mask: a strategy whose attention never gets the padding mask (pipeline stages, Ulysses)."""
+    kind. drops_mask: a strategy whose attention never gets the padding mask (pipeline stages, Ulysses); varlen:
+    varlen_runs() for this run."""
     packed = batching == "packed"
     if attn_implementation == "eager":
         return {"implementation": "eager", "kernel": "eager (matmul + softmax)", "mask": "dense"}
@@ -55,8 +68,8 @@ def describe(attn_implementation: str, attn_mask: str, batching: str, drops_mask
         return {"implementation": "sdpa", "kernel": "sdpa (masked)" if dense else "sdpa (causal)",
                 "mask": "dense" if dense else "causal"}
     if packed:
-        kernel = "varlen_attn" if device_type == "cuda" and _varlen() is not None else "sdpa per document"
-        return {"implementation": "sdpa", "kernel": kernel, "mask": "documents"}
+        return {"implementation": "sdpa", "kernel": "varlen_attn" if varlen else "sdpa per document",
+                "mask": "documents"}
     return {"implementation": "sdpa", "kernel": "sdpa (causal)", "mask": "causal"}
 
 
@@ -70,10 +83,14 @@ def _varlen():
 
 
 def document_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                       cu_seq_lens_q=None, max_length_q=None, document_lengths=None, **kwargs):
     """transformers' attention signature: query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None).
     Causal within each document of cu_seq_lens_q (offsets into the B x T tokens, flattened), causal over the row
     without them."""
+    for unsupported in ("sliding_window", "softcap"):  # what transformers' own sdpa path applies or refuses
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"the harness's attention has no {unsupported}; run this model with "
+                             "--attn_mask dense (transformers' sdpa)")
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
@@ -81,8 +98,11 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
     gqa = key.shape[1] != heads
     if dropout:
         raise ValueError("document attention runs without attention dropout (the LLaMA/Mixtral configs have none)")
-    varlen = _varlen() if query.device.type == "cuda" else None
-    if varlen is not None:
+    capability = None
+    if query.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(query.device)
+    if varlen_runs(query.device.type, query.dtype, d, capability):
+        varlen = _varlen()
         # flash's layout, [tokens, heads, D]; max_length_q: the longest document, a host int from the collator,
         # bounded by the row's width where a caller (a pipeline stage) has only the tensor
         q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
@@ -92,10 +112,14 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
         return out.reshape(b, t, heads, d), None
     if b > 1:  # rows side by side, as the offsets count them (the harness packs one row per micro-batch)
         query, key, value = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value))
-    # Slices of the row along the sequence, views of q, k and v: SDPA saves them, not copies. The host list of
-    # lengths is free here, where the offsets never left host memory.
-    bounds = cu_seq_lens_q.tolist()
-    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    # Slices of the row along the sequence, views of q, k and v: SDPA saves them, not copies. The lengths come
+    # from the collator as host ints; only a caller without them (a pipeline stage, which passes tensors alone)
+    # reads the offsets, free on the CPU, a device read elsewhere.
+    if document_lengths is not None:
+        sizes = list(document_lengths)
+    else:
+        bounds = cu_seq_lens_q.tolist()
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     parts = [torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
                                                               enable_gqa=gqa)
              for qs, ks, vs in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]

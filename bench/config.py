@@ -95,7 +95,8 @@ class RunConfig:
     dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
     hang_timeout_s: float = _f(None, "the run is hung when no training step completes for this long: every rank's "
                                "Python stack goes to the run directory, the run is recorded failed, every rank exits "
-                               "(default: max(10 x the median step, 300 s), kept under 0.8 x --dist_timeout_s)")
+                               "(default: max(10 x the median step, 300 s), the 300 s floor kept under 0.8 x "
+                               "--dist_timeout_s; evaluations and checkpoint saves are not counted)")
     save_interval: int = _f(0, "checkpoint every N steps, and when preempted (0: no checkpoints)")
     checkpoint_dir: str = _f(None, "where checkpoints go (default: <run dir>/checkpoints)")
     resume: str = _f("none", "auto: continue the run named --run_name from its newest complete checkpoint",

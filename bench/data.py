@@ -231,7 +231,7 @@ class MicroBatch(dict):
         self.blocks = blocks  # the lengths attention runs over, where not whole rows: a packed row's documents
 
     def to(self, device) -> "MicroBatch":
-        """The inputs on `device` (host ints, the documents' longest length, stay as they are)."""
+        """The inputs on `device` (host ints, the documents' lengths, stay as they are)."""
         return MicroBatch({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in self.items()},
                           self.lengths, self.target_tokens, self.blocks)
 
@@ -302,9 +302,11 @@ class Collate:
                            + [torch.full((tail,), IGNORE, dtype=data.labels.dtype)])
         positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
         bounds, longest = offsets(lengths, width)
+        sizes = tuple((bounds[1:] - bounds[:-1]).tolist())
         inputs = {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None],
-                  "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
-        blocks = None if self.dense else (bounds[1:] - bounds[:-1]).tolist()
+                  "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+                  "document_lengths": sizes}
+        blocks = None if self.dense else list(sizes)
         return MicroBatch(inputs, lengths, int((labels[1:] != IGNORE).sum()), blocks)
 
 

@@ -22,15 +22,17 @@ import tempfile
 import time
 
 PTH = "zz_bench_launch_guard.pth"  # after the editable install's own .pth, which makes `bench` importable
-PTH_LINE = ("import sys; (sys.argv[:1] and sys.argv[0].endswith('deepspeed') or 'deepspeed.launcher.runner' in "
-            "getattr(sys, 'orig_argv', ())) and __import__('bench.launch_guard').launch_guard.install()\n")
+PTH_LINE = ("import sys, os; (os.path.basename((sys.argv or [''])[0]) in ('deepspeed', 'ds', 'deepspeed.pt') or "
+            "'deepspeed.launcher.runner' in getattr(sys, 'orig_argv', ())) and "
+            "__import__('bench.launch_guard').launch_guard.install()\n")
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+COMMANDS = ("deepspeed", "ds", "deepspeed.pt")  # the scripts DeepSpeed installs for its runner
 
 
 def is_runner() -> bool:
     """This process is DeepSpeed's runner: the `deepspeed` command, or `python -m deepspeed.launcher.runner`."""
     argv = getattr(sys, "orig_argv", None) or sys.argv
-    return bool(sys.argv[:1] and os.path.basename(sys.argv[0]) == "deepspeed") or "deepspeed.launcher.runner" in argv
+    return bool(sys.argv[:1] and os.path.basename(sys.argv[0]) in COMMANDS) or "deepspeed.launcher.runner" in argv
 
 
 def install() -> None:
@@ -58,16 +60,33 @@ def note_path(launcher_pid: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"bench-forwarded-signal-{launcher_pid}.json")
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _forward(signum, frame):
+    """Forward to the ranks of the per-node launcher(s) this runner started. Where there is none (the signal came
+    during the runner's start-up, or a multi-node launcher such as mpirun or srun is its child), the signal does
+    what it did without this handler: it ends the runner."""
     name = signal.Signals(signum).name
-    for launcher in children(os.getpid()):  # deepspeed.launcher.launch, whose children are the ranks
+    launchers = [pid for pid in children(os.getpid()) if "deepspeed.launcher.launch" in _cmdline(pid)]
+    ranks = {launcher: children(launcher) for launcher in launchers}
+    if not any(ranks.values()):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    for launcher in launchers:  # deepspeed.launcher.launch, whose children are the ranks
         try:
             with open(note_path(launcher), "w") as fh:
                 json.dump({"signal": name, "to": "the deepspeed command", "pid": os.getpid(), "time": time.time()},
                           fh)
         except OSError:
             pass
-        for rank in children(launcher):
+        for rank in ranks[launcher]:
             try:
                 os.kill(rank, signum)
             except ProcessLookupError:
@@ -75,7 +94,7 @@ def _forward(signum, frame):
     # the runner goes on waiting for its launcher, which exits with the ranks' code (75 preempted, 130 interrupted)
 
 
-def forwarded(signame: str, within_s: float = 10.0) -> dict | None:
+def forwarded(signame: str, within_s: float = 5.0) -> dict | None:
     """In a rank: the runner's note that it forwarded this signal to this rank's launcher's ranks, if recent."""
     try:
         with open(note_path(os.getppid())) as fh:

@@ -184,14 +184,15 @@ def newest_beat(run_dir: str, launch_id: str | None = None) -> float | None:
     """The newest heartbeat time among the run directory's ranks (only one launch's with launch_id), or None."""
     ranks, newest = os.path.join(run_dir, ".ranks"), None
     for name in os.listdir(ranks) if os.path.isdir(ranks) else ():
+        if not name.endswith(".json"):
+            continue  # the beat counters (rank<N>.beat), and temporary files
         path = os.path.join(ranks, name)
         try:
             if launch_id is not None:
                 with open(path) as fh:
                     if json.load(fh).get("launch_id") != launch_id:
                         continue
-            if name.endswith(".json"):
-                newest = max(newest or 0.0, os.stat(path).st_mtime)
+            newest = max(newest or 0.0, os.stat(path).st_mtime)
         except (OSError, ValueError):
             continue
     return newest

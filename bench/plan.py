@@ -146,10 +146,16 @@ class Plan:
     @property
     def attention(self) -> dict:
         """The attention path this run takes (bench/attention.py describe): summary.json's `attention`."""
-        from bench.attention import describe
+        from bench.attention import describe, varlen_runs
         from bench.layout import DIMENSIONS
         drops = any(DIMENSIONS[k].drops_mask for k in self.layout.on())
-        return describe(self.cfg.attn_implementation, self.cfg.attn_mask, self.collate.mode, drops, self.device_type)
+        capability = None
+        if self.device_type == "cuda" and not self.cfg.dry_run:  # the run's own GPU; a plan for another assumes one
+            import torch
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        varlen = varlen_runs(self.device_type, self.dtype, models.head_dim(self.model_config), capability)
+        return describe(self.cfg.attn_implementation, self.cfg.attn_mask, self.collate.mode, drops, self.device_type,
+                        varlen)
 
     @property
     def dtype(self):
@@ -256,6 +262,10 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     if cfg.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                                 f"({model_config.max_position_embeddings})")
+    if cfg.attn_mask == "dense" and cfg.attn_implementation.startswith("flash"):
+        raise config.BenchError(f"--attn_mask dense builds transformers' dense masks, which "
+                                f"--attn_implementation {cfg.attn_implementation} never takes: drop --attn_mask "
+                                "dense, or use sdpa or eager")
     problem = attention_problem(cfg.attn_implementation, device_type) if here else None
     if problem:
         raise config.BenchError(problem)

@@ -39,7 +39,9 @@ class Session:
         resolving = sum(plan.phases.values())
         self.record.startup(imports_s=self._phase_start - process_start - resolving, **plan.phases)
         self.jsonl = self.wandb = self.monitor = self.trainer = self.peaks = self.heartbeat = None
-        self._earlier = {}  # rank 0, resuming: the earlier launch's summary (_open_records)
+        # rank 0, resuming (_open_records): the earlier launches' wall time, and whether the run's start (its first
+        # launch's time to first step and start-up phases) is kept from them
+        self._prior_wall, self._kept_start = 0.0, False
         self._end_lock, self._ending = threading.Lock(), False
         self.device_index = 0
 
@@ -50,7 +52,8 @@ class Session:
     def _phase(self, name: str) -> None:
         """Closes the start-up phase `name` (seconds since the previous one ended)."""
         now = time.time()
-        self.record.startup(**{name: now - self._phase_start})
+        if not self._kept_start:  # a resume keeps the run's start: the first launch's phases
+            self.record.startup(**{name: now - self._phase_start})
         self._phase_start = now
 
     def run(self) -> int:
@@ -201,8 +204,15 @@ class Session:
         code = 1
         try:
             dump_stacks(self.run_dir, self.env.rank)
-            if not self.is_main:  # rank 0's watchdog fires within a poll of this one's and records the hang; this
-                time.sleep(PEER_GRACE_S)  # rank's exit must not reach it first as a lost peer
+            if not self.is_main:
+                # Rank 0's watchdog fires within a poll of this one's and records the hang; this rank's exit must
+                # not reach it first as a lost peer. It records only where rank 0 was lost already.
+                rank0_lost = self.heartbeat is not None and (self.heartbeat.check() or (None,))[0] == 0
+                time.sleep(PEER_GRACE_S)
+                if not rank0_lost:
+                    print_error(f"hung at step {step}: no step completed for {silent:.0f} s; rank {self.env.rank}'s "
+                                f"main thread waits in {frame}; its stacks in hang.rank{self.env.rank}.txt")
+                    return
             self.record.end("failed", f"hung at step {step}: no step completed for {silent:.0f} s (bound "
                                       f"{limit:.0f} s, --hang_timeout_s); rank {self.env.rank}'s main thread "
                                       f"waits in {frame}; every rank's stacks in hang.rank*.txt")
@@ -220,11 +230,18 @@ class Session:
     def _open_records(self):
         d, p = self.run_dir, self.plan
         config = p.config_record(self.env.world_size)
-        self._earlier = {}  # the summary of the launch this one resumes: the run's start stays its
+        earlier = {}  # the summary of the launch this one resumes
         if self.cfg.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
             with open(os.path.join(d, "summary.json")) as fh:
-                self._earlier = json.load(fh)
-        resume_id = self._earlier.get("wandb_run_id")
+                earlier = json.load(fh)
+        resume_id = earlier.get("wandb_run_id")
+        # The record keeps the run's start and its earlier launches' wall time from the first write on, so a
+        # launch that dies without recording its end (a SIGKILL, the node) still leaves them for the next resume
+        self._prior_wall = earlier.get("total_wall_time_s") or 0.0
+        self.record.set(total_wall_time_s=earlier.get("total_wall_time_s"))
+        if earlier.get("time_to_first_step_s") is not None:
+            self._kept_start = True
+            self.record.set(time_to_first_step_s=earlier["time_to_first_step_s"], startup_s=earlier["startup_s"])
         write_json_atomic(os.path.join(d, "config.json"), config)
         self.record.write(os.path.join(d, "summary.json"))
         reserve_space(d)
@@ -244,11 +261,13 @@ class Session:
                 self.record.memory(device=devices)
         if self.record["run_dir"] is None or not self._writes_records():
             return
-        # every launch of the run, this one's from its process start (a resume adds to the earlier launches')
-        earlier = self._earlier.get("total_wall_time_s") or 0.0
-        self.record.set(total_wall_time_s=earlier + time.time() - self.t0)
         path = os.path.join(self.run_dir, "summary.json")
-        if not self.is_main:  # rank 0 is gone: keep what it recorded at the start (its W&B id, ...)
+        prior = self._prior_wall
+        if not self.is_main:  # rank 0 is gone: the earlier launches' wall time is what it wrote at the start
+            prior = self.record.read_value(path, "total_wall_time_s") or 0.0
+        # every launch of the run, this one's from its process start (a resume adds to the earlier launches')
+        self.record.set(total_wall_time_s=prior + time.time() - self.t0)
+        if not self.is_main:  # and the rest it recorded at the start (its W&B id, the run's start, ...)
             self.record.adopt(path)
         for attempt in (1, 2):
             try:
@@ -412,10 +431,8 @@ class Session:
         p, env = self.plan, self.env
         before, after = counts
         self.record.fill_results(res, p)
-        earlier = self._earlier
-        if earlier.get("time_to_first_step_s") is not None:  # a resume: the run started with the first launch
-            self.record.set(time_to_first_step_s=earlier["time_to_first_step_s"], startup_s=earlier["startup_s"])
-        elif res.first_step_end is not None and res.first_step_end >= self.t0:  # this process ran a step
+        if not self._kept_start and res.first_step_end is not None and res.first_step_end >= self.t0:
+            # this process ran the run's first step (a resume keeps the first launch's, _open_records)
             self.record.startup(first_step_s=res.first_step_end - self._phase_start)
             self.record.set(time_to_first_step_s=res.first_step_end - self.t0)
         self.peaks.close("training", then=None)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+
+from bench.launch_guard import forwarded
 
 STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted",
           signal.SIGHUP: "preempted"}
@@ -23,6 +26,7 @@ _parent: int | None = None  # the launcher: this process's parent at start
 _command: int | None = None  # under the deepspeed launcher: the `deepspeed` command, the launcher's parent
 _told_orphan = False
 _orphan_reason: str | None = None  # what orphaned() found, for the SIGHUP it sends
+_first_at = 0.0  # when the first signal was handled (time.time())
 
 
 class Stopped(BaseException):
@@ -35,25 +39,24 @@ class Stopped(BaseException):
 
 
 def _handler(signum, frame):
-    global _requested, _closing
+    global _requested, _closing, _first_at
     if _closing:
         return
     name = signal.Signals(signum).name
+    if signum == signal.SIGHUP and _orphan_reason is None and os.getppid() == _parent:
+        return  # the launcher is alive: a thread of it ended (PR_SET_PDEATHSIG follows threads), not the process
+    # Claimed before anything that could let a second signal in (file reads): a nested handler sees this one
+    first = _requested is None
+    if first:
+        _requested, _first_at = (STATUS[signum], name), time.time()
     if signum == signal.SIGHUP:
-        if _orphan_reason is not None:
-            name = f"SIGHUP: {_orphan_reason}"
-        elif os.getppid() == _parent:
-            return  # the launcher is alive: a thread of it ended (PR_SET_PDEATHSIG follows threads), not the process
-        else:
-            name = f"SIGHUP: its launcher (pid {_parent}) exited"
+        name = f"SIGHUP: {_orphan_reason or f'its launcher (pid {_parent}) exited'}"
     else:
-        from bench.launch_guard import forwarded
-        note = forwarded(name, within_s=5.0)
+        note = forwarded(name)  # the deepspeed command forwarded this signal (bench/launch_guard.py)
         if note is not None:
-            if _requested is not None and _requested[1].startswith(name) and forwarded(name, within_s=1.0):
+            if not first and _requested[1].startswith(name) and abs(note["time"] - _first_at) < 1.0:
                 return  # one Ctrl-C, twice: from the terminal to every process, and forwarded by the runner
             name = f"{name} to {note['to']} (pid {note['pid']}), forwarded to every rank"
-    first = _requested is None
     if first:
         _requested = (STATUS[signum], name)
     if not _training or (not first and signum == signal.SIGINT):

@@ -140,6 +140,15 @@ class RunRecord:
             val_loss=res.val_loss, time_to_target_s=ttt, steps_to_target=stt,
             resumed_at=res.resumed_at, lost_steps=res.lost_steps, lost_time_s=res.lost_s)
 
+    @staticmethod
+    def read_value(path: str, key: str):
+        """One value of the summary at path (written by another rank), or None."""
+        try:
+            with open(path) as fh:
+                return json.load(fh).get(key)
+        except (OSError, ValueError):
+            return None
+
     def adopt(self, path: str) -> None:
         """Take the values this record lacks from the summary already at path (written by a rank now gone)."""
         try:

@@ -6,6 +6,7 @@ every rank see the slowest rank's time, which is the step's time.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class Trainer:
             dist.barrier()
         self.sync()
 
+    def _not_a_step(self):
+        """Evaluation and checkpoint saves: the hang watchdog waits while they run (bench/watchdog.py)."""
+        return self.watchdog.suspended() if self.watchdog is not None else contextlib.nullcontext()
+
     def _memory_now(self) -> dict:
         """Per step: allocated now and the current phase's peak on GPUs, RSS on the CPU."""
         if self.device.type == "cuda":
@@ -186,16 +191,18 @@ class Trainer:
             stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
             res.preempted = stop > 0
             res.stop_status = next((k for k, v in signals.STOP_CODES.items() if v == stop), None)
+            if self.watchdog is not None:
+                self.watchdog.progress(step, step_time)
             if not res.preempted and ((eval_interval and step % eval_interval == 0) or step == max_steps):
-                res.val_loss = record["val_loss"] = self.evaluate()
+                with self._not_a_step():
+                    res.val_loss = record["val_loss"] = self.evaluate()
             res.records.append(record)
             if self.on_record:
                 self.on_record(record)
             res.train_wall_s = time.perf_counter() - t_start
             if save and ((save_interval and step % save_interval == 0) or res.preempted):
-                save(step, res)
-            if self.watchdog is not None:
-                self.watchdog.progress(step, step_time)
+                with self._not_a_step():
+                    save(step, res)
             if res.preempted:
                 break
         res.train_wall_s = time.perf_counter() - t_start

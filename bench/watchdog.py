@@ -7,11 +7,14 @@ it writes every thread's Python stack to the run directory (hang.rank<N>.txt), a
 `failed` with "hung at step N" and the frame the main thread waits in, then the process exits non-zero. Every rank
 runs one, so every rank leaves: the hung one and those waiting for it in a collective.
 
-The bound is --hang_timeout_s, or by default max(10 x the median step so far, 300 s), kept under 80 % of
---dist_timeout_s so that it fires before the collective timeout does.
+The bound is --hang_timeout_s, or by default max(10 x the median step so far, 300 s); the 300 s floor is kept
+under 80 % of --dist_timeout_s, so that a hang in the first steps is recorded before a collective's timeout ends
+the process (10 x a step longer than that stays the bound: a run of long steps is never called hung). Evaluation
+and checkpoint saves are not steps: the watchdog waits while they run (suspended()).
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import statistics
@@ -28,7 +31,7 @@ def bound(hang_timeout_s: float | None, step_times: list[float], dist_timeout_s:
     if hang_timeout_s is not None:
         return hang_timeout_s
     typical = STEPS_PER_BOUND * statistics.median(step_times) if step_times else 0.0
-    return min(max(typical, DEFAULT_FLOOR_S), 0.8 * dist_timeout_s)
+    return max(typical, min(DEFAULT_FLOOR_S, 0.8 * dist_timeout_s))
 
 
 def main_frame() -> str:
@@ -57,7 +60,7 @@ class HangWatchdog:
         self.hang_timeout_s, self.dist_timeout_s, self.on_hang, self.poll_s = hang_timeout_s, dist_timeout_s, \
             on_hang, poll_s
         self.step, self.step_times = 1, []
-        self._last = time.monotonic()
+        self._last, self._paused = time.monotonic(), False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hang-watchdog", daemon=True)
 
@@ -75,8 +78,19 @@ class HangWatchdog:
     def stop(self) -> None:
         self._stop.set()
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """Not a step (an evaluation, a checkpoint save): no verdict while it runs; the clock restarts after it."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._last, self._paused = time.monotonic(), False
+
     def _loop(self):
         while not self._stop.wait(self.poll_s):
+            if self._paused:
+                continue
             limit = bound(self.hang_timeout_s, self.step_times, self.dist_timeout_s)
             silent = time.monotonic() - self._last
             if silent > limit:

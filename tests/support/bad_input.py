@@ -47,6 +47,8 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("negative-micro", ("--micro_batch_size", "-1", *ZERO2), 1, "--micro_batch_size must be positive"),
     ("not-an-int", ("--max_steps", "ten", *ZERO2), 1, "invalid int value"),
     ("no-measured-step", ("--max_steps", "2", "--warmup_steps", "2", *ZERO2), 1, "must exceed --warmup_steps"),
+    ("dense-flash", ("--attn_mask", "dense", "--attn_implementation", "flash_attention_2", *ZERO2), 1,
+     "--attn_mask dense builds transformers' dense masks"),
     ("seq-too-long", ("--seq_len", "65536", *ZERO2), 1, "exceeds the model's max_position_embeddings"),
     ("bad-lora-target", ("--peft", "lora", "--lora_targets", "qq_proj", *ZERO2), 1, "no module named ['qq_proj']"),
     ("batch-arithmetic", ("--global_batch_size", "6", "--micro_batch_size", "2", *ZERO2), 2,

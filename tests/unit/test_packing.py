@@ -27,12 +27,13 @@ def test_packing_concatenates_the_samples_with_restarting_positions_and_pads_the
     b = data.Collate("packed", 8)(d, torch.tensor([2, 0]))
     # no mask: the document offsets confine attention to each sample (bench/attention.py)
     assert set(b) == {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                      "max_length_k"}
+                      "max_length_k", "document_lengths"}
     assert b["input_ids"][0].tolist() == [201, 202, 203, 1, 2, 3, 4, 5] and b["input_ids"].shape == (1, 8)
     assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert b["labels"][0].tolist() == [IGNORE, IGNORE, 203, IGNORE, IGNORE, 3, 4, 5]
     assert b["cu_seq_lens_q"].tolist() == [0, 3, 8] and b["cu_seq_lens_q"].dtype == torch.int32
     assert b["max_length_q"] == 5 and (b.lengths, b.target_tokens) == ([3, 5], 4)
+    assert b["document_lengths"] == (3, 5)  # host ints: the per-document path never reads the offsets back
     b = data.Collate("packed", 8)(d, torch.tensor([0, 1]))  # 12 tokens: padded to 16, the padding one document
     assert b["input_ids"][0, 12:].tolist() == [0] * 4 and b["position_ids"][0, 12:].tolist() == [0] * 4
     assert (b["labels"][0, 12:] == IGNORE).all()
@@ -154,3 +155,16 @@ def test_the_document_path_never_builds_a_row_by_row_mask():
     finally:
         attention.register()
     assert seen and all(mask is None and offsets for mask, offsets in seen)
+
+
+@pytest.mark.parametrize("device,dtype,head_dim,capability,expected", [
+    ("cuda", torch.bfloat16, 128, (9, 0), True), ("cuda", torch.float16, 64, (8, 0), True),
+    ("cuda", torch.float32, 128, (9, 0), False),  # flash kernels take fp16/bf16 only
+    ("cuda", torch.bfloat16, 128, (7, 5), False),  # before Ampere
+    ("cuda", torch.bfloat16, 72 + 1, (9, 0), False), ("cpu", torch.bfloat16, 128, None, False)])
+def test_varlen_runs_only_where_its_flash_kernel_can(device, dtype, head_dim, capability, expected):
+    from bench import attention
+    got = attention.varlen_runs(device, dtype, head_dim, capability)
+    assert got == (expected and attention._varlen() is not None)
+    kernel = attention.describe("sdpa", "auto", "packed", False, device, got)["kernel"]
+    assert kernel == ("varlen_attn" if got else "sdpa per document")
