@@ -43,16 +43,8 @@ def install() -> None:
 
 def children(pid: int) -> list[int]:
     """The processes whose parent is pid (from /proc)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
+    from bench.liveness import parent_of
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and parent_of(int(name)) == pid]
 
 
 def note_path(launcher_pid: int) -> str:

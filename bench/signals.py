@@ -13,6 +13,7 @@ import signal
 import time
 
 from bench.launch_guard import forwarded
+from bench.liveness import parent_of
 
 STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted",
           signal.SIGHUP: "preempted"}
@@ -74,7 +75,7 @@ def install() -> None:
     global _parent, _command
     _parent = os.getppid()
     if "LOCAL_SIZE" in os.environ:  # a rank of deepspeed.launcher.launch
-        _command = _ppid_of(_parent)
+        _command = parent_of(_parent)
     for sig in STATUS:
         signal.signal(sig, _handler)
     try:
@@ -82,14 +83,6 @@ def install() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGHUP))  # 1 = PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
-
-
-def _ppid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def orphaned() -> bool:
@@ -101,7 +94,7 @@ def orphaned() -> bool:
         return False
     if os.getppid() != _parent:
         reason = None  # the handler names the launcher
-    elif _command is not None and _ppid_of(_parent) not in (_command, None):
+    elif _command is not None and parent_of(_parent) not in (_command, None):
         reason = f"the deepspeed command (pid {_command}) above its launcher exited"
     else:
         return False

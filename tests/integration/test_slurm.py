@@ -111,15 +111,21 @@ def test_sweep_lists_completed_and_failed(cluster, tmp_path):
     assert re.search(r"^good\s+\d+\s+completed", listing, re.M) and re.search(r"^bad\s+\d+\s+failed", listing, re.M)
 
 
-@pytest.mark.cluster
-def test_preemption_signal_records_preempted(cluster, tmp_path):
-    runs = tmp_path / "runs"
+def submit_long_run(cluster, tmp_path: Path, runs: Path) -> str:
+    """A run far longer than a test, submitted and waited for until its first step is recorded. -> the job id."""
     job = sbatch(cluster, tmp_path / "logs", *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
                  "--max_steps", "100000", "--output_dir", str(runs))
     t0 = time.time()
     while not list(runs.glob("*/metrics.jsonl")) or not list(runs.glob("*/metrics.jsonl"))[0].stat().st_size:
         assert time.time() - t0 < 120, "the run never started"
         time.sleep(1)
+    return job
+
+
+@pytest.mark.cluster
+def test_preemption_signal_records_preempted(cluster, tmp_path):
+    runs = tmp_path / "runs"
+    job = submit_long_run(cluster, tmp_path, runs)
     # what --signal=B:USR1@300 does ahead of the time limit: signal the batch shell, which passes it on
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
     wait_for(cluster, job)
@@ -138,12 +144,7 @@ def test_a_signal_to_the_srun_step_stops_every_task(cluster, tmp_path, sig, stat
     """SIGTERM or SIGINT to the job's srun step (what scancel --signal does to a step): every task stops at the
     next step boundary and the run records the signal."""
     runs = tmp_path / "runs"
-    job = sbatch(cluster, tmp_path / "logs", *SMALL_NODE, "slurm/data_parallel/llama31_8b/2_gpus.sh", *TINY,
-                 "--max_steps", "100000", "--output_dir", str(runs))
-    t0 = time.time()
-    while not list(runs.glob("*/metrics.jsonl")) or not list(runs.glob("*/metrics.jsonl"))[0].stat().st_size:
-        assert time.time() - t0 < 120, "the run never started"
-        time.sleep(1)
+    job = submit_long_run(cluster, tmp_path, runs)
     subprocess.run(["scancel", f"--signal={sig}", f"{job}.0"], env=cluster, check=True)
     wait_for(cluster, job)
     (run_dir,) = list(runs.iterdir())
