@@ -30,6 +30,7 @@ import time
 import common  # measurements/common.py, next to this script
 
 sys.path.insert(0, common.REPO)
+from bench.liveness import parent_of  # noqa: E402
 
 SAVE_EVERY, STEPS = 3, 12
 JOB = ["bench/run.py", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr",
@@ -119,14 +120,6 @@ def rank_pids(out: str) -> list[int]:
     return pids
 
 
-def parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def alive(pids) -> list[int]:
     from bench.liveness import process_gone
     return [p for p in pids if p and not process_gone(p)]
@@ -214,8 +207,10 @@ def trial(i: int, fault: str, rng: random.Random, root: str, reference: list[flo
     target = rng.randrange(2)
     skew, rewritten, negative = None, False, 0
     try:
-        hang = {"BENCH_FAULT_HANG_STEP": str(at_step + 1), "BENCH_FAULT_RANK": str(target)} if fault == "hang" else {}
-        first = start(out, port, ("--hang_timeout_s", "5") if hang else (), env=hang)
+        env = {"BENCH_FAULT_HANG_STEP": str(at_step + 1), "BENCH_FAULT_RANK": str(target)} if fault == "hang" else {}
+        if fault == "sigkill_deepspeed":  # the ranks notice within a heartbeat (2 s): steps long enough to see it
+            env = {"BENCH_FAULT_SLOW_STEP_S": "1.0"}
+        first = start(out, port, ("--hang_timeout_s", "5") if fault == "hang" else (), env=env)
         procs, note = [first], ""
         reached = wait_steps(out, at_step, first)
         time.sleep(delay)
@@ -225,8 +220,8 @@ def trial(i: int, fault: str, rng: random.Random, root: str, reference: list[flo
         if fault.endswith("_rank") and reached and pids:
             sig = {"sigkill_rank": signal.SIGKILL, "sigterm_rank": signal.SIGTERM, "sigint_rank": signal.SIGINT}[fault]
             note = f"rank {target}" if signal_if_alive(pids[min(target, len(pids) - 1)], sig) else ENDED
-        elif fault == "sigkill_launch" and pids and parent(pids[0]):
-            note = "" if signal_if_alive(parent(pids[0]), signal.SIGKILL) else ENDED
+        elif fault == "sigkill_launch" and pids and parent_of(pids[0]):
+            note = "" if signal_if_alive(parent_of(pids[0]), signal.SIGKILL) else ENDED
         elif fault in ("sigterm_deepspeed", "sigint_deepspeed", "sigkill_deepspeed"):
             first.send_signal({"sigterm_deepspeed": signal.SIGTERM, "sigint_deepspeed": signal.SIGINT,
                                "sigkill_deepspeed": signal.SIGKILL}[fault])
