@@ -311,6 +311,11 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     mask = micro * (seq * split if packed else seq) ** 2 * w  # SDPA converts a bool mask to the query dtype
     attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * split * 8 if split > 1 else 0  # Ulysses: the gathered position ids
+    if tp > 1 and not masked:
+        # measured under AutoTP on rows without a mask (padded and packed alike): one more q-sized tensor per layer
+        # than the same layer saves without TP (tests/integration/test_packing_parity.py, test_model_parallel.py);
+        # not yet traced to the op that keeps it
+        attention += q_elems * w
     if plan.attention["kernel"] == "sdpa per document" and split == 1:
         # one SDPA call per document saves each document's output, and their concatenation is the o_proj input
         # (a whole-row kernel's output is the o_proj input itself); under Ulysses the all-to-all's output is

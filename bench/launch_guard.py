@@ -41,9 +41,17 @@ def install() -> None:
             signal.signal(sig, _forward)
 
 
+def parent_of(pid: int) -> int | None:
+    """A process's parent pid (from /proc), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is pid (from /proc)."""
-    from bench.liveness import parent_of
     return [int(name) for name in os.listdir("/proc") if name.isdigit() and parent_of(int(name)) == pid]
 
 

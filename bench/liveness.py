@@ -33,15 +33,6 @@ def peer_timeout(dist_timeout_s: float) -> float:
     return max(5 * HEARTBEAT_S, min(60.0, dist_timeout_s / 2))
 
 
-def parent_of(pid: int) -> int | None:
-    """A process's parent pid (from /proc), or None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def process_gone(pid: int) -> bool:
     """The process has exited (a zombie not yet reaped by its launcher counts as exited)."""
     try:

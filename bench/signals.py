@@ -12,8 +12,7 @@ import os
 import signal
 import time
 
-from bench.launch_guard import forwarded
-from bench.liveness import parent_of
+from bench.launch_guard import forwarded, parent_of
 
 STATUS = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted", signal.SIGUSR1: "preempted",
           signal.SIGHUP: "preempted"}

@@ -30,7 +30,7 @@ import time
 import common  # measurements/common.py, next to this script
 
 sys.path.insert(0, common.REPO)
-from bench.liveness import parent_of  # noqa: E402
+from bench.launch_guard import parent_of  # noqa: E402
 
 SAVE_EVERY, STEPS = 3, 12
 JOB = ["bench/run.py", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none", "--lr",

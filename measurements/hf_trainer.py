@@ -38,7 +38,8 @@ def main(run_dir: str, out_dir: str, token_weighted: bool) -> None:
     device = args.device
     model, keep_alive = same_job.build_model(plan, device)
     batches = same_job.batches(plan, env)
-    micro = [b for step in range(steps) for b in batches.step_batches(step)]
+    # plain dicts of the harness's inputs (the DataLoader rebuilds a batch by its type), attention kwargs included
+    micro = [dict(b) for step in range(steps) for b in batches.step_batches(step)]
     rec = same_job.StepRecorder(device)
 
     class Timing(transformers.TrainerCallback):

@@ -42,10 +42,12 @@ def build_model(plan, device):
     """The harness's model build (bench/session.py): same seed, weights and LoRA adapters. -> (model, the ZeRO-3
     construction context, which must stay alive until deepspeed.initialize)."""
     from bench import models
+    from bench.attention import model_implementation
     from bench.strategies.common import apply_lora
     cfg = plan.cfg
     zero3 = plan.ds if plan.zero_stage == 3 else None
-    model, keep_alive = models.build_model(cfg.model, cfg.init, plan.model_config, plan.dtype, device, zero3, cfg.seed)
+    model, keep_alive = models.build_model(cfg.model, cfg.init, plan.model_config, plan.dtype, device, zero3, cfg.seed,
+                                           model_implementation(cfg.attn_implementation, cfg.attn_mask))
     if plan.peft == "lora":
         model = apply_lora(model, cfg)
     return model, keep_alive

@@ -31,7 +31,9 @@ def test_strategy_matrix_records_a_results_page(tmp_path):
     comparison = [ln.split(" | ") for ln in rows if " | tiny-llama, seq 128, global batch 8, " in ln]  # its job
     # the baseline (the matrix's first entry) comes first
     assert [c[0] for c in comparison] == ["| tiny-llama-dp-dp_zero1-1g", "| tiny-llama-dp-dp_zero2-2g"]
-    assert comparison[0][4] == "1"  # time reduction of the baseline against itself: 1x
+    assert comparison[0][4] == "sdpa per document, documents"  # the attention path that ran, the same for both
+    assert comparison[1][4] == comparison[0][4]
+    assert comparison[0][6] == "1"  # time reduction of the baseline against itself: 1x
     s = json.loads((tmp_path / "t" / "runs" / "tiny-llama-dp-dp_zero2-2g" / "summary.json").read_text())
     assert s["steps"] == 4 and s["world_size"] == 2 and s["peft"] == "none"
 

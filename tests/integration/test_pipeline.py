@@ -18,8 +18,10 @@ def runs(tmp_path_factory):
     specs = {}
     for peft in ("none", "lora"):
         extra = ("--peft", peft) + (("--lr", "1e-2") if peft == "lora" else ())
+        # the reference under transformers' dense masks (the path before bench/attention.py), the stages on the
+        # document path
         specs[f"w1-{peft}"] = (root / f"w1-{peft}", ("--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json",
-                                                     *ARGS, *extra), {})
+                                                     *ARGS, *extra, "--attn_mask", "dense"), {})
         specs[f"pp2-{peft}"] = (root / f"pp2-{peft}", ("--strategy", "pp", "--ds_config", "ds_configs/pp2.json",
                                                        *ARGS, *extra), {"nprocs": 2, "launcher": "srun-env"})
         specs[f"hybrid-{peft}"] = (root / f"hy-{peft}", ("--strategy", "hybrid", "--ds_config",
