@@ -314,12 +314,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def batch_work(batch: MicroBatch) -> tuple[int, int, int, int]:
-    """-> (real tokens, computed tokens, real attention pairs, computed attention pairs) of one micro-batch, from
-    the collator's host-side lengths (MicroBatch.work)."""
-    return batch.work
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sharding
 

@@ -47,7 +47,7 @@ def throughput(step_times: list[float], work: list[int], global_batch: int, worl
     """Throughput over the measured steps: total work / total time (equivalently per-step work / mean time).
 
     work: [real tokens, computed tokens, real attention pairs, computed attention pairs] summed over those steps'
-    global batches (bench/data.py batch_work). Two token counts, as the peers separate them: real tokens (the
+    global batches (bench/data.py MicroBatch.work). Two token counts, as the peers separate them: real tokens (the
     samples' own, no padding) give tokens_per_s, the model TFLOP/s and MFU, as NeMo and torchtitan report them,
     attention counted per sample; computed tokens (every position of every row, padding included: what the
     device processed) give computed_tokens_per_s and the hardware TFLOP/s behind HFU, attention counted per row

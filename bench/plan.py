@@ -99,7 +99,7 @@ class Plan:
 
     def throughput(self, step_times: list[float], work: list[int] | None = None) -> dict:
         """metrics.throughput with this run's constants: real and computed tokens/s, samples/s, TFLOP/s, MFU, HFU.
-        work: those steps' [real tokens, computed tokens, real pairs, computed pairs] (bench/data.py batch_work);
+        work: those steps' [real tokens, computed tokens, real pairs, computed pairs] (bench/data.py MicroBatch.work);
         None: every step's global batch taken as full --seq_len rows (a checkpoint from before work was counted)."""
         if work is None:
             rows = len(step_times) * self.batch.global_
@@ -143,9 +143,10 @@ class Plan:
                 "longest": "one row per sample, padded to the micro-batch's longest",
                 "max": f"one row per sample, padded to {self.cfg.seq_len}"}[self.collate.mode]
 
-    @property
+    @functools.cached_property
     def attention(self) -> dict:
-        """The attention path this run takes (bench/attention.py describe): summary.json's `attention`."""
+        """The attention path this run takes (bench/attention.py describe): summary.json's `attention`. Cached: the
+        planner asks for it per rank, and on a GPU it asks the device for its capability."""
         from bench.attention import describe, varlen_runs
         from bench.layout import DIMENSIONS
         drops = any(DIMENSIONS[k].drops_mask for k in self.layout.on())

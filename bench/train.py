@@ -29,7 +29,7 @@ class TrainResult:
     applied_updates: int = 0
     useful_tokens: int = 0
     # the measured (timed) steps' [real tokens, computed tokens, real pairs, computed pairs] (bench/data.py
-    # batch_work); None: not counted (resumed from a checkpoint written before they were)
+    # MicroBatch.work); None: not counted (resumed from a checkpoint written before they were)
     measured_work: list | None = field(default_factory=lambda: [0, 0, 0, 0])
     train_wall_s: float = 0.0
     first_step_end: float | None = None              # time.time() at the end of this process's first step

@@ -69,7 +69,7 @@ def test_work_counts_match_an_independent_count(mode, dense):
     d = qa_data(lengths)
     idx = torch.tensor([3, 0, 2])
     b = data.Collate(mode, 8, dense=dense)(d, idx)
-    real, computed, real_pairs, computed_pairs = data.batch_work(b)
+    real, computed, real_pairs, computed_pairs = b.work
     mine = [lengths[i] for i in idx.tolist()]
     width = {"packed": 24, "longest": 16, "max": 48}[mode]  # 19 tokens -> 24; longest 11 -> 16
     rows = 1 if mode == "packed" else 3
