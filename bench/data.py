@@ -267,9 +267,9 @@ class Collate:
     dense: bool = False
 
     @staticmethod
-    def of(kind: str, packing: str, padding: str, slices: int = 1, dense: bool = False) -> "Collate":
-        """The resolved --packing/--padding for data of this kind. Text rows are full blocks cut from one stream
-        already: nothing to pack or pad."""
+    def of(kind: str | None, packing: str, padding: str, slices: int = 1, dense: bool = False) -> "Collate":
+        """The resolved --packing/--padding for data of this kind (None: not read, bench/plan.py reads_data). Text
+        rows are full blocks cut from one stream already: nothing to pack or pad."""
         multiple = ROW_MULTIPLE * slices // math.gcd(ROW_MULTIPLE, slices)  # SP cuts each row into equal slices
         if kind == "text":
             return Collate("max", multiple, dense)

@@ -31,8 +31,8 @@ class Plan:
     ds: dict                  # resolved ds_config with the strategy's presets: what DeepSpeed gets and is recorded
     model_config: object
     tokenizer_source: str
-    train_data: data.Tokenized
-    val_data: data.Tokenized
+    train_data: data.Tokenized | None  # None: a plan of rows padded to --seq_len, which reads no data (reads_data)
+    val_data: data.Tokenized | None
     collate: data.Collate     # --packing/--padding resolved for this data
     device_type: str
     device_name: str | None
@@ -131,13 +131,15 @@ class Plan:
     @property
     def consumed(self) -> str:
         """How many samples the run tokenized, in words."""
+        if self.train_data is None:
+            return "not read: rows padded to --seq_len plan the same whatever the data holds"
         n = self.train_data.input_ids.shape[0] + self.val_data.input_ids.shape[0]
         return f"{n} tokenized: what {self.cfg.max_steps} steps and the evaluations consume"
 
     @property
     def batching(self) -> str:
         """How samples become rows, in words (the console table, summary.json)."""
-        if self.train_data.kind == "text":
+        if self.train_data is not None and self.train_data.kind == "text":
             return f"text cut into full {self.cfg.seq_len}-token rows"
         return {"packed": "packed: each micro-batch's samples in one row",
                 "longest": "one row per sample, padded to the micro-batch's longest",
@@ -183,8 +185,8 @@ class Plan:
             ("MFU peak", (f"{self.peak_tflops:g} TFLOP/s, " if self.peak_tflops else "MFU not reported: ")
                          + self.peak_source),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
-            ("data", f"{c.data}: {self.train_data.size} train / {self.val_data.size} val ({self.consumed}), "
-                     f"{self.batching}"),
+            ("data", f"{c.data}: " + (f"{self.train_data.size} train / {self.val_data.size} val "
+                                       if self.train_data is not None else "") + f"({self.consumed}), {self.batching}"),
             ("attention", "{implementation}: {kernel}, {mask} mask".format(**self.attention)),
             ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
         ]
@@ -243,6 +245,13 @@ def load_data(cfg: config.RunConfig, spec: RunSpec, model: Model, env) -> tuple[
                            env.local_rank, cfg.dist_timeout_s)
 
 
+def reads_data(cfg: config.RunConfig) -> bool:
+    """Whether planning this run reads its data file: packed rows and rows padded to the micro-batch's longest take
+    their shapes from the samples; rows padded to --seq_len (and text data's full rows) do not, so a dry run of
+    them plans without the data. A run that trains reads it."""
+    return not (cfg.dry_run and cfg.packing == "off" and cfg.padding == "max")
+
+
 def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, splits, here: bool = False,
              t0: float | None = None) -> Plan:
     """The plan of a spec with its model, device and data (splits: -> the train and validation splits, asked for
@@ -274,13 +283,15 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     if not cfg.dry_run:  # planning may happen on another machine than the run
         check_ops(ds, device_type)
     t_data = time.time()
-    train, val = splits()
-    dp = layout.data_parallel
-    data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
-    if val.size < batch.micro * dp:
-        raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
-                                f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    collate = data.Collate.of(train.kind, cfg.packing, cfg.padding, layout.sequence_split,
+    train = val = None
+    if reads_data(cfg):
+        train, val = splits()
+        dp = layout.data_parallel
+        data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
+        if val.size < batch.micro * dp:
+            raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
+                                    f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
+    collate = data.Collate.of(train.kind if train else None, cfg.packing, cfg.padding, layout.sequence_split,
                               dense=cfg.attn_mask == "dense" or cfg.attn_implementation == "eager")
     return Plan(cfg, spec, strategy, ds, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
@@ -344,3 +355,8 @@ def check_resume(plan: Plan, world_size: int) -> None:
     if lines:
         raise config.BenchError("\n".join([f"--resume auto: {path} was started with other settings; resuming "
                                            "would mix two experiments (start a new --run_name instead):", *lines]))
+
+
+if __name__ == "__main__":  # python -m bench.plan: the planner's command line (bench/plan_cli.py), as bench-plan
+    from bench.plan_cli import main
+    raise SystemExit(main())

@@ -183,9 +183,12 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
         try:
             spec = spec_of(cfg, world, lambda: (device[0], device[2]))
             model = model or load_model(cfg)
-            if not splits:  # the same data for every spec: one global batch, micro 1
-                splits.append(load_data(cfg, spec, model, env))
-            base = assemble(cfg, spec, device, model, lambda: splits[0])
+
+            def job_data(cfg=cfg, spec=spec, model=model):  # the same data for every spec: one global batch, micro 1
+                if not splits:
+                    splits.append(load_data(cfg, spec, model, env))
+                return splits[0]
+            base = assemble(cfg, spec, device, model, job_data)
         except config.BenchError as e:  # not a layout for this model or world: bench/run.py's own reason
             reasons.append(f"{path}: {e}")
             continue

@@ -2,6 +2,7 @@
 its command line, and the refusal of a layout predicted not to fit. The prediction of model states and
 communication is checked against real runs in test_zero, test_model_parallel and test_pipeline."""
 import json
+import sys
 
 import pytest
 import torch
@@ -292,3 +293,18 @@ def test_bench_plan_json_is_all_stdout():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["fits"] is True
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: bench.plan imported already
+def test_a_padded_plan_reads_no_data_and_python_m_bench_plan_runs_the_cli(capfd, monkeypatch):
+    """Rows padded to --seq_len plan the same whatever the data holds: planning them needs no data file (a run that
+    trains still reads it); `python -m bench.plan` is bench-plan."""
+    import runpy
+    args = ["--model", "llama3.1-8b", "--init", "random", "--ds_config", "ds_configs/dp_zero3.json",
+            "--world_size", "8", "--gpu", "H100-80GB", "--data", "/nonexistent/file.json"]
+    monkeypatch.setattr(sys, "argv", ["bench.plan", *args, "--packing", "off", "--json"])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module("bench.plan", run_name="__main__")
+    assert ended.value.code == 0 and json.loads(capfd.readouterr().out)["fits"] is True
+    assert bench_plan([*args, "--packing", "on"]) == 2  # packed rows take their shapes from the samples
+    assert "data file not found: /nonexistent/file.json" in capfd.readouterr().err
