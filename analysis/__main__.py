@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 
 from analysis import collect, plots, report, tables
-from bench.config import print_error
+from bench.log import log, show
 
 
 def build_parser():
@@ -57,21 +57,21 @@ def main(argv=None) -> int:
         intro = (f"{len(runs)} runs ({statuses}); {len(sections)} job(s) (model, sequence length, global batch, "
                  "data, precision, packing), each compared only with itself.")
         md, html_path = report.write(args.out, args.title, intro, sections, tables.incomplete(runs))
-        print(f"wrote {md}, {html_path}, runs.csv and {sum(len(s['plots']) for s in sections)} plots to {args.out}")
+        show(f"wrote {md}, {html_path}, runs.csv and {sum(len(s['plots']) for s in sections)} plots to {args.out}")
         entity, _, project = args.project.rpartition("/")
         mode = os.environ.get("WANDB_MODE", "offline")
         if args.wandb_table:
             from analysis import wandb_export
             run_id = wandb_export.log_table(everything, project, entity or None, mode, args.out)
-            print(f"W&B ({mode}): comparison table logged in run {run_id}")
+            show(f"W&B ({mode}): comparison table logged in run {run_id}")
         if args.wandb_report or args.wandb_table:
             from analysis import wandb_export
             rep = wandb_export.build_report(entity or os.environ.get("WANDB_ENTITY", ""), project, args.group,
                                             args.title)
             where = wandb_export.publish_or_save(rep, args.out, online=args.wandb_report and mode == "online")
-            print(f"W&B report: {where}")
+            show(f"W&B report: {where}")
     except (OSError, ValueError, KeyError) as e:
-        print_error(str(e))
+        log.error(str(e))
         return 2
     return 0
 

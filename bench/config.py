@@ -16,12 +16,6 @@ class BenchError(Exception):
     """Bad input or an impossible configuration: reported as one line, non-zero exit, no traceback."""
 
 
-def print_error(message: str) -> None:
-    """One write(2) per message, so the lines of ranks sharing a terminal or log never interleave; every line of
-    a message that lists several problems carries the prefix."""
-    os.write(2, "".join(f"error: {line}\n" for line in message.splitlines()).encode())
-
-
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -91,6 +85,11 @@ class RunConfig:
                          "group); a launch takes its world size from the launcher")
     peak_tflops: float = _f(None, "device peak TFLOP/s for MFU (default: known bf16 dense peak of the GPU)")
     log_interval: int = _f(1, "console line and W&B record every N steps (metrics.jsonl gets every step)")
+    log_level: str = _f("info", "how much the harness says (bench/log.py): debug, info, note, warning or error; the "
+                        "configuration and result tables and the step lines are shown at every level",
+                        choices=("debug", "info", "note", "warning", "error"))
+    log_ranks: str = _f("0", "which ranks' messages are shown: 0 (rank 0's; every rank's errors) or all (each line "
+                        "tagged [rank N]), for debugging", choices=("0", "all"))
     monitor_interval_s: float = _f(1.0, "device monitor sampling period in seconds")
     dist_timeout_s: int = _f(600, "collective timeout: a dead rank makes the others fail after this long")
     hang_timeout_s: float = _f(None, "the run is hung when no training step completes for this long: every rank's "

@@ -17,6 +17,7 @@ import torch
 
 from bench.config import BenchError
 from bench.sources import SAMPLE_PATH, open_source, squad_examples
+from bench.log import show
 
 IGNORE = -100  # label value the loss skips (prompt and padding tokens)
 
@@ -381,4 +382,4 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(SAMPLE_PATH), exist_ok=True)
     with open(SAMPLE_PATH, "w") as fh:
         json.dump(make_squad_sample(), fh, indent=1)
-    print(f"wrote {SAMPLE_PATH}")
+    show(f"wrote {SAMPLE_PATH}")

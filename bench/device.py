@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from bench.config import BenchError
+from bench.log import log
 
 CHOICES = ("auto", "cuda", "cpu")
 
@@ -128,7 +129,7 @@ def versions() -> dict:
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:  # noqa: BLE001 - NVML missing or broken: the record says so, the run goes on
-        print(f"warning: NVML could not report the driver version ({type(e).__name__}: {e})", file=sys.stderr)
+        log.warning(f"NVML could not report the driver version ({type(e).__name__}: {e})")
     return out
 
 

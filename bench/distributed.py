@@ -6,12 +6,12 @@ import json
 import os
 import random
 import socket
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 from bench import ops
 from bench.config import BenchError
+from bench.log import log
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ def make_run_dir(output_dir: str, run_name: str, reuse: bool = False, max_steps:
     if path[0] is None:
         raise BenchError(f"cannot create a run directory for {run_name!r} under {output_dir}")
     if path[3] and dist.get_rank() == 0:
-        print(f"warning: {path[3]}", file=sys.stderr, flush=True)
+        log.warning(path[3])
     return path[0], path[1]
 
 

@@ -10,6 +10,7 @@ import select
 import string
 import subprocess
 import sys
+from bench.log import log
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -146,8 +147,8 @@ class WandbLogger:
             pass
         self._proc.wait()  # the writer's first process, which left at once
         if not select.select([self._done], [], [], self.FINISH_TIMEOUT_S)[0]:  # readable: closed, the writer ended
-            print(f"warning: the W&B writer did not finish within {self.FINISH_TIMEOUT_S} s; leaving it to finish "
-                  "on its own (the run directory holds every record)", file=sys.stderr)
+            log.warning(f"the W&B writer did not finish within {self.FINISH_TIMEOUT_S} s; leaving it to finish "
+                        "on its own (the run directory holds every record)")
         os.close(self._done)
         self._proc = None
 

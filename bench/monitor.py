@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import threading
 import time
 
 from bench import metrics
+from bench.log import log
 
 FIELDS = ["time_s", "device", "memory_used_mib", "utilization_pct"]
 
@@ -92,8 +92,7 @@ def _source(device_type: str, pids_by_rank: dict[int, int]):
     try:
         return _NvmlSource()
     except Exception as e:  # noqa: BLE001 - NVML missing, no driver, an id it cannot resolve: never stops a run
-        print(f"warning: the GPU monitor cannot use NVML ({type(e).__name__}: {e}); memory.device stays empty",
-              file=sys.stderr, flush=True)
+        log.warning(f"the GPU monitor cannot use NVML ({type(e).__name__}: {e}); memory.device stays empty")
         return _NoSource()
 
 
@@ -121,7 +120,7 @@ class DeviceMonitor:
                 self.samples.setdefault(dev, []).append((mem, util))
                 self._writer.writerow([f"{now:.3f}", dev, f"{mem:.1f}", "" if util is None else f"{util:.1f}"])
         except Exception as e:  # noqa: BLE001 - a sampling error (a GPU fallen off the bus) ends sampling, not the run
-            print(f"warning: the device monitor stopped sampling ({type(e).__name__}: {e})", file=sys.stderr)
+            log.warning(f"the device monitor stopped sampling ({type(e).__name__}: {e})")
             self.source = _NoSource()
         self._fh.flush()
 

@@ -21,6 +21,7 @@ from bench.strategies import STRATEGIES, Strategy
 from bench.device import attention_problem, device_index
 from bench.ops import check_ops
 from bench.architecture import lora_adapter_params
+from bench.log import log
 
 
 @dataclass
@@ -329,8 +330,8 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     try:
         est = estimate.estimate(plan, capacity, device=plan.device_type)
     except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
-        print(f"warning: the planner cannot plan {plan.cfg.model} ({type(e).__name__}: {e}); running without a "
-              "memory plan", file=sys.stderr, flush=True)
+        log.warning(f"the planner cannot plan {plan.cfg.model} ({type(e).__name__}: {e}); running without a "
+                    "memory plan")
         return None
     if est["fits"] is False and not plan.cfg.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
@@ -358,5 +359,5 @@ def check_resume(plan: Plan, world_size: int) -> None:
 
 
 if __name__ == "__main__":  # python -m bench.plan: the planner's command line (bench/plan_cli.py), as bench-plan
-    from bench.plan_cli import main
-    raise SystemExit(main())
+    import runpy  # run, not imported: plan_cli imports this module
+    runpy.run_module("bench.plan_cli", run_name="__main__")

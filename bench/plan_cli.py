@@ -10,6 +10,7 @@ import sys
 
 from bench import config, estimate, gpus, recommend
 from bench.plan import plan_layout
+from bench.log import log, show
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     try:
         opts, rest = p.parse_known_args(argv)
         if opts.help:
-            print("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(gpus.plannable())
+            show("bench-plan [bench/run.py flags] --world_size N [--gpu " + "|".join(gpus.plannable())
                   + " | --gpu_memory_gib X] [--json] [--recommend [--top N]]\n  the memory, communication and "
                   "FLOPs each rank of the layout will have, and whether it fits the GPU; --recommend: for the job "
                   "(--peft none|lora, default none), the shipped layouts that fit, fastest predicted first "
@@ -39,9 +40,9 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             out, code = (_recommend if opts.recommend else _plan)(rest, opts, capacity)
     except config.BenchError as e:
-        config.print_error(str(e))
+        log.error(str(e))
         return 2
-    print(out)
+    show(out)
     return code
 
 

@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as a script (deepspeed bench/run.py): make 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import signals  # noqa: E402
-from bench.config import BenchError, parse_args, print_error  # noqa: E402
+from bench.config import BenchError, parse_args  # noqa: E402
+from bench.log import log, note, show  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,24 +32,26 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         from bench import distributed
         env = distributed.discover()
+        from bench.log import configure
+        configure(env.rank, cfg.log_level, every_rank=cfg.log_ranks == "all")
         from bench import device
         device.choose(cfg.device)  # before DeepSpeed picks its accelerator
         from bench.plan import check_memory, device_capacity, resolve
         plan = resolve(cfg, env)
         plan.memory_plan = check_memory(plan, device_capacity(plan, env.local_rank))
     except BenchError as e:
-        print_error(str(e))
+        log.error(str(e))
         return 2
     except signals.Stopped as e:
         signals.closing()
         # Not an error line: this is also how a launcher stops the other ranks when one refused to start.
-        print(f"note: {e} before the run started; nothing was recorded", file=sys.stderr, flush=True)
+        note(f"{e} before the run started; nothing was recorded")
         return signals.EXIT_CODE[e.status]
     if env.rank == 0:
         from bench.estimate import format_table
-        print(plan.table(), flush=True)
+        show(plan.table())
         if cfg.dry_run and plan.memory_plan:
-            print(format_table(plan.memory_plan), flush=True)
+            show(format_table(plan.memory_plan))
     if cfg.dry_run:
         return 0
     from bench.session import Session

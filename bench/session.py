@@ -16,7 +16,8 @@ import traceback
 from dataclasses import asdict
 
 from bench import checkpoint, device, distributed, faults, liveness, loading, metrics, models, ops, signals
-from bench.config import BenchError, format_table, print_error
+from bench.config import BenchError, format_table
+from bench.log import log, note, show
 from bench.attention import model_implementation
 from bench.data import ShardedBatches, val_batches
 from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_space, write_json_atomic
@@ -63,9 +64,9 @@ class Session:
             signals.closing()
             stopped = isinstance(e, signals.Stopped)
             if stopped:  # not an error line: a launcher stops the other ranks this way when one failed to start
-                print(f"note: {e} during start-up, before the run directory existed", file=sys.stderr, flush=True)
+                note(f"{e} during start-up, before the run directory existed")
             else:
-                print_error(str(e))
+                log.error(str(e))
             distributed.shutdown(clean=False)
             return signals.EXIT_CODE[e.status] if stopped else 2
         self._phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
@@ -92,7 +93,7 @@ class Session:
         except distributed.AlreadyCompleted as e:  # a sweep submitted again: its finished runs stay as they are
             signals.closing()
             if self.is_main:
-                print(e, flush=True)
+                log.info(str(e))
             together = True
         except signals.Stopped as e:  # before training began, or a second Ctrl-C
             self._own_the_ending()
@@ -103,21 +104,21 @@ class Session:
             if code is None:
                 self.record.end(e.status, f"{e} {where}")
                 self._record_partial()
-                print_error(f"{e.status}: {self.record['error']}")
+                log.error(f"{e.status}: {self.record['error']}")
                 code = signals.EXIT_CODE[e.status]
         except BenchError as e:
             signals.closing()  # leaving: a launcher's SIGTERM to the ranks must not cut the recording short
             self._own_the_ending()
             self.record.end("failed", str(e))
             self._record_partial()
-            print_error(str(e))
+            log.error(str(e))
             code = 2
         except OSError as e:  # a full disk, a lost mount: the path and the reason, not a traceback
             signals.closing()
             self._own_the_ending()
             self.record.end("failed", f"I/O error: {e.filename or ''}: {e.strerror or e}")
             self._record_partial()
-            print_error(self.record["error"])
+            log.error(self.record["error"])
             code = 1
         except Exception as e:  # noqa: BLE001 - recorded, then the traceback for the bug report
             signals.closing()
@@ -167,7 +168,7 @@ class Session:
         self.record.end("failed", f"rank {rank} stopped answering after step {steps}: {why}; rank "
                                   f"{self.env.rank} recorded it ({then})"[:500])
         self._record_partial()
-        print_error(self.record["error"])
+        log.error(self.record["error"])
         return 1
 
     def _peer_lost(self, rank: int, why: str) -> None:
@@ -210,14 +211,14 @@ class Session:
                 rank0_lost = self.heartbeat is not None and (self.heartbeat.check() or (None,))[0] == 0
                 time.sleep(PEER_GRACE_S)
                 if not rank0_lost:
-                    print_error(f"hung at step {step}: no step completed for {silent:.0f} s; rank {self.env.rank}'s "
+                    log.error(f"hung at step {step}: no step completed for {silent:.0f} s; rank {self.env.rank}'s "
                                 f"main thread waits in {frame}; its stacks in hang.rank{self.env.rank}.txt")
                     return
             self.record.end("failed", f"hung at step {step}: no step completed for {silent:.0f} s (bound "
                                       f"{limit:.0f} s, --hang_timeout_s); rank {self.env.rank}'s main thread "
                                       f"waits in {frame}; every rank's stacks in hang.rank*.txt")
             self._record_partial()
-            print_error(self.record["error"])
+            log.error(self.record["error"])
             self._close_records(code)
         finally:
             sys.stdout.flush()
@@ -276,7 +277,7 @@ class Session:
             except OSError as e:  # the previous summary.json stays as it was (written atomically)
                 if attempt == 1 and release_reserve(self.run_dir):
                     continue  # a full disk: the space kept for this write is free now
-                print_error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
+                log.error(f"could not write {path}: {e.strerror or e}; it still says how far the run got before")
         release_reserve(self.run_dir)
         liveness.release(self.run_dir, self.launch_id)  # the run has said how it ended: the directory is free
         if self.jsonl is not None:
@@ -287,7 +288,7 @@ class Session:
         if self.wandb is not None:
             self.wandb.summary(self.record.data)
             self.wandb.finish(exit_code=code)
-        print(format_table(result_table(self.record.data), "result"), flush=True)
+        show(format_table(result_table(self.record.data), "result"))
 
     def _writes_records(self) -> bool:
         """Rank 0 writes the run's records; when rank 0 is lost, the lowest surviving rank writes summary.json."""
@@ -297,18 +298,17 @@ class Session:
         return bool(lost and lost[0] == 0 and self.heartbeat.lowest_alive() == self.env.rank)
 
     def _warn(self, message: str) -> None:
-        if self.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+        log.warning(message)
 
     def _log(self, record: dict):
         """Every step goes to metrics.jsonl; W&B and the console get every --log_interval-th step, the steps
         that evaluated, and the last one (like torchtitan's log_freq: W&B costs ~1 ms of CPU per record)."""
         line = self.jsonl.log(record)
         step = record["step"]
-        show = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps or "val_loss" in record
-        if show:
+        visible = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps or "val_loss" in record
+        if visible:
             self.wandb.log(line)
-        self.console(record, show)
+        self.console(record, visible)
 
     # -----------------------------------------------------------------------------------------------------
     # Training, in the order it happens
@@ -375,7 +375,7 @@ class Session:
         with loading.stage_layers_only(self._materializer) if sharded else contextlib.nullcontext():
             model = p.strategy.prepare(model, p)
         if self.is_main:
-            print(_param_table(before, after, p.peft), flush=True)
+            show(_param_table(before, after, p.peft))
         return model, (before, after)
 
     def _initialize(self, model):
@@ -394,7 +394,7 @@ class Session:
         self.record.set(**sections)
         text = p.strategy.describe(sections) if sections else None
         if self.is_main and text:
-            print(text, flush=True)
+            show(text)
         return engine
 
     def _start_monitor(self):
@@ -482,8 +482,8 @@ class Session:
         res.lost_s += lost[1]
         res.train_wall_s += lost[1]  # goodput's denominator includes the work that was lost
         if self.is_main:
-            print(f"resuming after step {len(res.records)} ({tag or 'no checkpoint: from the start'}); "
-                  f"{lost[0]} step(s) lost and recomputed", flush=True)
+            log.info(f"resuming after step {len(res.records)} ({tag or 'no checkpoint: from the start'}); "
+                     f"{lost[0]} step(s) lost and recomputed")
         return res
 
     def _record_partial(self):

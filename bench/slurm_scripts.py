@@ -14,10 +14,10 @@ import functools
 import json
 import os
 import shlex
-import sys
 import textwrap
 
 from bench.gpus import GPUS_PER_NODE
+from bench.log import note, show
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join("slurm", "experiments.json")
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     os.chdir(REPO)  # the planner reads the ds_configs and the bundled data relative to the repository
     differ = generate(check=opts.check)
     for path in differ:
-        print(f"{'differs' if opts.check else 'wrote'}: {path}")
+        show(f"{'differs' if opts.check else 'wrote'}: {path}")
     if opts.check and differ:
-        print("regenerate with: python -m bench.slurm_scripts", file=sys.stderr)
+        note("regenerate with: python -m bench.slurm_scripts")
         return 1
     return 0
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 from bench import slurm_scripts
-from bench.config import print_error
+from bench.log import log, show
 from bench.distributed import free_port
 from bench.gpus import GPUS_PER_NODE
 from bench.loggers import read_records
@@ -104,7 +104,7 @@ def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) 
                 raise RuntimeError(f"sbatch {path} failed: {out.stderr.strip()}")
             job["job_id"] = out.stdout.strip().split(";")[0]
         jobs.append(job)
-        print(f"{'wrote' if dry_run else 'submitted ' + job['job_id']}: {path}")
+        show(f"{'wrote' if dry_run else 'submitted ' + job['job_id']}: {path}")
     _write_jobs(sweep_dir, jobs)
     return jobs
 
@@ -127,14 +127,14 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
             while proc.poll() is None:
-                print(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job)}", flush=True)
+                show(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job)}", flush=True)
                 try:
                     proc.wait(timeout=poll_s)
                 except subprocess.TimeoutExpired:
                     pass
             job["returncode"] = proc.returncode
         summary = run_summary(sweep_dir, job["name"], since=job["submitted"])
-        print(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
+        show(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
               f"(exit {job['returncode']}, log: {log})", flush=True)
     _write_jobs(sweep_dir, jobs)
     return jobs
@@ -268,9 +268,9 @@ def main(argv=None) -> int:
                 run_local(matrix, sweep_dir, extra)
         if args.cmd in ("status", "local"):
             for r in status(sweep_dir):
-                print(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")
+                show(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        print_error(str(e))
+        log.error(str(e))
         return 2
     return 0
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from bench import faults, signals
 from bench.accounting import INSTRUMENTED_STEPS
 from bench.data import IGNORE
+from bench.log import show
 
 
 @dataclass
@@ -233,10 +234,10 @@ class Console:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, desc="train", unit="step", leave=False)
 
-    def __call__(self, r: dict, show: bool) -> None:
+    def __call__(self, r: dict, visible: bool) -> None:
         if self.bar:
             self.bar.update(1)
-        if not show:
+        if not visible:
             return
         line = (f"iteration {r['step']}/{self.max_steps} | lr {r['lr']:.3e} | "
                 f"global_batch_size {self.global_batch} | "
@@ -247,7 +248,7 @@ class Console:
         if self.bar:
             self.bar.write(line)
         else:
-            print(line, flush=True)
+            show(line)
 
     def close(self):
         if self.bar:

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.summary import flatten  # noqa: E402 - the one nested -> "a/b" mapping (light: no torch)
+from bench.log import log
 
 
 def lowest_priority() -> None:
@@ -52,7 +53,7 @@ def main(done_fd: int) -> int:
         run = wandb.init(**init, settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                                          x_server_side_derived_summary=True))
     except Exception as e:  # noqa: BLE001 - W&B trouble must not stop the run; the run directory has it all
-        print(f"warning: W&B init failed, this run is not in W&B: {e}", file=sys.stderr, flush=True)
+        log.warning(f"W&B init failed, this run is not in W&B: {e}")
         for _ in sys.stdin:  # keep reading so the rank's writes never block on a full pipe
             pass
         return 1
@@ -67,7 +68,7 @@ def main(done_fd: int) -> int:
         try:
             run.log(flatten(payload)) if kind == "log" else run.summary.update(flatten(payload))
         except Exception as e:  # noqa: BLE001
-            print(f"warning: W&B {kind} failed: {e}", file=sys.stderr, flush=True)
+            log.warning(f"W&B {kind} failed: {e}")
     run.finish(exit_code=exit_code)
     return 0
 

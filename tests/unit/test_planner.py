@@ -99,13 +99,17 @@ def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batc
     loss; the peak grows by what that one holds beyond the mean."""
     from bench import data
     strategy = "sp" if layout.startswith("sp") else "dp"
-    plan = plan_layout(["--strategy", strategy, "--ds_config", f"ds_configs/{layout}.json", "--micro_batch_size",
-                        "2", "--global_batch_size", "4" if strategy == "sp" else "8", "--max_steps", "6",
-                        *batching], 2)
+    plan_args = ["--strategy", strategy, "--ds_config", f"ds_configs/{layout}.json", "--micro_batch_size", "2",
+                 "--global_batch_size", "4" if strategy == "sp" else "8", "--max_steps", "6", *batching]
+    plan = plan_layout(plan_args, 2)
     streams = plan.layout.data_parallel
+    samples = plan.train_data
+    if samples is None:  # rows padded to --seq_len: the plan read no data (reads_data); the run will
+        assert plan.collate.mode == "max"
+        samples = plan_layout([*plan_args[:-1], "on"], 2).train_data
     shapes = []
     for rank in range(streams):
-        sharded = data.ShardedBatches(plan.train_data, 2, plan.batch.grad_accum, streams, rank, plan.cfg.seed,
+        sharded = data.ShardedBatches(samples, 2, plan.batch.grad_accum, streams, rank, plan.cfg.seed,
                                       plan.collate)
         shapes += [tuple(b["input_ids"].shape) for step in range(6) for b in sharded.step_batches(step)]
     assert plan.micro_shapes == sorted(set(shapes))
