@@ -98,7 +98,7 @@ def save(engine, ckpt_dir: str, step: int, harness_state: dict) -> str:
     path = os.path.join(ckpt_dir, tag)
     failed = [None]
     try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"harness": {**harness_state, "rng": rng_state()}})
+        engine.save(ckpt_dir, tag, {"harness": {**harness_state, "rng": rng_state()}})
     except (OSError, RuntimeError) as e:
         failed[0] = io_error(e, path)
         if failed[0] is None:
@@ -134,8 +134,8 @@ def io_error(e: BaseException, path: str) -> str | None:
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if path is None or "harness" not in (client or {}):
+    client = engine.load(ckpt_dir, tag)  # bench/engines: the engine's part, then the harness's state
+    if client is None or "harness" not in client:
         raise RuntimeError(f"checkpoint {os.path.join(ckpt_dir, tag)} could not be loaded")
     state = client["harness"]
     set_rng_state(state.pop("rng"))

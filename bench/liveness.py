@@ -10,7 +10,7 @@ clock and through NFS attribute caching (actimeo up to 60 s), and skew or a meta
 counter is rewritten in place (one inode: NFS's close-to-open consistency shows a reader the last close). That is what no
 signal handler can see, and what NCCL shows only as a collective that hangs until its watchdog aborts the process
 after --dist_timeout_s, recording nothing: the survivors record `failed` naming the rank that stopped (the session
-decides how, see Session._peer_lost).
+decides how, see bench/recorder.py RunRecorder._peer_lost).
 
 Readers of a run directory (analysis, bench.sweep status, --resume auto) use the same files to tell a live run
 from one that died without a word: `running` with no heartbeat for LOST_AFTER_S is `lost` (run_state).

@@ -114,27 +114,6 @@ def check_ops(ds: dict, device_type: str) -> None:
                              "(torch's fused AdamW, nothing to compile)")
 
 
-def keep_fp32_grad_norm(engine) -> None:
-    """Without ZeRO, fp16 or bf16 (plain data parallelism in fp32) DeepSpeed clips the gradients and drops their norm
-    (runtime/engine.py, clip_fp32_gradients), so get_global_grad_norm() stays None; keep the norm its own
-    clip_grad_norm_ returns (before clipping, as every other path reports it)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-    engine.clip_fp32_gradients = clip
-
-
-def optimizer_record(engine) -> dict:
-    """What updated the weights: the torch optimizer's class, whether fused, and DeepSpeed's wrapper around it."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    groups = getattr(inner, "param_groups", None) or [{}]
-    return {"name": f"{type(inner).__module__}.{type(inner).__name__}", "fused": bool(groups[0].get("fused")),
-            "wrapper": type(opt).__name__ if inner is not opt else None}
-
-
 def build_cpu_comm_op() -> str:
     """Build (or find) the op a CPU run loads when its process group starts; install.sh calls this so the first
     run does not pay for the compile. -> what happened, one line."""
@@ -169,15 +148,3 @@ def build_cpu_adam() -> str:
     from deepspeed.ops.op_builder import CPUAdamBuilder
     CPUAdamBuilder().load(verbose=False)
     return f"cpu_adam ready in {os.environ.get('TORCH_EXTENSIONS_DIR', 'torch default cache')}"
-
-
-def dtypes_held(engine) -> dict:
-    """The dtypes the engine trains with, as held after deepspeed.initialize: ZeRO-1/2 cast every module parameter,
-    LoRA adapters included, to bf16 (runtime/engine.py, _cast_module_mixed_precision) while a model built under
-    zero.Init keeps its adapters fp32; the gradient accumulation dtype is DeepSpeed's own (get_data_types)."""
-    def kinds(trainable: bool) -> str | None:
-        found = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()
-                        if p.requires_grad == trainable})
-        return ",".join(found) or None
-    return {"trainable": kinds(True), "frozen": kinds(False),
-            "grad_accum": str(engine.get_data_types()[1]).removeprefix("torch.")}

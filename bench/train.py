@@ -183,8 +183,8 @@ class Trainer:
                 res.applied_updates += 1
                 res.useful_tokens += step_tokens
             res.losses.append((step, mean_loss, elapsed))
-            record = {"step": step, "loss": mean_loss, "lr": self.engine.get_lr()[0],
-                      "grad_norm": _maybe_float(self.engine.get_global_grad_norm()),
+            record = {"step": step, "loss": mean_loss, "lr": self.engine.lr(),
+                      "grad_norm": _maybe_float(self.engine.grad_norm()),
                       "step_time_s": step_time, **self.rates([step_time], step_work), "consumed_samples": consumed,
                       "real_tokens": step_work[0], "computed_tokens": step_work[1], "target_tokens": step_tokens,
                       "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,

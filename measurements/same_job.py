@@ -39,7 +39,7 @@ def load(run_dir: str):
 
 
 def build_model(plan, device):
-    """The harness's model build (bench/session.py): same seed, weights and LoRA adapters. -> (model, the ZeRO-3
+    """The harness's model build (bench/builder.py): same seed, weights and LoRA adapters. -> (model, the ZeRO-3
     construction context, which must stay alive until deepspeed.initialize)."""
     from bench import models
     from bench.attention import model_implementation

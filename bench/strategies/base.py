@@ -54,7 +54,7 @@ class Strategy:
         return contextlib.nullcontext()
 
     def build_runner(self, engine, device):
-        """train_step / eval_loss over the engine deepspeed.initialize returned."""
+        """train_step / eval_loss over the engine (bench/engines)."""
         return EngineRunner(engine)
 
     def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
@@ -80,7 +80,7 @@ class Strategy:
 
 
 class EngineRunner:
-    """Forward/backward/step for a plain DeepSpeedEngine (ZeRO, AutoTP, AutoEP)."""
+    """Forward/backward/step through the engine seam (bench/engines/base.py): ZeRO, AutoTP, AutoEP."""
 
     busy_s = 0.0  # only pipeline stages measure their busy time
     loss_parts = 1  # ranks whose train losses add up to one micro-batch's (Ulysses: the sequence-parallel group)

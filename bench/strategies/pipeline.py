@@ -296,7 +296,7 @@ class Pipeline(Strategy):
         return build_stages(model, plan.ds, plan.collate.mode)
 
     def build_runner(self, engine, device):
-        return PipelineRunner(engine, device)
+        return PipelineRunner(engine.ds, device)  # DeepSpeed's pipeline engine: its schedule is what runs
 
     def after_training(self, plan, res, params_per_rank: list) -> dict:
         return {"pipeline": pipeline_summary(plan.layout, plan.batch.grad_accum, res, params_per_rank)}

@@ -128,7 +128,8 @@ class SequenceParallel(ModelParallel):
         return model
 
     def build_runner(self, engine, device):
-        return SequenceParallelRunner(engine, self.mpu, self.loss_scale, self.tiled_loss)
+        # DeepSpeed's engine itself: Ulysses scales the loss by its accumulation steps (gradient_accumulation_steps)
+        return SequenceParallelRunner(engine.ds, self.mpu, self.loss_scale, self.tiled_loss)
 
     def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
         """The experts' sharding under AutoEP; alone, SP shards no parameter (ZeRO-3's partitions are not TP's)."""
