@@ -20,7 +20,7 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str | None = _f(None, "parallelism strategy: derived from the ds_config's layout "
                                     "(bench/strategies strategy_of); given, it must agree")
@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> RunConfig:
     ns = vars(build_parser().parse_args(argv))
     ns.pop("local_rank", None)
+    # the two read from the environment, resolved here: the configuration is never written to afterwards
+    if ns["device"] is None:
+        ns["device"] = os.environ.get("BENCH_DEVICE") or "auto"
+        if ns["device"] not in ("auto", "cuda", "cpu"):
+            raise BenchError(f"BENCH_DEVICE={ns['device']!r} is not one of auto, cuda, cpu")
+    if ns["wandb_mode"] is None:
+        ns["wandb_mode"] = os.environ.get("WANDB_MODE", "offline")
+        if ns["wandb_mode"] not in ("online", "offline", "disabled"):
+            raise BenchError(f"WANDB_MODE={ns['wandb_mode']!r} is not one of online, offline, disabled")
     cfg = RunConfig(**ns)
     for name in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "lora_r", "lora_alpha",
                  "eval_batches", "log_interval", "world_size"):
@@ -158,14 +167,6 @@ def parse_args(argv=None) -> RunConfig:
                          "otherwise no step is measured")
     if not 0 < cfg.val_fraction < 1:
         raise BenchError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.device is None:
-        cfg.device = os.environ.get("BENCH_DEVICE") or "auto"
-        if cfg.device not in ("auto", "cuda", "cpu"):
-            raise BenchError(f"BENCH_DEVICE={cfg.device!r} is not one of auto, cuda, cpu")
-    if cfg.wandb_mode is None:
-        cfg.wandb_mode = os.environ.get("WANDB_MODE", "offline")
-        if cfg.wandb_mode not in ("online", "offline", "disabled"):
-            raise BenchError(f"WANDB_MODE={cfg.wandb_mode!r} is not one of online, offline, disabled")
     return cfg
 
 

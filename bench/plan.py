@@ -24,12 +24,13 @@ from bench.architecture import lora_adapter_params
 from bench.log import log
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # eq=False: it holds dicts and data, compared by identity
 class Plan:
-    cfg: config.RunConfig
+    """Everything a run is, resolved once (resolve) and never written to: the configuration with every "auto"
+    settled, the spec, the model's shape, the data, the device, and what the planner predicts (memory_plan)."""
+    cfg: config.RunConfig     # --strategy and --peft as resolved, like every other "auto"
     spec: RunSpec             # the run's shape, from the ds_config and the command line alone
     strategy: Strategy
-    ds: dict                  # resolved ds_config with the strategy's presets: what DeepSpeed gets and is recorded
     model_config: object
     tokenizer_source: str
     train_data: data.Tokenized | None  # None: a plan of rows padded to --seq_len, which reads no data (reads_data)
@@ -42,7 +43,18 @@ class Plan:
     peak_tflops: float | None  # MFU's denominator; None where the device's peak is unknown
     peak_source: str          # where peak_tflops came from (bench/gpus.py)
     phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
-    memory_plan: dict | None = None  # bench/estimate.py's prediction (check_memory)
+    capacity: int | None = None  # this rank's GPU memory in bytes, which memory_plan checks against (None: no GPU)
+
+    @functools.cached_property
+    def ds(self) -> dict:
+        """The ds_config DeepSpeed gets and the run records: the spec's, with the strategy's presets for this
+        model (one dict, derived from the spec; a varied spec derives its own)."""
+        return self.strategy.resolve_ds(copy.deepcopy(self.spec.ds), self.model_config)
+
+    @functools.cached_property
+    def memory_plan(self) -> dict | None:
+        """bench/estimate.py's prediction for this run, checked against the device's memory (check_memory)."""
+        return check_memory(self, self.capacity)
 
     @property
     def layout(self) -> Layout:
@@ -64,10 +76,7 @@ class Plan:
         """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
         spec = self.spec.varied(micro, activation_checkpointing)
         cfg = dataclasses.replace(self.cfg, micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
-        ds = copy.deepcopy(self.ds)
-        ds.update({k: spec.ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")})
-        return dataclasses.replace(self, cfg=cfg, spec=spec, ds=ds, strategy=type(self.strategy)(),
-                                   phases=dict(self.phases), memory_plan=None)
+        return dataclasses.replace(self, cfg=cfg, spec=spec, strategy=type(self.strategy)(), phases=dict(self.phases))
 
     @property
     def total_params(self) -> int:
@@ -194,6 +203,7 @@ class Plan:
         return config.format_table(rows, "resolved configuration")
 
 
+@functools.lru_cache(maxsize=None)  # asked while the spec is resolved, then for the plan
 def _device(local_rank: int) -> tuple[str, str | None, bool]:
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -205,19 +215,23 @@ def _device(local_rank: int) -> tuple[str, str | None, bool]:
 
 
 def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
-    """device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
+    """The run's plan, every check made: bad input, and on a GPU a layout predicted not to fit, refused in one
+    line. device: (type, name, bf16 supported) to plan for another machine than this one (bench-plan --gpu)."""
     t0 = time.time()
     here = device is None  # this machine runs it (planning for another GPU needs no kernels here)
-    found = []  # this machine's device, looked up once the spec's cheap checks have passed
 
-    def device_kind() -> tuple[str, bool]:
-        found.append(_device(env.local_rank) if here else device)
-        return found[0][0], found[0][2]
+    def device_kind() -> tuple[str, bool]:  # asked once the spec's cheap checks have passed (it may start CUDA)
+        kind, _, bf16 = _device(env.local_rank) if here else device
+        return kind, bf16
 
     world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     spec = spec_of(cfg, world, device_kind)
     model = load_model(cfg)
-    plan = assemble(cfg, spec, found[0], model, lambda: load_data(cfg, spec, model, env), here, t0)
+    device = _device(env.local_rank) if here else device
+    plan = assemble(cfg, spec, device, model, lambda: load_data(cfg, spec, model, env), here, t0,
+                    device_capacity(device[0], env.local_rank) if here else None)
+    if here:
+        plan.memory_plan  # noqa: B018 - the GPU guard: refuses here, before any process group, if it will not fit
     if cfg.resume == "auto":
         check_resume(plan, world)
     return plan
@@ -254,13 +268,13 @@ def reads_data(cfg: config.RunConfig) -> bool:
 
 
 def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, splits, here: bool = False,
-             t0: float | None = None) -> Plan:
+             t0: float | None = None, capacity: int | None = None) -> Plan:
     """The plan of a spec with its model, device and data (splits: -> the train and validation splits, asked for
     once the model's checks have passed): every check that needs the model or the data, in one line each.
     here: the device is this machine's, which must have the kernels."""
     t0 = time.time() if t0 is None else t0
     device_type, device_name, _ = device
-    cfg.strategy, cfg.peft = spec.strategy, spec.peft  # recorded resolved, like every other "auto"
+    cfg = dataclasses.replace(cfg, strategy=spec.strategy, peft=spec.peft)  # recorded resolved, like every "auto"
     layout, batch, model_config = spec.layout, spec.batch, model.config
     strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
     for d in DIMENSIONS.values():  # a dimension's own flags need a strategy made of it
@@ -280,9 +294,8 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     problem = attention_problem(cfg.attn_implementation, device_type) if here else None
     if problem:
         raise config.BenchError(problem)
-    ds = strategy.resolve_ds(copy.deepcopy(spec.ds), model_config)  # the spec's stays as resolved from the flags
     if not cfg.dry_run:  # planning may happen on another machine than the run
-        check_ops(ds, device_type)
+        check_ops(strategy.resolve_ds(copy.deepcopy(spec.ds), model_config), device_type)
     t_data = time.time()
     train = val = None
     if reads_data(cfg):
@@ -294,10 +307,10 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
                                     f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     collate = data.Collate.of(train.kind if train else None, cfg.packing, cfg.padding, layout.sequence_split,
                               dense=cfg.attn_mask == "dense" or cfg.attn_implementation == "eager")
-    return Plan(cfg, spec, strategy, ds, model_config, model.tokenizer_source, train, val, collate, device_type,
+    return Plan(cfg, spec, strategy, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),
-                phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data})
+                phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data}, capacity=capacity)
 
 
 def planning_config(args: list[str], world: int) -> config.RunConfig:
@@ -313,9 +326,9 @@ def plan_layout(args: list[str], world: int, gpu: str | None = None) -> Plan:
     return resolve(planning_config(args, world), DistEnv(0, 0, 1), device=("cuda", gpu, True) if gpu else None)
 
 
-def device_capacity(plan: Plan, local_rank: int) -> int | None:
+def device_capacity(device_type: str, local_rank: int) -> int | None:
     """This rank's GPU memory in bytes (None on the CPU)."""
-    if plan.device_type != "cuda":
+    if device_type != "cuda":
         return None
     import torch
     return torch.cuda.get_device_properties(device_index(local_rank, torch.cuda.device_count())).total_memory

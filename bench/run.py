@@ -36,9 +36,8 @@ def main(argv=None) -> int:
         configure(env.rank, cfg.log_level, every_rank=cfg.log_ranks == "all")
         from bench import device
         device.choose(cfg.device)  # before DeepSpeed picks its accelerator
-        from bench.plan import check_memory, device_capacity, resolve
-        plan = resolve(cfg, env)
-        plan.memory_plan = check_memory(plan, device_capacity(plan, env.local_rank))
+        from bench.plan import resolve
+        plan = resolve(cfg, env)  # every check, the memory plan's on a GPU included
     except BenchError as e:
         log.error(str(e))
         return 2
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     if cfg.dry_run:
         return 0
     from bench.session import Session
-    code = Session(cfg, env, plan, PROCESS_START).run()
+    code = Session(plan.cfg, env, plan, PROCESS_START).run()  # the configuration as resolved
     # Everything is recorded and the process group is torn down. Leave without the interpreter's teardown: there,
     # native backend threads destroyed in arbitrary order occasionally abort a rank that finished ("terminate
     # called without an active exception", seen once in a few hundred multi-rank CI runs), which the launcher then

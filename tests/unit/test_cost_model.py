@@ -1,7 +1,7 @@
 """The cost model behind bench-plan --recommend (bench/recommend.py): each term against an independent count,
 the published figures it is compared with (docs/results/cost_model.md), and the order it ranks LLaMA 3.1 8B's
 layouts in on one 8-GPU node."""
-import copy
+import dataclasses
 import sys
 
 import pytest
@@ -69,8 +69,9 @@ def test_zero_traffic_hides_behind_backward_only_where_deepspeed_overlaps_it():
     window = 2 / 3 * parts["compute_s"]  # no checkpointing: backward is two thirds of forward + backward
     assert backward > window  # one micro-batch of 1024 tokens cannot hide a whole 8B model's gathers
     assert parts["communication_s"] == pytest.approx(backward - window + step)
-    off = copy.copy(plan)
-    off.ds = {**plan.ds, "zero_optimization": {**plan.ds["zero_optimization"], "overlap_comm": False}}
+    zero = {**plan.spec.ds["zero_optimization"], "overlap_comm": False}
+    off = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, ds={**plan.spec.ds, "zero_optimization": zero}))
+    assert off.ds["zero_optimization"]["overlap_comm"] is False and plan.ds["zero_optimization"]["overlap_comm"]
     assert recommend.step_breakdown(off, est, GPU)["communication_s"] == pytest.approx(backward + step)
     assert sum(estimate.comm_bytes_per_step(plan, 0).values()) == sum(
         sum(k.values()) for k in sources.values())  # the split adds up to what the accounting compares with
