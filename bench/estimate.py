@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from bench import gpus, models
-from bench.config import BenchError, offloaded, precision_of
+from bench.config import offloaded, precision_of
 from bench.strategies import DIMENSIONS
 from bench.strategies.autotp import tp_splits
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
@@ -30,20 +30,8 @@ PREFETCH_BUCKET = 50_000_000
 PERSISTENCE_THRESHOLD = 100_000
 
 
-def gpu_capacity(name: str | None, gib: float | None) -> int | None:
-    """--gpu NAME or --gpu_memory_gib X -> bytes (None: plan without a capacity, as on the CPU)."""
-    if gib is not None:
-        if gib <= 0:
-            raise BenchError(f"--gpu_memory_gib must be positive, got {gib}")
-        return int(gib * GIB)
-    if name is None:
-        return None
-    if name not in gpus.plannable():
-        raise BenchError(f"unknown --gpu {name!r}; known: {', '.join(gpus.plannable())} (or give --gpu_memory_gib)")
-    return gpus.capacity_bytes(name)
-
-
-def _zero(plan) -> dict:
+def zero_section(plan) -> dict:
+    """The resolved ds_config's zero_optimization section ({} without one)."""
     return plan.ds.get("zero_optimization") or {}
 
 
@@ -142,7 +130,7 @@ def model_states(plan, rank: int) -> dict:
     """params, grads (at the accumulation boundary), optimizer, and the buffers ZeRO keeps, in bytes, wherever
     they live; what of them ZeRO offload keeps in host memory (offloaded_bytes); and what lives only during
     backward (transient_bytes)."""
-    w, zero, stage = _width(plan), _zero(plan), plan.zero_stage
+    w, zero, stage = _width(plan), zero_section(plan), plan.zero_stage
     off = offloaded(plan.ds)
     step = 0
     params = held = plan.strategy.params_per_rank(plan)[rank] * w
@@ -434,7 +422,7 @@ def comm_by_source(plan, rank: int) -> dict:
     if plan.zero_stage == 3:
         sizes = [n for g in gs for n in g.sizes]
         world = lay.world_size
-        threshold = _zero(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+        threshold = zero_section(plan).get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         add("reduce_scatter", accum * sum(-(-n // world) for n in sizes) * world * _reduce_width(plan))
         every = _sizes_and_widths(plan)  # frozen ones too: the forward needs them
         small = sum(-(-n // world) * width for n, width in every if n <= threshold)
@@ -524,64 +512,3 @@ def _in_flight(plan) -> list[int]:
     if lay.pp == 1:
         return [1] * lay.world_size
     return [min(lay.pp - lay.coords(r)["pp"], plan.batch.grad_accum) for r in range(lay.world_size)]
-
-
-def suggestions(plan) -> list[str]:
-    """What would lower the peak, in the order a user would try them."""
-    out = []
-    if plan.zero_stage < 3 and plan.layout.tp == 1 and plan.layout.ep == 1 and plan.layout.pp == 1:
-        out.append("ZeRO-3 (--ds_config ds_configs/dp_zero3.json)")
-    if plan.batch.micro > 1:
-        out.append(f"a smaller micro batch (--micro_batch_size {plan.batch.micro // 2})")
-    if not plan.cfg.activation_checkpointing:
-        out.append("activation checkpointing (--activation_checkpointing)")
-    if plan.peft != "lora":
-        out.append("LoRA (--peft lora)")
-    if not offloaded(plan.ds) and plan.layout.tp == 1 and plan.layout.ep == 1 and plan.layout.pp == 1:
-        out.append("ZeRO offload (ds_configs/dp_zero3_offload.json)")
-    out.append("more GPUs")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading it
-
-def format_table(est: dict, gpu: str | None = None) -> str:
-    """The plan as a console table: one row per group of ranks that hold the same, then the verdict."""
-    cols = ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "activation_bytes",
-            "transient_bytes", "peak_micro_batch_bytes", "overhead_bytes", "offloaded_bytes", "total_bytes")
-    head = ("params", "grads", "optimizer", "buffers", "activations", "transient", "+ peak mb", "overhead", "- host",
-            "total")
-    rows: list[list] = []
-    for r in est["per_rank"]:
-        values = [r[k] for k in cols]
-        if rows and rows[-1][1] == values:
-            rows[-1][0][1] = r["rank"]
-        else:
-            rows.append([[r["rank"], r["rank"]], values])
-    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-    shapes = est["micro_batch_shapes"]
-    widest = max(shapes["all"], key=lambda s: s[0] * s[1])
-    mean, widest = (" x ".join(map(str, s)) for s in (shapes["mean"], widest))
-    lines = ["memory plan per rank (GiB; bench/estimate.py, docs/planner.md; host: what ZeRO offload keeps in host "
-             "memory, not in the device total)",
-             f"activations and transient: of the mean micro-batch ({mean} tokens); + peak mb: what the micro-batch "
-             f"at the peak adds, of {len(shapes['all'])} shapes the run will see (the widest: {widest})", "-" * 128,
-             f"{'ranks':<8}" + "".join(f"{h:>12}" for h in head)]
-    for (a, b), values in rows:
-        lines.append(f"{f'{a}' if a == b else f'{a}-{b}':<8}" + "".join(f"{gib(v):>12}" for v in values))
-    lines.append(f"load (bench/loading.py, before deepspeed.initialize): {gib(est['load_peak_bytes'])} GiB per rank "
-                 f"on the device, {gib(max(r['load_host_bytes'] for r in est['per_rank']))} GiB staged on the host; "
-                 f"training {gib(est['training_peak_bytes'])} GiB")
-    cap = est["capacity_bytes"]
-    if cap is None:
-        lines.append(f"peak {gib(est['peak_bytes'])} GiB per rank (no device capacity to compare with: pass --gpu "
-                     "or --gpu_memory_gib)")
-    else:
-        verdict = "fits" if est["fits"] else "DOES NOT FIT"
-        lines.append(f"peak {gib(est['peak_bytes'])} GiB of {gib(cap)} GiB{f' ({gpu})' if gpu else ''}: {verdict}, "
-                     f"headroom {gib(cap - est['peak_bytes'])} GiB")
-    comm = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in est["comm_bytes_per_step"].items()) or "none"
-    lines.append(f"communication per step, rank 0 (MiB): {comm}")
-    lines.append(f"FLOPs per rank per step: {est['flops_per_rank_per_step']:.4g}")
-    return "\n".join(lines)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from bench.config import BenchError
+
 GIB = 2 ** 30
 GPUS_PER_NODE = 8  # an HGX/DGX node: where the sweep splits nodes and the cost model leaves NVLink
 
@@ -80,3 +82,16 @@ def capacity_bytes(key: str) -> int | None:
 def plannable() -> list[str]:
     """The --gpu names bench-plan accepts: those with a known capacity and link."""
     return [g.key for g in CATALOG if g.memory_gib and g.link_bytes_s]
+
+
+def gpu_capacity(name: str | None, gib: float | None) -> int | None:
+    """--gpu NAME or --gpu_memory_gib X -> bytes (None: plan without a capacity, as on the CPU)."""
+    if gib is not None:
+        if gib <= 0:
+            raise BenchError(f"--gpu_memory_gib must be positive, got {gib}")
+        return int(gib * GIB)
+    if name is None:
+        return None
+    if name not in plannable():
+        raise BenchError(f"unknown --gpu {name!r}; known: {', '.join(plannable())} (or give --gpu_memory_gib)")
+    return capacity_bytes(name)

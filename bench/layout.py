@@ -33,6 +33,8 @@ class Dimension:
     streams: bool = False             # its ranks read separate data (more data-parallel streams)
     zero_shards: bool = False         # ZeRO splits dense parameters' states over its ranks too
     splits_sequence: bool = False     # each of its ranks holds a slice of every sequence
+    splits_weights: bool = False      # its ranks hold different parts of the weights: a rank materializes only its
+    #                                   own shard of a model built on the meta device (bench/loading.py)
     folds: tuple[str, ...] = ()       # dimensions whose groups fold over its ranks where it is on (adding none)
     coord: Callable[["Layout", int], int] | None = None  # a rank's place in it, where not its axis index
     flags: tuple[str, ...] = ()       # run flags (RunConfig fields) that need a strategy made of it

@@ -30,6 +30,7 @@ import zlib
 import torch
 
 from bench.config import BenchError
+from bench.layout import DIMENSIONS
 
 PEFT_PREFIX = "base_model.model."
 
@@ -249,10 +250,10 @@ def overwrite_partitioned(model, weights: Weights) -> None:
 
 
 def shards_at_load(plan) -> bool:
-    """Whether the layout splits the model itself (TP, EP, PP): then each rank materializes only its shard. ZeRO-3
-    partitions at construction instead (deepspeed.zero.Init); the other layouts hold the whole model anyway."""
-    lay = plan.layout
-    return plan.zero_stage != 3 and max(lay.tp, lay.ep, lay.pp) > 1
+    """Whether the layout splits the model itself (a dimension that splits_weights: TP, EP, PP): then each rank
+    materializes only its shard. ZeRO-3 partitions at construction instead (deepspeed.zero.Init); the other layouts
+    hold the whole model anyway."""
+    return plan.zero_stage != 3 and any(DIMENSIONS[k].splits_weights for k in plan.layout.on())
 
 
 @contextlib.contextmanager

@@ -175,6 +175,11 @@ class Plan:
         import torch
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision_of(self.ds)]
 
+    def _streams(self) -> str:
+        """Which dimensions' ranks make the data-parallel streams besides DP itself, in words ("" if none)."""
+        extra = sorted(k for k in self.layout.on() if DIMENSIONS[k].streams)
+        return f" ({' x '.join(['dp', *extra])})" if extra else ""
+
     def table(self) -> str:
         c, b, mc = self.cfg, self.batch, self.model_config
         rows = [
@@ -188,7 +193,7 @@ class Plan:
                                   if self.peft == "lora" else "")),
             ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),
             ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x data-parallel "
-                      f"{self.layout.data_parallel}" + (" (dp x ep)" if self.layout.ep > 1 else "")),
+                      f"{self.layout.data_parallel}" + self._streams()),
             ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
             ("parameters", self._params_row()),
             ("FLOPs per token", f"{self.flops_per_token:.4g} (training, matmuls; docs/metrics.md)"),
@@ -340,6 +345,7 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     the same, before a process group exists), unless --ignore_memory_plan. On the CPU it is only recorded."""
     import sys
     from bench import estimate
+    from bench.plan_report import suggestions
     try:
         est = estimate.estimate(plan, capacity, device=plan.device_type)
     except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
@@ -349,9 +355,9 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     if est["fits"] is False and not plan.cfg.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(
-            f"predicted {which} peak {est['peak_bytes'] / estimate.GIB:.1f} GiB per GPU against "
-            f"{capacity / estimate.GIB:.1f} GiB on {plan.device_name}: this layout will not fit; try "
-            f"{' or '.join(estimate.suggestions(plan))} (bench-plan shows the breakdown; --ignore_memory_plan runs "
+            f"predicted {which} peak {est['peak_bytes'] / gpus.GIB:.1f} GiB per GPU against "
+            f"{capacity / gpus.GIB:.1f} GiB on {plan.device_name}: this layout will not fit; try "
+            f"{' or '.join(suggestions(plan))} (bench-plan shows the breakdown; --ignore_memory_plan runs "
             "it anyway)")
     return est
 

@@ -10,6 +10,7 @@ import sys
 
 from bench import config, estimate, gpus, recommend
 from bench.plan import plan_layout
+from bench.plan_report import format_table
 from bench.log import log, show
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
             return 0
         if opts.world_size is None or opts.world_size <= 0:
             raise config.BenchError("bench-plan needs --world_size N > 0: the processes the layout will run on")
-        capacity = estimate.gpu_capacity(opts.gpu, opts.gpu_memory_gib)
+        capacity = gpus.gpu_capacity(opts.gpu, opts.gpu_memory_gib)
         # DeepSpeed's logger writes to the stdout of its import: import it here, so stdout holds the plan alone
         # (--json is read by programs)
         with contextlib.redirect_stdout(sys.stderr):
@@ -50,7 +51,7 @@ def _plan(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
     # A GPU plan resolves the ds_config as a GPU run would (bf16 "auto" on); without one, as this machine does.
     plan = plan_layout(rest, opts.world_size, opts.gpu or ("GPU" if capacity is not None else None))
     est = estimate.estimate(plan, capacity, device="cuda" if capacity is not None else plan.device_type)
-    out = json.dumps(est) if opts.json else plan.table() + "\n" + estimate.format_table(est, opts.gpu)
+    out = json.dumps(est) if opts.json else plan.table() + "\n" + format_table(est, opts.gpu)
     return out, 0 if est["fits"] is not False else 1
 
 

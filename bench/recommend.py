@@ -139,7 +139,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     # DeepSpeed overlaps ZeRO's backward traffic where overlap_comm is on (zero/config.py: the default only for
     # stage 3); the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py
     # _exec_reduce_grads)
-    overlap = (estimate._zero(plan).get("overlap_comm", plan.zero_stage == 3) and lay.pp == 1)
+    overlap = (estimate.zero_section(plan).get("overlap_comm", plan.zero_stage == 3) and lay.pp == 1)
     backward = 2 / 3 * compute + recompute
     window = backward / plan.batch.grad_accum if plan.zero_stage == 1 else backward
     exposed = 0.0

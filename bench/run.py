@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         note(f"{e} before the run started; nothing was recorded")
         return signals.EXIT_CODE[e.status]
     if env.rank == 0:
-        from bench.estimate import format_table
+        from bench.plan_report import format_table
         show(plan.table())
         if cfg.dry_run and plan.memory_plan:
             show(format_table(plan.memory_plan))

@@ -44,10 +44,10 @@ TOP = 12
 
 def predicted(args: list[str], world: int) -> dict:
     """-> the plan's step in parts, its tokens/s/GPU (full rows: computed = real) and peak memory."""
-    from bench import estimate, recommend
+    from bench import estimate, gpus, recommend
     from bench.plan import plan_layout
     plan = plan_layout([*FULL_ROWS, *args], world, GPU)
-    est = estimate.estimate(plan, estimate.gpu_capacity(GPU, None))
+    est = estimate.estimate(plan, gpus.gpu_capacity(GPU, None))
     parts = recommend.step_breakdown(plan, est, GPU)
     tps = est["computed_tokens_per_step"] / parts["step_s"] / world
     return {**parts, "tokens_per_s_per_gpu": tps, "peak_gib": est["peak_bytes"] / estimate.GIB, "fits": est["fits"],
@@ -66,8 +66,8 @@ def comparison_rows() -> list[str]:
 
 
 def ordering(args: list[str]) -> list[str]:
-    from bench import estimate, recommend
-    rows, _ = recommend.recommend([*FULL_ROWS, *args], 8, GPU, estimate.gpu_capacity(GPU, None), top=TOP)
+    from bench import estimate, gpus, recommend
+    rows, _ = recommend.recommend([*FULL_ROWS, *args], 8, GPU, gpus.gpu_capacity(GPU, None), top=TOP)
     lines = ["| rank | strategy | ds_config | micro | ckpt | peak GiB | compute | recompute | comm | bubble | step s "
              "| tok/s/GPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):

@@ -54,11 +54,11 @@ def combinations() -> list[tuple[str, list[str], int, str | None]]:
 
 
 def plan_output(args: list[str], world: int, gpu: str | None) -> dict:
-    from bench import config, estimate, recommend
+    from bench import config, estimate, gpus, recommend
     from bench.plan import plan_layout
     try:
         plan = plan_layout(args, world, gpu)
-        capacity = estimate.gpu_capacity(GPU, None) if gpu else None
+        capacity = gpus.gpu_capacity(GPU, None) if gpu else None
         est = estimate.estimate(plan, capacity, device="cuda" if gpu else plan.device_type)
         out = {"estimate": est, "strategy": plan.cfg.strategy}
         if gpu:
@@ -69,10 +69,10 @@ def plan_output(args: list[str], world: int, gpu: str | None) -> dict:
 
 
 def recommend_output(model: str, peft: str) -> dict:
-    from bench import config, estimate, recommend
+    from bench import config, gpus, recommend
     try:
         rows, notes = recommend.recommend(["--model", model, "--init", "random", "--peft", peft], 8, GPU,
-                                          estimate.gpu_capacity(GPU, None))
+                                          gpus.gpu_capacity(GPU, None))
         return {"rows": rows, "notes": notes}
     except config.BenchError as e:
         return {"refused": str(e)}

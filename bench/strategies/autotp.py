@@ -149,7 +149,7 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
 TP = register(Dimension(
     "tp", "tensor_parallel", "tensor_parallel.autotp_size",
     degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
-    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp,
+    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp, splits_weights=True,
     order=10))  # groups of consecutive ranks, innermost (DeepSpeed's (data, tensor) mesh)
 
 

@@ -100,8 +100,9 @@ class ModelParallel(Strategy):
 
     def after_initialize(self, plan, engine, shapes_before: dict) -> dict:
         sections = {"sharding": sharding_report(shapes_before, engine.module)}
-        if plan.layout.ep > 1:
-            sections["experts_per_rank"] = experts_per_rank(engine.module)
+        experts = experts_per_rank(engine.module)
+        if experts is not None:  # AutoEP replaced the MoE blocks
+            sections["experts_per_rank"] = experts
         return sections
 
     def describe(self, sections: dict) -> str | None:

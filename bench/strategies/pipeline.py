@@ -270,7 +270,7 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
 
 PP = register(Dimension(
     "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
-    comm_bytes=comm_bytes,
+    comm_bytes=comm_bytes, splits_weights=True,
     span=lambda lay: lay.dp * 2,  # a stage's neighbours sit data-parallel-degree ranks away
     gather_group=lambda lay: 1,  # it gathers nothing
     drops_mask=True,  # stages pass hidden states, position ids and labels, no mask (build_stages)
