@@ -63,10 +63,11 @@ def render(name: str, gpus: int, args: list[str], log_dir: str = "logs", comment
 @functools.lru_cache(maxsize=None)
 def planned_peaks(args: tuple, gpus: int) -> tuple[float, float, bool]:
     """-> (training peak GiB, load peak GiB, fits) of these bench/run.py arguments on `gpus` GPUs of GPU."""
-    from bench import estimate, gpus
+    from bench import estimate
+    from bench.gpus import gpu_capacity
     from bench.plan import plan_layout
     plan = plan_layout([*args, "--init", "random"], gpus, GPU)
-    est = estimate.estimate(plan, gpus.gpu_capacity(GPU, None))
+    est = estimate.estimate(plan, gpu_capacity(GPU, None))
     return est["training_peak_bytes"] / estimate.GIB, est["load_peak_bytes"] / estimate.GIB, bool(est["fits"])
 
 

@@ -76,13 +76,13 @@ def run_args(entry: dict, sweep_dir: str, extra: list[str]) -> list[str]:
 def check_fits(matrix: list[dict], extra: list[str], gpu: str) -> None:
     """Every entry planned on its GPUs before anything is queued (bench/estimate.py): an entry predicted not to
     fit is refused with the same line a GPU run would give, so a matrix never waits in the queue to fail."""
-    from bench import gpus
+    from bench.gpus import gpu_capacity
     from bench.config import BenchError
     from bench.plan import check_memory, plan_layout
     for entry in matrix:
         try:
             plan = plan_layout([*run_args(entry, "sweeps", extra), "--init", "random"], int(entry["gpus"]), gpu)
-            check_memory(plan, gpus.gpu_capacity(gpu, None))
+            check_memory(plan, gpu_capacity(gpu, None))
         except BenchError as e:
             raise ValueError(f"{job_name(entry)}: {e}") from None
 

@@ -225,27 +225,44 @@ def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchan
         del DIMENSIONS["cp"]
 
 
-def test_sequence_parallelism_lives_in_its_own_module():
-    """The sp dimension moved into its module (bench/strategies/ulysses.py): no other module of the package reads
-    its degree or its flags (--tiled_mlp, --tiled_loss: declared, as every flag, in config.RunConfig), names it or
-    imports from it, except the registry's one line; the layout, planner, cost model and data read what it
-    declares (bench/layout.py Dimension)."""
+# Each dimension's module(s), and the combined strategies that are made of it beside their own
+OWNERS = {"tp": ("autotp.py", "tp_lora.py", "autoep.py"), "ep": ("autoep.py", "ulysses.py"), "pp": ("pipeline.py",),
+          "sp": ("ulysses.py",)}
+MODULES = {"tp": "autotp", "ep": "autoep", "pp": "pipeline", "sp": "ulysses"}
+# What still names a dimension outside it: the planner's and cost model's terms not yet moved into their dimension
+# (issue 35). This table may only shrink: a new use elsewhere fails, and so does one moved without updating it.
+NOT_YET_MOVED = {"tp": {"estimate.py": 8, "recommend.py": 7}, "ep": {"estimate.py": 7, "recommend.py": 1},
+                 "pp": {"estimate.py": 9, "recommend.py": 10}, "sp": {}}
+
+
+def _uses_outside(key: str) -> dict:
+    """Per module of the package: its reads of the dimension's degree (`.tp`), its name as a string (docstrings
+    aside) and imports from its module; the SP flags count as SP's."""
     import ast
+    from collections import Counter
     package = Path(__file__).resolve().parents[2] / "bench"
-    found = []
+    attrs = {key, *(("tiled_mlp", "tiled_loss") if key == "sp" else ())}
+    found = Counter()
     for path in sorted(package.rglob("*.py")):
-        if path.name == "ulysses.py":
+        if path.name in OWNERS[key]:
             continue
         tree = ast.parse(path.read_text())
         docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
                 and n.body and isinstance(n.body[0], ast.Expr)}
         for node in ast.walk(tree):
-            named = (isinstance(node, ast.Attribute) and node.attr in ("sp", "tiled_mlp", "tiled_loss")
-                     or isinstance(node, ast.Constant) and node.value == "sp" and id(node) not in docs
-                     or isinstance(node, ast.ImportFrom) and (node.module or "").endswith("ulysses"))
-            if named:
-                found.append(f"{path.relative_to(package)}:{node.lineno} {type(node).__name__}")
-    assert [f.split(":")[0] + " " + f.split()[1] for f in found] == ["strategies/__init__.py ImportFrom"], found
+            if (isinstance(node, ast.Attribute) and node.attr in attrs
+                    or isinstance(node, ast.Constant) and node.value == key and id(node) not in docs
+                    or isinstance(node, ast.ImportFrom) and ((node.module or "").endswith(MODULES[key])
+                                                             or any(a.name == MODULES[key] for a in node.names))):
+                found[str(path.relative_to(package))] += 1
+    return dict(found)
+
+
+@pytest.mark.parametrize("key", sorted(OWNERS))
+def test_every_dimension_lives_in_its_own_module(key):
+    """No module of the package but the dimension's own (and the combined strategies made of it) reads its degree,
+    names it or imports from it, except the registry's one line each and the planner terms still to move."""
+    assert _uses_outside(key) == {"strategies/__init__.py": 1, **NOT_YET_MOVED[key]}
 
 
 def test_the_run_spec_is_built_without_a_model_or_data():
