@@ -44,6 +44,14 @@ class Dimension:
     tiles_mlp: Callable[..., bool] | None = None   # plan -> whether its runner tiles (and recomputes) dense MLPs
     tiles_loss: Callable[..., bool] | None = None  # plan -> whether its runner tiles the LM head and loss ...
     loss_slice: Callable[..., int] | None = None   # ... and (plan, (rows, width)) -> the bytes one slice holds
+    # its terms of the cost model (bench/recommend.py): how it shapes a decoder layer's GEMMs on a rank ...
+    gemm_split: Callable[["Layout"], int] | None = None  # each GEMM's split side divided by this (TP's columns/rows)
+    expert_tokens: Callable[["Layout"], int] | None = None  # an expert's tokens multiplied by this (EP's exchange)
+    # ... and, for a dimension that schedules micro-batches over its ranks:
+    compute_share: Callable[..., float] | None = None  # plan -> the slowest rank's compute over the mean rank's
+    idle: Callable[..., float] | None = None  # (plan, busy seconds of the slowest rank) -> its idle seconds per step
+    defers_reduction: bool = False    # ZeRO's gradient reduction waits for the last micro-batch: nothing overlaps it
+    representatives: Callable[["Layout"], list[int]] | None = None  # ranks that move every distinct byte count
 
 
 DIMENSIONS: dict[str, Dimension] = {}  # filled as bench/strategies imports each dimension's module

@@ -73,37 +73,34 @@ def wave_efficiency(m: int, n: int, sms: int | None) -> float:
     return m * n / (math.ceil(tiles / sms) * sms * TILE[0] * TILE[1])
 
 
+def _on(plan) -> list:
+    """The dimensions the layout turns on: the cost model reads each one's own terms (bench/layout.py Dimension)."""
+    return [DIMENSIONS[k] for k in sorted(plan.layout.on())]
+
+
 def gemm_efficiency(plan, sms: int | None) -> float:
     """A decoder layer's GEMMs' FLOP-weighted wave efficiency on this rank: one micro-batch's tokens (s/SP of
     each row) through q, k, v, gate and up split by columns over TP and o and down by rows (their outputs whole);
     an expert sees its share of the EP group's tokens. Forward shapes stand for backward's."""
-    c, lay = plan.model_config, plan.layout
+    c, lay, on = plan.model_config, plan.layout, _on(plan)
     rows, width = plan.micro_shape
     m = rows * width // lay.sequence_split
     hd = models.head_dim(c)
     q, kv, h, f = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
+    split = math.prod(d.gemm_split(lay) for d in on if d.gemm_split)  # each dimension's own term
+    gathered = math.prod(d.expert_tokens(lay) for d in on if d.expert_tokens)
     experts = getattr(c, "num_local_experts", 0) or 0
-    m_mlp = max(1, m * c.num_experts_per_tok * lay.ep // experts) if experts else m
-    gemms = [(m, q // lay.tp, h), (m, kv // lay.tp, h), (m, kv // lay.tp, h), (m, h, q // lay.tp),
-             (m_mlp, f // lay.tp, h), (m_mlp, f // lay.tp, h), (m_mlp, h, f // lay.tp)]  # (m, n, k)
+    m_mlp = max(1, m * c.num_experts_per_tok * gathered // experts) if experts else m
+    gemms = [(m, q // split, h), (m, kv // split, h), (m, kv // split, h), (m, h, q // split),
+             (m_mlp, f // split, h), (m_mlp, f // split, h), (m_mlp, h, f // split)]  # (m, n, k)
     flops = sum(m_ * n * k for m_, n, k in gemms)
     return flops / sum(m_ * n * k / wave_efficiency(m_, n, sms) for m_, n, k in gemms)
 
 
-def slowest_stage_share(plan) -> float:
-    """The pipeline stage with the most FLOPs, as a multiple of the mean stage's: a stage's decoder layers plus,
-    on the last, the LM head (DeepSpeed balances stages by parameters, bench/strategies/pipeline.py stage_bounds,
-    so the embedding's stage computes less and the head's more). 1 without a pipeline."""
-    lay = plan.layout
-    if lay.pp == 1:
-        return 1.0
-    c = plan.model_config
-    per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
-    head = models.head_flops_per_token(c, lora=plan.lora_params is not None)
-    layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
-    stages = [len(estimate.stage_of(plan, lay.ranks_at("pp", s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
-              for s in range(lay.pp)]
-    return max(stages) / (sum(stages) / lay.pp)
+def slowest_share(plan) -> float:
+    """The slowest rank's compute as a multiple of the mean rank's (a pipeline's slowest stage, its module's
+    compute_share); 1 where every rank computes alike."""
+    return math.prod(d.compute_share(plan) for d in _on(plan) if d.compute_share)
 
 
 def _link(plan, gpu: str, source: str) -> float:
@@ -129,17 +126,16 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     share), communication (exposed: on the critical path, or beyond what overlaps backward), offload (ZeRO
     offload's PCIe transfers and CPU Adam) and their total."""
     peak = peak_tflops(gpu) * 1e12
-    lay = plan.layout
     efficiency = EFFICIENCY * gemm_efficiency(plan, gpus.BY_KEY[gpu].sms)
-    compute = est["flops_per_rank_per_step"] * slowest_stage_share(plan) / (peak * efficiency)
+    compute = est["flops_per_rank_per_step"] * slowest_share(plan) / (peak * efficiency)
     recompute = compute / 3 if plan.cfg.activation_checkpointing else 0.0
-    bubble = (compute + recompute) * (lay.pp - 1) / plan.batch.grad_accum if lay.pp > 1 else 0.0
+    bubble = sum((d.idle(plan, compute + recompute) for d in _on(plan) if d.idle), 0.0)
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     offload = 2 * host / PCIE + host / CPU_ADAM  # ZeRO offload: the states cross PCIe and CPU Adam updates them
     # DeepSpeed overlaps ZeRO's backward traffic where overlap_comm is on (zero/config.py: the default only for
-    # stage 3); the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py
-    # _exec_reduce_grads)
-    overlap = (estimate.zero_section(plan).get("overlap_comm", plan.zero_stage == 3) and lay.pp == 1)
+    # stage 3), unless a dimension defers the reduction past the last backward (the pipeline's)
+    overlap = (estimate.zero_section(plan).get("overlap_comm", plan.zero_stage == 3)
+               and not any(d.defers_reduction for d in _on(plan)))
     backward = 2 / 3 * compute + recompute
     window = backward / plan.batch.grad_accum if plan.zero_stage == 1 else backward
     exposed = 0.0
@@ -155,8 +151,10 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
 
 
 def _representative_ranks(plan) -> list[int]:
-    """One rank per pipeline stage (the others of a stage move the same bytes)."""
-    return [plan.layout.ranks_at("pp", s)[0] for s in range(plan.layout.pp)]
+    """Ranks that between them move every distinct byte count: a dimension's (one per pipeline stage), else rank 0
+    (the others move the same bytes)."""
+    chosen = [d.representatives(plan.layout) for d in _on(plan) if d.representatives]
+    return chosen[0] if chosen else [0]
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:

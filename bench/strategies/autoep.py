@@ -109,6 +109,7 @@ def degree(ds: dict) -> int:
 
 EP = register(Dimension(
     "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes, splits_weights=True,
+    expert_tokens=lambda lay: lay.ep,  # an expert sees its share of the whole EP group's tokens
     span=lambda lay: lay.ep,  # groups of consecutive ranks
     gather_group=lambda lay: lay.tp,  # its one all-gather is the TP cross term's
     streams=True,  # expert-data-parallel: its ranks are data-parallel for everything but the experts

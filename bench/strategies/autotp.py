@@ -150,6 +150,7 @@ TP = register(Dimension(
     "tp", "tensor_parallel", "tensor_parallel.autotp_size",
     degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
     span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp, splits_weights=True,
+    gemm_split=lambda lay: lay.tp,  # q, k, v, gate, up split by columns, o and down by rows
     order=10))  # groups of consecutive ranks, innermost (DeepSpeed's (data, tensor) mesh)
 
 

@@ -268,9 +268,31 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def slowest_stage_share(plan) -> float:
+    """The pipeline stage with the most FLOPs, as a multiple of the mean stage's: a stage's decoder layers plus,
+    on the last, the LM head (DeepSpeed balances stages by parameters, stage_bounds, so the embedding's stage
+    computes less and the head's more)."""
+    from bench import estimate, models
+    lay, c = plan.layout, plan.model_config
+    per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
+    head = models.head_flops_per_token(c, lora=plan.lora_params is not None)
+    layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
+    stages = [len(estimate.stage_of(plan, lay.ranks_at("pp", s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
+              for s in range(lay.pp)]
+    return max(stages) / (sum(stages) / lay.pp)
+
+
+def bubble(plan, busy: float) -> float:
+    """1F1B's idle time per step: (stages - 1) micro-batches' worth of the slowest stage's work."""
+    return busy * (plan.layout.pp - 1) / plan.batch.grad_accum
+
+
 PP = register(Dimension(
     "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
-    comm_bytes=comm_bytes, splits_weights=True,
+    comm_bytes=comm_bytes, splits_weights=True, compute_share=slowest_stage_share, idle=bubble,
+    # the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py _exec_reduce_grads)
+    defers_reduction=True,
+    representatives=lambda lay: [lay.ranks_at("pp", s)[0] for s in range(lay.pp)],  # one rank per stage
     span=lambda lay: lay.dp * 2,  # a stage's neighbours sit data-parallel-degree ranks away
     gather_group=lambda lay: 1,  # it gathers nothing
     drops_mask=True,  # stages pass hidden states, position ids and labels, no mask (build_stages)
