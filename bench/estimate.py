@@ -17,6 +17,7 @@ from bench import gpus, models
 from bench.config import offloaded, precision_of
 from bench.strategies import DIMENSIONS
 from bench.strategies.autotp import tp_splits
+from bench.strategies.pipeline import stage_of
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
 
 GIB = gpus.GIB
@@ -47,18 +48,6 @@ class Group:
     sizes: list        # numel of each trainable parameter this rank holds in the group, in DeepSpeed's order
     degree: int        # ranks the group's optimizer states are partitioned over
     index: int         # this rank's place among them
-
-
-def stage_of(plan, rank: int) -> tuple[int, set | None]:
-    """(pipeline stage, indices of the decoder layers it runs; None: every layer, no pipeline)."""
-    lay = plan.layout
-    if lay.pp == 1:
-        return 0, None
-    from bench.strategies.pipeline import stage_bounds
-    stage = lay.coords(rank)["pp"]
-    b = stage_bounds(plan)
-    # partition positions: 0 is the embedding, 1..L the decoder layers, then the norm and head (pipeline.py)
-    return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
 
 
 def _on_stage(name: str, stage: int, layers: set | None, stages: int) -> bool:

@@ -343,7 +343,6 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     """The planner's prediction for this run (summary.json memory_plan). On a GPU it is compared with the
     device's memory before any weight is loaded: a layout predicted not to fit is refused (every rank decides
     the same, before a process group exists), unless --ignore_memory_plan. On the CPU it is only recorded."""
-    import sys
     from bench import estimate
     from bench.plan_report import suggestions
     try:

@@ -268,16 +268,27 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def stage_of(plan, rank: int) -> tuple[int, set | None]:
+    """(pipeline stage, indices of the decoder layers it runs; None: every layer, no pipeline)."""
+    lay = plan.layout
+    if lay.pp == 1:
+        return 0, None
+    stage = lay.coords(rank)["pp"]
+    b = stage_bounds(plan)
+    # partition positions: 0 is the embedding, 1..L the decoder layers, then the norm and head (build_stages)
+    return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
+
+
 def slowest_stage_share(plan) -> float:
     """The pipeline stage with the most FLOPs, as a multiple of the mean stage's: a stage's decoder layers plus,
     on the last, the LM head (DeepSpeed balances stages by parameters, stage_bounds, so the embedding's stage
     computes less and the head's more)."""
-    from bench import estimate, models
+    from bench import models
     lay, c = plan.layout, plan.model_config
     per_token, per_pair = models.flop_coefficients(c, plan.lora_params)
     head = models.head_flops_per_token(c, lora=plan.lora_params is not None)
     layer = (per_token - head + per_pair * plan.micro_shape[1]) / c.num_hidden_layers
-    stages = [len(estimate.stage_of(plan, lay.ranks_at("pp", s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
+    stages = [len(stage_of(plan, lay.ranks_at("pp", s)[0])[1]) * layer + (head if s == lay.pp - 1 else 0)
               for s in range(lay.pp)]
     return max(stages) / (sum(stages) / lay.pp)
 

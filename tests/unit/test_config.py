@@ -231,7 +231,7 @@ OWNERS = {"tp": ("autotp.py", "tp_lora.py", "autoep.py"), "ep": ("autoep.py", "u
 MODULES = {"tp": "autotp", "ep": "autoep", "pp": "pipeline", "sp": "ulysses"}
 # What still names a dimension outside it: the planner's memory terms not yet moved into their dimension (issue 35;
 # the cost model's moved: bench/layout.py Dimension's gemm_split ... representatives). This table may only shrink: a new use elsewhere fails, and so does one moved without updating it.
-NOT_YET_MOVED = {"tp": {"estimate.py": 8}, "ep": {"estimate.py": 7}, "pp": {"estimate.py": 9}, "sp": {}}
+NOT_YET_MOVED = {"tp": {"estimate.py": 8}, "ep": {"estimate.py": 7}, "pp": {"estimate.py": 7}, "sp": {}}
 
 
 def _uses_outside(key: str) -> dict:

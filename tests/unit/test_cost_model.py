@@ -89,7 +89,8 @@ def test_a_pipeline_runs_at_its_slowest_stage():
         + 3 * c.hidden_size * c.intermediate_size
     layer = 6 * layer_params + 12 * c.num_attention_heads * hd * 128
     head = 6 * c.vocab_size * c.hidden_size
-    layers = [len(estimate.stage_of(plan, s)[1]) for s in range(2)]  # ranks 0 and 1: stages 0 and 1 (dp 1)
+    from bench.strategies.pipeline import stage_of
+    layers = [len(stage_of(plan, s)[1]) for s in range(2)]  # ranks 0 and 1: stages 0 and 1 (dp 1)
     stages = [layers[0] * layer, layers[1] * layer + head]
     assert recommend.slowest_share(plan) == pytest.approx(max(stages) / (sum(stages) / 2))
     est = estimate.estimate(plan, None)
