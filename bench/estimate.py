@@ -10,14 +10,14 @@ micro-batches in flight) and, on a GPU, an allowance for the CUDA context and th
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from bench import gpus, models
 from bench.config import offloaded, precision_of
+from bench.layout import WHOLE, Placement
 from bench.strategies import DIMENSIONS
-from bench.strategies.autotp import tp_splits
-from bench.strategies.pipeline import stage_of
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
 
 GIB = gpus.GIB
@@ -50,40 +50,44 @@ class Group:
     index: int         # this rank's place among them
 
 
-def _on_stage(name: str, stage: int, layers: set | None, stages: int) -> bool:
-    """Whether a parameter of the whole model lives on this pipeline stage (layers: stage_of's)."""
-    if layers is None:
+def placement(plan, rank: int) -> Placement:
+    """The part of the model's depth this rank runs: a dimension's that places layers (the pipeline's), else all."""
+    return next((d.placement(plan, rank) for d in _on(plan) if d.placement), WHOLE)
+
+
+def _holds(name: str, place: Placement) -> bool:
+    """Whether a parameter of the whole model lives on a rank of this placement."""
+    if place.layers is None:
         return True
     m = re.search(r"\.layers\.(\d+)\.", name)
     if m:
-        return int(m.group(1)) in layers
-    return stage == 0 if "embed_tokens" in name else stage == stages - 1
+        return int(m.group(1)) in place.layers
+    return place.first if "embed_tokens" in name else place.last
 
 
 def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
-    """(dense, expert) numel of every trainable parameter this rank holds, in module order: TP splits what AutoTP
-    shards by its degree, EP keeps E/ep experts, a pipeline stage its own layers, and a LoRA run trains only the
-    adapters."""
-    from bench.strategies.autotp import lora_local_sizes, tp_splits
-    lay = plan.layout
-    arch = architecture(plan.model_config)
-    stage, layers = stage_of(plan, rank)
-    here = lambda name: _on_stage(name, stage, layers, lay.pp)  # noqa: E731
+    """(dense, expert) numel of every trainable parameter this rank holds, in module order: each dimension's part
+    of it (local_numel: TP's split, EP's E/ep experts), the layers its placement runs (a pipeline stage's), and in
+    a LoRA run only the adapters (adapter_sizes: as TP splits them)."""
+    on = _on(plan)
+    place = placement(plan, rank)
     if plan.peft == "lora":
-        return [n for name, n in lora_local_sizes(plan) if here(name)], []
-    sharded = tp_splits(plan) if lay.tp > 1 else {}
+        adapters = next((d.adapter_sizes(plan) for d in on if d.adapter_sizes), None)
+        adapters = lora_sizes_by_name(plan.cfg, plan.model_config) if adapters is None else adapters
+        return [n for name, n in adapters if _holds(name, place)], []
+    parts = [d.local_numel(plan) for d in on if d.local_numel]
+    experts_apart = any(d.expert_group for d in on)  # expert parameters form their own group
     dense, expert = [], []
-    named = list(arch.params)
-    if lay.pp > 1 and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
+    named = list(architecture(plan.model_config).params)
+    if place is not WHOLE and plan.model_config.tie_word_embeddings:  # the last stage's own copy of the tied head
         named.append(("lm_head.weight", dict(named)["model.embed_tokens.weight"]))
     for name, numel in named:
-        if not here(name):
+        if not _holds(name, place):
             continue
-        n = numel // lay.tp if name in sharded else numel
-        if lay.ep > 1 and ".experts." in name:
-            expert.append(n // lay.ep)
-        else:
-            dense.append(n)
+        n = numel
+        for part in parts:  # floor divisions compose in any order
+            n = part(name, n)
+        (expert if experts_apart and ".experts." in name else dense).append(n)
     return dense, expert
 
 
@@ -91,10 +95,10 @@ def groups(plan, rank: int) -> list[Group]:
     """The parameter groups ZeRO flattens on this rank (dense and, under EP, expert parameters)."""
     lay = plan.layout
     dense, expert = _local_sizes(plan, rank)
-    at = lay.coords(rank)
-    out = [Group(dense, lay.zero_degree, at.zero)]
-    if expert:  # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
-        out.append(Group(expert, lay.world_size // lay.ep, at["ep"]))
+    out = [Group(dense, lay.zero_degree, lay.coords(rank).zero)]
+    for d in _on(plan):
+        if expert and d.expert_group:
+            out.append(Group(expert, *d.expert_group(lay, rank)))
     return out
 
 
@@ -239,16 +243,11 @@ def load_bytes(plan, rank: int) -> dict:
     and their contiguous copies). Any other layout holds the whole model (ZeRO-3: its partition and the largest
     tensor gathered at construction). The host stages one tensor at a time read from a checkpoint."""
     from bench.loading import shards_at_load
-    w, lay = _width(plan), plan.layout
+    w = _width(plan)
     held = plan.strategy.params_per_rank(plan)[rank] * w
     transient = 0
-    if shards_at_load(plan):
-        if lay.tp > 1:
-            sizes = dict(architecture(plan.model_config).params)
-            transient = max(sizes[n] for n in tp_splits(plan)) * w
-        if lay.ep > 1:
-            layer = models.count_params_from_config(plan.model_config)["layer"]
-            transient = max(transient, 3 * layer["experts"] // lay.ep * layer["mlp"] * w)
+    if shards_at_load(plan):  # each dimension's own (TP: its largest split weight; EP: a layer's experts x 3)
+        transient = max([d.load_transient(plan, w) for d in _on(plan) if d.load_transient], default=0)
     elif plan.zero_stage == 3:
         transient = _largest_tensor(plan) * w
     else:
@@ -267,10 +266,10 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     their output and 1/rms; attention keeps q, k, v (expanded to every head when a mask is given), its output and
     log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
     flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
-    c, lay, w = plan.model_config, plan.layout, _width(plan)
+    c, lay, w, on = plan.model_config, plan.layout, _width(plan), _on(plan)
     rows, width = plan.micro_shape  # the run's mean micro-batch (packed: one row of its samples)
     micro, seq = micro or rows, (seq or width) // lay.sequence_split  # SP: this rank's slice
-    tp = lay.tp
+    tp = math.prod(d.gemm_split(lay) for d in on if d.gemm_split)  # the heads and MLP width a rank computes (TP)
     h, inter, hd = c.hidden_size, c.intermediate_size, models.head_dim(c)
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     bs = micro * seq
@@ -288,10 +287,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     mask = micro * (seq * split if packed else seq) ** 2 * w  # SDPA converts a bool mask to the query dtype
     attention += (mask if masked else 0) + micro * heads // tp * seq * 4  # mask, log-sum-exp
     attention += micro * seq * split * 8 if split > 1 else 0  # Ulysses: the gathered position ids
-    if tp > 1 and not masked:
-        # measured under AutoTP on rows without a mask (padded and packed alike): one more q-sized tensor per layer
-        # than the same layer saves without TP (tests/integration/test_packing_parity.py, test_model_parallel.py);
-        # not yet traced to the op that keeps it
+    if any(d.saves_extra_q for d in on) and not masked:  # measured, not yet traced (autotp.py's TP declares it)
         attention += q_elems * w
     if plan.attention["kernel"] == "sdpa per document" and split == 1:
         # one SDPA call per document saves each document's output, and their concatenation is the o_proj input
@@ -310,7 +306,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     if models.is_moe(c):
         k = c.num_experts_per_tok
         tokens = bs * k  # each token's top-k copies; AutoEP under TP splits the experts' intermediate width
-        split = tp if lay.ep > 1 else 1
+        split = math.prod(d.expert_width_split(lay) for d in on if d.expert_width_split)
         mlp = (4 * tokens * inter // split + 2 * tokens * h + 4 * tokens) * w + bs * c.num_local_experts * 4
         mlp += 4 * tokens * 8  # routing indices
     else:  # a tiled MLP keeps only its input (the norm's output, counted above) and recomputes the rest
@@ -322,20 +318,18 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         if models.is_moe(c):  # frozen experts keep neither their down projection's input nor one copy of the
             # tokens (no weight gradient): the MoE block in place of _lora_layer's dense MLP
             layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
-    from bench.strategies.autotp import vocab_parallel
-    stage, layers = stage_of(plan, rank)
-    n_layers = c.num_hidden_layers if layers is None else len(layers)
+    place = placement(plan, rank)
+    n_layers = c.num_hidden_layers if place.layers is None else len(place.layers)
     if plan.cfg.activation_checkpointing:
         kept = n_layers * bs * h * w  # each layer's input; the rest is recomputed in backward, one layer at a time
         recompute = layer
     else:
         kept, recompute = n_layers * layer, 0
-    last = stage == lay.pp - 1
-    vocab = c.vocab_size // lay.tp if vocab_parallel(plan) else c.vocab_size  # a rank's part of the logits
+    vocab = c.vocab_size // math.prod(d.vocab_split(plan) for d in on if d.vocab_split)  # a rank's part of logits
     outside = 2 * seq * hd * w if n_layers else 0  # the rotary cos and sin
-    if stage == 0:
+    if place.first:
         outside += 2 * bs * 8  # ids and labels
-    if last:  # the final norm (frozen under LoRA: nothing, but ZeRO-3 keeps the head's input) and the fp32
+    if place.last:  # the final norm (frozen under LoRA: nothing, but ZeRO-3 keeps the head's input) and the fp32
         # log-probabilities cross-entropy keeps
         if plan.peft != "lora":
             outside += bs * h * (4 + 2 * w) + bs * 4
@@ -343,7 +337,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             outside += bs * h * w
         if not _tiler(plan, "tiles_loss"):  # tiled: the head and loss run slice by slice, their backward at once
             outside += bs * vocab * 4
-    logits = bs * vocab * w if last and not _tiler(plan, "tiles_loss") else 0
+    logits = bs * vocab * w if place.last and not _tiler(plan, "tiles_loss") else 0
     return {"activation_bytes": kept + outside, "logits_bytes": logits, "recompute_bytes": recompute}
 
 
@@ -495,9 +489,6 @@ def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> 
 
 
 def _in_flight(plan) -> list[int]:
-    """Micro-batches whose activations a rank holds at its peak: one, or under 1F1B min(stages - stage,
-    micro-batches) (the first stage holds the most)."""
-    lay = plan.layout
-    if lay.pp == 1:
-        return [1] * lay.world_size
-    return [min(lay.pp - lay.coords(r)["pp"], plan.batch.grad_accum) for r in range(lay.world_size)]
+    """Micro-batches whose activations each rank holds at its peak: one, or a dimension's that keeps several in
+    flight (the pipeline's 1F1B)."""
+    return next((d.in_flight(plan) for d in _on(plan) if d.in_flight), [1] * plan.layout.world_size)

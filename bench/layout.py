@@ -44,7 +44,20 @@ class Dimension:
     tiles_mlp: Callable[..., bool] | None = None   # plan -> whether its runner tiles (and recomputes) dense MLPs
     tiles_loss: Callable[..., bool] | None = None  # plan -> whether its runner tiles the LM head and loss ...
     loss_slice: Callable[..., int] | None = None   # ... and (plan, (rows, width)) -> the bytes one slice holds
-    # its terms of the cost model (bench/recommend.py): how it shapes a decoder layer's GEMMs on a rank ...
+    # ... what a rank holds of the weights, what it runs and what it keeps while loading ...
+    local_numel: Callable[..., Callable[[str, int], int]] | None = None  # plan -> (name, numel) -> a rank's part
+    expert_group: Callable[["Layout", int], tuple[int, int]] | None = None  # (layout, rank) -> (degree, index) of
+    #                                   the ranks holding the same experts: expert parameters form their own ZeRO group
+    adapter_sizes: Callable[..., list] | None = None  # plan -> (name, numel on a rank) of every LoRA tensor
+    placement: Callable[..., "Placement"] | None = None  # (plan, rank) -> the layers, embedding and head it runs
+    in_flight: Callable[..., list[int]] | None = None  # plan -> micro-batches whose activations each rank holds
+    load_transient: Callable[..., int] | None = None  # (plan, bytes per element) -> a rank's load peak beyond its
+    #                                   shard: the whole tensor it slices its part from
+    vocab_split: Callable[..., int] | None = None  # plan -> a rank's logits are the vocabulary divided by this
+    expert_width_split: Callable[["Layout"], int] | None = None  # the experts' intermediate width divided by this
+    saves_extra_q: bool = False       # measured: one more q-sized tensor per layer saved on rows without a mask
+    # its terms of the cost model (bench/recommend.py): how it shapes a decoder layer's GEMMs on a rank (TP's split
+    # heads and MLP width are the planner's activation split too) ...
     gemm_split: Callable[["Layout"], int] | None = None  # each GEMM's split side divided by this (TP's columns/rows)
     expert_tokens: Callable[["Layout"], int] | None = None  # an expert's tokens multiplied by this (EP's exchange)
     # ... and, for a dimension that schedules micro-batches over its ranks:
@@ -53,6 +66,16 @@ class Dimension:
     defers_reduction: bool = False    # ZeRO's gradient reduction waits for the last micro-batch: nothing overlaps it
     representatives: Callable[["Layout"], list[int]] | None = None  # ranks that move every distinct byte count
 
+
+@dataclass(frozen=True)
+class Placement:
+    """What part of the model's depth a rank runs (a pipeline stage's; WHOLE: all of it)."""
+    layers: set | None        # indices of the decoder layers it runs (None: every layer)
+    first: bool               # it holds the embedding (and reads the ids and labels)
+    last: bool                # it holds the final norm, the head and the loss
+
+
+WHOLE = Placement(None, True, True)
 
 DIMENSIONS: dict[str, Dimension] = {}  # filled as bench/strategies imports each dimension's module
 

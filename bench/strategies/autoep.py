@@ -107,8 +107,25 @@ def degree(ds: dict) -> int:
     return section.get("autoep_size", 1) if section.get("enabled", False) else 1  # DeepSpeed's default: off
 
 
+def load_transient(plan, w: int) -> int:
+    """One layer's local experts three times over while loading: the rows read, ep_repack.py's slices of them and
+    their contiguous copies (bench/loading.py)."""
+    layer = count_params_from_config(plan.model_config)["layer"]
+    return 3 * layer["experts"] // plan.layout.ep * layer["mlp"] * w
+
+
+def local_numel(plan):
+    """(name, numel) -> what a rank holds of it: E/ep of every expert parameter."""
+    ep = plan.layout.ep
+    return lambda name, n: n // ep if ".experts." in name else n
+
+
 EP = register(Dimension(
     "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes, splits_weights=True,
+    local_numel=local_numel, load_transient=load_transient,
+    # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
+    expert_group=lambda lay, rank: (lay.world_size // lay.ep, lay.coords(rank)["ep"]),
+    expert_width_split=lambda lay: lay.tp,  # AutoEP under TP splits the experts' intermediate width
     expert_tokens=lambda lay: lay.ep,  # an expert sees its share of the whole EP group's tokens
     span=lambda lay: lay.ep,  # groups of consecutive ranks
     gather_group=lambda lay: lay.tp,  # its one all-gather is the TP cross term's

@@ -146,11 +146,29 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def local_numel(plan):
+    """(name, numel) -> what a rank holds of it: the parameters AutoTP splits, divided by its degree."""
+    sharded, tp = tp_splits(plan), plan.layout.tp
+    return lambda name, n: n // tp if name in sharded else n
+
+
+def load_transient(plan, w: int) -> int:
+    """The largest weight AutoTP splits, whole on the device before it is sliced (bench/loading.py)."""
+    sizes = dict(architecture(plan.model_config).params)
+    return max(sizes[n] for n in tp_splits(plan)) * w
+
+
 TP = register(Dimension(
     "tp", "tensor_parallel", "tensor_parallel.autotp_size",
     degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
     span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp, splits_weights=True,
-    gemm_split=lambda lay: lay.tp,  # q, k, v, gate, up split by columns, o and down by rows
+    local_numel=local_numel, adapter_sizes=lora_local_sizes, load_transient=load_transient,
+    vocab_split=lambda plan: plan.layout.tp if vocab_parallel(plan) else 1,
+    # measured under AutoTP on rows without a mask (padded and packed alike): one more q-sized tensor per layer
+    # than the same layer saves without TP (tests/integration/test_packing_parity.py, test_model_parallel.py); not
+    # yet traced to the op that keeps it
+    saves_extra_q=True,
+    gemm_split=lambda lay: lay.tp,  # q, k, v, gate, up split by columns, o and down by rows: heads, MLP width
     order=10))  # groups of consecutive ranks, innermost (DeepSpeed's (data, tensor) mesh)
 
 

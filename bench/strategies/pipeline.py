@@ -22,7 +22,7 @@ from bench import metrics
 from bench.config import BenchError, precision_of, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
-from bench.layout import Dimension, register
+from bench.layout import Dimension, Placement, register
 from bench.strategies.base import Strategy
 
 PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
@@ -279,6 +279,19 @@ def stage_of(plan, rank: int) -> tuple[int, set | None]:
     return stage, {i - 1 for i in range(b[stage], b[stage + 1]) if 1 <= i <= plan.model_config.num_hidden_layers}
 
 
+def placement(plan, rank: int) -> Placement:
+    """The decoder layers this rank's stage runs; the first stage holds the embedding, the last the head."""
+    stage, layers = stage_of(plan, rank)
+    return Placement(layers, stage == 0, stage == plan.layout.pp - 1)
+
+
+def in_flight(plan) -> list[int]:
+    """Micro-batches whose activations each rank holds at its peak under 1F1B: min(stages - stage, micro-batches)
+    (the first stage holds the most)."""
+    lay = plan.layout
+    return [min(lay.pp - lay.coords(r)["pp"], plan.batch.grad_accum) for r in range(lay.world_size)]
+
+
 def slowest_stage_share(plan) -> float:
     """The pipeline stage with the most FLOPs, as a multiple of the mean stage's: a stage's decoder layers plus,
     on the last, the LM head (DeepSpeed balances stages by parameters, stage_bounds, so the embedding's stage
@@ -300,7 +313,8 @@ def bubble(plan, busy: float) -> float:
 
 PP = register(Dimension(
     "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
-    comm_bytes=comm_bytes, splits_weights=True, compute_share=slowest_stage_share, idle=bubble,
+    comm_bytes=comm_bytes, splits_weights=True, placement=placement, in_flight=in_flight,
+    compute_share=slowest_stage_share, idle=bubble,
     # the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py _exec_reduce_grads)
     defers_reduction=True,
     representatives=lambda lay: [lay.ranks_at("pp", s)[0] for s in range(lay.pp)],  # one rank per stage
