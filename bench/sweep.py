@@ -127,7 +127,7 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
             while proc.poll() is None:
-                show(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job)}", flush=True)
+                show(f"[{i}/{len(jobs)}] {job['name']}: {_progress(sweep_dir, job)}")
                 try:
                     proc.wait(timeout=poll_s)
                 except subprocess.TimeoutExpired:
@@ -135,7 +135,7 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
             job["returncode"] = proc.returncode
         summary = run_summary(sweep_dir, job["name"], since=job["submitted"])
         show(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
-              f"(exit {job['returncode']}, log: {log})", flush=True)
+             f"(exit {job['returncode']}, log: {log})")
     _write_jobs(sweep_dir, jobs)
     return jobs
 

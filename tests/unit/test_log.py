@@ -70,3 +70,23 @@ def test_no_bare_print_in_the_harness():
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
     assert calls == []
+
+
+def test_every_message_call_passes_one_message():
+    """show, note and the logger take the message alone: print's keywords (flush=, file=) are not theirs, and a
+    call that kept one fails only when it runs (a sweep's progress line did)."""
+    import ast
+    from support import REPO
+    calls = {"show", "note", "log.info", "log.warning", "log.error", "log.debug"}
+    wrong = []
+    for folder in ("bench", "analysis", "measurements"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else \
+                    f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
+                if name in calls and (node.keywords or len(node.args) != 1):
+                    wrong.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert wrong == []
