@@ -52,7 +52,7 @@ class Group:
 
 def placement(plan, rank: int) -> Placement:
     """The part of the model's depth this rank runs: a dimension's that places layers (the pipeline's), else all."""
-    return next((d.placement(plan, rank) for d in _on(plan) if d.placement), WHOLE)
+    return next((d.placement(plan, rank) for d in plan.layout.declared() if d.placement), WHOLE)
 
 
 def _holds(name: str, place: Placement) -> bool:
@@ -69,7 +69,7 @@ def _local_sizes(plan, rank: int) -> tuple[list[int], list[int]]:
     """(dense, expert) numel of every trainable parameter this rank holds, in module order: each dimension's part
     of it (local_numel: TP's split, EP's E/ep experts), the layers its placement runs (a pipeline stage's), and in
     a LoRA run only the adapters (adapter_sizes: as TP splits them)."""
-    on = _on(plan)
+    on = plan.layout.declared()
     place = placement(plan, rank)
     if plan.peft == "lora":
         adapters = next((d.adapter_sizes(plan) for d in on if d.adapter_sizes), None)
@@ -96,7 +96,7 @@ def groups(plan, rank: int) -> list[Group]:
     lay = plan.layout
     dense, expert = _local_sizes(plan, rank)
     out = [Group(dense, lay.zero_degree, lay.coords(rank).zero)]
-    for d in _on(plan):
+    for d in plan.layout.declared():
         if expert and d.expert_group:
             out.append(Group(expert, *d.expert_group(lay, rank)))
     return out
@@ -191,21 +191,16 @@ def lora_sizes(plan) -> list[int]:
 def _reduce_width(plan) -> int:
     """Bytes per element of ZeRO's gradient reductions: the training dtype's, or the dtype a dimension that is on
     reduces in (its module's reduce_dtype: SP's)."""
-    for d in _on(plan):
+    for d in plan.layout.declared():
         if d.reduce_dtype:
             return {"fp32": 4, "fp16": 2, "bf16": 2}[d.reduce_dtype(plan.ds)]
     return _width(plan)
 
 
-def _on(plan) -> list:
-    """The declarations (DIMENSIONS) of the dimensions this plan's layout turns on."""
-    return [d for key, d in DIMENSIONS.items() if key in plan.layout.on()]
-
-
 def _tiler(plan, hook: str):
     """The dimension whose runner tiles the dense MLPs ("tiles_mlp") or the LM head and loss ("tiles_loss") in
     this run (SP's, under --tiled_mlp / --tiled_loss), or None."""
-    return next((d for d in _on(plan) if getattr(d, hook) and getattr(d, hook)(plan)), None)
+    return next((d for d in plan.layout.declared() if getattr(d, hook) and getattr(d, hook)(plan)), None)
 
 
 def _sizes_and_widths(plan) -> list[tuple[int, int]]:
@@ -247,7 +242,7 @@ def load_bytes(plan, rank: int) -> dict:
     held = plan.strategy.params_per_rank(plan)[rank] * w
     transient = 0
     if shards_at_load(plan):  # each dimension's own (TP: its largest split weight; EP: a layer's experts x 3)
-        transient = max([d.load_transient(plan, w) for d in _on(plan) if d.load_transient], default=0)
+        transient = max([d.load_transient(plan, w) for d in plan.layout.declared() if d.load_transient], default=0)
     elif plan.zero_stage == 3:
         transient = _largest_tensor(plan) * w
     else:
@@ -266,7 +261,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
     their output and 1/rms; attention keeps q, k, v (expanded to every head when a mask is given), its output and
     log-sum-exp, the o_proj input and the mask; the MLP keeps gate, up, act and act*up. No score matrix: SDPA and
     flash attention recompute it. After Korthikanti et al. 2022, Table 2, without the attention scores."""
-    c, lay, w, on = plan.model_config, plan.layout, _width(plan), _on(plan)
+    c, lay, w, on = plan.model_config, plan.layout, _width(plan), plan.layout.declared()
     rows, width = plan.micro_shape  # the run's mean micro-batch (packed: one row of its samples)
     micro, seq = micro or rows, (seq or width) // lay.sequence_split  # SP: this rank's slice
     tp = math.prod(d.gemm_split(lay) for d in on if d.gemm_split)  # the heads and MLP width a rank computes (TP)
@@ -491,4 +486,4 @@ def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> 
 def _in_flight(plan) -> list[int]:
     """Micro-batches whose activations each rank holds at its peak: one, or a dimension's that keeps several in
     flight (the pipeline's 1F1B)."""
-    return next((d.in_flight(plan) for d in _on(plan) if d.in_flight), [1] * plan.layout.world_size)
+    return next((d.in_flight(plan) for d in plan.layout.declared() if d.in_flight), [1] * plan.layout.world_size)

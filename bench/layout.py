@@ -167,6 +167,11 @@ class Layout:
         """The dimensions this layout turns on."""
         return {k for k, v in self.degrees.items() if v > 1}
 
+    def declared(self) -> list[Dimension]:
+        """The declarations of the dimensions it turns on, in registration order: what the planner, the cost model,
+        loading and the records read of each (their terms live with the dimension)."""
+        return [d for k, d in DIMENSIONS.items() if self.degrees[k] > 1]
+
     def _axes(self) -> list[tuple[str, int]]:
         """(name, size) of the rank mesh's axes, innermost first: the data axis and each dimension's own."""
         axes = [(DATA_ORDER, "data", self.data_parallel)]

@@ -30,7 +30,6 @@ import zlib
 import torch
 
 from bench.config import BenchError
-from bench.layout import DIMENSIONS
 
 PEFT_PREFIX = "base_model.model."
 
@@ -253,7 +252,7 @@ def shards_at_load(plan) -> bool:
     """Whether the layout splits the model itself (a dimension that splits_weights: TP, EP, PP): then each rank
     materializes only its shard. ZeRO-3 partitions at construction instead (deepspeed.zero.Init); the other layouts
     hold the whole model anyway."""
-    return plan.zero_stage != 3 and any(DIMENSIONS[k].splits_weights for k in plan.layout.on())
+    return plan.zero_stage != 3 and any(d.splits_weights for d in plan.layout.declared())
 
 
 @contextlib.contextmanager

@@ -160,8 +160,7 @@ class Plan:
         """The attention path this run takes (bench/attention.py describe): summary.json's `attention`. Cached: the
         planner asks for it per rank, and on a GPU it asks the device for its capability."""
         from bench.attention import describe, varlen_runs
-        from bench.layout import DIMENSIONS
-        drops = any(DIMENSIONS[k].drops_mask for k in self.layout.on())
+        drops = any(d.drops_mask for d in self.layout.declared())
         capability = None
         if self.device_type == "cuda" and not self.cfg.dry_run:  # the run's own GPU; a plan for another assumes one
             import torch
@@ -177,7 +176,7 @@ class Plan:
 
     def _streams(self) -> str:
         """Which dimensions' ranks make the data-parallel streams besides DP itself, in words ("" if none)."""
-        extra = sorted(k for k in self.layout.on() if DIMENSIONS[k].streams)
+        extra = [d.key for d in self.layout.declared() if d.streams]
         return f" ({' x '.join(['dp', *extra])})" if extra else ""
 
     def table(self) -> str:
@@ -299,8 +298,6 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     problem = attention_problem(cfg.attn_implementation, device_type) if here else None
     if problem:
         raise config.BenchError(problem)
-    if not cfg.dry_run:  # planning may happen on another machine than the run
-        check_ops(strategy.resolve_ds(copy.deepcopy(spec.ds), model_config), device_type)
     t_data = time.time()
     train = val = None
     if reads_data(cfg):
@@ -312,10 +309,13 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
                                     f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
     collate = data.Collate.of(train.kind if train else None, cfg.packing, cfg.padding, layout.sequence_split,
                               dense=cfg.attn_mask == "dense" or cfg.attn_implementation == "eager")
-    return Plan(cfg, spec, strategy, model_config, model.tokenizer_source, train, val, collate, device_type,
+    plan = Plan(cfg, spec, strategy, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data}, capacity=capacity)
+    if not cfg.dry_run:  # the ops its ds_config needs (planning may happen on another machine than the run)
+        check_ops(plan.ds, device_type)
+    return plan
 
 
 def planning_config(args: list[str], world: int) -> config.RunConfig:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from bench.config import offloaded
 from bench.gpus import GIB
-from bench.layout import DIMENSIONS
 
 
 def suggestions(plan) -> list[str]:
     """What would lower the peak, in the order a user would try them."""
     out = []
     # where ZeRO splits every rank's dense states (no dimension but those it shards over): ZeRO-3 and its offload
-    zero_everywhere = all(DIMENSIONS[k].zero_shards for k in plan.layout.on())
+    zero_everywhere = all(d.zero_shards for d in plan.layout.declared())
     if plan.zero_stage < 3 and zero_everywhere:
         out.append("ZeRO-3 (--ds_config ds_configs/dp_zero3.json)")
     if plan.batch.micro > 1:

@@ -73,16 +73,11 @@ def wave_efficiency(m: int, n: int, sms: int | None) -> float:
     return m * n / (math.ceil(tiles / sms) * sms * TILE[0] * TILE[1])
 
 
-def _on(plan) -> list:
-    """The dimensions the layout turns on: the cost model reads each one's own terms (bench/layout.py Dimension)."""
-    return [DIMENSIONS[k] for k in sorted(plan.layout.on())]
-
-
 def gemm_efficiency(plan, sms: int | None) -> float:
     """A decoder layer's GEMMs' FLOP-weighted wave efficiency on this rank: one micro-batch's tokens (s/SP of
     each row) through q, k, v, gate and up split by columns over TP and o and down by rows (their outputs whole);
     an expert sees its share of the EP group's tokens. Forward shapes stand for backward's."""
-    c, lay, on = plan.model_config, plan.layout, _on(plan)
+    c, lay, on = plan.model_config, plan.layout, plan.layout.declared()
     rows, width = plan.micro_shape
     m = rows * width // lay.sequence_split
     hd = models.head_dim(c)
@@ -100,7 +95,7 @@ def gemm_efficiency(plan, sms: int | None) -> float:
 def slowest_share(plan) -> float:
     """The slowest rank's compute as a multiple of the mean rank's (a pipeline's slowest stage, its module's
     compute_share); 1 where every rank computes alike."""
-    return math.prod(d.compute_share(plan) for d in _on(plan) if d.compute_share)
+    return math.prod(d.compute_share(plan) for d in plan.layout.declared() if d.compute_share)
 
 
 def _link(plan, gpu: str, source: str) -> float:
@@ -129,13 +124,13 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     efficiency = EFFICIENCY * gemm_efficiency(plan, gpus.BY_KEY[gpu].sms)
     compute = est["flops_per_rank_per_step"] * slowest_share(plan) / (peak * efficiency)
     recompute = compute / 3 if plan.cfg.activation_checkpointing else 0.0
-    bubble = sum((d.idle(plan, compute + recompute) for d in _on(plan) if d.idle), 0.0)
+    bubble = sum((d.idle(plan, compute + recompute) for d in plan.layout.declared() if d.idle), 0.0)
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     offload = 2 * host / PCIE + host / CPU_ADAM  # ZeRO offload: the states cross PCIe and CPU Adam updates them
     # DeepSpeed overlaps ZeRO's backward traffic where overlap_comm is on (zero/config.py: the default only for
     # stage 3), unless a dimension defers the reduction past the last backward (the pipeline's)
     overlap = (estimate.zero_section(plan).get("overlap_comm", plan.zero_stage == 3)
-               and not any(d.defers_reduction for d in _on(plan)))
+               and not any(d.defers_reduction for d in plan.layout.declared()))
     backward = 2 / 3 * compute + recompute
     window = backward / plan.batch.grad_accum if plan.zero_stage == 1 else backward
     exposed = 0.0
@@ -153,7 +148,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
 def _representative_ranks(plan) -> list[int]:
     """Ranks that between them move every distinct byte count: a dimension's (one per pipeline stage), else rank 0
     (the others move the same bytes)."""
-    chosen = [d.representatives(plan.layout) for d in _on(plan) if d.representatives]
+    chosen = [d.representatives(plan.layout) for d in plan.layout.declared() if d.representatives]
     return chosen[0] if chosen else [0]
 
 
