@@ -4,6 +4,7 @@ committed snapshot (measurements/planner_snapshot.json), and dry-run the default
 not made.
 
     python measurements/remove_dimension.py --dimension pp     # or sp (TP and EP make up the tp_ep strategy)
+    python measurements/remove_dimension.py --dimension pp sp --out docs/results/remove_dimension_cpu.md
 
 A layout the copy refuses is left out of the comparison: a refusal's text names every dimension the layout has
 (dp(?)*tp(2)*ep(1)*pp(1)*sp(1)), so it changes with the dimensions there are.
@@ -69,10 +70,39 @@ def without(dimension: str, dest: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dimension", choices=sorted(MODULES), default="pp")
+    ap.add_argument("--dimension", choices=sorted(MODULES), nargs="+", default=["pp"])
+    ap.add_argument("--out", help="also write the results as a page")
     a = ap.parse_args()
+    rows = [one(d) for d in a.dimension]
+    if a.out:
+        with open(a.out, "w") as fh:
+            from importlib.metadata import version
+            fh.write(PAGE.format(command=" ".join(["python measurements/remove_dimension.py", *sys.argv[1:]]),
+                                 rows="\n".join(rows), host=os.uname().nodename, cpus=os.cpu_count(),
+                                 versions=", ".join(f"{p} {version(p)}" for p in ("torch", "deepspeed",
+                                                                                  "transformers"))))
+    return 0 if all(r.endswith("| yes |") for r in rows) else 1
+
+
+PAGE = """# The planner without one dimension's module (CPU)
+
+`{command}` (on {host}, {cpus} CPUs; {versions}; planning only, no GPU involved)
+
+Each row: the repository copied without the dimension's module (bench/strategies/), its registry lines and the
+ds_configs that turn it on; in the copy, every layout of measurements/planner_snapshot.py that it still plans is
+compared with the committed snapshot, and the default job's dry run is run. Layouts the copy refuses are left out
+(a refusal names every dimension there is).
+
+| dimension | removed | planned layouts identical | differ | refused (left out) | default dry run | pass |
+|---|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def one(dimension: str) -> str:
+    """Remove one dimension, check the copy -> its page row."""
     with tempfile.TemporaryDirectory() as copy:
-        removed = without(a.dimension, copy)
+        removed = without(dimension, copy)
         print(f"removed: {'; '.join(removed)}")
         env = {**os.environ, "PYTHONPATH": copy}
         plan = subprocess.run([sys.executable, "-c", CHECK, os.path.join(REPO, "measurements/planner_snapshot.json")],
@@ -81,11 +111,13 @@ def main() -> int:
                              env=env, capture_output=True, text=True)
     if plan.returncode != 0:
         print(plan.stdout[-2000:] + plan.stderr[-3000:])
-        return 1
+        return f"| {dimension} | {'; '.join(removed)} | - | - | - | - | no |"
     counts = json.loads(plan.stdout.strip().splitlines()[-1])
-    print(f"without {a.dimension}: {counts['identical']} planned layouts identical to the snapshot, "
+    print(f"without {dimension}: {counts['identical']} planned layouts identical to the snapshot, "
           f"{counts['differ']} differ, {counts['refused']} refused (left out); default dry run exit {dry.returncode}")
-    return 0 if counts["differ"] == 0 and counts["identical"] > 0 and dry.returncode == 0 else 1
+    ok = counts["differ"] == 0 and counts["identical"] > 0 and dry.returncode == 0
+    return (f"| {dimension} | {'; '.join(removed)} | {counts['identical']} | {counts['differ']} | {counts['refused']} "
+            f"| exit {dry.returncode} | {'yes' if ok else 'no'} |")
 
 
 if __name__ == "__main__":
