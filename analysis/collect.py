@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench.config import precision_of
+from bench.config import precision_of, recorded_flags
 from bench.liveness import run_state
 from bench.loggers import read_records
 from bench.summary import unflatten
@@ -38,10 +38,15 @@ class Run:
         return int(self.summary.get("world_size") or 0)
 
     @property
+    def flags(self) -> dict:
+        """The run's flags from config.json (flag name -> value), as recorded by section or, before, flat."""
+        return recorded_flags(self.config.get("run") or {})
+
+    @property
     def job(self) -> tuple:
         """What the run computes, apart from how it is laid out: model, sequence length, global batch, data,
         precision and packing. Runs of different jobs are never put in one table, ratio or plot."""
-        s, run = self.summary, self.config.get("run") or {}
+        s, run = self.summary, self.flags
         precision = s.get("precision") or precision_of(self.config.get("ds_config") or {})
         return (s.get("model"), s.get("seq_len"), s.get("global_batch_size"), run.get("data"), precision,
                 s.get("batching"))  # packed | longest | max (bench/data.py Collate); None before it was recorded
@@ -58,7 +63,7 @@ class Run:
     def strategy(self) -> str:
         """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
         ("ckpt"), tiling, e.g. 'dp zero2 lora'."""
-        s, run = self.summary, self.config.get("run") or {}
+        s, run = self.summary, self.flags
         zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every strategy has one
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""

@@ -87,7 +87,7 @@ def family(run: Run) -> tuple:
     """Runs that form one scaling series: same job, strategy, ZeRO stage, peft and activation checkpointing;
     only the GPU count varies."""
     s = run.summary
-    recompute = bool((run.config.get("run") or {}).get("activation_checkpointing"))
+    recompute = bool(run.flags.get("activation_checkpointing"))
     return (run.job_title, s.get("strategy"), s.get("zero_stage"), s.get("peft"), recompute)
 
 

@@ -46,7 +46,7 @@ def architecture(model_config) -> Architecture:
 
 def target_names(cfg) -> list[str]:
     """--lora_targets as names, blanks dropped: the one place it is parsed."""
-    return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    return [t.strip() for t in cfg.model.lora_targets.split(",") if t.strip()]
 
 
 def lora_adapter_params(cfg, model_config) -> int:
@@ -57,10 +57,11 @@ def lora_adapter_params(cfg, model_config) -> int:
     present = {leaf for _, leaf, _ in arch.modules}
     missing = [t for t in targets if t not in present]
     if not targets or missing:
-        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: no module named {missing or targets} in {arch.kind}")
+        raise BenchError(f"--lora_targets {cfg.model.lora_targets!r}: no module named {missing or targets} in "
+                         f"{arch.kind}")
     unsupported = sorted({leaf for _, leaf, io in arch.modules if leaf in targets and io is None})
     if unsupported:
-        raise BenchError(f"--lora_targets {cfg.lora_targets!r}: {unsupported} are neither linear nor embedding "
+        raise BenchError(f"--lora_targets {cfg.model.lora_targets!r}: {unsupported} are neither linear nor embedding "
                          f"layers in {arch.kind}; LoRA wraps those only")
     return sum(n for _, n in lora_sizes_by_name(cfg, model_config))
 
@@ -76,7 +77,7 @@ def _in_out(module) -> tuple[int, int] | None:
 
 def lora_sizes_by_name(cfg, model_config) -> list[tuple[str, int]]:
     """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds, in order."""
-    targets, r, sizes = target_names(cfg), cfg.lora_r, []
+    targets, r, sizes = target_names(cfg), cfg.model.lora_r, []
     for name, leaf, (n_in, n_out) in ((n, leaf, io) for n, leaf, io in architecture(model_config).modules
                                       if leaf in targets):
         sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]

@@ -54,10 +54,11 @@ def _model(plan, device):
     faults.slow_load()  # tests: a model load that takes a while
     zero3 = plan.ds if plan.zero_stage == 3 else None
     sharded = loading.shards_at_load(plan)
-    model, keep_alive = models.build_model(cfg.model, cfg.init, plan.model_config, plan.dtype, device, zero3, cfg.seed,
-                                           model_implementation(cfg.attn_implementation, cfg.attn_mask),
+    model, keep_alive = models.build_model(cfg.model.name, cfg.model.init, plan.model_config, plan.dtype, device, zero3,
+                                           cfg.training.seed,
+                                           model_implementation(cfg.model.attn_implementation, cfg.model.attn_mask),
                                            sharded=sharded)
-    if cfg.activation_checkpointing:
+    if cfg.model.activation_checkpointing:
         # Per decoder layer, in the layer itself (transformers' GradientCheckpointingLayer), so pipeline stages,
         # which call the layers directly, recompute the same way. Non-reentrant: frozen inputs (LoRA) need no
         # enable_input_require_grads.
@@ -68,7 +69,7 @@ def _model(plan, device):
     after = param_counts(model)
     materializer = None
     if sharded:
-        weights = models.weights_of(cfg.model, cfg.init, plan.model_config, cfg.seed)
+        weights = models.weights_of(cfg.model.name, cfg.model.init, plan.model_config, cfg.training.seed)
         materializer = loading.Materializer(model, weights, device)
         materializer.fill_adapters(model)
     with loading.stage_layers_only(materializer) if sharded else contextlib.nullcontext():

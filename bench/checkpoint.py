@@ -16,7 +16,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from bench.config import BenchError
+from bench.config import BenchError, recorded_flags
 
 MARKER = "COMPLETE"
 
@@ -67,7 +67,8 @@ RUN_DEFINING = ("model", "init", "strategy", "data", "seq_len", "seed", "peft", 
 def resume_differences(recorded: dict, now: dict) -> list[str]:
     """One line per setting that differs between a run's config.json and the resume's (max_steps may grow)."""
     lines = []
-    pairs = [(f"--{k}", recorded["run"].get(k), now["run"].get(k)) for k in RUN_DEFINING]
+    old_flags, new_flags = recorded_flags(recorded["run"]), recorded_flags(now["run"])
+    pairs = [(f"--{k}", old_flags.get(k), new_flags.get(k)) for k in RUN_DEFINING]
     pairs += [("world_size", recorded.get("world_size"), now.get("world_size")),
               ("layout", recorded.get("layout"), now.get("layout"))]
     pairs += [(f"batch {k}", recorded["batch"].get(k), now["batch"].get(k)) for k in ("global", "micro", "grad_accum")]

@@ -247,7 +247,7 @@ def load_bytes(plan, rank: int) -> dict:
         transient = _largest_tensor(plan) * w
     else:
         held = plan.total_params * w
-    host = _largest_tensor(plan) * w if plan.cfg.init == "pretrained" else 0
+    host = _largest_tensor(plan) * w if plan.cfg.model.init == "pretrained" else 0
     return {"device": held + transient, "host": host}
 
 
@@ -290,7 +290,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
         # the o_proj input either way. Measured: one q-sized tensor per layer (tests/integration/
         # test_packing_parity.py)
         attention += q_elems * w
-    if plan.cfg.attn_implementation == "eager":
+    if plan.cfg.model.attn_implementation == "eager":
         # transformers' eager_attention_forward: matmul(q, k^T) keeps q and k repeated to every head, the softmax
         # its fp32 output and matmul(p, v) the probabilities cast back to w (one tensor in fp32) and v repeated;
         # the mask is added, not kept, and neither the output nor a log-sum-exp is kept: score matrices of
@@ -315,7 +315,7 @@ def activation_bytes(plan, rank: int, micro: int | None = None, seq: int | None 
             layer += mlp - (tokens * inter // split + tokens * h) * w - 3 * bs * dense_inter * w
     place = placement(plan, rank)
     n_layers = c.num_hidden_layers if place.layers is None else len(place.layers)
-    if plan.cfg.activation_checkpointing:
+    if plan.cfg.model.activation_checkpointing:
         kept = n_layers * bs * h * w  # each layer's input; the rest is recomputed in backward, one layer at a time
         recompute = layer
     else:
@@ -342,7 +342,7 @@ def _lora_layer(plan, bs: int, q_elems: int, inter: int, attention: int, w: int)
     weight gradient to compute), except under ZeRO-3, whose linear wrapper keeps every input. Adapters keep their
     input and their r-wide middle in the adapters' dtype (_adapter_width: bf16 under ZeRO-0/1/2 in bf16, fp32
     under ZeRO-3, where each adapter casts its input to fp32 separately)."""
-    h, r = plan.model_config.hidden_size, plan.cfg.lora_r
+    h, r = plan.model_config.hidden_size, plan.cfg.model.lora_r
     targets = set(target_names(plan.cfg))
     if _tiler(plan, "tiles_mlp"):  # the tiled MLP's adapters recompute with it
         targets -= {"gate_proj", "up_proj", "down_proj"}

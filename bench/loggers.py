@@ -89,14 +89,16 @@ class WandbLogger:
 
     def __init__(self, cfg, run_dir: str, run_name: str, config: dict, tags: list[str], resume_id: str = None):
         self.run_id = self._proc = None
-        if cfg.wandb_mode == "disabled":
+        if cfg.logging.wandb_mode == "disabled":
             return
         os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
         # The id is chosen here, so summary.json has it at once and a resumed run continues the same W&B run.
         # (secrets, not random: the harness seeds random, and two runs must not share an id)
         self.run_id = resume_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        init = {"project": cfg.wandb_project, "group": cfg.wandb_group or cfg.model, "job_type": cfg.strategy,
-                "name": run_name, "tags": tags, "config": config, "mode": cfg.wandb_mode, "dir": run_dir,
+        out = cfg.logging
+        init = {"project": out.wandb_project, "group": out.wandb_group or cfg.model.name,
+                "job_type": cfg.parallelism.strategy,
+                "name": run_name, "tags": tags, "config": config, "mode": out.wandb_mode, "dir": run_dir,
                 "id": self.run_id, "resume": "allow" if resume_id else None}
         # Its own session: a Ctrl-C in the terminal reaches the ranks, which then finish the W&B run in order. The
         # writer leaves this process's tree (see wandb_writer.py) and says it is done by closing its end of `done`.

@@ -75,7 +75,7 @@ class Plan:
     def varied(self, micro: int, activation_checkpointing: bool) -> "Plan":
         """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
         spec = self.spec.varied(micro, activation_checkpointing)
-        cfg = dataclasses.replace(self.cfg, micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
+        cfg = self.cfg.with_flags(micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
         return dataclasses.replace(self, cfg=cfg, spec=spec, strategy=type(self.strategy)(), phases=dict(self.phases))
 
     @property
@@ -113,9 +113,11 @@ class Plan:
         None: every step's global batch taken as full --seq_len rows (a checkpoint from before work was counted)."""
         if work is None:
             rows = len(step_times) * self.batch.global_
-            work = [rows * self.cfg.seq_len, rows * self.cfg.seq_len] + [rows * self.cfg.seq_len ** 2] * 2
+            seq = self.cfg.data.seq_len
+            work = [rows * seq, rows * seq] + [rows * seq ** 2] * 2
         model = models.flop_coefficients(self.model_config, self.lora_params)
-        hardware = models.flop_coefficients(self.model_config, self.lora_params, self.cfg.activation_checkpointing)
+        hardware = models.flop_coefficients(self.model_config, self.lora_params,
+                                            self.cfg.model.activation_checkpointing)
         return metrics.throughput(step_times, work, self.batch.global_, self.layout.world_size, model, hardware,
                                   self.peak_tflops)
 
@@ -133,10 +135,10 @@ class Plan:
     @functools.cached_property
     def _planned_shapes(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
         if self.collate.mode == "max":
-            return (self.batch.micro, self.cfg.seq_len), [(self.batch.micro, self.cfg.seq_len)]
+            return (self.batch.micro, self.cfg.data.seq_len), [(self.batch.micro, self.cfg.data.seq_len)]
         sharded = data.ShardedBatches(self.train_data, self.batch.micro, self.batch.grad_accum,
-                                      self.layout.data_parallel, 0, self.cfg.seed, self.collate)
-        return sharded.planned_shapes(self.cfg.max_steps)
+                                      self.layout.data_parallel, 0, self.cfg.training.seed, self.collate)
+        return sharded.planned_shapes(self.cfg.training.max_steps)
 
     @property
     def consumed(self) -> str:
@@ -144,16 +146,16 @@ class Plan:
         if self.train_data is None:
             return "not read: rows padded to --seq_len plan the same whatever the data holds"
         n = self.train_data.input_ids.shape[0] + self.val_data.input_ids.shape[0]
-        return f"{n} tokenized: what {self.cfg.max_steps} steps and the evaluations consume"
+        return f"{n} tokenized: what {self.cfg.training.max_steps} steps and the evaluations consume"
 
     @property
     def batching(self) -> str:
         """How samples become rows, in words (the console table, summary.json)."""
         if self.train_data is not None and self.train_data.kind == "text":
-            return f"text cut into full {self.cfg.seq_len}-token rows"
+            return f"text cut into full {self.cfg.data.seq_len}-token rows"
         return {"packed": "packed: each micro-batch's samples in one row",
                 "longest": "one row per sample, padded to the micro-batch's longest",
-                "max": f"one row per sample, padded to {self.cfg.seq_len}"}[self.collate.mode]
+                "max": f"one row per sample, padded to {self.cfg.data.seq_len}"}[self.collate.mode]
 
     @functools.cached_property
     def attention(self) -> dict:
@@ -162,12 +164,13 @@ class Plan:
         from bench.attention import describe, varlen_runs
         drops = any(d.drops_mask for d in self.layout.declared())
         capability = None
-        if self.device_type == "cuda" and not self.cfg.dry_run:  # the run's own GPU; a plan for another assumes one
+        # the run's own GPU; a plan for another assumes one
+        if self.device_type == "cuda" and not self.cfg.training.dry_run:
             import torch
             capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
         varlen = varlen_runs(self.device_type, self.dtype, models.head_dim(self.model_config), capability)
-        return describe(self.cfg.attn_implementation, self.cfg.attn_mask, self.collate.mode, drops, self.device_type,
-                        varlen)
+        m = self.cfg.model
+        return describe(m.attn_implementation, m.attn_mask, self.collate.mode, drops, self.device_type, varlen)
 
     @property
     def dtype(self):
@@ -180,29 +183,32 @@ class Plan:
         return f" ({' x '.join(['dp', *extra])})" if extra else ""
 
     def table(self) -> str:
-        c, b, mc = self.cfg, self.batch, self.model_config
+        cfg, b, mc = self.cfg, self.batch, self.model_config
+        m, t, out = cfg.model, cfg.training, cfg.logging
         rows = [
-            ("strategy", c.strategy), ("ds_config", c.ds_config), ("layout", self.layout.describe()),
-            ("zero_stage", self.zero_stage), ("model", f"{c.model} ({type(mc).__name__}, init={c.init})"),
+            ("strategy", cfg.parallelism.strategy), ("ds_config", cfg.parallelism.ds_config),
+            ("layout", self.layout.describe()),
+            ("zero_stage", self.zero_stage), ("model", f"{m.name} ({type(mc).__name__}, init={m.init})"),
             ("architecture", f"L={mc.num_hidden_layers} hidden={mc.hidden_size} heads={mc.num_attention_heads}/"
                              f"{mc.num_key_value_heads} vocab={mc.vocab_size}"
                              + (f" experts={mc.num_local_experts} top{mc.num_experts_per_tok}"
                                 if models.is_moe(mc) else "")),
-            ("peft", self.peft + (f" (r={c.lora_r}, alpha={c.lora_alpha}, targets={c.lora_targets})"
+            ("peft", self.peft + (f" (r={m.lora_r}, alpha={m.lora_alpha}, targets={m.lora_targets})"
                                   if self.peft == "lora" else "")),
             ("device", f"{self.device_type} ({self.device_name or 'unknown'}), dtype={str(self.dtype)[6:]}"),
             ("batch", f"global {b.global_} = micro {b.micro} x grad_accum {b.grad_accum} x data-parallel "
                       f"{self.layout.data_parallel}" + self._streams()),
-            ("seq_len", c.seq_len), ("steps", f"{c.max_steps} (first {c.warmup_steps} excluded from timing)"),
+            ("seq_len", cfg.data.seq_len), ("steps", f"{t.max_steps} (first {t.warmup_steps} excluded from timing)"),
             ("parameters", self._params_row()),
             ("FLOPs per token", f"{self.flops_per_token:.4g} (training, matmuls; docs/metrics.md)"),
             ("MFU peak", (f"{self.peak_tflops:g} TFLOP/s, " if self.peak_tflops else "MFU not reported: ")
                          + self.peak_source),
             ("lr", self.ds["optimizer"]["params"]["lr"]),
-            ("data", f"{c.data}: " + (f"{self.train_data.size} train / {self.val_data.size} val "
-                                       if self.train_data is not None else "") + f"({self.consumed}), {self.batching}"),
+            ("data", f"{cfg.data.source}: " + (f"{self.train_data.size} train / {self.val_data.size} val "
+                                               if self.train_data is not None else "")
+                     + f"({self.consumed}), {self.batching}"),
             ("attention", "{implementation}: {kernel}, {mask} mask".format(**self.attention)),
-            ("output", f"{c.output_dir}/ (W&B {c.wandb_mode}, project {c.wandb_project})"),
+            ("output", f"{out.output_dir}/ (W&B {out.wandb_mode}, project {out.wandb_project})"),
         ]
         return config.format_table(rows, "resolved configuration")
 
@@ -228,7 +234,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
         kind, _, bf16 = _device(env.local_rank) if here else device
         return kind, bf16
 
-    world = cfg.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
+    world = cfg.parallelism.world_size or env.world_size  # --dry_run --world_size N plans N processes from this one
     spec = spec_of(cfg, world, device_kind)
     model = load_model(cfg)
     device = _device(env.local_rank) if here else device
@@ -236,7 +242,7 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
                     device_capacity(device[0], env.local_rank) if here else None)
     if here:
         plan.memory_plan  # noqa: B018 - the GPU guard: refuses here, before any process group, if it will not fit
-    if cfg.resume == "auto":
+    if cfg.checkpoint.resume == "auto":
         check_resume(plan, world)
     return plan
 
@@ -249,7 +255,7 @@ class Model:
 
 
 def load_model(cfg: config.RunConfig) -> Model:
-    model_config, tok_source, _ = models.load_config(cfg.model, cfg.init, offline=cfg.dry_run)
+    model_config, tok_source, _ = models.load_config(cfg.model.name, cfg.model.init, offline=cfg.training.dry_run)
     return Model(model_config, tok_source)
 
 
@@ -259,16 +265,17 @@ def load_data(cfg: config.RunConfig, spec: RunSpec, model: Model, env) -> tuple[
     if tok.vocab_size > model.config.vocab_size:
         raise config.BenchError(f"tokenizer has {tok.vocab_size} tokens but the model only "
                                 f"{model.config.vocab_size}")
-    need = data.Need(spec.batch.global_, cfg.max_steps, cfg.eval_batches * spec.batch.micro)  # tokenize only these
-    return data_cache.load(cfg.data, tok, model.tokenizer_source, cfg.seq_len, cfg.val_fraction, cfg.seed, need,
-                           env.local_rank, cfg.dist_timeout_s)
+    t, d = cfg.training, cfg.data
+    need = data.Need(spec.batch.global_, t.max_steps, t.eval_batches * spec.batch.micro)  # tokenize only these
+    return data_cache.load(d.source, tok, model.tokenizer_source, d.seq_len, d.val_fraction, t.seed, need,
+                           env.local_rank, t.dist_timeout_s)
 
 
 def reads_data(cfg: config.RunConfig) -> bool:
     """Whether planning this run reads its data file: packed rows and rows padded to the micro-batch's longest take
     their shapes from the samples; rows padded to --seq_len (and text data's full rows) do not, so a dry run of
     them plans without the data. A run that trains reads it."""
-    return not (cfg.dry_run and cfg.packing == "off" and cfg.padding == "max")
+    return not (cfg.training.dry_run and cfg.data.packing == "off" and cfg.data.padding == "max")
 
 
 def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, splits, here: bool = False,
@@ -278,24 +285,24 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     here: the device is this machine's, which must have the kernels."""
     t0 = time.time() if t0 is None else t0
     device_type, device_name, _ = device
-    cfg = dataclasses.replace(cfg, strategy=spec.strategy, peft=spec.peft)  # recorded resolved, like every "auto"
+    cfg = cfg.with_flags(strategy=spec.strategy, peft=spec.peft)  # recorded resolved, like every "auto"
     layout, batch, model_config = spec.layout, spec.batch, model.config
-    strategy = STRATEGIES[cfg.strategy]()  # fresh: this run's own
+    strategy = STRATEGIES[cfg.parallelism.strategy]()  # fresh: this run's own
     for d in DIMENSIONS.values():  # a dimension's own flags need a strategy made of it
-        if any(getattr(cfg, flag) for flag in d.flags) and d.key not in strategy.dimensions:
+        if any(cfg.flag(flag) for flag in d.flags) and d.key not in strategy.dimensions:
             names = " or ".join(n for n, s in STRATEGIES.items() if d.key in s.dimensions)
             raise config.BenchError(f"--{' and --'.join(d.flags)} run with --strategy {names} (they need its {d.key} "
                                     f"dimension); drop them or use --strategy {names}")
     strategy.check(cfg, spec.ds, layout, model_config)  # a --strategy the layout is not refuses here, in one line
     lora_params = lora_adapter_params(cfg, model_config) if spec.peft == "lora" else None
-    if cfg.seq_len > model_config.max_position_embeddings:
-        raise config.BenchError(f"--seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+    if cfg.data.seq_len > model_config.max_position_embeddings:
+        raise config.BenchError(f"--seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                                 f"({model_config.max_position_embeddings})")
-    if cfg.attn_mask == "dense" and cfg.attn_implementation.startswith("flash"):
+    if cfg.model.attn_mask == "dense" and cfg.model.attn_implementation.startswith("flash"):
         raise config.BenchError(f"--attn_mask dense builds transformers' dense masks, which "
-                                f"--attn_implementation {cfg.attn_implementation} never takes: drop --attn_mask "
+                                f"--attn_implementation {cfg.model.attn_implementation} never takes: drop --attn_mask "
                                 "dense, or use sdpa or eager")
-    problem = attention_problem(cfg.attn_implementation, device_type) if here else None
+    problem = attention_problem(cfg.model.attn_implementation, device_type) if here else None
     if problem:
         raise config.BenchError(problem)
     t_data = time.time()
@@ -303,17 +310,17 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     if reads_data(cfg):
         train, val = splits()
         dp = layout.data_parallel
-        data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.seed)  # validates the sizes
+        data.ShardedBatches(train, batch.micro, batch.grad_accum, dp, 0, cfg.training.seed)  # validates the sizes
         if val.size < batch.micro * dp:
             raise config.BenchError(f"the validation split ({val.size} samples) is smaller than one "
                                     f"micro batch per data-parallel rank ({batch.micro * dp}); raise --val_fraction")
-    collate = data.Collate.of(train.kind if train else None, cfg.packing, cfg.padding, layout.sequence_split,
-                              dense=cfg.attn_mask == "dense" or cfg.attn_implementation == "eager")
+    collate = data.Collate.of(train.kind if train else None, cfg.data.packing, cfg.data.padding, layout.sequence_split,
+                              dense=cfg.model.attn_mask == "dense" or cfg.model.attn_implementation == "eager")
     plan = Plan(cfg, spec, strategy, model_config, model.tokenizer_source, train, val, collate, device_type,
-                device_name, lora_params, models.flops_per_token(model_config, cfg.seq_len, lora_params),
-                *gpus.peak_tflops(device_name, cfg.peak_tflops),
+                device_name, lora_params, models.flops_per_token(model_config, cfg.data.seq_len, lora_params),
+                *gpus.peak_tflops(device_name, cfg.logging.peak_tflops),
                 phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data}, capacity=capacity)
-    if not cfg.dry_run:  # the ops its ds_config needs (planning may happen on another machine than the run)
+    if not cfg.training.dry_run:  # the ops its ds_config needs (planning may happen on another machine than the run)
         check_ops(plan.ds, device_type)
     return plan
 
@@ -348,10 +355,10 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     try:
         est = estimate.estimate(plan, capacity, device=plan.device_type)
     except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
-        log.warning(f"the planner cannot plan {plan.cfg.model} ({type(e).__name__}: {e}); running without a "
+        log.warning(f"the planner cannot plan {plan.cfg.model.name} ({type(e).__name__}: {e}); running without a "
                     "memory plan")
         return None
-    if est["fits"] is False and not plan.cfg.ignore_memory_plan:
+    if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(
             f"predicted {which} peak {est['peak_bytes'] / gpus.GIB:.1f} GiB per GPU against "
@@ -365,7 +372,7 @@ def check_resume(plan: Plan, world_size: int) -> None:
     """Resuming continues the same experiment: refuse, one line per difference, when the run directory was
     started with other settings (every rank reads the same config.json, before any process group exists)."""
     from bench.checkpoint import resume_differences
-    path = os.path.join(plan.cfg.output_dir, plan.cfg.run_name, "config.json")
+    path = os.path.join(plan.cfg.logging.output_dir, plan.cfg.logging.run_name, "config.json")
     if not os.path.isfile(path):
         return  # nothing to resume yet: this is the run's first start
     with open(path) as fh:

@@ -15,7 +15,7 @@ def suggestions(plan) -> list[str]:
         out.append("ZeRO-3 (--ds_config ds_configs/dp_zero3.json)")
     if plan.batch.micro > 1:
         out.append(f"a smaller micro batch (--micro_batch_size {plan.batch.micro // 2})")
-    if not plan.cfg.activation_checkpointing:
+    if not plan.cfg.model.activation_checkpointing:
         out.append("activation checkpointing (--activation_checkpointing)")
     if plan.peft != "lora":
         out.append("LoRA (--peft lora)")

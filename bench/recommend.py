@@ -10,7 +10,6 @@ slowest stage; checkpointing's recompute; ZeRO offload's PCIe transfers and CPU 
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os
@@ -123,7 +122,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     peak = peak_tflops(gpu) * 1e12
     efficiency = EFFICIENCY * gemm_efficiency(plan, gpus.BY_KEY[gpu].sms)
     compute = est["flops_per_rank_per_step"] * slowest_share(plan) / (peak * efficiency)
-    recompute = compute / 3 if plan.cfg.activation_checkpointing else 0.0
+    recompute = compute / 3 if plan.cfg.model.activation_checkpointing else 0.0
     bubble = sum((d.idle(plan, compute + recompute) for d in plan.layout.declared() if d.idle), 0.0)
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     offload = 2 * host / PCIE + host / CPU_ADAM  # ZeRO offload: the states cross PCIe and CPU Adam updates them
@@ -172,7 +171,7 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
     model, splits = None, []
     for path in sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json"))):
         path = os.path.relpath(path, REPO) if os.getcwd() == REPO else path
-        cfg = dataclasses.replace(job, ds_config=path, micro_batch_size=1)  # the strategy is the ds_config's own
+        cfg = job.with_flags(ds_config=path, micro_batch_size=1)  # the strategy is the ds_config's own
         try:
             spec = spec_of(cfg, world, lambda: (device[0], device[2]))
             model = model or load_model(cfg)
@@ -202,9 +201,10 @@ def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 2
         if not est["fits"]:
             continue
         parts = step_breakdown(plan, est, gpu)
-        rows.append({"strategy": plan.cfg.strategy, "ds_config": plan.cfg.ds_config, "peft": plan.peft,
+        rows.append({"strategy": plan.cfg.parallelism.strategy, "ds_config": plan.cfg.parallelism.ds_config,
+                     "peft": plan.peft,
                      "micro_batch_size": plan.batch.micro,
-                     "activation_checkpointing": plan.cfg.activation_checkpointing,
+                     "activation_checkpointing": plan.cfg.model.activation_checkpointing,
                      "peak_bytes": est["peak_bytes"], "comm_bytes_per_step": max(
                          sum(c.values()) for c in est["comm_bytes_per_step_per_rank"]),
                      "flops_per_rank_per_step": est["flops_per_rank_per_step"], **parts,

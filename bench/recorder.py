@@ -218,26 +218,28 @@ class RunRecorder:
 
     def open(self) -> None:
         """The run directory (refused if that run completed already), the heartbeat, and rank 0's records."""
+        out = self.cfg.logging
         self.run_dir, self.launch_id = distributed.make_run_dir(
-            self.cfg.output_dir, self.cfg.run_name or self._default_name(), reuse=self.cfg.resume == "auto",
-            max_steps=self.cfg.max_steps)
+            out.output_dir, out.run_name or self._default_name(), reuse=self.cfg.checkpoint.resume == "auto",
+            max_steps=self.cfg.training.max_steps)
         self.record.set(run_dir=self.run_dir)
         self.heartbeat = liveness.Heartbeat(self.run_dir, self.env.rank, self.env.world_size, self.launch_id,
-                                            liveness.peer_timeout(self.cfg.dist_timeout_s), self._peer_lost)
+                                            liveness.peer_timeout(self.cfg.training.dist_timeout_s), self._peer_lost)
         self.heartbeat.start()
         if self.is_main:
             self._open_records()
         self.phase("run_records_s")
 
     def _default_name(self) -> str:
-        model = os.path.basename(self.cfg.model.rstrip("/"))
-        return f"{model}-{self.cfg.strategy}-{self.plan.peft}-w{self.env.world_size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        model = os.path.basename(self.cfg.model.name.rstrip("/"))
+        return (f"{model}-{self.cfg.parallelism.strategy}-{self.plan.peft}-w{self.env.world_size}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
 
     def _open_records(self):
         d, p = self.run_dir, self.plan
         config = p.config_record(self.env.world_size)
         earlier = {}  # the summary of the launch this one resumes
-        if self.cfg.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
+        if self.cfg.checkpoint.resume == "auto" and os.path.isfile(os.path.join(d, "summary.json")):
             with open(os.path.join(d, "summary.json")) as fh:
                 earlier = json.load(fh)
         resume_id = earlier.get("wandb_run_id")
@@ -252,7 +254,7 @@ class RunRecorder:
         self.record.write(os.path.join(d, "summary.json"))
         reserve_space(d)
         self.jsonl = JsonlLogger(os.path.join(d, "metrics.jsonl"))
-        tags = [self.cfg.strategy, os.path.basename(self.cfg.model), f"world{self.env.world_size}",
+        tags = [self.cfg.parallelism.strategy, os.path.basename(self.cfg.model.name), f"world{self.env.world_size}",
                 f"peft-{p.peft}", f"zero{p.zero_stage}"]
         self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags, resume_id)
         self.record.set(wandb_run_id=self.wandb.run_id)
@@ -264,7 +266,7 @@ class RunRecorder:
         if self.env.local_rank == 0:
             name = "device_monitor.csv" if self.is_main else f"device_monitor.{os.uname().nodename}.csv"
             from bench.monitor import DeviceMonitor
-            self.monitor = DeviceMonitor(os.path.join(self.run_dir, name), self.cfg.monitor_interval_s,
+            self.monitor = DeviceMonitor(os.path.join(self.run_dir, name), self.cfg.logging.monitor_interval_s,
                                          self.plan.device_type, pids).start()
 
     def step(self, record: dict):
@@ -272,7 +274,8 @@ class RunRecorder:
         that evaluated, and the last one (like torchtitan's log_freq: W&B costs ~1 ms of CPU per record)."""
         line = self.jsonl.log(record)
         step = record["step"]
-        visible = step % self.cfg.log_interval == 0 or step == self.cfg.max_steps or "val_loss" in record
+        visible = (step % self.cfg.logging.log_interval == 0 or step == self.cfg.training.max_steps
+                   or "val_loss" in record)
         if visible:
             self.wandb.log(line)
         self.console(record, visible)

@@ -33,9 +33,9 @@ def main(argv=None) -> int:
         from bench import distributed
         env = distributed.discover()
         from bench.log import configure
-        configure(env.rank, cfg.log_level, every_rank=cfg.log_ranks == "all")
+        configure(env.rank, cfg.logging.log_level, every_rank=cfg.logging.log_ranks == "all")
         from bench import device
-        device.choose(cfg.device)  # before DeepSpeed picks its accelerator
+        device.choose(cfg.training.device)  # before DeepSpeed picks its accelerator
         from bench.plan import resolve
         plan = resolve(cfg, env)  # every check, the memory plan's on a GPU included
     except BenchError as e:
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     if env.rank == 0:
         from bench.plan_report import format_table
         show(plan.table())
-        if cfg.dry_run and plan.memory_plan:
+        if cfg.training.dry_run and plan.memory_plan:
             show(format_table(plan.memory_plan))
-    if cfg.dry_run:
+    if cfg.training.dry_run:
         return 0
     from bench.session import Session
     code = Session(plan.cfg, env, plan, PROCESS_START).run()  # the configuration as resolved

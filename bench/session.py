@@ -22,7 +22,7 @@ class Session:
     def run(self) -> int:
         rec = self.recorder
         try:
-            device_index = distributed.init(self.env, self.cfg.dist_timeout_s)
+            device_index = distributed.init(self.env, self.cfg.training.dist_timeout_s)
         except (BenchError, signals.Stopped) as e:
             return rec.refused(e)
         rec.phase("process_group_s")  # rendezvous, and DeepSpeed's communication ops (built or loaded)
@@ -43,7 +43,8 @@ class Session:
         trainer = rec.trainer = self._trainer(built.engine, torch_device)
         start, save = self._checkpointing(built.engine)
         rec.phase("setup_s")
-        res = trainer.run(cfg.max_steps, cfg.warmup_steps, cfg.eval_interval, start, cfg.save_interval, save)
+        t = cfg.training
+        res = trainer.run(t.max_steps, t.warmup_steps, t.eval_interval, start, cfg.checkpoint.save_interval, save)
         if res.preempted:
             rec.stopped(res)
         rec.results(res, built)
@@ -66,10 +67,11 @@ class Session:
     def _trainer(self, engine, torch_device) -> Trainer:
         cfg, p, rec = self.cfg, self.plan, self.recorder
         dp, dp_rank = p.layout.data_parallel, p.layout.coords(self.env.rank).data
-        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.seed, p.collate)
-        val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.eval_batches, p.collate)
-        rec.console = Console(cfg.max_steps, p.batch.global_) if rec.is_main else None
-        hangs = HangWatchdog(cfg.hang_timeout_s, cfg.dist_timeout_s, rec.hung)
+        batches = ShardedBatches(p.train_data, p.batch.micro, p.batch.grad_accum, dp, dp_rank, cfg.training.seed,
+                                 p.collate)
+        val = val_batches(p.val_data, p.batch.micro, dp, dp_rank, cfg.training.eval_batches, p.collate)
+        rec.console = Console(cfg.training.max_steps, p.batch.global_) if rec.is_main else None
+        hangs = HangWatchdog(cfg.training.hang_timeout_s, cfg.training.dist_timeout_s, rec.hung)
         return Trainer(engine, p.strategy.build_runner(engine, torch_device), batches, val, p.batch.global_,
                        torch_device, p.throughput, rec.step if rec.is_main else None, rec.peaks, hangs)
 
@@ -77,9 +79,9 @@ class Session:
         """-> (the result to resume from or None, save(step, result) or None). Resumable runs save when
         preempted."""
         cfg = self.cfg
-        ckpt_dir = cfg.checkpoint_dir or os.path.join(self.recorder.run_dir, "checkpoints")
-        start = self.recorder.resume(engine, ckpt_dir) if cfg.resume == "auto" else None
+        ckpt_dir = cfg.checkpoint.checkpoint_dir or os.path.join(self.recorder.run_dir, "checkpoints")
+        start = self.recorder.resume(engine, ckpt_dir) if cfg.checkpoint.resume == "auto" else None
         save = None
-        if cfg.save_interval or cfg.checkpoint_dir or cfg.resume == "auto":
+        if cfg.checkpoint.save_interval or cfg.checkpoint.checkpoint_dir or cfg.checkpoint.resume == "auto":
             save = lambda step, r: checkpoint.save(engine, ckpt_dir, step, {"result": asdict(r)})  # noqa: E731
         return start, save

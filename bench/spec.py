@@ -56,14 +56,15 @@ class RunSpec:
 def spec_of(cfg: config.RunConfig, world: int, device: Callable[[], tuple[str, bool]]) -> RunSpec:
     """The spec of a run of `world` processes; one line for a ds_config, layout or batch that cannot run. device:
     -> (its type, whether it has bf16), asked only once the cheap checks have passed (it may start CUDA)."""
-    if cfg.strategy is not None and cfg.strategy not in STRATEGIES:
-        raise config.BenchError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)} (or "
+    asked = cfg.parallelism.strategy
+    if asked is not None and asked not in STRATEGIES:
+        raise config.BenchError(f"unknown strategy {asked!r}; choose one of {', '.join(STRATEGIES)} (or "
                                 "leave --strategy out: the ds_config's layout says it)")
-    ds_raw = config.load_ds_config(cfg.ds_config)
+    ds_raw = config.load_ds_config(cfg.parallelism.ds_config)
     layout = layout_of(ds_raw, world)
-    strategy = cfg.strategy or strategy_of(layout)
-    peft = STRATEGIES[strategy].default_peft if cfg.peft == "auto" else cfg.peft
+    strategy = asked or strategy_of(layout)
+    peft = STRATEGIES[strategy].default_peft if cfg.model.peft == "auto" else cfg.model.peft
     batch = config.resolve_batch(cfg, ds_raw, layout.data_parallel)
     ds = config.resolve_ds_config(cfg, ds_raw, batch, *device())
-    return RunSpec(layout, strategy, ds, batch, peft, cfg.seq_len, cfg.activation_checkpointing, cfg.packing,
-                   cfg.padding)
+    return RunSpec(layout, strategy, ds, batch, peft, cfg.data.seq_len, cfg.model.activation_checkpointing,
+                   cfg.data.packing, cfg.data.padding)

@@ -88,15 +88,15 @@ class RunRecord:
         cfg, batch = plan.cfg, plan.batch
         self.data: dict = {}
         self.set(
-            status="running", error=None, strategy=cfg.strategy, model=cfg.model, peft=plan.peft,
+            status="running", error=None, strategy=cfg.parallelism.strategy, model=cfg.model.name, peft=plan.peft,
             world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, precision=precision_of(plan.ds), dtypes=None, global_batch_size=batch.global_, micro_batch_size=batch.micro,
-            grad_accum=batch.grad_accum, seq_len=cfg.seq_len,
-            batching=plan.collate.mode, attention=plan.attention, steps=0, max_steps=cfg.max_steps,
-            warmup_steps=cfg.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]),
+            grad_accum=batch.grad_accum, seq_len=cfg.data.seq_len,
+            batching=plan.collate.mode, attention=plan.attention, steps=0, max_steps=cfg.training.max_steps,
+            warmup_steps=cfg.training.warmup_steps, measured_steps=0, step_time_s=metrics.step_time_stats([]),
             step_time_by_rank=metrics.rank_step_time_stats([]), **plan.throughput([]),
             goodput={"updates_per_s": None, "tokens_per_s": None}, applied_updates=0, train_wall_time_s=None,
-            loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.target_loss,
+            loss={"first": None, "last": None}, val_loss=None, target_loss=cfg.training.target_loss,
             time_to_target_s=None, steps_to_target=None, resumed_at=[], lost_steps=0, lost_time_s=0.0,
             total_wall_time_s=None, time_to_first_step_s=None, startup_s={},
             flops_per_token=plan.flops_per_token, peak_tflops=plan.peak_tflops,
@@ -128,7 +128,7 @@ class RunRecord:
 
     def fill_results(self, res, plan) -> None:
         """Everything the training loop measured, turned into the contract's numbers (formulas in metrics.py)."""
-        ttt, stt = metrics.time_to_target(res.losses, plan.cfg.target_loss)
+        ttt, stt = metrics.time_to_target(res.losses, plan.cfg.training.target_loss)
         self.set(
             steps=len(res.records), measured_steps=len(res.step_times), step_time_s=metrics.step_time_stats(res.step_times),
             step_time_by_rank=metrics.rank_step_time_stats(res.rank_step_times),

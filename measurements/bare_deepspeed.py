@@ -24,7 +24,7 @@ def main(run_dir: str, out_dir: str) -> None:
     del keep_alive
     engine.train()  # as the harness and the Trainer do (from_pretrained returns the model in eval mode)
     batches, rec = same_job.batches(plan, env), same_job.StepRecorder(device)
-    for step in range(plan.cfg.max_steps):
+    for step in range(plan.cfg.training.max_steps):
         micro = [b.to(device) for b in batches.step_batches(step)]  # the harness's inputs, attention kwargs too
         rec.begin()
         loss_sum = 0.0

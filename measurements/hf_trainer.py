@@ -24,7 +24,7 @@ def main(run_dir: str, out_dir: str, token_weighted: bool) -> None:
     import transformers
     from torch.utils.data import DataLoader
 
-    ds, steps = plan.ds, plan.cfg.max_steps
+    ds, steps = plan.ds, plan.cfg.training.max_steps
     opt = ds["optimizer"]["params"]
     args = transformers.TrainingArguments(  # made before the model: under ZeRO-3 it turns on zero.Init
         output_dir=f"{out_dir}/trainer-files", deepspeed=ds, max_steps=steps,
@@ -33,7 +33,7 @@ def main(run_dir: str, out_dir: str, token_weighted: bool) -> None:
         adam_beta2=opt["betas"][1], adam_epsilon=opt["eps"], lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=ds.get("gradient_clipping", 0.0), bf16=plan.dtype == torch.bfloat16,
         logging_steps=1, logging_strategy="steps", save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, seed=plan.cfg.seed, data_seed=plan.cfg.seed, dataloader_num_workers=0,
+        disable_tqdm=True, seed=plan.cfg.training.seed, data_seed=plan.cfg.training.seed, dataloader_num_workers=0,
         average_tokens_across_devices=token_weighted, use_cpu=plan.device_type == "cpu")
     device = args.device
     model, keep_alive = same_job.build_model(plan, device)

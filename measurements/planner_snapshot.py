@@ -60,7 +60,7 @@ def plan_output(args: list[str], world: int, gpu: str | None) -> dict:
         plan = plan_layout(args, world, gpu)
         capacity = gpus.gpu_capacity(GPU, None) if gpu else None
         est = estimate.estimate(plan, capacity, device="cuda" if gpu else plan.device_type)
-        out = {"estimate": est, "strategy": plan.cfg.strategy}
+        out = {"estimate": est, "strategy": plan.cfg.parallelism.strategy}
         if gpu:
             out["step"] = recommend.step_breakdown(plan, est, GPU)
         return out

@@ -26,11 +26,11 @@ def load(run_dir: str):
     """-> (env, plan) for this process. discover() sets the launcher defaults, the shared extension cache and
     the threads per rank exactly as a harness rank does, before torch is imported."""
     from bench import distributed, plan as planning
-    from bench.config import RunConfig
+    from bench.config import RunConfig, recorded_flags
     env = distributed.discover()
     with open(os.path.join(run_dir, "config.json")) as fh:
         recorded = json.load(fh)
-    cfg = RunConfig(**{**recorded["run"], "resume": "none", "wandb_mode": "disabled"})
+    cfg = RunConfig.from_flags({**recorded_flags(recorded["run"]), "resume": "none", "wandb_mode": "disabled"})
     plan = planning.resolve(cfg, env)
     if plan.layout.world_size != env.world_size or plan.ds != recorded["ds_config"]:
         sys.exit(f"{run_dir} ran on {recorded['layout']['world_size']} processes with another resolved ds_config; "
@@ -46,8 +46,9 @@ def build_model(plan, device):
     from bench.strategies.common import apply_lora
     cfg = plan.cfg
     zero3 = plan.ds if plan.zero_stage == 3 else None
-    model, keep_alive = models.build_model(cfg.model, cfg.init, plan.model_config, plan.dtype, device, zero3, cfg.seed,
-                                           model_implementation(cfg.attn_implementation, cfg.attn_mask))
+    model, keep_alive = models.build_model(cfg.model.name, cfg.model.init, plan.model_config, plan.dtype, device, zero3,
+                                           cfg.training.seed,
+                                           model_implementation(cfg.model.attn_implementation, cfg.model.attn_mask))
     if plan.peft == "lora":
         model = apply_lora(model, cfg)
     return model, keep_alive
@@ -58,7 +59,7 @@ def batches(plan, env):
     padded as the harness's run was)."""
     from bench.data import ShardedBatches
     return ShardedBatches(plan.train_data, plan.batch.micro, plan.batch.grad_accum, plan.layout.data_parallel,
-                          env.rank, plan.cfg.seed, plan.collate)
+                          env.rank, plan.cfg.training.seed, plan.collate)
 
 
 class StepRecorder:

@@ -55,21 +55,21 @@ def check_ep(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     ep = layout.ep
     if ep <= 1:
         raise BenchError(f"--strategy {strategy} needs \"expert_parallel\": {{\"enabled\": true, "
-                         f"\"autoep_size\": N>1, \"preset_model\": \"mixtral\"}} in {cfg.ds_config} "
+                         f"\"autoep_size\": N>1, \"preset_model\": \"mixtral\"}} in {cfg.parallelism.ds_config} "
                          "(see ds_configs/ep2.json)")
     if not is_moe(model_config):
-        raise BenchError(f"expert parallelism needs a mixture-of-experts model; {cfg.model} is dense "
+        raise BenchError(f"expert parallelism needs a mixture-of-experts model; {cfg.model.name} is dense "
                          "(use --model mixtral-8x7b or tiny-mixtral)")
     experts = model_config.num_local_experts
     if experts % ep:
-        raise BenchError(f"EP {ep} must divide the number of experts ({experts}) of {cfg.model}")
+        raise BenchError(f"EP {ep} must divide the number of experts ({experts}) of {cfg.model.name}")
     if section.get("preset_model") not in (None, "mixtral"):
         raise BenchError(f"expert_parallel.preset_model {section['preset_model']!r}: this harness runs the "
                          "'mixtral' preset")
     stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoEP here runs with ZeRO stage 0-2, got stage {stage}")
-    if cfg.peft == "lora":
+    if cfg.model.peft == "lora":
         experts = sorted(set(target_names(cfg)) - NON_EXPERT_TARGETS)
         if experts:
             raise BenchError(f"--lora_targets {experts} under expert parallelism: AutoEP replaces the experts with "
@@ -148,7 +148,7 @@ class AutoEP(ModelParallel):
         return with_peft_names(ds)
 
     def prepare(self, model, plan):
-        if plan.cfg.peft == "lora":
+        if plan.cfg.model.peft == "lora":
             allow_frozen_experts()
         return model
 

@@ -30,23 +30,23 @@ def check_tp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     tp = layout.tp
     if tp <= 1:
         raise BenchError(f"--strategy {strategy} needs \"tensor_parallel\": {{\"autotp_size\": N>1}} in "
-                         f"{cfg.ds_config} (see ds_configs/tp2.json)")
+                         f"{cfg.parallelism.ds_config} (see ds_configs/tp2.json)")
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % tp or kv % tp:
         raise BenchError(f"TP {tp} must divide the attention heads ({heads}) and key/value heads ({kv}) of "
-                         f"{cfg.model}; choose a TP size among the common divisors")
+                         f"{cfg.model.name}; choose a TP size among the common divisors")
     stage = zero_stage(ds)
     if stage not in (0, 1, 2):
         raise BenchError(f"AutoTP training here runs with ZeRO stage 0-2, got stage {stage}; "
                          "ZeRO-3 with AutoTP is not exercised by this harness")
-    if cfg.peft == "lora":
+    if cfg.model.peft == "lora":
         outside = sorted(set(target_names(cfg)) - TP_LORA_TARGETS)
         if outside:
             raise BenchError(f"--lora_targets {outside} under tensor parallelism: adapters follow AutoTP's split "
                              f"of the attention and MLP projections only ({', '.join(sorted(TP_LORA_TARGETS))})")
     partition = (ds.get("tensor_parallel") or {}).get("partition_config")
     if partition is not None:
-        check_partition_matches(partition, model_config, cfg.ds_config)
+        check_partition_matches(partition, model_config, cfg.parallelism.ds_config)
 
 
 def check_partition_matches(partition: dict, model_config, source: str) -> None:
@@ -201,7 +201,7 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
     skipped = first & {"q_proj", "k_proj", "v_proj"}
     if not targets & {"q_proj", "k_proj", "v_proj", "o_proj"}:
         skipped |= first & {"gate_proj", "up_proj"}
-    return adapters * tokens * plan.cfg.lora_r * w - len(skipped) * layer_bytes
+    return adapters * tokens * plan.cfg.model.lora_r * w - len(skipped) * layer_bytes
 
 
 class AutoTP(ModelParallel):

@@ -32,10 +32,10 @@ def apply_lora(model, cfg):
     are drawn per name (bench/loading.py), the same whatever device or strategy holds them."""
     from peft import LoraConfig, get_peft_model
     from bench.loading import init_adapters
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=target_names(cfg),
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=0.0,
+                      target_modules=target_names(cfg), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    init_adapters(model, cfg.seed)
+    init_adapters(model, cfg.training.seed)
     return model
 
 

@@ -31,8 +31,8 @@ PARTITIONS = {"uniform": "uniform", "parameters": "parameters"}
 def check_pp(cfg, ds: dict, layout, model_config, strategy: str) -> None:
     section = ds.get("pipeline") or {}
     if layout.pp <= 1:
-        raise BenchError(f"--strategy {strategy} needs \"pipeline\": {{\"stages\": N>1}} in {cfg.ds_config} "
-                         "(see ds_configs/pp2.json)")
+        raise BenchError(f"--strategy {strategy} needs \"pipeline\": {{\"stages\": N>1}} in "
+                         f"{cfg.parallelism.ds_config} (see ds_configs/pp2.json)")
     if is_moe(model_config):
         raise BenchError("pipeline parallelism is built for dense LLaMA models; Mixtral under PP is refused "
                          "(its MoE blocks would need expert-aware stage partitioning): use --strategy ep or tp_ep")

@@ -31,22 +31,22 @@ from bench.strategies.zero import check_stage
 def check_sp(cfg, ds: dict, layout, model_config) -> None:
     sp = layout.sp
     if sp <= 1:
-        raise BenchError(f"--strategy sp needs \"sequence_parallel_size\": N>1 in {cfg.ds_config} "
+        raise BenchError(f"--strategy sp needs \"sequence_parallel_size\": N>1 in {cfg.parallelism.ds_config} "
                          "(see ds_configs/sp2.json)")
     if "pipeline" in ds:
         raise BenchError("sequence parallelism with pipeline parallelism is refused: DeepSpeed's Ulysses attention "
                          "runs inside whole models, not pipeline stages; use --strategy sp or --strategy pp")
-    if cfg.seq_len % sp:
-        raise BenchError(f"--seq_len {cfg.seq_len} is not divisible by the sequence-parallel size {sp}; choose a "
+    if cfg.data.seq_len % sp:
+        raise BenchError(f"--seq_len {cfg.data.seq_len} is not divisible by the sequence-parallel size {sp}; choose a "
                          f"multiple of {sp}")
     heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % sp or (kv % sp and sp % kv):
         raise BenchError(f"sequence-parallel size {sp} must divide the attention heads ({heads}) and divide or be a "
-                         f"multiple of the key/value heads ({kv}) of {cfg.model}")
-    if cfg.attn_implementation == "eager":
+                         f"multiple of the key/value heads ({kv}) of {cfg.model.name}")
+    if cfg.model.attn_implementation == "eager":
         raise BenchError("--attn_implementation eager cannot run under sequence parallelism (it needs the whole "
                          "4-D attention mask); use sdpa or flash_attention_2")
-    if cfg.tiled_mlp and is_moe(model_config):
+    if cfg.parallelism.tiled_mlp and is_moe(model_config):
         raise BenchError("--tiled_mlp tiles dense MLPs (gate/up/down projections); Mixtral's experts route each "
                          "token and are not tiled here: drop --tiled_mlp")
     check_stage(ds)
@@ -74,7 +74,7 @@ SP = register(Dimension(
     # runtime/engine.py sets communication_data_type from seq_parallel_communication_data_type, whose default is
     # fp32 even in bf16 (runtime/constants.py)
     reduce_dtype=lambda ds: ds.get("seq_parallel_communication_data_type", "fp32"),
-    tiles_mlp=lambda plan: plan.cfg.tiled_mlp, tiles_loss=lambda plan: plan.cfg.tiled_loss,
+    tiles_mlp=lambda plan: plan.cfg.parallelism.tiled_mlp, tiles_loss=lambda plan: plan.cfg.parallelism.tiled_loss,
     loss_slice=lambda plan, shape: loss_slice_bytes(plan, shape),  # defined below
     folds=("ep",)))  # the SP x EP cross term: AutoEP's groups fold over the SP ranks (DeepSpeed's "sp" ordering)
 
@@ -108,7 +108,7 @@ class SequenceParallel(ModelParallel):
         config = model.config.get_text_config()
         if getattr(config, "head_dim", None) is None:  # Mixtral's config holds head_dim=None, which DeepSpeed takes
             config.head_dim = head_dim(config)         # for the width itself: set what the layers computed
-        if cfg.attn_implementation == "sdpa" and cfg.attn_mask == "dense" and plan.collate.mode == "packed":
+        if cfg.model.attn_implementation == "sdpa" and cfg.model.attn_mask == "dense" and plan.collate.mode == "packed":
             confine_sdpa_to_packed_samples()
         rows = 1 if plan.collate.mode == "packed" else ds["train_micro_batch_size_per_gpu"]  # Ulysses fixes them
         # the model's own implementation (bench/attention.py NAME for sdpa): DeepSpeed wraps that entry of
@@ -116,15 +116,15 @@ class SequenceParallel(ModelParallel):
         self.mpu = UlyssesSPAttentionHF.register_with_transformers(
             model, core_attn_implementation=model.config._attn_implementation,
             sequence_parallel_size=ds["sequence_parallel_size"], micro_batch_size=rows,
-            seq_length=cfg.seq_len, seq_length_is_variable=True)
+            seq_length=cfg.data.seq_len, seq_length_is_variable=True)
         if "expert_parallel" in ds:
             self.mpu = without_tensor_parallelism(self.mpu)
-            if cfg.peft == "lora":
+            if cfg.model.peft == "lora":
                 allow_frozen_experts()
         self.loss_scale = ds["sequence_parallel_size"] if zero_stage(ds) == 3 else 1
-        self.tiled_loss = cfg.tiled_loss
-        if cfg.tiled_mlp:
-            tile_mlps(model, cfg.seq_len // ds["sequence_parallel_size"])
+        self.tiled_loss = cfg.parallelism.tiled_loss
+        if cfg.parallelism.tiled_mlp:
+            tile_mlps(model, cfg.data.seq_len // ds["sequence_parallel_size"])
         return model
 
     def build_runner(self, engine, device):

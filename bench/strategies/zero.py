@@ -13,8 +13,8 @@ class ZeroDP(Strategy):
         self.reject_foreign_sections(ds)
         zero = ds.get("zero_optimization")
         if not isinstance(zero, dict) or "stage" not in zero:
-            raise BenchError(f"--strategy dp needs a 'zero_optimization' section with a 'stage' in {cfg.ds_config} "
-                             "(see ds_configs/dp_zero*.json)")
+            raise BenchError("--strategy dp needs a 'zero_optimization' section with a 'stage' in "
+                             f"{cfg.parallelism.ds_config} (see ds_configs/dp_zero*.json)")
         check_stage(ds)
         check_offload(cfg, ds)
     # prepare: nothing; the ds_config's zero_optimization does the work inside deepspeed.initialize
@@ -33,13 +33,14 @@ def check_offload(cfg, ds: dict) -> None:
     if not kinds:
         return
     if "param" in kinds and zero_stage(ds) != 3:
-        raise BenchError(f"{cfg.ds_config}: offload_param needs ZeRO stage 3 (see ds_configs/dp_zero3_offload.json)")
+        raise BenchError(f"{cfg.parallelism.ds_config}: offload_param needs ZeRO stage 3 "
+                         "(see ds_configs/dp_zero3_offload.json)")
     if zero_stage(ds) == 0:
-        raise BenchError(f"{cfg.ds_config}: offload_optimizer needs a ZeRO stage of 1 or more")
-    if cfg.dry_run:
+        raise BenchError(f"{cfg.parallelism.ds_config}: offload_optimizer needs a ZeRO stage of 1 or more")
+    if cfg.training.dry_run:
         return  # planning (bench-plan, --dry_run) may happen on another machine than the run
     from bench.ops import cpu_adam_problem
     problem = cpu_adam_problem()
     if problem:
-        raise BenchError(f"{cfg.ds_config} offloads to the CPU, which needs DeepSpeed's CPU Adam: {problem}; use "
-                         "a config without offload")
+        raise BenchError(f"{cfg.parallelism.ds_config} offloads to the CPU, which needs DeepSpeed's CPU Adam: "
+                         f"{problem}; use a config without offload")

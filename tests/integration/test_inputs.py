@@ -24,7 +24,7 @@ def test_random_init_and_jsonl_text(tmp_path):
     # packed text: every position is a target, so useful tokens per step = global batch x (seq_len - 1)
     assert res.records()[0]["target_tokens"] == s["global_batch_size"] * 63
     cfg = json.loads((res.run_dir / "config.json").read_text())
-    assert cfg["run"]["init"] == "random" and cfg["model_config"]["num_local_experts"] == 4
+    assert cfg["run"]["model"]["init"] == "random" and cfg["model_config"]["num_local_experts"] == 4
 
 
 def test_real_preset_resolves_without_download(tmp_path):

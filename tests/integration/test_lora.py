@@ -38,4 +38,4 @@ def test_lora_trains_only_adapters_and_loss_falls(tmp_path):
     assert "parameters before LoRA" in res.output and "parameters after LoRA" in res.output
     assert f"trainable params      {lora:,}" in res.output
     cfg = json.loads((res.run_dir / "config.json").read_text())
-    assert cfg["run"]["peft"] == "lora" and cfg["run"]["lora_r"] == 8
+    assert cfg["run"]["model"]["peft"] == "lora" and cfg["run"]["model"]["lora_r"] == 8

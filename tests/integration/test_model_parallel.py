@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench import models
+from bench.config import recorded_flags
 from support import assert_plan_matches, assert_ok, planned_params_per_rank, run_bench, run_many
 
 pytestmark = pytest.mark.multiproc
@@ -203,7 +204,7 @@ def test_saved_adapters_load_into_peft_and_give_the_runs_val_loss(runs, name):
     from bench.train import target_tokens
     res = runs[name]
     assert_ok(res)
-    run = json.loads((res.run_dir / "config.json").read_text())["run"]
+    run = recorded_flags(json.loads((res.run_dir / "config.json").read_text())["run"])
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (res.run_dir / "adapter").iterdir()}
     _, source, _ = models.load_config(run["model"], run["init"])
     _, val = data.load_dataset(run["data"], models.load_tokenizer(source), run["seq_len"], run["val_fraction"],

@@ -100,7 +100,8 @@ def test_the_planner_counts_a_packed_micro_batchs_activations(runs, layout):
     for rank, got in enumerate(counted):
         stream = plan.layout.coords(rank).data
         first = data.ShardedBatches(plan.train_data, plan.batch.micro, plan.batch.grad_accum,
-                                    plan.layout.data_parallel, stream, plan.cfg.seed, plan.collate).step_batches(0)[0]
+                                    plan.layout.data_parallel, stream, plan.cfg.training.seed,
+                                    plan.collate).step_batches(0)[0]
         planned = estimate.activation_bytes(plan, rank, *first["input_ids"].shape)["activation_bytes"]
         assert planned == pytest.approx(got["activation_bytes"], rel=0.02 if layout == "pp" else 0.01), (
             rank, tuple(first["input_ids"].shape))

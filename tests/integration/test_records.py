@@ -7,6 +7,7 @@ import math
 import pytest
 
 from bench import summary
+from bench.config import recorded_flags
 from support import assert_ok
 
 pytestmark = pytest.mark.multiproc
@@ -26,7 +27,7 @@ def test_tokens_per_s_counts_the_real_tokens_of_the_measured_steps(run):
     """Recomputed from the data: the measured steps' global batches, their attention masks summed (padding out),
     over the sum of those steps' times; the SQuAD sample at seq 128 is partly padding, which MFU does not count."""
     from bench import data, models
-    s, cfg = run.summary(), json.loads((run.run_dir / "config.json").read_text())["run"]
+    s, cfg = run.summary(), recorded_flags(json.loads((run.run_dir / "config.json").read_text())["run"])
     _, source, _ = models.load_config(cfg["model"], cfg["init"])
     train, _ = data.load_dataset(cfg["data"], models.load_tokenizer(source), cfg["seq_len"], cfg["val_fraction"],
                                  cfg["seed"])
@@ -134,7 +135,7 @@ def test_config_json_records_resolved_ds_config(run):
     assert ds["bf16"]["enabled"] is False  # "auto" on CPU
     assert ds["optimizer"]["params"]["lr"] == 1e-3  # CLI beats the ds_config's "auto"
     assert "auto" not in json.dumps(ds)
-    assert c["run"]["strategy"] == "dp" and c["versions"]["transformers"]
+    assert c["run"]["parallelism"]["strategy"] == "dp" and c["versions"]["transformers"]
 
 
 def test_device_monitor_csv(run):

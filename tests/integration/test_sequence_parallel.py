@@ -88,8 +88,8 @@ def test_a_slice_without_target_tokens_is_handled():
     # a dry-run plan of rows padded to --seq_len reads no data (bench/plan.py reads_data): the same samples, as a
     # plan of packed rows reads them, padded here as the run pads them
     samples = plan_layout([*sp("sp2_zero1"), *ARGS, *G2, "--packing", "on"], 2).train_data
-    batches = ShardedBatches(samples, plan.batch.micro, plan.batch.grad_accum, 1, 0, plan.cfg.seed)
-    half = plan.cfg.seq_len // 2
+    batches = ShardedBatches(samples, plan.batch.micro, plan.batch.grad_accum, 1, 0, plan.cfg.training.seed)
+    half = plan.cfg.data.seq_len // 2
     for step in range(5):
         for b in batches.step_batches(step):
             shifted = b["labels"][:, 1:]  # targets of positions 0..seq-2

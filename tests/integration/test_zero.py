@@ -87,7 +87,7 @@ def test_activation_checkpointing_recomputes_the_same_model(zero_runs, tmp_path)
     assert [r["grad_norm"] for r in res.records()] == pytest.approx([r["grad_norm"] for r in base.records()], rel=1e-5)
     kept = res.summary()["accounting"]["per_rank"][0]["activation_bytes"]
     assert 0 < kept < 0.5 * base.summary()["accounting"]["per_rank"][0]["activation_bytes"]
-    assert json.loads((res.run_dir / "config.json").read_text())["run"]["activation_checkpointing"] is True
+    assert json.loads((res.run_dir / "config.json").read_text())["run"]["model"]["activation_checkpointing"] is True
 
 
 @pytest.mark.parametrize("name", ["w1", "zero0", "zero1", "zero2", "zero3"])

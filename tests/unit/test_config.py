@@ -112,12 +112,35 @@ def test_slurm_environment_maps_to_ranks(monkeypatch, launch_env):
         distributed.discover()
 
 
-def test_readme_documents_every_flag():
-    from dataclasses import fields
-    from bench.config import RunConfig
+def test_readme_flag_table_is_generated_from_the_configuration():
+    """The README's flag table is bench.config's readme_table(): every flag, in its section, with its help."""
+    from bench import config
+    assert config.main(["--check"]) == 0, "run python -m bench.config --readme"
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [f.name for f in fields(RunConfig) if f"`--{f.name}`" not in readme]
-    assert not missing, f"flags missing from the README's flag table: {missing}"
+    assert all(f"| `--{flag}` |" in readme for flag in config.FLAGS)
+    assert all(f"**{section}**" in readme for section in config.SECTIONS)
+
+
+def test_configuration_is_nested_frozen_and_records_its_sections():
+    """One flag, one section field; the record is by section; runs recorded flat (before sections) read the same;
+    a change makes a new configuration."""
+    import dataclasses
+    from bench.config import FLAGS, SECTIONS, RunConfig, recorded_flags
+    cfg = parse_args(["--model", "tiny-mixtral", "--seq_len", "64", "--save_interval", "3", "--lr", "0.01"])
+    assert (cfg.model.name, cfg.data.seq_len, cfg.checkpoint.save_interval, cfg.optimizer.lr) == \
+        ("tiny-mixtral", 64, 3, 0.01)
+    assert len(FLAGS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values())  # no flag in two sections
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.seq_len = 128
+    record = json.loads(json.dumps(cfg.to_dict()))
+    assert set(record) == set(SECTIONS) and record["data"]["seq_len"] == 64
+    flat = recorded_flags(record)
+    assert flat == cfg.flags() and recorded_flags(flat) == flat  # the older, flat record reads the same
+    assert RunConfig.from_flags(flat) == cfg
+    longer = cfg.with_flags(seq_len=128)
+    assert (longer.data.seq_len, cfg.data.seq_len, longer.model) == (128, 64, cfg.model)
+    with pytest.raises(BenchError, match="unknown setting"):
+        RunConfig.from_flags({"seq_length": 1})
 
 
 def test_coords_are_deepspeeds_own_rank_topology():
@@ -193,8 +216,8 @@ def test_each_dimension_reads_its_own_degree_and_owns_its_section():
 def test_a_run_without_strategy_takes_the_ds_configs(refuse):
     from bench.plan import plan_layout
     plan = plan_layout(["--ds_config", "ds_configs/tp2.json", "--peft", "auto"], 2)
-    assert plan.cfg.strategy == "tp" and plan.peft == "none"  # the tp strategy's default, recorded resolved
-    assert plan_layout(["--ds_config", "ds_configs/pp2_dp2.json"], 4).cfg.strategy == "hybrid"
+    assert plan.cfg.parallelism.strategy == "tp" and plan.peft == "none"  # the tp strategy's default, recorded resolved
+    assert plan_layout(["--ds_config", "ds_configs/pp2_dp2.json"], 4).cfg.parallelism.strategy == "hybrid"
     code, errors = refuse("--strategy", "nope")
     assert code == 2 and errors == ["error: unknown strategy 'nope'; choose one of dp, tp, ep, tp_ep, pp, hybrid, sp "
                                     "(or leave --strategy out: the ds_config's layout says it)"]
@@ -283,3 +306,17 @@ def test_the_run_spec_is_built_without_a_model_or_data():
         spec.varied(3, False)
     offload = spec_of(parse_args(["--ds_config", "ds_configs/dp_zero3_offload.json"]), 2, lambda: ("cuda", True))
     assert (offload.strategy, offload.peft, offload.zero_stage) == ("dp", "lora", 3) and "optimizer" in offload.offload
+
+
+def test_a_run_recorded_flat_resumes_under_the_sectioned_configuration():
+    """config.json written before the configuration had sections (flat "run") compares equal to the same flags
+    now, and a changed run-defining flag is still named."""
+    from bench.checkpoint import resume_differences
+    from bench.config import recorded_flags
+    cfg = parse_args(["--seq_len", "64", "--max_steps", "4"])
+    now = {"run": cfg.to_dict(), "batch": {"global": 4, "micro": 2, "grad_accum": 1}, "ds_config": {}}
+    older = {**now, "run": recorded_flags(cfg.to_dict())}
+    assert older["run"]["seq_len"] == 64 and not any(isinstance(v, dict) for v in older["run"].values())
+    assert resume_differences(older, now) == []
+    longer = {**now, "run": cfg.with_flags(seq_len=128, max_steps=8).to_dict()}
+    assert resume_differences(older, longer) == ["--seq_len: 64 when the run started, 128 now"]

@@ -140,12 +140,13 @@ def test_recommend_plans_specs_with_one_model_and_one_data_load(monkeypatch):
     reasons = []
     plans = list(recommend.candidates(["--model", "tiny-mixtral", "--peft", "none"], 4, GPU, reasons))
     assert loads == {"config": 1, "data": 1}
-    ds_configs = {p.cfg.ds_config for p in plans}
+    ds_configs = {p.cfg.parallelism.ds_config for p in plans}
     assert len(ds_configs) + len(reasons) == len(list((REPO / "ds_configs").glob("*.json")))
     monkeypatch.undo()
     for plan in plans[::7]:  # a sample: each against bench-plan's own plan of it
         alone = plan_layout(["--model", "tiny-mixtral", "--peft", "none", "--global_batch_size", "32",
-                             "--ds_config", plan.cfg.ds_config, "--micro_batch_size", str(plan.batch.micro),
-                             *(["--activation_checkpointing"] if plan.cfg.activation_checkpointing else [])], 4, GPU)
-        assert estimate.estimate(plan, None) == estimate.estimate(alone, None), plan.cfg.ds_config
-        assert alone.ds == plan.ds and alone.layout == plan.layout and alone.cfg.strategy == plan.cfg.strategy
+                             "--ds_config", plan.cfg.parallelism.ds_config, "--micro_batch_size", str(plan.batch.micro),
+                             *(["--activation_checkpointing"] if plan.cfg.model.activation_checkpointing else [])], 4, GPU)
+        assert estimate.estimate(plan, None) == estimate.estimate(alone, None), plan.cfg.parallelism.ds_config
+        assert alone.ds == plan.ds and alone.layout == plan.layout
+        assert alone.cfg.parallelism.strategy == plan.cfg.parallelism.strategy

@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import models
-from bench.config import BenchError
+from bench.config import BenchError, RunConfig
 from bench.strategies.common import apply_lora, param_counts
 
 pytestmark = pytest.mark.unit
@@ -37,8 +37,7 @@ def _measured_flops_per_token(model, seq_len: int, batch: int = 2) -> float:
     return counter.get_total_flops() / (batch * seq_len)
 
 
-class _Cfg:
-    lora_targets, lora_r, lora_alpha, seed = "q_proj,k_proj,v_proj,o_proj", 8, 16, 0
+_LORA = RunConfig().with_flags(seed=0)  # LoRA r 8, alpha 16 on q/k/v/o
 
 
 @pytest.mark.parametrize("name,lora", [("tiny-llama", False), ("tiny-llama", True), ("tiny-mixtral", False)])
@@ -54,7 +53,7 @@ def test_flops_per_token_within_10_percent_of_flop_counter(name, lora):
     lora_params = None
     if lora:
         before = param_counts(model)["total"]
-        model = apply_lora(model, _Cfg())
+        model = apply_lora(model, _LORA)
         lora_params = param_counts(model)["total"] - before
     predicted = models.flops_per_token(model.config, seq_len, lora_params)
     measured = _measured_flops_per_token(model, seq_len)
@@ -67,7 +66,7 @@ def test_forward_flops_per_token_within_10_percent_of_flop_counter(lora):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(models.ensure_tiny("tiny-llama"), attn_implementation="eager")
     before = param_counts(model)["total"]
-    model = apply_lora(model, _Cfg()) if lora else model
+    model = apply_lora(model, _LORA) if lora else model
     lora_params = param_counts(model)["total"] - before if lora else None
     ids = torch.randint(0, model.config.vocab_size, (2, 128))
     with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -26,7 +26,7 @@ def _saved_bytes(plan, dtype, micro, seq) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         plan.model_config, dtype=dtype,
-        attn_implementation=model_implementation(plan.cfg.attn_implementation, plan.cfg.attn_mask))
+        attn_implementation=model_implementation(plan.cfg.model.attn_implementation, plan.cfg.model.attn_mask))
     if plan.peft == "lora":
         model = apply_lora(model, plan.cfg)
         if plan.zero_stage < 3:  # as deepspeed.initialize does: the whole module, adapters too, in the training
@@ -83,7 +83,7 @@ def test_packed_rows_are_planned_as_autograd_saves_them(peft):
                                                                                                rel=0.15)
     longest = plan_layout([*args, "--packing", "off", "--padding", "longest"], 1)
     padded = longest.collate(longest.train_data, torch.arange(4))
-    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] < longest.cfg.seq_len
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] < longest.cfg.data.seq_len
     rows, width = padded["input_ids"].shape
     assert estimate.activation_bytes(longest, 0, rows, width)["activation_bytes"] == pytest.approx(
         _saved_bytes(longest, torch.float32, rows, width), rel=0.15)
@@ -109,7 +109,7 @@ def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batc
         samples = plan_layout([*plan_args[:-1], "on"], 2).train_data
     shapes = []
     for rank in range(streams):
-        sharded = data.ShardedBatches(samples, 2, plan.batch.grad_accum, streams, rank, plan.cfg.seed,
+        sharded = data.ShardedBatches(samples, 2, plan.batch.grad_accum, streams, rank, plan.cfg.training.seed,
                                       plan.collate)
         shapes += [tuple(b["input_ids"].shape) for step in range(6) for b in sharded.step_batches(step)]
     assert plan.micro_shapes == sorted(set(shapes))
@@ -122,7 +122,7 @@ def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batc
 
     def held(shape):  # one micro-batch's saved tensors, its logits, and the loss's fp32 copy and gradient of them
         act = estimate.activation_bytes(plan, 0, *shape)
-        loss = (ulysses_loss_slice(plan, shape) if plan.cfg.tiled_loss
+        loss = (ulysses_loss_slice(plan, shape) if plan.cfg.parallelism.tiled_loss
                 else 2 * act["logits_bytes"] * 4 // estimate._width(plan))
         return act["activation_bytes"] + act["recompute_bytes"] + act["logits_bytes"] + loss
 
@@ -130,7 +130,7 @@ def test_the_peak_is_planned_at_the_micro_batch_that_holds_the_most(layout, batc
     r = estimate.estimate(plan, None, device="cpu")["per_rank"][0]
     assert r["peak_micro_batch_bytes"] == max(0, extra)
     if plan.collate.mode == "max":
-        assert extra == 0 and shapes == [(2, plan.cfg.seq_len)] * len(shapes)
+        assert extra == 0 and shapes == [(2, plan.cfg.data.seq_len)] * len(shapes)
     else:
         assert len(set(shapes)) > 1 and extra > 0
     states = sum(r[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes"))
