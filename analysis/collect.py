@@ -62,12 +62,13 @@ class Run:
     @property
     def strategy(self) -> str:
         """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
-        ("ckpt"), tiling, e.g. 'dp zero2 lora'."""
+        ("ckpt"), tiling, compiled, e.g. 'dp zero2 lora', 'dp zero2 lora compiled'."""
         s, run = self.summary, self.flags
         zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every strategy has one
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
-        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled}"
+        compiled = " compiled" if run.get("compile") == "on" else ""
+        return f"{s.get('strategy')}{zero} {s.get('peft')}{recompute}{tiled}{compiled}"
 
     @property
     def label(self) -> str:

@@ -61,7 +61,7 @@ def load_newest_readable(engine, ckpt_dir: str, warn) -> tuple[str | None, dict 
 
 # What defines an experiment: a resume whose settings differ from these would mix two experiments in one run.
 RUN_DEFINING = ("model", "init", "strategy", "data", "seq_len", "seed", "peft", "lora_r", "lora_alpha",
-                "lora_targets", "val_fraction", "activation_checkpointing")
+                "lora_targets", "val_fraction", "activation_checkpointing", "compile")
 
 
 def resume_differences(recorded: dict, now: dict) -> list[str]:

@@ -173,6 +173,25 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    """whether the engine's model runs compiled (bench/compiling.py)"""
+    enable: str = _f("off", "`off`",
+        "`on`: torch.compile of the engine's model (DeepSpeed's `engine.compile()`, the accelerator's backend: "
+        "inductor) under ZeRO 0-3, EP (around the experts: `compile.autoep_non_moe`), SP and pipeline stages; TP "
+        "and TP x EP refuse on the CPU (step 1 never completes under gloo); DeepCompile through the ds_config's "
+        "`compile` section (`\"deepcompile\": true`, with `--compile on`) on CUDA only. The first "
+        "steps, which compile, are never timed; summary.json `compile` records the compile time (and any spent in "
+        "measured steps), graphs, graph breaks with their reasons, recompiles and whether the compile cache "
+        "(`$TORCHINDUCTOR_CACHE_DIR`, default beside the op cache in the environment) was warm; metrics.jsonl has "
+        "each step's `compile_s`", flag="compile", choices=("off", "on"))
+    backend: str = _f("auto", "`auto`",
+        "`--compile on`'s torch.compile backend: `auto`, the accelerator's (inductor on CUDA and on the CPU: "
+        "generated kernels); `aot_eager`: the same dynamo and AOTAutograd graphs run by eager kernels, quick to "
+        "compile (the tests check every strategy's graphs with it, and ZeRO-2 and ZeRO-3 with inductor); "
+        "`eager`: dynamo's capture alone", flag="compile_backend", choices=("auto", "inductor", "aot_eager", "eager"))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """where the records go and what the console shows"""
     output_dir: str = _f("runs", "`runs`",
@@ -202,8 +221,8 @@ class LoggingConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallelism": ParallelismConfig,
-            "optimizer": OptimizerConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig,
-            "logging": LoggingConfig}
+            "optimizer": OptimizerConfig, "training": TrainingConfig, "compile": CompileConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
 def flag_fields():
@@ -225,6 +244,7 @@ class RunConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -259,10 +279,12 @@ class RunConfig:
 
 def recorded_flags(run: dict) -> dict:
     """Flag name -> value from a config.json "run" record: by section, or flat as runs recorded it before the
-    configuration had sections (their resume, analysis and comparisons keep working)."""
+    configuration had sections (their resume, analysis and comparisons keep working). A flag added since the run
+    was recorded reads as its default: what that run did."""
+    defaults = RunConfig().flags()
     if not any(isinstance(v, dict) for v in run.values()):
-        return dict(run)
-    return {flag: (run.get(section) or {}).get(name) for flag, (section, name) in FLAGS.items()}
+        return {**defaults, **run}
+    return {flag: (run.get(section) or {}).get(name, defaults[flag]) for flag, (section, name) in FLAGS.items()}
 
 
 def readme_table() -> str:

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from bench import ops
+from bench import compiling, ops
 from bench.config import BenchError
 from bench.log import log
 
@@ -89,6 +89,7 @@ def discover() -> DistEnv:
     if world > 1 and rank == 0 and not agent_store():
         check_port_free(env["MASTER_ADDR"], int(env["MASTER_PORT"]))
     ops.use_own_extension_cache()
+    compiling.use_own_cache()
     local_ranks = local_world_size(world)
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return DistEnv(rank, local, world, local_ranks, *set_cpu_threads(local_ranks, affinity), affinity)

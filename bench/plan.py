@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench import config, data, data_cache, gpus, metrics, models
+from bench import compiling, config, data, data_cache, gpus, metrics, models
 from bench.layout import DIMENSIONS, Layout
 from bench.spec import RunSpec, spec_of
 from bench.strategies import STRATEGIES, Strategy
@@ -49,7 +49,8 @@ class Plan:
     def ds(self) -> dict:
         """The ds_config DeepSpeed gets and the run records: the spec's, with the strategy's presets for this
         model (one dict, derived from the spec; a varied spec derives its own)."""
-        return self.strategy.resolve_ds(copy.deepcopy(self.spec.ds), self.model_config)
+        ds = self.strategy.resolve_ds(copy.deepcopy(self.spec.ds), self.model_config)
+        return compiling.resolve_ds(ds, self.cfg, self.strategy)
 
     @functools.cached_property
     def memory_plan(self) -> dict | None:
@@ -208,6 +209,10 @@ class Plan:
                                                if self.train_data is not None else "")
                      + f"({self.consumed}), {self.batching}"),
             ("attention", "{implementation}: {kernel}, {mask} mask".format(**self.attention)),
+            ("compile", "off (eager)" if cfg.compile.enable == "off" else
+             f"on: engine.compile(), backend {cfg.compile.backend}"
+             + (" with DeepCompile" if compiling.deepcompile_asked(self.ds) else "")
+             + "; the memory plan and cost model are eager's (docs/planner.md)"),
             ("output", f"{out.output_dir}/ (W&B {out.wandb_mode}, project {out.wandb_project})"),
         ]
         return config.format_table(rows, "resolved configuration")
@@ -294,6 +299,7 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
             raise config.BenchError(f"--{' and --'.join(d.flags)} run with --strategy {names} (they need its {d.key} "
                                     f"dimension); drop them or use --strategy {names}")
     strategy.check(cfg, spec.ds, layout, model_config)  # a --strategy the layout is not refuses here, in one line
+    compiling.check(cfg, spec.ds, device_type, strategy.compile_problem(device_type))
     lora_params = lora_adapter_params(cfg, model_config) if spec.peft == "lora" else None
     if cfg.data.seq_len > model_config.max_position_embeddings:
         raise config.BenchError(f"--seq_len {cfg.data.seq_len} exceeds the model's max_position_embeddings "

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 
-from bench import checkpoint, distributed, liveness, metrics, signals
+from bench import checkpoint, compiling, distributed, liveness, metrics, signals
 from bench.config import BenchError, format_table
 from bench.log import log, note, show
 from bench.loggers import JsonlLogger, WandbLogger, release_reserve, reserve_space, write_json_atomic
@@ -371,6 +371,9 @@ class RunRecorder:
                                                              [m["peak_allocated_mib"] for m in mem]))
         self.record.set(accounting={"per_rank": distributed.gather({"rank": env.rank,
                                                                     **self._accounting(built.engine)})})
+        compiled = p.cfg.compile.enable == "on"
+        counts = distributed.gather({"rank": env.rank, **compiling.counted()} if compiled else {})
+        self.record.set(compile=compiling.summary(compiled, p.cfg.compile.backend, p.ds, counts, res))
         after = built.params_after
         self.record.set(params={"total": after["total"], "trainable": after["trainable"],
                                 "before_peft": built.params_before["total"], "per_rank": local})

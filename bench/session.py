@@ -73,7 +73,8 @@ class Session:
         rec.console = Console(cfg.training.max_steps, p.batch.global_) if rec.is_main else None
         hangs = HangWatchdog(cfg.training.hang_timeout_s, cfg.training.dist_timeout_s, rec.hung)
         return Trainer(engine, p.strategy.build_runner(engine, torch_device), batches, val, p.batch.global_,
-                       torch_device, p.throughput, rec.step if rec.is_main else None, rec.peaks, hangs)
+                       torch_device, p.throughput, rec.step if rec.is_main else None, rec.peaks, hangs,
+                       compiled=cfg.compile.enable == "on")
 
     def _checkpointing(self, engine):
         """-> (the result to resume from or None, save(step, result) or None). Resumable runs save when

@@ -53,6 +53,8 @@ KEYS = {
     "optimizer": "{name, fused, wrapper}: the optimizer that ran (bench/engines: Engine.describe)", "params": "{total, trainable, before_peft, per_rank[]}",
     "accounting": "{per_rank[]}: bytes each rank holds by kind, counted from its tensors (bench/accounting.py)",
     "memory_plan": "the planner's prediction of the same per rank, made before launch (bench/estimate.py)",
+    "compile": "{enabled, backend, deepcompile, compile_s, steps_compile_s, recompiled_steps, recompiled_s, graphs, "
+               "graph_breaks, break_reasons, cache{dir, hits, misses, warm}, per_rank[]} (bench/compiling.py)",
     "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",
     "experts_per_rank": "expert-parallel runs: experts each rank holds",
     "pipeline": "pipeline runs: stages, micro-batches, bubble, per-stage parameters",
@@ -103,7 +105,7 @@ class RunRecord:
             peak_tflops_source=plan.peak_source, cpu_threads=None,
             memory={"per_rank": [], "device": [], "plan_check": None}, optimizer=None,
             params={"total": None, "trainable": None, "before_peft": None, "per_rank": []},
-            memory_plan=plan.memory_plan,
+            memory_plan=plan.memory_plan, compile={"enabled": plan.cfg.compile.enable == "on"},
             **environment(), run_dir=None, wandb_run_id=None)
 
     def set(self, **values) -> None:
@@ -196,6 +198,10 @@ def result_table(s: dict) -> list[tuple[str, object]]:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
     st = s["step_time_s"]
+    c = s.get("compile") or {}  # runs recorded before compile was
+    compiled = [("compile s | graphs | breaks | recompiled", f"{f(c['compile_s'], '.2f')} | {c['graphs']} | "
+                 f"{c['graph_breaks']} | {len(c['recompiled_steps'])} step(s), untimed"
+                 + (" | cache warm" if c["cache"]["warm"] else ""))] if c.get("compile_s") is not None else []
     return [
         ("status", s["status"]), ("run_dir", s["run_dir"]),
         ("steps (measured)", f"{s['steps']} ({len_measured(s)})"),
@@ -214,6 +220,7 @@ def result_table(s: dict) -> list[tuple[str, object]]:
         ("time to first step s", f(s["time_to_first_step_s"], ".2f")),
         ("total wall time s", f(s["total_wall_time_s"], ".2f")),
         ("peak memory MiB (rank 0)", _rank0_peak(s)),
+        *compiled,
     ]
 
 

@@ -38,12 +38,14 @@ SLURM_STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pen
 
 def job_name(entry: dict) -> str:
     """The entry's job and run name: model, strategy, ds_config, the --peft its args choose (LoRA and a full
-    fine-tune of one layout are different experiments) and GPUs; or its own "name"."""
+    fine-tune of one layout are different experiments), "compiled" when they say --compile on, and GPUs; or its
+    own "name"."""
     model = entry["model"].replace("/", "-").replace(".", "")
     cfg = os.path.splitext(os.path.basename(entry["ds_config"]))[0]
     args = entry.get("args", [])
     peft = f"-{args[args.index('--peft') + 1]}" if "--peft" in args[:-1] else ""
-    return entry.get("name") or f"{model}-{entry['strategy']}-{cfg}{peft}-{entry['gpus']}g"
+    compiled = "-compiled" if "--compile" in args[:-1] and args[args.index("--compile") + 1] == "on" else ""
+    return entry.get("name") or f"{model}-{entry['strategy']}-{cfg}{peft}{compiled}-{entry['gpus']}g"
 
 
 def check_names(matrix: list[dict]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from bench import faults, signals
+from bench import compiling, faults, signals
 from bench.accounting import INSTRUMENTED_STEPS
 from bench.data import IGNORE
 from bench.log import show
@@ -40,11 +40,12 @@ class TrainResult:
     resumed_at: list = field(default_factory=list)   # checkpoint steps this run resumed from
     lost_steps: int = 0                              # steps done after the last checkpoint, then recomputed
     lost_s: float = 0.0                              # the wall time those steps took (part of train_wall_s)
+    recompiled_steps: list = field(default_factory=list)  # steps after warm-up the compiler ran in: untimed
 
 
 class Trainer:
     def __init__(self, engine, runner, batches, val_batches, global_batch: int, device, rates, on_record,
-                 peaks=None, watchdog=None):
+                 peaks=None, watchdog=None, compiled: bool = False):
         self.engine, self.runner, self.batches, self.val = engine, runner, batches, val_batches
         # Model-parallel ranks of one replica see the same tokens; sums over all ranks count each `replicas` times.
         self.replicas = dist.get_world_size() // batches.dp
@@ -55,6 +56,7 @@ class Trainer:
         self.on_record = on_record  # rank 0: writes metrics.jsonl / W&B / console; others: None
         self.peaks = peaks  # bench/device.py MemoryPeaks: the training phase starts with the first timed step
         self.watchdog = watchdog  # bench/watchdog.py: no step completed within its bound -> the run is hung
+        self.compiled = compiled  # --compile on: each step records the compile time it held (bench/compiling.py)
         from deepspeed.accelerator import get_accelerator
         self.acc = get_accelerator()
         self.sync = self.acc.synchronize  # a no-op on the CPU, where every op has finished when it returns
@@ -161,14 +163,20 @@ class Trainer:
             timed = step - first >= untimed
             if timed and step - first == untimed and self.peaks is not None:
                 self.peaks.close("warmup", then="training")
+            compiled_before = compiling.seconds()
             dt, loss, tokens, work, applied = self.train_step(step)
             # Everyone learns the slowest rank's time, the mean loss and the global token counts.
             g = self._gather([dt, loss, tokens, float(applied), self.runner.busy_s,
-                              float(signals.STOP_CODES[signals.requested()]), *work])
+                              float(signals.STOP_CODES[signals.requested()]), compiling.seconds() - compiled_before,
+                              *work])
             step_time, mean_loss = float(g[:, 0].max()), float(g[:, 1].mean()) * self.runner.loss_parts
             step_tokens = int(g[:, 2].sum()) // self.replicas
-            step_work = [int(x) // self.replicas for x in g[:, 6:].sum(0).tolist()]
+            step_work = [int(x) // self.replicas for x in g[:, 7:].sum(0).tolist()]
             all_applied = bool(g[:, 3].min() > 0)
+            compile_s = float(g[:, 6].max())  # the slowest rank's compile time inside this step
+            if timed and compile_s > 0:  # a recompile (a new shape) is not steady state: left out of the timing
+                timed = False
+                res.recompiled_steps.append(step)
             if step == first:  # this process's first step (after a resume too)
                 res.first_step_end = time.time()
             consumed += self.global_batch
@@ -189,6 +197,8 @@ class Trainer:
                       "real_tokens": step_work[0], "computed_tokens": step_work[1], "target_tokens": step_tokens,
                       "applied": all_applied, "warmup": not timed, "elapsed_s": elapsed,
                       **self._memory_now()}
+            if self.compiled:
+                record["compile_s"] = compile_s  # inside step_time_s
             stop = int(g[:, 5].max())  # any rank signalled: all stop here; Ctrl-C outranks preemption
             res.preempted = stop > 0
             res.stop_status = next((k for k, v in signals.STOP_CODES.items() if v == stop), None)

@@ -8,6 +8,8 @@ In order, each a real harness launch (torchrun on a free port, as measurements/c
 2. a LLaMA-3.2-1B-shaped model, --init random, seq 2048, full fine-tune on one device: MFU, the allocator's
    training peak against the planner, the load peak, NVML's peak against the allocator's;
 3. the bare DeepSpeed loop (measurements/bare_deepspeed.py) redoing job 2: the harness's step-time overhead;
+   then job 2 compiled (--compile on, inductor; aot_eager on the CPU): the steady step against eager's, the
+   compile time, graphs and breaks, and the loss against eager's;
 4. ZeRO-2 offload with DeepSpeed's CPU Adam;
 5. the same model on the bundled QA data, packed (the document path: varlen_attn on CUDA) and padded (causal, no
    mask), the same samples: the same loss, the kernel each ran, and what packing saves;
@@ -44,8 +46,10 @@ RTOL = {"fp32": 1e-4, "bf16": 3e-2}
 def settings(gpus: int) -> dict:
     if gpus:
         return {"device": "cuda", "procs": min(2, gpus), "model": "llama3.2-1b", "seq": 2048, "micro": 2,
-                "steps": 12}
-    return {"device": "cpu", "procs": 2, "model": "tiny-llama", "seq": 256, "micro": 2, "steps": 6}
+                "steps": 12, "compile_backend": "auto"}
+    # aot_eager on the CPU: the same graphs without inductor's minute of cold C++ compilation in the tests
+    return {"device": "cpu", "procs": 2, "model": "tiny-llama", "seq": 256, "micro": 2, "steps": 6,
+            "compile_backend": "aot_eager"}
 
 
 def launch(nprocs: int, args: list[str], out_dir: str, timeout: int = 600) -> tuple[dict | None, list, str]:
@@ -152,6 +156,7 @@ def main() -> int:
         lines += section_1b(big, s)
         if big:
             lines += section_bare(c, big, big_records)
+            lines += section_compiled(c, s, job, big, big_records)
         off, _ = c.run("offload", 1, ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero2_offload.json",
                                       *FAST])
         if off:
@@ -210,6 +215,24 @@ def section_bare(c: Check, big: dict, records: list) -> list[str]:
     return ["## 3. The bare DeepSpeed loop on the same job", "",
             f"Median step time, harness / bare loop, over the same {len(harness)} steps: **{ratio:.3f}** "
             f"({statistics.median(harness):.4f} s / {statistics.median(bare[untimed:]):.4f} s).", ""]
+
+
+def section_compiled(c: Check, s: dict, job: list[str], big: dict, records: list) -> list[str]:
+    got, recs = c.run("shape-1b-compiled", 1, [*job, "--compile", "on", "--compile_backend", s["compile_backend"]])
+    if not got:
+        return []
+    precision = "bf16" if s["device"] == "cuda" else "fp32"
+    dl = max_rel([r["loss"] for r in recs], [r["loss"] for r in records])
+    if dl > RTOL[precision]:
+        c.failed.append(f"compiled: loss {dl:.2e} from eager's ({precision} tolerance {RTOL[precision]:g})")
+    comp = got["compile"]
+    ratio = big["step_time_s"]["median"] / got["step_time_s"]["median"]
+    return [f"## 3b. Job 2 compiled ({comp['backend']})", "",
+            f"Median step eager / compiled: **{ratio:.2f}** ({fmt(big['step_time_s']['median'])} s / "
+            f"{fmt(got['step_time_s']['median'])} s); first step {fmt(big['time_to_first_step_s'])} s / "
+            f"{fmt(got['time_to_first_step_s'])} s; compile {fmt(comp['compile_s'])} s (cache "
+            f"{'warm' if comp['cache']['warm'] else 'cold'}), {comp['graphs']} graphs, {comp['graph_breaks']} "
+            f"breaks, {len(comp['recompiled_steps'])} recompiled steps; loss max rel. diff from eager {dl:.2e}.", ""]
 
 
 def section_packing(c: Check, s: dict) -> list[str]:

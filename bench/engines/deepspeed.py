@@ -2,6 +2,7 @@
 strategy's model-parallel state (mpu) and only the trainable parameters for the optimizer."""
 from __future__ import annotations
 
+from bench import compiling
 from bench.engines.base import Engine
 
 
@@ -18,6 +19,8 @@ class DeepSpeedEngine(Engine):
         ds, *_ = deepspeed.initialize(model=model, config=plan.ds, mpu=plan.strategy.mpu,
                                       model_parameters=(q for q in model.parameters() if q.requires_grad))
         _keep_fp32_grad_norm(ds)
+        if plan.cfg.compile.enable == "on":
+            compiling.compile_engine(ds, plan.cfg.compile.backend)
         return cls(ds)
 
     def __call__(self, **batch):

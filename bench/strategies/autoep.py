@@ -147,6 +147,16 @@ class AutoEP(ModelParallel):
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_peft_names(ds)
 
+    def compile_ds(self, ds: dict) -> dict:
+        """Compile what surrounds the experts (DeepSpeed's `compile.autoep_non_moe`: attention, norms, router; the
+        routing, token exchange and expert GEMMs stay eager, runtime/engine.py DeepSpeedEngine.compile) unless the
+        ds_config chooses: the experts' grouped GEMM (torch._grouped_mm) has no fp32 kernel for dynamo's fake
+        tensors, so compiling through it fails in fp32 (measured, docs/results/compile_cpu.md)."""
+        from bench.compiling import deepcompile_asked
+        if not deepcompile_asked(ds) and "autoep_non_moe" not in (ds.get("compile") or {}):
+            ds["compile"] = {**(ds.get("compile") or {}), "autoep_non_moe": True}
+        return ds
+
     def prepare(self, model, plan):
         if plan.cfg.model.peft == "lora":
             allow_frozen_experts()
@@ -167,3 +177,6 @@ class AutoTPxEP(AutoEP, autotp.AutoTP):
 
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_peft_names(autotp.with_moe_partition(ds, model_config))
+
+    def compile_ds(self, ds: dict) -> dict:
+        return ds  # DeepSpeed's autoep_non_moe refuses AutoEP folded with AutoTP: the whole model compiles

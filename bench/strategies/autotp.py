@@ -218,5 +218,12 @@ class AutoTP(ModelParallel):
     def resolve_ds(self, ds: dict, model_config) -> dict:
         return with_moe_partition(ds, model_config)
 
+    def compile_problem(self, device_type: str) -> str | None:
+        # measured here (torch 2.13, DeepSpeed 0.19.8, gloo; inductor and aot_eager alike); not tried on CUDA
+        if device_type == "cpu":
+            return ("step 1 never completes on the CPU: while dynamo traces AutoTP's all-reduce layers a rank waits "
+                    "in a collective the others never join (docs/results/compile_cpu.md)")
+        return None
+
     def initializing(self, plan, model):
         return adapters_follow_autotp(model) if plan.peft == "lora" else contextlib.nullcontext()

@@ -45,6 +45,14 @@ class Strategy:
         """The resolved ds_config with this strategy's presets filled in."""
         return ds
 
+    def compile_ds(self, ds: dict) -> dict:
+        """The resolved ds_config as --compile on needs it under this strategy (bench/compiling.py)."""
+        return ds
+
+    def compile_problem(self, device_type: str) -> str | None:
+        """Why --compile on cannot run under this strategy on this device (bench/compiling.py), or None."""
+        return None
+
     def prepare(self, model, plan):
         """The model deepspeed.initialize gets (LoRA-wrapped already if --peft lora): e.g. pipeline stages."""
         return model

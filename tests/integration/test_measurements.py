@@ -72,8 +72,9 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = page.read_text()
-    for heading in ("## 1. The default job", "## 2. One device", "## 3. The bare DeepSpeed loop", "## 4. ZeRO-2 offload",
-                    "## 5. Packed and padded rows", "## 6. Layouts on 2 devices"):
+    for heading in ("## 1. The default job", "## 2. One device", "## 3. The bare DeepSpeed loop",
+                    "## 3b. Job 2 compiled (aot_eager)", "## 4. ZeRO-2 offload", "## 5. Packed and padded rows",
+                    "## 6. Layouts on 2 devices"):
         assert heading in text, heading
     assert "Every check that ran passed; none was skipped." in text and "DeepSpeedCPUAdam" in text
     assert "| packed | sdpa per document, documents |" in text and "| padded | sdpa (causal), causal |" in text

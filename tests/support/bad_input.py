@@ -27,6 +27,8 @@ def write_bad_files(d):
     (d / "sp2_ep2_zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "sequence_parallel_size": 2,
                                                        "expert_parallel": {"enabled": True, "autoep_size": 2,
                                                                            "preset_model": "mixtral"}}))
+    (d / "deepcompile.json").write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                                     "compile": {"deepcompile": True}}))
     (d / "tp2_nothing.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {
         "autotp_size": 2, "partition_config": {"use_default_specs": False, "layer_specs": [
             {"patterns": [r".*\.q_proj$"], "partition_type": "column"}]}}}))
@@ -103,6 +105,14 @@ CASES = [  # (id, args, ranks, expected part of the error line)
     ("tiled-mlp-on-experts", ("--strategy", "sp", "--model", "tiny-mixtral", "--ds_config", "ds_configs/sp2.json",
                               "--tiled_mlp"), 2, "--tiled_mlp tiles dense MLPs"),
     # checkpoints and resume
+    ("compile-backend-without-compile", ("--compile_backend", "aot_eager", *ZERO2), 1,
+     "--compile_backend aot_eager picks what compiles the model: add --compile on"),
+    ("deepcompile-without-compile", ("--ds_config", "{d}/deepcompile.json"), 1,
+     "asks for DeepCompile (compile.deepcompile), which runs through engine.compile(): add --compile on"),
+    ("deepcompile-on-the-cpu", ("--compile", "on", "--ds_config", "{d}/deepcompile.json"), 1,
+     "DeepCompile needs CUDA: deepspeed/compile/util.py is_deepcompile_supported() is false off CUDA"),
+    ("compile-tp-on-the-cpu", ("--compile", "on", "--strategy", "tp", "--ds_config", "ds_configs/tp2.json"), 2,
+     "--compile on with --strategy tp: step 1 never completes on the CPU"),
     ("checkpoint-dir-is-a-file", ("--checkpoint_dir", "{d}/short.txt", *ZERO2), 1, "exists and is not a directory"),
     ("resume-without-run-name", ("--resume", "auto", *ZERO2), 1, "--resume auto needs --run_name"),
     ("negative-save-interval", ("--save_interval", "-1", *ZERO2), 1, "must be >= 0"),

@@ -316,7 +316,10 @@ def test_a_run_recorded_flat_resumes_under_the_sectioned_configuration():
     cfg = parse_args(["--seq_len", "64", "--max_steps", "4"])
     now = {"run": cfg.to_dict(), "batch": {"global": 4, "micro": 2, "grad_accum": 1}, "ds_config": {}}
     older = {**now, "run": recorded_flags(cfg.to_dict())}
+    del older["run"]["compile"]  # a flag added since reads as its default, what that run did
     assert older["run"]["seq_len"] == 64 and not any(isinstance(v, dict) for v in older["run"].values())
     assert resume_differences(older, now) == []
     longer = {**now, "run": cfg.with_flags(seq_len=128, max_steps=8).to_dict()}
     assert resume_differences(older, longer) == ["--seq_len: 64 when the run started, 128 now"]
+    compiled = {**now, "run": cfg.with_flags(compile="on").to_dict()}
+    assert resume_differences(older, compiled) == ['--compile: "off" when the run started, "on" now']

@@ -64,6 +64,9 @@ def test_lora_and_full_runs_of_one_layout_are_different_jobs(tmp_path):
     lora, full = ({**entry, "args": ["--peft", peft]} for peft in ("lora", "none"))
     assert sweep.job_name(lora) == "mixtral-8x7b-ep-ep8-lora-8g" != sweep.job_name(full)
     assert sweep.job_name(entry) == "mixtral-8x7b-ep-ep8-8g"
+    compiled = {**lora, "args": ["--peft", "lora", "--compile", "on"]}  # eager and compiled twins: two jobs
+    assert sweep.job_name(compiled) == "mixtral-8x7b-ep-ep8-lora-compiled-8g"
+    sweep.check_names([lora, compiled])
     sweep.check_names([lora, full, entry])
     with pytest.raises(ValueError, match="same job name 'mixtral-8x7b-ep-ep8-lora-8g'"):
         sweep.check_names([lora, dict(lora)])
