@@ -7,7 +7,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench.config import precision_of, recorded_flags
+from bench.config import recorded_flags
+from bench.ds_config import precision_of
 from bench.liveness import run_state
 from bench.loggers import read_records
 from bench.summary import unflatten
@@ -64,7 +65,7 @@ class Run:
         """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
         ("ckpt"), tiling, compiled, e.g. 'dp zero2 lora', 'dp zero2 lora compiled'."""
         s, run = self.summary, self.flags
-        zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every strategy has one
+        zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every DeepSpeed strategy has one
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
         compiled = " compiled" if run.get("compile") == "on" else ""

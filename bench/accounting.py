@@ -23,6 +23,11 @@ import contextlib
 import torch
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank stores of t: a DTensor's local shard (FSDP2's parameters, gradients and Adam states)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _storage_key(t: torch.Tensor):
     if t.device.type == "meta":
         return None
@@ -34,7 +39,7 @@ def storage_bytes(tensors, exclude: set = frozenset()) -> tuple[int, set]:
     """Bytes of the distinct non-empty storages behind tensors, leaving out the keys in exclude.
     -> (bytes, the keys counted)."""
     seen, total = set(), 0
-    for t in tensors:
+    for t in map(_local, tensors):
         key = _storage_key(t)
         if key is None or key in exclude or key in seen:
             continue
@@ -156,10 +161,11 @@ class StepCounter:
 INSTRUMENTED_STEPS = 2  # counted_step's first two steps of a process: never timed (bench/train.py)
 
 
-def counted_step(accounting: dict, engine, run):
+def counted_step(accounting: dict, engine, run, comm_counter=None):
     """One training step of a runner that counts (EngineRunner, PipelineRunner): run(counter) does the step, with
     a StepCounter on the first (what the rank holds), under a CommCounter on the second (what it communicates:
-    the first sets things up), plainly after that. The counts go into `accounting`. -> run's loss."""
+    the first sets things up; comm_counter: an engine's own, bench/engines/torch_base.py), plainly after that. The
+    counts go into `accounting`. -> run's loss."""
     if "comm_bytes_per_step" in accounting:  # every step after the second
         return run(None)
     if not accounting:
@@ -167,7 +173,7 @@ def counted_step(accounting: dict, engine, run):
         loss = run(counter)
         accounting.update(counter.result())
         return loss
-    with CommCounter() as comm:
+    with (comm_counter or CommCounter)() as comm:
         loss = run(None)
     accounting.update(comm_bytes_per_step=comm.bytes, comm_calls_per_step=comm.calls)
     return loss

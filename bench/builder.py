@@ -24,7 +24,7 @@ class Built:
     keep_alive: object    # ZeRO-3: transformers' HfDeepSpeedConfig, kept for the run as before (models.build_model)
 
 
-def build(plan, device, peaks, phase, is_main: bool, engine: str = "deepspeed") -> Built:
+def build(plan, device, peaks, phase, is_main: bool) -> Built:
     """peaks: bench/device.py MemoryPeaks (the model's placement is marked in it); phase(name) closes a start-up
     phase (model_build_s, ds_initialize_s)."""
     with loading.host_memory_returned():
@@ -37,7 +37,7 @@ def build(plan, device, peaks, phase, is_main: bool, engine: str = "deepspeed") 
             else contextlib.nullcontext()
         with shards, plan.strategy.initializing(plan, model):
             # lazy: the engine reads it after AutoEP/AutoTP replaced layers (and LoRA re-wrapped AutoTP's)
-            trained = engine_class(engine).create(plan, model)
+            trained = engine_class(plan.strategy.engine).create(plan, model)
     phase("ds_initialize_s")
     sections = plan.strategy.after_initialize(plan, trained, shapes)
     text = plan.strategy.describe(sections) if sections else None

@@ -16,7 +16,8 @@ import platform
 import sys
 import time
 
-from bench.config import BenchError, offloaded
+from bench.config import BenchError
+from bench.ds_config import offloaded
 
 STALE_AFTER_S = 300  # a build shows progress (a file written in its directory) far more often than this
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from bench import compiling, config, data, data_cache, gpus, metrics, models
+from bench import compiling, config, data, data_cache, ds_config, gpus, metrics, models
 from bench.layout import DIMENSIONS, Layout
 from bench.spec import RunSpec, spec_of
 from bench.strategies import STRATEGIES, Strategy
@@ -62,7 +62,7 @@ class Plan:
         return self.spec.layout
 
     @property
-    def batch(self) -> config.Batch:
+    def batch(self) -> ds_config.Batch:
         return self.spec.batch
 
     @property
@@ -71,7 +71,7 @@ class Plan:
 
     @property
     def zero_stage(self) -> int:
-        return config.zero_stage(self.ds)
+        return ds_config.zero_stage(self.ds) if self.strategy.engine == "deepspeed" else None
 
     def varied(self, micro: int, activation_checkpointing: bool) -> "Plan":
         """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
@@ -176,7 +176,7 @@ class Plan:
     @property
     def dtype(self):
         import torch
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision_of(self.ds)]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ds_config.precision_of(self.ds)]
 
     def _streams(self) -> str:
         """Which dimensions' ranks make the data-parallel streams besides DP itself, in words ("" if none)."""
@@ -187,7 +187,8 @@ class Plan:
         cfg, b, mc = self.cfg, self.batch, self.model_config
         m, t, out = cfg.model, cfg.training, cfg.logging
         rows = [
-            ("strategy", cfg.parallelism.strategy), ("ds_config", cfg.parallelism.ds_config),
+            ("strategy", cfg.parallelism.strategy), ("engine", self.strategy.engine),
+            ("ds_config", cfg.parallelism.ds_config),
             ("layout", self.layout.describe()),
             ("zero_stage", self.zero_stage), ("model", f"{m.name} ({type(mc).__name__}, init={m.init})"),
             ("architecture", f"L={mc.num_hidden_layers} hidden={mc.hidden_size} heads={mc.num_attention_heads}/"
@@ -361,8 +362,8 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     try:
         est = estimate.estimate(plan, capacity, device=plan.device_type)
     except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
-        log.warning(f"the planner cannot plan {plan.cfg.model.name} ({type(e).__name__}: {e}); running without a "
-                    "memory plan")
+        log.warning(f"the planner cannot plan {plan.cfg.model.name} under --strategy {plan.cfg.parallelism.strategy} "
+                    f"({type(e).__name__}: {e}); running without a memory plan")
         return None
     if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"

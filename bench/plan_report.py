@@ -2,7 +2,7 @@
 and what would lower a peak that does not fit."""
 from __future__ import annotations
 
-from bench.config import offloaded
+from bench.ds_config import offloaded
 from bench.gpus import GIB
 
 

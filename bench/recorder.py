@@ -255,7 +255,9 @@ class RunRecorder:
         reserve_space(d)
         self.jsonl = JsonlLogger(os.path.join(d, "metrics.jsonl"))
         tags = [self.cfg.parallelism.strategy, os.path.basename(self.cfg.model.name), f"world{self.env.world_size}",
-                f"peft-{p.peft}", f"zero{p.zero_stage}"]
+                f"peft-{p.peft}", f"engine-{p.strategy.engine}"]
+        if p.zero_stage is not None:
+            tags.append(f"zero{p.zero_stage}")
         self.wandb = WandbLogger(self.cfg, d, os.path.basename(d), config, tags, resume_id)
         self.record.set(wandb_run_id=self.wandb.run_id)
         self.record.write(os.path.join(d, "summary.json"))  # with the W&B id: a survivor keeps it if rank 0 dies

@@ -12,7 +12,7 @@ import platform
 import socket
 
 from bench import metrics
-from bench.config import precision_of
+from bench.ds_config import precision_of
 
 STATUSES = ("running", "completed", "failed", "oom", "preempted", "interrupted")
 
@@ -20,7 +20,9 @@ KEYS = {
     "status": "running | completed | failed | oom | preempted | interrupted",
     "error": "one line, or null",
     "strategy": "--strategy", "model": "--model", "peft": "lora | none, resolved",
-    "world_size": "ranks", "layout": "{dp, tp, ep, pp, sp}", "zero_stage": "ZeRO stage of the resolved ds_config",
+    "world_size": "ranks", "layout": "{dp, tp, ep, pp, sp}",
+    "zero_stage": "ZeRO stage of the resolved ds_config (null: another engine than DeepSpeed)",
+    "engine": "what trained the model: deepspeed, ddp or fsdp2 (bench/engines)",
     "precision": "bf16 | fp16 | fp32: what the resolved ds_config trains in (--precision)",
     "dtypes": "{trainable, frozen, grad_accum}: the dtypes the engine holds (bench/engines: Engine.describe)",
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
@@ -90,7 +92,8 @@ class RunRecord:
         cfg, batch = plan.cfg, plan.batch
         self.data: dict = {}
         self.set(
-            status="running", error=None, strategy=cfg.parallelism.strategy, model=cfg.model.name, peft=plan.peft,
+            status="running", error=None, strategy=cfg.parallelism.strategy, engine=plan.strategy.engine,
+            model=cfg.model.name, peft=plan.peft,
             world_size=world_size, layout=plan.layout.as_dict(),
             zero_stage=plan.zero_stage, precision=precision_of(plan.ds), dtypes=None, global_batch_size=batch.global_, micro_batch_size=batch.micro,
             grad_accum=batch.grad_accum, seq_len=cfg.data.seq_len,

@@ -56,7 +56,8 @@ def page(opts, results: dict) -> list[str]:
              "median of the measured steps (slowest rank); ratio = eager / compiled within one repeat (above 1: "
              "compiled is faster), then the median over repeats.", "",
              "| strategy | eager step ms | compiled step ms | speed-up (min-max) | first step s eager / compiled "
-             "| compile s (cold, warm) | graphs / breaks | peak RSS MiB eager / compiled | last loss eager / compiled |",
+             "| compile s (cold, warm) | graphs / breaks | peak RSS MiB eager / compiled "
+             "| last loss eager / compiled |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, reps in results.items():
         e, c = reps["eager"], reps["compiled"]
@@ -73,7 +74,12 @@ def page(opts, results: dict) -> list[str]:
             f"| {c[0]['graphs']} / {c[0]['breaks']} | {med(e, 'rss_mib'):.0f} / {med(c, 'rss_mib'):.0f} "
             f"| {e[0]['loss']:.4f} / {c[0]['loss']:.4f} |")
     lines += ["", "What the planner and cost model do with it: nothing. They predict eager memory and time "
-              "(docs/planner.md); the table above is the measured difference on this machine."]
+              "(docs/planner.md); the table above is the measured difference on this machine.", "",
+              "Not in the table: TP and TP x EP refuse --compile on on the CPU (step 1 never completes: while dynamo "
+              "traces AutoTP's all-reduce layers a rank waits in a collective the others never join, with inductor "
+              "and aot_eager alike); DeepCompile needs CUDA. EP compiles around its experts (DeepSpeed's "
+              "compile.autoep_non_moe): a full compile through the experts' torch._grouped_mm fails in fp32 "
+              "(no fp32 kernel for dynamo's fake tensors)."]
     return lines
 
 

@@ -11,6 +11,7 @@ from bench.strategies.autoep import AutoEP, AutoTPxEP
 from bench.strategies.autotp import AutoTP
 from bench.strategies.base import Strategy
 from bench.strategies.pipeline import Hybrid, Pipeline
+from bench.strategies.torch_dp import DDP, FSDP2
 from bench.strategies.ulysses import SequenceParallel
 from bench.strategies.zero import ZeroDP
 
@@ -22,14 +23,18 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (
     Pipeline,
     Hybrid,
     SequenceParallel,
+    DDP,
+    FSDP2,
 )}
 
 
-def strategy_of(layout: Layout) -> str:
-    """The strategy a layout is (--strategy's name, derived when it is left out): of the strategies made of every
-    dimension the layout turns on and claiming it, the one made of the fewest (ZeRO data parallelism: of none)."""
+def strategy_of(layout: Layout, engine: str = "deepspeed") -> str:
+    """The strategy a layout is (--strategy's name, derived when it is left out): of the strategies of the
+    ds_config's engine ("engine", default DeepSpeed) made of every dimension the layout turns on and claiming it,
+    the one made of the fewest (ZeRO data parallelism: of none)."""
     on = layout.on()
-    made_of = [s for s in STRATEGIES.values() if on <= set(s.dimensions) and s.claims(layout)]
+    made_of = [s for s in STRATEGIES.values()
+               if s.engine == engine and on <= set(s.dimensions) and s.claims(layout)]
     if not made_of:
         raise BenchError(f"no strategy runs {' and '.join(sorted(on))} together ({layout.describe()}); each "
                          "strategy's dimensions: " + ", ".join(f"{s.name} ({'+'.join(s.dimensions) or 'dp'})"

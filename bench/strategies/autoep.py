@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 
 from bench.architecture import target_names
-from bench.config import BenchError, zero_stage
+from bench.config import BenchError
+from bench.ds_config import zero_stage
 from bench.models import count_params_from_config, is_moe
 from bench.strategies import autotp
 from bench.layout import Dimension, register

@@ -11,7 +11,8 @@ import contextlib
 import copy
 import re
 
-from bench.config import BenchError, zero_stage
+from bench.config import BenchError
+from bench.ds_config import zero_stage
 from bench.architecture import architecture, lora_sizes_by_name, target_names
 from bench.layout import Dimension, register
 from bench.strategies.common import ModelParallel

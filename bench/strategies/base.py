@@ -23,6 +23,7 @@ class Strategy:
     default_peft: str = "none"     # what --peft auto means for this strategy
     dimensions: tuple = ()         # the model-parallel dimensions it is made of (DIMENSIONS' keys)
     mpu = None                     # the parallel-state object deepspeed.initialize gets, where one is needed
+    engine = "deepspeed"           # what trains the model (bench/engines ENGINES); a ds_config's "engine" names it
 
     @classmethod
     def claims(cls, layout) -> bool:
@@ -99,7 +100,8 @@ class EngineRunner:
 
     def train_step(self, micro_batches: list[dict]):
         from bench.accounting import counted_step
-        return counted_step(self.accounting, self.engine, lambda counter: self._step(micro_batches, counter))
+        return counted_step(self.accounting, self.engine, lambda counter: self._step(micro_batches, counter),
+                            getattr(self.engine, "comm_counter", None))
 
     def _step(self, micro_batches: list[dict], counter=None):
         loss_sum = 0.0

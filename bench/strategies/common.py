@@ -7,8 +7,9 @@ from bench.strategies.base import Strategy
 
 def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
     """A LoRA run's adapters as peft writes them (adapter_model.safetensors and adapter_config.json, whole
-    tensors), so they load into peft on one process. ZeRO-3 gathers each adapter's partitions first (a collective:
-    every rank calls this), tensor parallelism each split adapter's shards (bench/strategies/tp_lora.py).
+    tensors), so they load into peft on one process. ZeRO-3 gathers each adapter's partitions first, FSDP2 each
+    DTensor's shards (collectives: every rank calls this), tensor parallelism each split adapter's shards
+    (bench/strategies/tp_lora.py).
     -> whether they were written (False: not a peft model, e.g. pipeline stages)."""
     import contextlib
     from bench.strategies.tp_lora import whole
@@ -21,7 +22,7 @@ def save_adapters(engine, out_dir: str, is_main: bool) -> bool:
         import deepspeed
         gather = deepspeed.zero.GatheredParameters(list(adapters.values()))
     with gather:
-        state = {n: whole(p) for n, p in adapters.items()}
+        state = {n: whole(p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in adapters.items()}
         if is_main:
             model.save_pretrained(out_dir, state_dict=state)
     return True
@@ -41,11 +42,12 @@ def apply_lora(model, cfg):
 
 def param_counts(model) -> dict:
     """Logical parameter counts (a ZeRO-3 partitioned parameter counts at its full size) and what this rank
-    holds locally (its ZeRO-3 partition, its TP shard)."""
+    holds locally (its ZeRO-3 partition, its TP shard, its FSDP2 shard: a DTensor's local part)."""
     total = trainable = local = local_trainable = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", None) or p.numel()
-        held = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        held = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel())
         total += n
         local += held
         if p.requires_grad:

@@ -19,7 +19,8 @@ import time
 import torch
 
 from bench import metrics
-from bench.config import BenchError, precision_of, zero_stage
+from bench.config import BenchError
+from bench.ds_config import precision_of, zero_stage
 from bench.data import IGNORE
 from bench.models import is_moe
 from bench.layout import Dimension, Placement, register

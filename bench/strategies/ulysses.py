@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 
-from bench.config import BenchError, zero_stage
+from bench.config import BenchError
+from bench.ds_config import zero_stage
 from bench.attention import KWARGS
 from bench.data import IGNORE
 from bench.models import head_dim, is_moe

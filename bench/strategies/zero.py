@@ -28,7 +28,7 @@ def check_stage(ds: dict) -> None:
 
 def check_offload(cfg, ds: dict) -> None:
     """ZeRO offload: parameters only under stage 3, and DeepSpeed's CPU Adam must be buildable."""
-    from bench.config import offloaded, zero_stage
+    from bench.ds_config import offloaded, zero_stage
     kinds = offloaded(ds)
     if not kinds:
         return

@@ -24,6 +24,7 @@ RUNS = {
     "llama-g2": ((*ONE, *ARGS, "--global_batch_size", "2"), 1, None),
     "llama-g4": ((*ONE, *ARGS, "--global_batch_size", "4"), 1, None),
     "mixtral-g4": ((*ONE, *ARGS, *MIXTRAL, "--global_batch_size", "4"), 1, None),
+    "zero2-eager": (("--ds_config", "ds_configs/dp_zero2.json", *ARGS, "--global_batch_size", "4"), 2, None),
     "zero2-inductor": (("--ds_config", "ds_configs/dp_zero2.json", *ARGS, "--global_batch_size", "4", "--compile",
                         "on"), 2, "llama-g4"),
     "zero3": (("--ds_config", "ds_configs/dp_zero3.json", *ARGS, "--global_batch_size", "4", *AOT), 2, "llama-g4"),
@@ -73,6 +74,17 @@ def test_the_record_says_what_compiling_cost(runs, name):
         import json
         ds = json.loads((runs[name].run_dir / "config.json").read_text())["ds_config"]
         assert ds["compile"]["autoep_non_moe"] is True
+
+
+def test_the_report_puts_eager_and_compiled_runs_of_one_job_side_by_side(runs):
+    """The analysis step groups runs by job (compiling changes how, not what): ZeRO-2 eager and compiled land in
+    one comparison table, told apart by their label, with the compiled run's throughput against the eager's."""
+    from analysis import collect, tables
+    pair = [collect.load_dir(str(runs[n].run_dir)) for n in ("zero2-eager", "zero2-inductor")]
+    (job, members), = tables.by_job(pair).items()
+    rows = {r["strategy"]: r for r in tables.comparison(members, pair[0])}
+    assert set(rows) == {"dp zero2 none (dp2)", "dp zero2 none compiled (dp2)"}, rows
+    assert "padded" in job and rows["dp zero2 none compiled (dp2)"]["throughput increase (x)"] > 0
 
 
 def test_an_eager_run_records_no_compile(runs):

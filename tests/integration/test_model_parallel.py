@@ -6,7 +6,7 @@ import pytest
 
 from bench import models
 from bench.config import recorded_flags
-from support import assert_plan_matches, assert_ok, planned_params_per_rank, run_bench, run_many
+from support import assert_plan_matches, assert_ok, assert_resumes_exactly, planned_params_per_rank, run_many
 
 pytestmark = pytest.mark.multiproc
 
@@ -224,14 +224,4 @@ def test_lora_under_model_parallelism_resumes_exactly(runs, tmp_path, name):
     """Checkpoint and exact resume with LoRA under EP and TP: a rank killed as step 4 starts, the job rerun with the
     same command resumes from step 2's checkpoint and ends where the uninterrupted run did."""
     args, procs = RUNS[name]
-    args = (*args, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
-    crashed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env",
-                        env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
-    assert crashed.returncode != 0 and crashed.summary()["status"] == "failed"
-    resumed = run_bench(tmp_path, *args, nprocs=procs, launcher="srun-env")
-    assert_ok(resumed)
-    assert resumed.summary()["resumed_at"] == [2]
-    reference = runs[name].records()
-    assert [r["loss"] for r in resumed.records()] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
-    assert [r["grad_norm"] for r in resumed.records()] == pytest.approx([r["grad_norm"] for r in reference],
-                                                                        rel=1e-5)
+    assert_resumes_exactly(tmp_path, args, procs, runs[name])

@@ -227,6 +227,21 @@ def assert_ok(res: Result) -> None:
     assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
 
 
+def assert_resumes_exactly(out_dir: Path, args: tuple, nprocs: int, reference: Result) -> None:
+    """Rank 1 killed as step 4 starts (srun-style ranks); the same command again resumes from step 2's checkpoint
+    and ends where the uninterrupted reference run did, in loss (1e-6) and gradient norm (1e-5)."""
+    args = (*args, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
+    crashed = run_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env",
+                        env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
+    assert crashed.returncode != 0 and crashed.summary()["status"] == "failed"
+    resumed = run_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env")
+    assert_ok(resumed)
+    assert resumed.summary()["resumed_at"] == [2]
+    a, b = reference.records(), resumed.records()
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)
+
+
 def assert_no_negative_durations(summary: dict) -> None:
     """Every duration a summary records (a key ending in _s, at any depth) is null or >= 0."""
     def walk(node, path):

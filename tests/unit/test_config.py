@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import BenchError, parse_args, resolve_batch, resolve_ds_config
+from bench.config import BenchError, parse_args
+from bench.ds_config import resolve_batch, resolve_ds_config
 from bench.strategies import Layout, layout_of, strategy_of
 
 pytestmark = pytest.mark.unit
@@ -55,7 +56,7 @@ def test_auto_fields_resolved_and_cli_overrides():
     ("bf16", "cuda", True, {"fp16": {"enabled": True}}, "bf16"),     # one half precision at a time
 ])
 def test_precision_flag_over_the_ds_config(precision, device, bf16_ok, given, expected):
-    from bench.config import precision_of
+    from bench.ds_config import precision_of
     cfg = parse_args(["--precision", precision])
     ds = resolve_ds_config(cfg, given, resolve_batch(cfg, {}, dp=1), device, bf16_ok)
     assert precision_of(ds) == expected
@@ -174,8 +175,8 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
     # cannot split 8 or 4 ways in five of them (tp4, tp8, tp4_ep2, sp8, ep8)
     for path in sorted(glob.glob("ds_configs/*.json")):
         ds = json.loads(Path(path).read_text())
-        layout = layout_of(ds, 8)
-        assert strategy_of(layout) in STRATEGIES, path
+        layout, engine = layout_of(ds, 8), ds.get("engine", "deepspeed")
+        assert strategy_of(layout, engine) in STRATEGIES, path
         model = "tiny-mixtral" if layout.ep > 1 else "tiny-llama"
         model_config = models.load_config(model, "random", offline=True)[0]
         passed = []
@@ -187,8 +188,8 @@ def test_the_strategy_is_the_layouts_and_a_given_one_that_disagrees_is_refused()
                 assert "\n" not in str(e), (path, name)
                 continue
             passed.append(name)
-        assert passed in ([], [strategy_of(layout)]), (path, passed)
-        own += passed == [strategy_of(layout)]
+        assert passed in ([], [strategy_of(layout, engine)]), (path, passed)
+        own += passed == [strategy_of(layout, engine)]
     assert own == len(glob.glob("ds_configs/*.json")) - 5
 
 
@@ -219,8 +220,8 @@ def test_a_run_without_strategy_takes_the_ds_configs(refuse):
     assert plan.cfg.parallelism.strategy == "tp" and plan.peft == "none"  # the tp strategy's default, recorded resolved
     assert plan_layout(["--ds_config", "ds_configs/pp2_dp2.json"], 4).cfg.parallelism.strategy == "hybrid"
     code, errors = refuse("--strategy", "nope")
-    assert code == 2 and errors == ["error: unknown strategy 'nope'; choose one of dp, tp, ep, tp_ep, pp, hybrid, sp "
-                                    "(or leave --strategy out: the ds_config's layout says it)"]
+    assert code == 2 and errors == ["error: unknown strategy 'nope'; choose one of dp, tp, ep, tp_ep, pp, hybrid, sp, "
+                                    "ddp, fsdp2 (or leave --strategy out: the ds_config's layout says it)"]
 
 
 def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchanged():
