@@ -1,4 +1,4 @@
-"""--compile on under every strategy that compiles on the CPU: the same loss and gradient norm, step for step, as
+"""--compile on under every strategy that compiles on the CPU (ZeRO 0-3, SP, PP, PP x DP, EP): the same loss and gradient norm, step for step, as
 one eager process on the same job, and a record of what compiling cost (bench/compiling.py).
 
 Inductor (generated C++ kernels, the default backend) compiles ZeRO-2; the other strategies compile with
@@ -27,9 +27,12 @@ RUNS = {
     "zero2-eager": (("--ds_config", "ds_configs/dp_zero2.json", *ARGS, "--global_batch_size", "4"), 2, None),
     "zero2-inductor": (("--ds_config", "ds_configs/dp_zero2.json", *ARGS, "--global_batch_size", "4", "--compile",
                         "on"), 2, "llama-g4"),
+    "zero0": (("--ds_config", "ds_configs/dp_zero0.json", *ARGS, "--global_batch_size", "4", *AOT), 2, "llama-g4"),
+    "zero1": (("--ds_config", "ds_configs/dp_zero1.json", *ARGS, "--global_batch_size", "4", *AOT), 2, "llama-g4"),
     "zero3": (("--ds_config", "ds_configs/dp_zero3.json", *ARGS, "--global_batch_size", "4", *AOT), 2, "llama-g4"),
     "sp2": (("--ds_config", "ds_configs/sp2.json", *ARGS, "--global_batch_size", "2", *AOT), 2, "llama-g2"),
     "pp2": (("--ds_config", "ds_configs/pp2.json", *ARGS, "--global_batch_size", "2", *AOT), 2, "llama-g2"),
+    "hybrid": (("--ds_config", "ds_configs/pp2_dp2.json", *ARGS, "--global_batch_size", "4", *AOT), 4, "llama-g4"),
     "ep2": (("--ds_config", "ds_configs/ep2.json", *ARGS, *MIXTRAL, "--global_batch_size", "4", *AOT), 2,
             "mixtral-g4"),
 }
