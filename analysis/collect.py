@@ -62,10 +62,17 @@ class Run:
 
     @property
     def strategy(self) -> str:
-        """The strategy as compared, without the layout: strategy, ZeRO stage, peft, activation checkpointing
-        ("ckpt"), tiling, compiled, e.g. 'dp zero2 lora', 'dp zero2 lora compiled'."""
+        """The strategy as compared, without the layout: strategy, ZeRO stage, what the engine keeps elsewhere
+        (FSDP2 without resharding, offload), peft, activation checkpointing ("ckpt"), tiling, compiled, e.g.
+        'dp zero2 lora', 'dp zero3 offload lora', 'fsdp2 no-reshard lora', 'dp zero2 lora compiled'."""
         s, run = self.summary, self.flags
         zero = f" zero{s['zero_stage']}" if s.get("zero_stage") is not None else ""  # every DeepSpeed strategy has one
+        ds = self.config.get("ds_config") or {}
+        fsdp2, zero_section = ds.get("fsdp2") or {}, ds.get("zero_optimization") or {}
+        zero += " no-reshard" if fsdp2.get("reshard_after_forward") is False else ""
+        offloaded = fsdp2.get("cpu_offload") or any((zero_section.get(f"offload_{k}") or {}).get("device", "none")
+                                                    not in ("none", None) for k in ("optimizer", "param"))
+        zero += " offload" if offloaded else ""
         recompute = " ckpt" if run.get("activation_checkpointing") else ""
         tiled = " tiled" if run.get("tiled_mlp") or run.get("tiled_loss") else ""
         compiled = " compiled" if run.get("compile") == "on" else ""

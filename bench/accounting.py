@@ -194,8 +194,8 @@ _KIND_OF = {name: kind for kind, names in COMM_KINDS.items() for name in names}
 class CommCounter:
     """Bytes and calls of DeepSpeed's collectives while active, by kind: what DeepSpeed's own comms logger sees
     (every call through deepspeed.comm; the harness's own bookkeeping uses torch.distributed and is not counted).
-    A call's bytes are those of the tensor it names, as the logger counts them: for all-gather and reduce-scatter
-    the whole, unsharded buffer. The logger synchronizes the device around every call, so count one step only."""
+    A call's bytes are those of the tensor it names, as the logger counts them (deepspeed/comm/utils.py
+    get_tensor_position: the argument named "tensor"): an all-gather's input shard, a reduce-scatter's whole input. The logger synchronizes the device around every call, so count one step only."""
 
     def __init__(self):
         self.bytes, self.calls = {}, {}

@@ -25,6 +25,7 @@ class Architecture:
     params: tuple
     modules: tuple
     kind: str  # the model class, for messages
+    rows: tuple  # each parameter's first dimension, in params' order (FSDP2 shards by it)
 
 
 # What decides every parameter's name and size: the architecture is built once per distinct set of these.
@@ -40,7 +41,8 @@ def architecture(model_config) -> Architecture:
         model = meta_model(copy.deepcopy(model_config))  # building may set attributes on its config
         params = tuple((n, p.numel()) for n, p in model.named_parameters())
         modules = tuple((n, n.rsplit(".", 1)[-1], _in_out(m)) for n, m in model.named_modules())
-        _built[key] = Architecture(params, modules, type(model).__name__)
+        rows = tuple(p.shape[0] for p in model.parameters())
+        _built[key] = Architecture(params, modules, type(model).__name__, rows)
     return _built[key]
 
 
@@ -75,13 +77,19 @@ def _in_out(module) -> tuple[int, int] | None:
     return None
 
 
-def lora_sizes_by_name(cfg, model_config) -> list[tuple[str, int]]:
-    """(wrapped module's name + ".lora_A"/".lora_B", numel) of every LoRA tensor peft adds, in order."""
-    targets, r, sizes = target_names(cfg), cfg.model.lora_r, []
+def lora_tensors(cfg, model_config) -> list[tuple[str, int, int]]:
+    """(wrapped module's name + ".lora_A"/".lora_B", numel, first dimension) of every LoRA tensor peft adds, in
+    order: A is r x in, B is out x r."""
+    targets, r, tensors = target_names(cfg), cfg.model.lora_r, []
     for name, leaf, (n_in, n_out) in ((n, leaf, io) for n, leaf, io in architecture(model_config).modules
                                       if leaf in targets):
-        sizes += [(f"{name}.lora_A", r * n_in), (f"{name}.lora_B", n_out * r)]
-    return sizes
+        tensors += [(f"{name}.lora_A", r * n_in, r), (f"{name}.lora_B", n_out * r, n_out)]
+    return tensors
+
+
+def lora_sizes_by_name(cfg, model_config) -> list[tuple[str, int]]:
+    """(name, numel) of every LoRA tensor peft adds, in order (lora_tensors)."""
+    return [(name, n) for name, n, _ in lora_tensors(cfg, model_config)]
 
 
 def parameter_sizes(plan) -> list[int]:

@@ -136,6 +136,11 @@ def precision_of(ds: dict) -> str:
     return "fp32"
 
 
+def element_bytes(ds: dict) -> int:
+    """Bytes per element of what the resolved ds_config computes in: 4 in fp32, 2 in bf16 or fp16."""
+    return 4 if precision_of(ds) == "fp32" else 2
+
+
 def _find_auto(node, path=""):
     if node == "auto":
         return path or "<root>"

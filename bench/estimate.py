@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from bench import gpus, models
-from bench.ds_config import offloaded, precision_of
+from bench.ds_config import element_bytes, offloaded
 from bench.layout import WHOLE, Placement
 from bench.strategies import DIMENSIONS
 from bench.architecture import architecture, lora_sizes_by_name, parameter_sizes, target_names
@@ -37,7 +37,7 @@ def zero_section(plan) -> dict:
 
 
 def _width(plan) -> int:
-    return 4 if precision_of(plan.ds) == "fp32" else 2
+    return element_bytes(plan.ds)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,7 +122,10 @@ def _partition_overlap(g: Group) -> int:
 def model_states(plan, rank: int) -> dict:
     """params, grads (at the accumulation boundary), optimizer, and the buffers ZeRO keeps, in bytes, wherever
     they live; what of them ZeRO offload keeps in host memory (offloaded_bytes); and what lives only during
-    backward (transient_bytes)."""
+    backward (transient_bytes). Another engine than DeepSpeed answers for itself (its strategy's engine_states)."""
+    own = plan.strategy.engine_states(plan, rank)
+    if own is not None:
+        return own
     w, zero, stage = _width(plan), zero_section(plan), plan.zero_stage
     off = offloaded(plan.ds)
     step = 0
@@ -239,14 +242,15 @@ def load_bytes(plan, rank: int) -> dict:
     tensor gathered at construction). The host stages one tensor at a time read from a checkpoint."""
     from bench.loading import shards_at_load
     w = _width(plan)
-    held = plan.strategy.params_per_rank(plan)[rank] * w
     transient = 0
     if shards_at_load(plan):  # each dimension's own (TP: its largest split weight; EP: a layer's experts x 3)
+        held = plan.strategy.params_per_rank(plan)[rank] * w
         transient = max([d.load_transient(plan, w) for d in plan.layout.declared() if d.load_transient], default=0)
     elif plan.zero_stage == 3:
+        held = plan.strategy.params_per_rank(plan)[rank] * w
         transient = _largest_tensor(plan) * w
     else:
-        held = plan.total_params * w
+        held = plan.strategy.whole_model_bytes(plan)
     host = _largest_tensor(plan) * w if plan.cfg.model.init == "pretrained" else 0
     return {"device": held + transient, "host": host}
 
@@ -389,6 +393,9 @@ def comm_by_source(plan, rank: int) -> dict:
     for source, dimension in DIMENSIONS.items():
         if getattr(lay, source) > 1:
             out[source] = {kind: int(n) for kind, n in dimension.comm_bytes(plan, rank, w).items()}
+    own = plan.strategy.engine_comm(plan, rank)  # another engine than DeepSpeed: its own data-parallel traffic
+    if own is not None:
+        return {**out, **own}
     source = "zero_backward"
 
     def add(kind, n):
@@ -429,8 +436,6 @@ def comm_by_source(plan, rank: int) -> dict:
 
 def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
     """The plan's prediction per rank -> bench-plan's --json shape (docs/planner.md)."""
-    if plan.strategy.engine != "deepspeed":  # a run goes on without a memory plan (plan.check_memory says so)
-        raise NotImplementedError(f"the {plan.strategy.engine} engine's memory is not modelled yet")
     per_rank, in_flight = [], _in_flight(plan)
     for rank in range(plan.layout.world_size):
         states = model_states(plan, rank)

@@ -77,7 +77,10 @@ class Plan:
         """This plan with its spec varied (RunSpec.varied): --recommend's candidates, one model and data each."""
         spec = self.spec.varied(micro, activation_checkpointing)
         cfg = self.cfg.with_flags(micro_batch_size=micro, activation_checkpointing=activation_checkpointing)
-        return dataclasses.replace(self, cfg=cfg, spec=spec, strategy=type(self.strategy)(), phases=dict(self.phases))
+        varied = dataclasses.replace(self, cfg=cfg, spec=spec, strategy=type(self.strategy)(), phases=dict(self.phases))
+        if micro == self.batch.micro and "_planned_shapes" in vars(self):  # the same batches: the same shapes
+            vars(varied)["_planned_shapes"] = self._planned_shapes
+        return varied
 
     @property
     def total_params(self) -> int:

@@ -60,7 +60,7 @@ def assumptions(gpu: str, world: int) -> list[str]:
             "overlap_comm is on, outside a pipeline; the excess and what runs at the step exposed",
             "pipeline: every stage waits for the slowest (its layers' and the head's FLOPs), plus the 1F1B bubble "
             "(stages - 1) x its micro-batch; expert routing balanced",
-            f"ZeRO offload: the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
+            f"ZeRO offload (and FSDP2's cpu_offload, charged alike): the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
             f"at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
 
 
@@ -126,18 +126,13 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     bubble = sum((d.idle(plan, compute + recompute) for d in plan.layout.declared() if d.idle), 0.0)
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
     offload = 2 * host / PCIE + host / CPU_ADAM  # ZeRO offload: the states cross PCIe and CPU Adam updates them
-    # DeepSpeed overlaps ZeRO's backward traffic where overlap_comm is on (zero/config.py: the default only for
-    # stage 3), unless a dimension defers the reduction past the last backward (the pipeline's)
-    overlap = (estimate.zero_section(plan).get("overlap_comm", plan.zero_stage == 3)
-               and not any(d.defers_reduction for d in plan.layout.declared()))
-    backward = 2 / 3 * compute + recompute
-    window = backward / plan.batch.grad_accum if plan.zero_stage == 1 else backward
+    window = plan.strategy.reduction_window(plan, 2 / 3 * compute + recompute)  # backward's share
     exposed = 0.0
     for rank_sources in [estimate.comm_by_source(plan, r) for r in _representative_ranks(plan)]:
         t = 0.0
         for source, kinds in rank_sources.items():
             seconds = _seconds(plan, gpu, source, kinds)
-            t += max(0.0, seconds - window) if source == "zero_backward" and overlap else seconds
+            t += max(0.0, seconds - window) if source == "zero_backward" else seconds
         exposed = max(exposed, t)
     parts = {"compute_s": compute, "recompute_s": recompute, "bubble_s": bubble, "communication_s": exposed,
              "offload_s": offload}
@@ -188,8 +183,9 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
             accum, rest = divmod(base.batch.global_, micro * base.layout.data_parallel)
             if rest or not accum:
                 continue
-            for ckpt in (False, True):
-                yield base.varied(micro, ckpt)
+            plain = base.varied(micro, False)
+            yield plain
+            yield plain.varied(micro, True)  # its micro-batch shapes, planned once
 
 
 def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20) -> tuple[list[dict], list[str]]:

@@ -24,7 +24,8 @@ KEYS = {
     "zero_stage": "ZeRO stage of the resolved ds_config (null: another engine than DeepSpeed)",
     "engine": "what trained the model: deepspeed, ddp or fsdp2 (bench/engines)",
     "precision": "bf16 | fp16 | fp32: what the resolved ds_config trains in (--precision)",
-    "dtypes": "{trainable, frozen, grad_accum}: the dtypes the engine holds (bench/engines: Engine.describe)",
+    "dtypes": "{trainable, frozen, grad_accum[, compute]}: the dtypes the engine holds, and PyTorch's engines' compute "
+              "dtype (bench/engines: Engine.describe)",
     "global_batch_size": "samples per optimizer step", "micro_batch_size": "samples per rank per forward",
     "grad_accum": "micro-batches per optimizer step", "seq_len": "the most tokens a sample keeps",
     "batching": "packed | longest | max: how a micro-batch's samples become rows (--packing, --padding)",

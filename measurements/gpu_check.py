@@ -165,8 +165,10 @@ def main() -> int:
         lines += section_packing(c, s)
         if s["procs"] >= 2:
             lines += section_parity(c, s)
+            lines += section_engines(c, job)
         else:
             c.skip("6. layout parity (TP2, EP2, PP2, SP2)", f"{gpus} device: a layout needs 2 or more")
+            c.skip("7. ZeRO-3 vs FSDP2", f"{gpus} device: a sharded engine needs 2 or more")
         lines += ["## Result", "", *c.result()]
     common.write_page(lines, out)
     return 1 if c.failed else 0
@@ -282,6 +284,31 @@ def section_parity(c: Check, s: dict) -> list[str]:
         if not ok:
             c.failed.append(f"{label}: loss {dl:.2e}, grad norm {dg:.2e} against one process")
         rows.append(f"| {label} | {dl:.2e} | {dg:.2e} | {'yes' if ok else 'no'} |")
+    return rows + [""]
+
+
+def section_engines(c: Check, job: list[str]) -> list[str]:
+    """Job 2 on 2 devices, DeepSpeed's ZeRO-3 and PyTorch's FSDP2 (the same ds_config keys, data and seed)."""
+    runs = {}
+    for label, ds in (("ZeRO-3", "ds_configs/dp_zero3.json"), ("FSDP2", "ds_configs/fsdp2.json")):
+        args = list(job)
+        args[args.index("--strategy") + 1] = "fsdp2" if label == "FSDP2" else "dp"
+        args[args.index("--ds_config") + 1] = ds
+        runs[label] = c.run(f"engine-{label}", 2, args)
+    rows = ["## 7. ZeRO-3 vs FSDP2 on job 2, 2 devices", "",
+            "| engine | median step s | tokens/s | peak memory MiB (rank 0) | last loss |", "|---|---|---|---|---|"]
+    for label, (summary, _) in runs.items():
+        if not summary:
+            rows.append(f"| {label} | n/a | n/a | n/a | n/a |")
+            continue
+        mem = summary["memory"]["per_rank"][0]
+        peak = mem.get("peak_allocated_mib") or mem.get("peak_rss_mib")
+        rows.append(f"| {label} | {fmt(summary['step_time_s']['median'])} | {fmt(summary['tokens_per_s'], ',.0f')} "
+                    f"| {mib(peak)} | {summary['loss']['last']:.4f} |")
+    (a, ra), (b, rb) = runs.values()
+    if a and b:
+        dl = max_rel([r["loss"] for r in rb], [r["loss"] for r in ra])
+        rows += ["", f"Largest relative loss difference, FSDP2 against ZeRO-3: {dl:.2e}."]
     return rows + [""]
 
 

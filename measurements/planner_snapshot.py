@@ -31,8 +31,6 @@ def combinations() -> list[tuple[str, list[str], int, str | None]]:
     """-> (key, bench/run.py flags, world size, GPU name or None for this machine's CPU)."""
     out = []
     configs = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
-    # DeepSpeed's: the planner models no other engine yet (ddp.json, fsdp2*.json run without a memory plan)
-    configs = [p for p in configs if json.load(open(p)).get("engine", "deepspeed") == "deepspeed"]
     for path in configs:
         name = os.path.basename(path)[:-5]
         for model in ("llama3.1-8b", "mixtral-8x7b"):

@@ -8,9 +8,16 @@ clipping), so the two compute the same update from the same gradients:
 - backward takes loss / grad_accum; gradients are averaged over the data-parallel ranks by the engine's reduction;
 - step(), after every micro-batch, applies the update at the accumulation boundary: clip_grad_norm_ (its return
   value, the norm before clipping, is grad_norm()), optimizer.step(), zero_grad(set_to_none=True).
+
+In bf16 (`--precision bf16`) they train as PyTorch's own recipes do, with what DeepSpeed's bf16 keeps: the model
+arrives in bf16 (built as for DeepSpeed), the trained parameters become fp32 master weights (upcast from those
+bf16 values, as DeepSpeed's bf16 optimizer makes its fp32 copy) while frozen ones stay bf16, the forward and
+backward compute in bf16 and the gradients are reduced and applied in fp32: FSDP2 through its
+MixedPrecisionPolicy, DDP through torch.autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,11 +46,24 @@ def make_optimizer(ds: dict, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kw)
 
 
-# torch.distributed's collectives by kind (accounting.COMM_KINDS' names), and which argument is the tensor a call
-# names as DeepSpeed's comms logger counts it: all-gather's whole output, reduce-scatter's whole input
-_COUNTED = {"all_gather_single": ("all_gather", 0), "all_gather_into_tensor": ("all_gather", 0),
-            "reduce_scatter_single": ("reduce_scatter", 1), "reduce_scatter_tensor": ("reduce_scatter", 1),
-            "all_reduce": ("all_reduce", 0), "broadcast": ("broadcast", 0)}
+def keep_master_weights(model, compute_dtype) -> None:
+    """Under bf16 the trained parameters in fp32 (the optimizer's and the gradients' dtype), the frozen ones as
+    built (bf16): the dtypes DeepSpeed's bf16 holds, less its second, bf16 copy of the trained weights."""
+    if compute_dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+# torch.distributed's collectives by kind (accounting.COMM_KINDS' names) -> (kind, position, keyword) of the tensor
+# a call is counted by, as DeepSpeed's comms logger counts its own calls (deepspeed/comm/utils.py
+# get_tensor_position: the argument named "tensor"): an all-gather's input shard, a reduce-scatter's whole input
+_COUNTED = {"all_gather_single": ("all_gather", 1, "input"),
+            "all_gather_into_tensor": ("all_gather", 1, "input_tensor"),
+            "reduce_scatter_single": ("reduce_scatter", 1, "input"),
+            "reduce_scatter_tensor": ("reduce_scatter", 1, "input"),
+            "all_reduce": ("all_reduce", 0, "tensor"), "broadcast": ("broadcast", 0, "tensor")}
 
 
 class TorchCommCounter:
@@ -63,10 +83,10 @@ class TorchCommCounter:
     def __enter__(self):
         self._saved = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
         for name, fn in self._saved.items():
-            kind, which = _COUNTED[name]
+            kind, position, keyword = _COUNTED[name]
 
-            def counted(*args, _fn=fn, _kind=kind, _which=which, **kw):
-                self.add(_kind, args[_which] if len(args) > _which else list(kw.values())[_which - len(args)])
+            def counted(*args, _fn=fn, _kind=kind, _at=position, _key=keyword, **kw):
+                self.add(_kind, args[_at] if len(args) > _at else kw[_key])
                 return _fn(*args, **kw)
             setattr(dist, name, counted)
         return self
@@ -82,6 +102,7 @@ class TorchEngine(Engine):
 
     def __init__(self, wrapped, module, optimizer, plan):
         self.wrapped, self.module, self.optimizer = wrapped, module, optimizer
+        self.compute_dtype = plan.dtype
         self.grad_accum = plan.batch.grad_accum
         self.clip = float(plan.ds.get("gradient_clipping") or 0.0)
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -93,11 +114,14 @@ class TorchEngine(Engine):
         return (self._micro + 1) % self.grad_accum == 0
 
     def __call__(self, **batch):
-        with self._sync_context():
+        with self._sync_context(), self._precision_context():
             return self.wrapped(**batch)
 
     def _sync_context(self):
         raise NotImplementedError
+
+    def _precision_context(self):
+        return contextlib.nullcontext()  # FSDP2: its MixedPrecisionPolicy casts
 
     def backward(self, loss) -> None:
         (loss / self.grad_accum).backward()
@@ -136,7 +160,8 @@ class TorchEngine(Engine):
                                      if p.requires_grad == t})) or None for t in (True, False)}
         return {"optimizer": {"name": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
                               "fused": bool(groups[0].get("fused")), "wrapper": None},
-                "dtypes": {"trainable": kinds[True], "frozen": kinds[False], "grad_accum": kinds[True]}}
+                "dtypes": {"trainable": kinds[True], "frozen": kinds[False], "grad_accum": kinds[True],
+                           "compute": str(self.compute_dtype).removeprefix("torch.")}}
 
     # checkpoints: the engine's states (subclass), and each rank's own file of the harness's state
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:

@@ -15,6 +15,7 @@ import contextlib
 
 from bench.architecture import parameter_sizes
 from bench.config import BenchError
+from bench.ds_config import element_bytes
 from bench.layout import DIMENSIONS
 
 
@@ -77,6 +78,33 @@ class Strategy:
     def describe(self, sections: dict) -> str | None:
         """Console text for the sections after_initialize returned, or None."""
         return None
+
+    # The planner's terms for what the engine itself holds and moves (bench/estimate.py, bench/recommend.py): None
+    # for DeepSpeed's, which estimate.py computes from the ZeRO stage; another engine's strategy answers for it.
+    def engine_states(self, plan, rank: int) -> dict | None:
+        """estimate.model_states' dict for this rank, or None."""
+        return None
+
+    def engine_comm(self, plan, rank: int) -> dict | None:
+        """estimate.comm_by_source's data-parallel part ({source: {kind: bytes}}) for this rank, or None."""
+        return None
+
+    def whole_model_bytes(self, plan) -> int:
+        """What a rank holds of the whole model before the engine shards or copies it (bench/estimate.py
+        load_bytes): every parameter in the training dtype, as the model is built."""
+        return plan.total_params * element_bytes(plan.ds)
+
+    def reduction_window(self, plan, backward_s: float) -> float:
+        """Seconds of backward the engine's data-parallel reductions (comm_by_source's "zero_backward") can hide
+        behind; 0 when they do not overlap (bench/recommend.py). DeepSpeed overlaps them where overlap_comm is on
+        (zero/config.py: the default only for stage 3), unless a dimension defers the reduction past the last
+        backward (the pipeline's); ZeRO-1 reduces in the last micro-batch's backward only."""
+        zero = plan.ds.get("zero_optimization") or {}
+        overlap = zero.get("overlap_comm", plan.zero_stage == 3) and \
+            not any(d.defers_reduction for d in plan.layout.declared())
+        if not overlap:
+            return 0.0
+        return backward_s / plan.batch.grad_accum if plan.zero_stage == 1 else backward_s
 
     def params_per_rank(self, plan) -> list[int]:
         """Parameters each rank will hold once deepspeed.initialize has run (what summary.json's params.per_rank

@@ -74,7 +74,7 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
     text = page.read_text()
     for heading in ("## 1. The default job", "## 2. One device", "## 3. The bare DeepSpeed loop",
                     "## 3b. Job 2 compiled (aot_eager)", "## 4. ZeRO-2 offload", "## 5. Packed and padded rows",
-                    "## 6. Layouts on 2 devices"):
+                    "## 6. Layouts on 2 devices", "## 7. ZeRO-3 vs FSDP2 on job 2, 2 devices"):
         assert heading in text, heading
     assert "Every check that ran passed; none was skipped." in text and "DeepSpeedCPUAdam" in text
     assert "| packed | sdpa per document, documents |" in text and "| padded | sdpa (causal), causal |" in text
@@ -82,6 +82,8 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
     assert 0.3 < ratio < 3, ratio
     parity = [ln for ln in text.splitlines() if ln.startswith(("| TP2", "| EP2", "| PP2", "| SP2"))]
     assert len(parity) == 4 and all(ln.endswith("| yes |") for ln in parity), parity
+    engines = [ln for ln in text.splitlines() if ln.startswith(("| ZeRO-3 |", "| FSDP2 |"))]
+    assert len(engines) == 2 and not any("n/a" in ln for ln in engines), engines
 
 
 def test_fault_soak_short_seeded(tmp_path):

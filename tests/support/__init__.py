@@ -227,16 +227,31 @@ def assert_ok(res: Result) -> None:
     assert res.run_dir is not None, f"expected one run directory in {res.out_dir}"
 
 
-def assert_resumes_exactly(out_dir: Path, args: tuple, nprocs: int, reference: Result) -> None:
-    """Rank 1 killed as step 4 starts (srun-style ranks); the same command again resumes from step 2's checkpoint
-    and ends where the uninterrupted reference run did, in loss (1e-6) and gradient norm (1e-5)."""
+def assert_resumes_exactly(out_dir: Path, args: tuple, nprocs: int, reference: Result, stop: str = "kill") -> None:
+    """The run stopped, then the same command again resumes it and ends where the uninterrupted reference run
+    did, in loss (1e-6) and gradient norm (1e-5). stop="kill": rank 1 (srun-style ranks) killed as step 4 starts,
+    resumed from step 2's checkpoint; "sigterm": SIGTERM to rank 1 once step 2 is recorded (steps slowed to 0.5 s
+    so it lands mid-run): the run records "preempted", saves at the step it stopped after, exits 75 (requeue)
+    and resumes from there."""
     args = (*args, "--run_name", "job", "--resume", "auto", "--save_interval", "2", "--dist_timeout_s", "60")
-    crashed = run_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env",
-                        env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
-    assert crashed.returncode != 0 and crashed.summary()["status"] == "failed"
+    if stop == "kill":
+        crashed = run_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env",
+                            env={"BENCH_FAULT_KILL_STEP": "4", "BENCH_FAULT_RANK": "1"}, timeout=120)
+        assert crashed.returncode != 0 and crashed.summary()["status"] == "failed"
+        resumed_at = 2
+    else:
+        procs = start_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env",
+                            env={"BENCH_FAULT_SLOW_STEP_S": "0.5"})
+        wait_for_steps(out_dir, procs, 2)
+        procs[1].send_signal(signal.SIGTERM)
+        stopped = finish(procs, out_dir)
+        s = stopped.summary()
+        assert stopped.returncode == 75 and s["status"] == "preempted", stopped.output[-3000:]
+        resumed_at = s["steps"]
+        assert 2 <= resumed_at < len(reference.records()) and s["lost_steps"] == 0
     resumed = run_bench(out_dir, *args, nprocs=nprocs, launcher="srun-env")
     assert_ok(resumed)
-    assert resumed.summary()["resumed_at"] == [2]
+    assert resumed.summary()["resumed_at"] == [resumed_at]
     a, b = reference.records(), resumed.records()
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)

@@ -22,3 +22,16 @@ def test_every_strategy_is_named_with_its_zero_stage():
     tables = scaling_tables(runs)
     assert len(tables) == 2 and sorted(len(rows) for rows in tables.values()) == [2, 2]
     assert sum("tp ZeRO-1," in t for t in tables) == sum("tp ZeRO-2," in t for t in tables) == 1
+
+
+def test_what_an_engine_keeps_elsewhere_tells_two_runs_of_one_layout_apart():
+    """ZeRO-3 with and without offload, FSDP2 with and without resharding: four labels, not two."""
+    def with_ds(strategy, zero, ds):
+        r = run(strategy, strategy, zero, 2)
+        return Run(r.name, r.summary, {**r.config, "ds_config": ds}, [], None)
+    runs = [with_ds("dp", 3, {"zero_optimization": {"stage": 3}}),
+            with_ds("dp", 3, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}),
+            with_ds("fsdp2", None, {"fsdp2": {"reshard_after_forward": True}}),
+            with_ds("fsdp2", None, {"fsdp2": {"reshard_after_forward": False, "cpu_offload": True}})]
+    assert [r.strategy for r in runs] == ["dp zero3 lora", "dp zero3 offload lora", "fsdp2 lora",
+                                          "fsdp2 no-reshard offload lora"]

@@ -267,9 +267,10 @@ def test_recommend_lists_fitting_layouts_fastest_first(capfd):
     rows = out["layouts"]
     assert rows and all(r["peak_bytes"] <= gpus.capacity_bytes("A100-40GB") for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
-    # every 2-rank layout of the tiny LLaMA (ZeRO data parallel, TP, the pipeline, SP) for one job: the full
-    # fine-tune unless --peft says otherwise
-    assert {r["strategy"] for r in rows} == {"dp", "tp", "pp", "sp"} and {r["peft"] for r in rows} == {"none"}
+    # every 2-rank layout of the tiny LLaMA (ZeRO data parallel, TP, the pipeline, SP, PyTorch's DDP and FSDP2)
+    # for one job: the full fine-tune unless --peft says otherwise
+    assert {r["strategy"] for r in rows} == {"dp", "tp", "pp", "sp", "ddp", "fsdp2"}
+    assert {r["peft"] for r in rows} == {"none"}
     # 8 samples per step: a micro batch of 8 only where one data stream takes them all (TP, pipeline, SP)
     assert {r["strategy"] for r in rows if r["micro_batch_size"] == 8} == {"tp", "pp", "sp"}
     assert any("bf16 peak" in n for n in out["assumptions"])
@@ -312,3 +313,22 @@ def test_a_padded_plan_reads_no_data_and_python_m_bench_plan_runs_the_cli(capfd,
     assert ended.value.code == 0 and json.loads(capfd.readouterr().out)["fits"] is True
     assert bench_plan([*args, "--packing", "on"]) == 2  # packed rows take their shapes from the samples
     assert "data file not found: /nonexistent/file.json" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_fsdp2_shards_every_parameter_by_its_rows_as_torch_chunk_does(peft):
+    """Each rank's FSDP2 shard (bench/strategies/torch_dp.py) against torch.chunk of every parameter of the model
+    peft builds, on 3 ranks (uneven rows: the last rank gets fewer); DDP holds the whole model on every rank."""
+    from peft import LoraConfig, get_peft_model
+    from bench.architecture import meta_model, target_names
+    args = ["--model", "tiny-llama", "--peft", peft, "--packing", "off", "--ds_config"]
+    plan = plan_layout([*args, "ds_configs/fsdp2.json"], 3)
+    model = meta_model(plan.model_config)
+    if peft == "lora":
+        model = get_peft_model(model, LoraConfig(r=plan.cfg.model.lora_r, target_modules=target_names(plan.cfg)))
+    params = list(model.parameters())
+    counted = [sum(torch.chunk(p, 3)[r].numel() if r < len(torch.chunk(p, 3)) else 0 for p in params)
+               for r in range(3)]
+    assert plan.strategy.params_per_rank(plan) == counted and counted[0] > counted[2]
+    ddp = plan_layout([*args, "ds_configs/ddp.json"], 3)
+    assert ddp.strategy.params_per_rank(ddp) == [sum(p.numel() for p in params)] * 3
