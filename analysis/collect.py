@@ -56,6 +56,7 @@ class Run:
     def job_title(self) -> str:
         """The job in words, e.g. 'tiny-llama, seq 128, global batch 4, squad-sample, fp32, packed'."""
         model, seq, batch, data, precision, batching = self.job
+        data = os.path.basename(str(data).rstrip("/")) if data else data  # the file's name: a path says nothing more
         parts = [model or "?", f"seq {seq}", f"global batch {batch}", data, precision,
                  {"packed": "packed", "longest": "padded to the longest", "max": "padded"}.get(batching)]
         return ", ".join(str(p) for p in parts if p is not None)

@@ -62,7 +62,7 @@ def _name(r: Run) -> str:
 
 
 def slug(title: str) -> str:
-    """A file-name prefix from a whole job title (a hub id and a local directory may share a basename)."""
+    """A file-name prefix from a job's title (unique in a report: tables.by_job)."""
     return re.sub(r"-+", "-", "".join(c if c.isalnum() or c in ".-" else "-" for c in title.strip("/"))).strip("-")
 
 
@@ -97,8 +97,13 @@ def memory(runs: list[Run], path: str) -> str:
 
 
 def utilization(runs: list[Run], path: str) -> str:
-    label = "mean utilization (%)" if memory_kind(runs) == "GPU memory" else "mean CPU utilization (%)"
-    return _per_device(runs, "util_avg_pct", label, "utilization per device", path)
+    """What a device's utilization counts (bench/monitor.py): on a GPU NVML's busy share (the time a kernel
+    ran), on the CPU a rank's CPU time over the cores it may use; 100 % = always busy, either way."""
+    if memory_kind(runs) == "GPU memory":
+        label, what = "mean GPU busy (%)", "NVML: share of time a kernel ran, 100 % = always"
+    else:
+        label, what = "mean CPU use (%)", "CPU time over the cores the rank may use, 100 % = all busy"
+    return _per_device(runs, "util_avg_pct", label, f"utilization per device ({what})", path)
 
 
 def loss_curves(runs: list[Run], path: str) -> str:

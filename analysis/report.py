@@ -37,6 +37,9 @@ def _html_table(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+NO_SCALING = "None: no strategy of this job was measured at two or more GPU counts."
+
+
 def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete: list[dict]) -> tuple[str, str]:
     """sections: one per job, {job, baseline, comparison, scaling, plots, notes}; incomplete: the runs that
     did not complete, listed apart from the results."""
@@ -49,6 +52,9 @@ def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete
         parts += [f"<h2>{html.escape(job)}</h2>",
                   f"<h3>Strategy comparison (baseline: <code>{html.escape(sec['baseline'])}</code>)</h3>",
                   _html_table(sec["comparison"]), "<h3>Scaling tables</h3>"]
+        if not sec["scaling"]:
+            md += [f"_{NO_SCALING}_", ""]
+            parts.append(f"<p><em>{html.escape(NO_SCALING)}</em></p>")
         for name, rows in sec["scaling"].items():
             md += [f"#### {name}", "", _md_table(rows)]
             parts += [f"<h4>{html.escape(name)}</h4>", _html_table(rows)]

@@ -4,6 +4,7 @@ everything. Ratios come from bench/metrics.py."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 
 from bench import metrics
 from bench.summary import flatten
@@ -18,13 +19,16 @@ def hms(seconds: float | None) -> str | None:
 
 
 def by_job(runs: list[Run]) -> dict[str, list[Run]]:
-    """Completed runs per job (Run.job_title), jobs in first-seen order: comparisons never cross jobs, so two
-    runs of one model at different sequence lengths or batches are never one ratio."""
-    out: dict[str, list[Run]] = {}
+    """Completed runs per job (Run.job), titled by Run.job_title, jobs in first-seen order: comparisons never
+    cross jobs, so two runs of one model at different sequence lengths or batches are never one ratio. Two jobs
+    whose data files share a name keep their titles apart by the data's whole path."""
+    groups: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.ok:
-            out.setdefault(r.job_title, []).append(r)
-    return out
+            groups.setdefault(r.job, []).append(r)
+    titles = Counter(members[0].job_title for members in groups.values())
+    return {(m[0].job_title if titles[m[0].job_title] == 1 else f"{m[0].job_title} ({key[3]})"): m
+            for key, m in groups.items()}
 
 
 def incomplete(runs: list[Run]) -> list[dict]:
@@ -84,11 +88,9 @@ def _get(run: Run, *keys):
 
 
 def family(run: Run) -> tuple:
-    """Runs that form one scaling series: same job, strategy, ZeRO stage, peft and activation checkpointing;
-    only the GPU count varies."""
-    s = run.summary
-    recompute = bool(run.flags.get("activation_checkpointing"))
-    return (run.job_title, s.get("strategy"), s.get("zero_stage"), s.get("peft"), recompute)
+    """Runs that form one scaling series: same job and strategy as compared (Run.strategy: ZeRO stage, what the
+    engine keeps elsewhere, peft, checkpointing, tiling, compiled); only the GPU count varies."""
+    return run.job, run.strategy
 
 
 def series(runs: list[Run]) -> dict[tuple, list[Run]]:
@@ -101,10 +103,13 @@ def series(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 
 def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[str, list[dict]]:
-    """{series title: rows} for completed runs, one row per run ordered by GPUs; baseline = the series' smallest
-    GPU count (or baseline_gpus)."""
+    """{series title: rows} for the series of completed runs measured at two or more GPU counts (one run scales
+    against nothing), one row per run ordered by GPUs; baseline = the series' smallest GPU count (or
+    baseline_gpus). The job is the report section's title: a series is named by its strategy alone."""
     out = {}
-    for key, members in series(runs).items():
+    for members in series(runs).values():
+        if len({r.gpus for r in members}) < 2:
+            continue
         base = next((r for r in members if r.gpus == baseline_gpus), None) if baseline_gpus else None
         base = base or members[0]
         dev = "GPU0" if memory_kind(members) == "GPU memory" else "rank 0 RSS"
@@ -122,10 +127,7 @@ def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[st
                                                            _get(r, "total_wall_time_s")),
                 "memory scaling (peak_base/peak_N)": metrics.ratio(device0(base).get("peak_mib"), d0.get("peak_mib")),
             })
-        job, strategy, zero, peft, recompute = key
-        title = (f"{job}: {strategy}" + (f" ZeRO-{zero}" if zero is not None else "") + f", peft {peft}"
-                 + (", activation checkpointing" if recompute else ""))
-        out[title + f" (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
+        out[f"{members[0].strategy} (baseline {base.gpus} GPU{'s' if base.gpus > 1 else ''})"] = rows
     return out
 
 
@@ -158,7 +160,7 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
     for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
         b = baseline
         rows.append({
-            "run": r.name, "job": r.job_title, "strategy": r.label, "GPUs": r.gpus, "attention": attention(r),
+            "run": r.name, "strategy": r.label, "GPUs": r.gpus, "attention": attention(r),
             "slowest / fastest rank": _get(r, "step_time_by_rank", "slowest_over_fastest"),
             "time reduction (x)": metrics.ratio(b and _get(b, "total_wall_time_s"), _get(r, "total_wall_time_s")),
             "throughput increase (x)": metrics.ratio(_get(r, "tokens_per_s"), b and _get(b, "tokens_per_s")),

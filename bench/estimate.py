@@ -460,7 +460,10 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
                          "peak_micro_batch_bytes": extra, "step_transient_bytes": step,
                          "overhead_bytes": overhead, "total_bytes": held + overhead,
                          "load_bytes": load["device"] + allowance(load["device"]), "load_host_bytes": load["host"],
-                         "micro_batches_in_flight": flight})
+                         "micro_batches_in_flight": flight,
+                         # of activation_bytes, the layer recomputed in backward under checkpointing (not saved
+                         # by the forward, which is what the accounting counts)
+                         "recompute_bytes": activation_bytes(plan, rank, *plan.micro_shape)["recompute_bytes"]})
     training = max(r["total_bytes"] for r in per_rank)
     loading = max(r["load_bytes"] for r in per_rank)
     peak = max(training, loading)
@@ -488,6 +491,12 @@ def _micro_batch_bytes(plan, rank: int, shape: tuple[int, int], flight: int) -> 
         loss = tiler.loss_slice(plan, shape)
     logits = act["logits_bytes"]
     return act["activation_bytes"] * flight + act["recompute_bytes"], logits + loss, logits
+
+
+def slowest_share(plan) -> float:
+    """The slowest rank's compute as a multiple of the mean rank's (a pipeline's slowest stage, its module's
+    compute_share); 1 where every rank computes alike."""
+    return math.prod(d.compute_share(plan) for d in plan.layout.declared() if d.compute_share)
 
 
 def _in_flight(plan) -> list[int]:

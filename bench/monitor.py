@@ -1,7 +1,8 @@
 """Background device sampler: the seeds' `nvidia-smi` log, done in-process.
 
 One sampler per node (local rank 0). On GPUs it reads NVML for every GPU visible to the job; on the CPU each
-"device" is one training process (rank), sampled with psutil (RSS, CPU %). Rows go to a CSV, flushed as
+"device" is one training process (rank), sampled with psutil (RSS, and CPU time over the cores it may run on:
+100 % = every one of them busy all the time). Rows go to a CSV, flushed as
 written, so a crash keeps what was sampled.
 """
 from __future__ import annotations
@@ -61,14 +62,17 @@ class _ProcessSource:
     def __init__(self, pids_by_rank: dict[int, int]):
         import psutil
         self.procs = {rank: psutil.Process(pid) for rank, pid in pids_by_rank.items()}
-        for p in self.procs.values():
+        self.cores = {}
+        for rank, p in self.procs.items():
             p.cpu_percent(None)  # the first call only starts psutil's interval
+            # psutil's percent is of one core (a process of 8 busy threads reads 800 %): per core it may use
+            self.cores[rank] = len(p.cpu_affinity()) if hasattr(p, "cpu_affinity") else (os.cpu_count() or 1)
 
     def sample(self):
         import psutil
         for rank, p in self.procs.items():
             try:
-                yield rank, p.memory_info().rss / 2**20, p.cpu_percent(None)
+                yield rank, p.memory_info().rss / 2**20, p.cpu_percent(None) / self.cores[rank]
             except psutil.Error:  # a rank that already exited
                 continue
 

@@ -368,6 +368,8 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
         log.warning(f"the planner cannot plan {plan.cfg.model.name} under --strategy {plan.cfg.parallelism.strategy} "
                     f"({type(e).__name__}: {e}); running without a memory plan")
         return None
+    from bench.calibrate import features
+    est["cost_features"] = features(plan, est)  # what bench-plan --calibrate fits this run's step time with
     if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(

@@ -60,8 +60,8 @@ def assumptions(gpu: str, world: int) -> list[str]:
             "overlap_comm is on, outside a pipeline; the excess and what runs at the step exposed",
             "pipeline: every stage waits for the slowest (its layers' and the head's FLOPs), plus the 1F1B bubble "
             "(stages - 1) x its micro-batch; expert routing balanced",
-            f"ZeRO offload (and FSDP2's cpu_offload, charged alike): the offloaded bytes cross PCIe twice at {PCIE / 1e9:.0f} GB/s and CPU Adam updates them "
-            f"at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
+            f"ZeRO offload (and FSDP2's cpu_offload, charged alike): the offloaded bytes cross PCIe twice at "
+            f"{PCIE / 1e9:.0f} GB/s and CPU Adam updates them at {CPU_ADAM / 1e9:.0f} GB/s per rank, not overlapped"]
 
 
 def wave_efficiency(m: int, n: int, sms: int | None) -> float:
@@ -91,12 +91,6 @@ def gemm_efficiency(plan, sms: int | None) -> float:
     return flops / sum(m_ * n * k / wave_efficiency(m_, n, sms) for m_, n, k in gemms)
 
 
-def slowest_share(plan) -> float:
-    """The slowest rank's compute as a multiple of the mean rank's (a pipeline's slowest stage, its module's
-    compute_share); 1 where every rank computes alike."""
-    return math.prod(d.compute_share(plan) for d in plan.layout.declared() if d.compute_share)
-
-
 def _link(plan, gpu: str, source: str) -> float:
     """Bandwidth a source's collectives see: NVLink while the ranks they reach fit in a node (a dimension's span,
     bench/strategies; ZeRO's: every rank), else InfiniBand."""
@@ -121,7 +115,7 @@ def step_breakdown(plan, est: dict, gpu: str) -> dict:
     offload's PCIe transfers and CPU Adam) and their total."""
     peak = peak_tflops(gpu) * 1e12
     efficiency = EFFICIENCY * gemm_efficiency(plan, gpus.BY_KEY[gpu].sms)
-    compute = est["flops_per_rank_per_step"] * slowest_share(plan) / (peak * efficiency)
+    compute = est["flops_per_rank_per_step"] * estimate.slowest_share(plan) / (peak * efficiency)
     recompute = compute / 3 if plan.cfg.model.activation_checkpointing else 0.0
     bubble = sum((d.idle(plan, compute + recompute) for d in plan.layout.declared() if d.idle), 0.0)
     host = max(r["offloaded_bytes"] for r in est["per_rank"])
@@ -144,6 +138,18 @@ def _representative_ranks(plan) -> list[int]:
     (the others move the same bytes)."""
     chosen = [d.representatives(plan.layout) for d in plan.layout.declared() if d.representatives]
     return chosen[0] if chosen else [0]
+
+
+def default_coefficients(gpu: str | None) -> dict:
+    """This model's constants as seconds per unit of each of bench/calibrate.py's features, for that GPU: what a
+    calibration keeps for a constant its runs do not determine (none without a GPU)."""
+    from bench.calibrate import KINDS, TERMS
+    out = {t: 0.0 for t in TERMS}
+    if gpu:
+        out["flops"] = 1 / (peak_tflops(gpu) * 1e12 * EFFICIENCY)
+        out.update({k: BUS_FACTOR.get(k, 1.0) / gpus.BY_KEY[gpu].link_bytes_s for k in KINDS})
+        out["offloaded"] = 2 / PCIE + 1 / CPU_ADAM
+    return out
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:
@@ -188,15 +194,19 @@ def candidates(args: list[str], world: int, gpu: str, reasons: list):
             yield plain.varied(micro, True)  # its micro-batch shapes, planned once
 
 
-def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20) -> tuple[list[dict], list[str]]:
-    """-> (the layouts that fit, fastest predicted first; the assumptions)."""
+def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 20,
+              calibration: dict | None = None) -> tuple[list[dict], list[str]]:
+    """-> (the layouts that fit, fastest predicted first; the assumptions). With a calibration (bench/calibrate.py)
+    the step times are the fitted model's, and the assumptions say which constants were fitted."""
+    from bench import calibrate
     rows, reasons, planned = [], [], 0
     for plan in candidates(args, world, gpu, reasons):
         planned += 1
         est = estimate.estimate(plan, capacity)
         if not est["fits"]:
             continue
-        parts = step_breakdown(plan, est, gpu)
+        parts = calibrate.breakdown(calibration, calibrate.features(plan, est)) if calibration \
+            else step_breakdown(plan, est, gpu)
         rows.append({"strategy": plan.cfg.parallelism.strategy, "ds_config": plan.cfg.parallelism.ds_config,
                      "peft": plan.peft,
                      "micro_batch_size": plan.batch.micro,
@@ -209,6 +219,11 @@ def recommend(args: list[str], world: int, gpu: str, capacity: int, top: int = 2
         raise config.BenchError("no layout could be planned; the first reason: " + (reasons[0] if reasons else
                                 "no ds_configs/*.json found"))
     rows.sort(key=lambda r: r["step_s"])
+    if calibration:  # the fitted model's constants, each said to be fitted or a default
+        notes = [f"calibrated from {len(calibration['runs'])} runs on {', '.join(calibration['device'])} "
+                 f"(bench-plan --calibrate); step s adds the overheads per micro-batch and per step; constants:",
+                 *calibrate.describe(calibration)]
+        return rows[:top], notes
     return rows[:top], assumptions(gpu, world)
 
 

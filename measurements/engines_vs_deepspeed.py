@@ -2,6 +2,7 @@
 fine-tune and LoRA, repeats alternating the order, and a results page with the ratios measured in each repeat.
 
     python measurements/engines_vs_deepspeed.py [--repeats 3] [--steps 20] [--out docs/results/engines_cpu.md]
+    python measurements/engines_vs_deepspeed.py --from_json docs/results/engines_cpu.json --out ...  (page only)
 
 Each pair differs in the engine alone: the same ds_config keys (batch, optimizer, learning rate, clipping), data,
 seed, launcher (torchrun) and processes (bench/strategies/torch_dp.py). Per run: the steady step time (median of
@@ -63,12 +64,14 @@ def page(opts, results: dict) -> list[str]:
                 return f"{fmt.format(med(ds, key, scale))} / {fmt.format(med(pt, key, scale))}"
             lines.append(
                 f"| {pair} | {peft} | {both('step_s', 1e3, '{:.1f}')} | {statistics.median(ratios):.2f} "
-                f"({min(ratios):.2f}-{max(ratios):.2f}) | {both('tokens_per_s', 1)} "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) | {both('tokens_per_s', 1)} | "
                 + " | ".join(both(k, 1 / 1024) for k in (*KINDS, "comm_bytes"))
                 + f" | {both('rss_mib', 1)} | {ds[0]['loss']:.4f} / {pt[0]['loss']:.4f} |")
     lines += ["", "Each cell is DeepSpeed / PyTorch. What differs by design: ZeRO-3 pads each parameter's partition "
-              "to the world and keeps small parameters whole on every rank, FSDP2 pads each parameter's first "
-              "dimension; DeepSpeed's ZeRO-0 all-reduces the gradients after backward, DDP in buckets during it; "
+              "to the world and keeps small parameters whole on every rank (on the tiny model every parameter but "
+              "the embedding and head is under its 100,000-element threshold: more held, less gathered, than on "
+              "an 8B model), FSDP2 pads each parameter's first dimension; DeepSpeed's ZeRO-0 all-reduces the "
+              "gradients after backward, DDP in buckets during it; "
               "under LoRA ZeRO-3 keeps the adapters in fp32 and wraps every linear layer (its activations include "
               "the frozen layers' inputs). On this CPU the collectives run over gloo on one host; on GPUs NCCL "
               "and overlap decide more of the step, so the page a GPU gives (measurements/gpu_check.py) is the "
@@ -82,7 +85,12 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--from_json", default=None, help="write the page from an earlier run's JSON")
     opts = p.parse_args()
+    if opts.from_json:
+        with open(opts.from_json) as fh:
+            write_page(page(opts, json.load(fh)), opts.out)
+        return
     results = {pair: {peft: ([], []) for peft in PEFTS} for pair in PAIRS}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(opts.repeats):

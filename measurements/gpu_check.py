@@ -13,7 +13,9 @@ In order, each a real harness launch (torchrun on a free port, as measurements/c
 4. ZeRO-2 offload with DeepSpeed's CPU Adam;
 5. the same model on the bundled QA data, packed (the document path: varlen_attn on CUDA) and padded (causal, no
    mask), the same samples: the same loss, the kernel each ran, and what packing saves;
-6. with 2 or more devices: TP2, EP2 (tiny Mixtral), PP2 and SP2 against one process, loss and gradient norm.
+6. with 2 or more devices: TP2, EP2 (tiny Mixtral), PP2 and SP2 against one process, loss and gradient norm
+   (--layouts picks some: the CPU test runs two, the others' parity having suites of their own);
+7. with 2 or more devices: job 2 under DeepSpeed's ZeRO-3 and PyTorch's FSDP2, step time, memory and loss.
 The result line names every check that ran and every one that was skipped, with why (one device: no layout
 parity); it never reads "every check passed" over a skipped one.
 Under 10 minutes on one 8-GPU node. On a machine without GPUs the same sequence runs on the CPU with small
@@ -125,7 +127,13 @@ def max_rel(a: list, b: list) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results page (default docs/results/gpu_<device>.md)")
+    p.add_argument("--layouts", default=",".join(label for label, *_ in LAYOUTS),
+                   help="section 6's layouts, comma-separated (default: all)")
     opts = p.parse_args()
+    unknown = set(opts.layouts.split(",")) - {label for label, *_ in LAYOUTS}
+    if unknown:
+        p.error(f"--layouts: no layout {', '.join(sorted(unknown))}; choose from "
+                f"{', '.join(label for label, *_ in LAYOUTS)}")
     import torch
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     s = settings(gpus)
@@ -164,7 +172,7 @@ def main() -> int:
                       f"states), median step {fmt(off['step_time_s']['median'])} s.", ""]
         lines += section_packing(c, s)
         if s["procs"] >= 2:
-            lines += section_parity(c, s)
+            lines += section_parity(c, s, opts.layouts.split(","))
             lines += section_engines(c, job)
         else:
             c.skip("6. layout parity (TP2, EP2, PP2, SP2)", f"{gpus} device: a layout needs 2 or more")
@@ -265,14 +273,18 @@ def section_packing(c: Check, s: dict) -> list[str]:
     return rows + [""]
 
 
-def section_parity(c: Check, s: dict) -> list[str]:
+def section_parity(c: Check, s: dict, chosen: list[str]) -> list[str]:
     precision = "bf16" if s["device"] == "cuda" else "fp32"
     rtol = RTOL[precision]
+    layouts = [row for row in LAYOUTS if row[0] in chosen]
+    left = [row[0] for row in LAYOUTS if row[0] not in chosen]
+    if left:
+        c.skip(f"6. layout parity ({', '.join(left)})", "not chosen by --layouts")
     refs = {m: c.run(f"ref-{m}", 1, ["--strategy", "dp", "--ds_config", "ds_configs/dp_zero1.json", "--model", m,
-                                     *PARITY]) for m in ("tiny-llama", "tiny-mixtral")}
+                                     *PARITY]) for m in sorted({row[1] for row in layouts})}
     rows = [f"## 6. Layouts on {s['procs']} devices against one process ({precision}, tolerance {rtol:g} relative)",
             "", "| layout | loss, max rel. diff | grad norm, max rel. diff | within |", "|---|---|---|---|"]
-    for label, model, strategy, ds in LAYOUTS:
+    for label, model, strategy, ds in layouts:
         got, recs = c.run(label, 2, ["--strategy", strategy, "--ds_config", ds, "--model", model, *PARITY])
         ref = refs[model][1]
         if not got or not refs[model][0]:

@@ -56,9 +56,9 @@ def report(runs_dir, tmp_path_factory):
 @pytest.mark.multiproc
 def test_scaling_ratios_are_exact(runs_dir):
     runs = collect.from_dirs([str(runs_dir)])
-    series = tables.scaling_tables(runs)
-    (title, rows), = [(t, r) for t, r in series.items() if "peft lora" in t and t.startswith(JOB)]
-    assert "baseline 1 GPU" in title
+    # the one series measured at two GPU counts (the others ran at one: nothing to scale against)
+    (title, rows), = tables.scaling_tables(runs).items()
+    assert title == "dp zero2 lora (baseline 1 GPU)"
     by_name = {r["run"]: r for r in rows}
     s1 = json.loads((runs_dir / "lora-w1" / "summary.json").read_text())
     s2 = json.loads((runs_dir / "lora-w2" / "summary.json").read_text())
@@ -119,6 +119,9 @@ def test_report_files(report, runs_dir):
     assert "baseline: `lora-w1-seq64`" in short and "lora-w2" not in short, "nor across sequence lengths"
     assert "lora-w1-seq64" not in sections["tiny-llama 128"]
     assert "No scaling plot: no strategy of this job was measured at two or more GPU counts." in mixtral
+    assert "### Scaling tables\n\n_None: no strategy of this job was measured at two or more GPU counts._" in mixtral
+    # the job is named once, in its section's title: no row repeats it
+    assert JOB not in sections["tiny-llama 128"].split("### Strategy comparison")[1]
     pngs = sorted(p.name for p in report.glob("*.png"))
     prefix = {j: plots.slug(title) for j, title in jobs.items()}
     assert prefix["tiny-llama 128"] == "tiny-llama-seq-128-global-batch-4-squad-sample-fp32-packed"
@@ -197,3 +200,35 @@ def test_wandb_report_object(report):
     written = json.loads((report / "report_definition.json").read_text())
     assert written["panel_types"] == ["LinePlot", "LinePlot", "BarPlot", "BarPlot"]
     assert written["report"]["project"] == "bench-test"
+
+
+@pytest.mark.multiproc
+def test_bench_plan_calibrates_from_real_runs_and_recommends_with_the_fit(runs_dir, tmp_path):
+    """bench-plan --calibrate on this module's completed runs (their memory plans carry the cost features): a
+    calibration file naming its runs and each constant fitted or default; --recommend --calibration orders by it
+    and says so; an unfinished run is refused in one line."""
+    done = [str(runs_dir / n) for n in ("lora-w1", "lora-w2", "full-w2", "mixtral-w1", "lora-w1-seq64")]
+    cal = tmp_path / "cal.json"
+    plan = [sys.executable, "-m", "bench.plan_cli"]
+    res = subprocess.run([*plan, "--calibrate", *done, "--gpu", "H100-80GB", "--out", str(cal)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = json.loads(cal.read_text())
+    assert written["runs"] == [os.path.basename(d) for d in done] and written["world_sizes"] == [1, 2]
+    c = written["constants"]
+    assert c["all_to_all"]["source"].startswith("default")  # no run here exchanges tokens
+    assert c["flops"]["source"].startswith("fitted") and c["flops"]["runs"] and "flops" in res.stdout
+    assert c["step"]["source"] == "fitted" and c["step"]["coefficient"] > 0 and c["step"]["stderr"] is not None
+    from bench import calibrate
+    for d in done:  # each residual is the run's measured step less what the written constants predict for it
+        s = json.loads((runs_dir / os.path.basename(d) / "summary.json").read_text())
+        predicted = calibrate.predict(written, s["memory_plan"]["cost_features"])
+        assert written["residual_s"][os.path.basename(d)] == pytest.approx(s["step_time_s"]["median"] - predicted,
+                                                                           abs=1e-9)
+    res = subprocess.run([*plan, "--recommend", "--model", "tiny-llama", "--world_size", "2", "--gpu", "H100-80GB",
+                          "--seq_len", "128", "--packing", "off", "--calibration", str(cal)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "calibrated from 5 runs" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    res = subprocess.run([*plan, "--calibrate", str(runs_dir / "lora-w4-oom"), *done], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "only completed runs" in res.stderr, res.stderr[-2000:]

@@ -92,7 +92,7 @@ def test_a_pipeline_runs_at_its_slowest_stage():
     from bench.strategies.pipeline import stage_of
     layers = [len(stage_of(plan, s)[1]) for s in range(2)]  # ranks 0 and 1: stages 0 and 1 (dp 1)
     stages = [layers[0] * layer, layers[1] * layer + head]
-    assert recommend.slowest_share(plan) == pytest.approx(max(stages) / (sum(stages) / 2))
+    assert estimate.slowest_share(plan) == pytest.approx(max(stages) / (sum(stages) / 2))
     est = estimate.estimate(plan, None)
     parts = recommend.step_breakdown(plan, est, GPU)
     # 1F1B: the slowest stage's micro-batch, (stages - 1) more times

@@ -126,3 +126,17 @@ def test_an_nvml_failure_never_stops_a_run(tmp_path, capsys):
     mon = monitor.DeviceMonitor(str(tmp_path / "m.csv"), 0.05, "cuda", {}).start()
     assert mon.stop() == []
     assert "warning: the GPU monitor cannot use NVML" in capsys.readouterr().err
+
+
+def test_a_ranks_cpu_use_is_per_core_it_may_use():
+    """psutil counts one busy core as 100 %: the monitor divides by the cores the process may run on, so one
+    busy thread reads 100 % / cores and a rank can never read more than 100 % (docs/metrics.md)."""
+    import os
+    import time
+    source = monitor._ProcessSource({0: os.getpid()})
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # one thread busy
+        pass
+    (rank, _, util), = source.sample()
+    cores = len(os.sched_getaffinity(0))
+    assert rank == 0 and 100 / cores * 0.5 < util <= 100 / cores * 1.2, (util, cores)

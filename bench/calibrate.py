@@ -1,0 +1,180 @@
+"""The cost model fitted to the user's own runs: `bench-plan --calibrate RUN_DIR...` reads completed runs and fits
+a step time linear in what each run's plan says it computes and moves; `--recommend --calibration FILE` predicts
+with the fit (docs/planner.md, "Calibration").
+
+Every run records, beside its memory plan, the cost model's features (summary.json memory_plan.cost_features,
+`features`): the slowest rank's FLOPs per step (a pipeline's slowest stage; activation checkpointing's second
+forward included), the bytes its collectives move per step by kind (the planner's count, equal to the
+accounting's: tests/integration), the optimizer-state bytes offloaded to the host, and the micro-batches per step.
+The fit is
+
+    step_s = flops / F + sum_kind bytes_kind / B_kind + offloaded / H + micro_batches x m + s
+
+by non-negative least squares (every term costs time): F the sustained FLOP/s, B_kind each collective kind's
+effective bandwidth (what is not hidden behind compute, per byte counted), H the offload bandwidth, m the cost
+per micro-batch and s per step. A constant the runs do not exercise (its feature zero, or constant over the
+runs) keeps its default and is marked so; one they exercise but whose time the fit cannot see beside the others'
+is fitted to zero and marked so; each fitted one carries its standard error and the runs that exercise it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from bench.config import BenchError
+
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send_recv", "broadcast")
+TERMS = ("flops", *KINDS, "offloaded", "micro_batches", "step")  # a feature each, its coefficient a constant
+VERSION = 1
+
+
+def features(plan, est: dict) -> dict:
+    """What a run of this plan computes and moves per optimizer step, as the fit reads it (module docstring)."""
+    from bench.estimate import slowest_share
+    recompute = 4 / 3 if plan.cfg.model.activation_checkpointing else 1.0
+    per_rank = est["comm_bytes_per_step_per_rank"]
+    return {"flops": est["flops_per_rank_per_step"] * slowest_share(plan) * recompute,
+            **{k: max((r.get(k, 0) for r in per_rank), default=0) for k in KINDS},
+            "offloaded": max((r["offloaded_bytes"] for r in est["per_rank"]), default=0),
+            "micro_batches": plan.batch.grad_accum, "step": 1}
+
+
+def read_runs(paths: list[str]) -> list[dict]:
+    """Completed run directories -> [{run, world_size, device, step_s, spread, features}]. A run that did not
+    complete, or was recorded before its plan carried the cost features, is refused in one line."""
+    out = []
+    for path in paths:
+        try:
+            with open(os.path.join(path, "summary.json")) as fh:
+                s = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"--calibrate {path}: no readable summary.json ({e})")
+        if s.get("status") != "completed" or not (s.get("step_time_s") or {}).get("median"):
+            raise BenchError(f"--calibrate {path}: status {s.get('status')!r}; only completed runs with measured "
+                             "steps calibrate")
+        found = (s.get("memory_plan") or {}).get("cost_features")
+        if not found:
+            raise BenchError(f"--calibrate {path}: its memory plan records no cost features (a run of another "
+                             "engine's planner, or recorded before them); rerun it")
+        t = s["step_time_s"]
+        try:  # the device as the run resolved it (config.json: bench/plan.py Plan.config)
+            with open(os.path.join(path, "config.json")) as fh:
+                device = json.load(fh).get("device") or {}
+        except (OSError, ValueError):
+            device = {}
+        out.append({"run": os.path.basename(os.path.normpath(path)), "world_size": s.get("world_size"),
+                    "device": device.get("name") or device.get("type") or "unknown",
+                    "step_s": t["median"], "spread": [t.get("p10"), t.get("p90")], "features": found})
+    if len(out) < 2:
+        raise BenchError("--calibrate needs two or more completed runs (one per layout at least)")
+    return out
+
+
+def fit(runs: list[dict], defaults: dict | None = None, gpu: str | None = None) -> dict:
+    """Non-negative least squares over the runs -> the calibration: each constant's coefficient, standard error,
+    whether it was fitted or kept at its default (defaults: {term: coefficient}, bench/recommend.py
+    default_coefficients for a GPU; else 0), and the runs that exercise it."""
+    base = {**{t: 0.0 for t in TERMS}, **(defaults or {})}
+    X = np.array([[float(r["features"].get(t, 0)) for t in TERMS] for r in runs])
+    y = np.array([float(r["step_s"]) for r in runs])
+    # a term the runs do not vary (or never exercise) cannot be told apart from the per-step constant
+    varied = [j for j, t in enumerate(TERMS) if t == "step" or np.ptp(X[:, j]) > 0]
+    scale = np.array([max(np.abs(X[:, j]).max(), 1e-30) for j in range(len(TERMS))])
+    coef, active = _nnls(X[:, varied] / scale[varied], y)
+    coef = coef / scale[varied]
+    fitted = {TERMS[j]: float(c) for j, c in zip(varied, coef)}
+    used = [j for j, c in zip(varied, coef) if c > 0]
+    resid = y - X[:, varied] @ coef
+    dof = max(len(runs) - len(used), 1)
+    sigma2 = float(resid @ resid) / dof
+    errors = {}
+    if used:  # the covariance of the scaled problem (columns of one magnitude), scaled back
+        A = X[:, used] / scale[used]
+        cov = sigma2 * np.linalg.pinv(A.T @ A)
+        errors = {TERMS[j]: float(math.sqrt(max(cov[i, i], 0.0)) / scale[j]) for i, j in enumerate(used)}
+    constants = {}
+    for j, t in enumerate(TERMS):
+        if t in errors:
+            constants[t] = {"coefficient": fitted[t], "stderr": errors[t], "source": "fitted",
+                            "runs": [r["run"] for r in runs if r["features"].get(t, 0)]}
+        elif j in varied:  # exercised, but its time is not seen beside the others': the data says negligible
+            constants[t] = {"coefficient": 0.0, "stderr": None, "source": "fitted to zero (not seen beside the "
+                            "other terms)", "runs": [r["run"] for r in runs if r["features"].get(t, 0)]}
+        else:
+            constants[t] = {"coefficient": base[t], "stderr": None, "source": "default (not varied by the runs)",
+                            "runs": []}
+    return {"version": VERSION, "device": sorted({r["device"] for r in runs}),
+            "world_sizes": sorted({r["world_size"] for r in runs}), "runs": [r["run"] for r in runs],
+            "gpu_defaults": gpu, "constants": constants,
+            "residual_s": {r["run"]: float(e) for r, e in zip(runs, resid)}}
+
+
+def _nnls(A: np.ndarray, y: np.ndarray, rounds: int = 50) -> tuple[np.ndarray, list[int]]:
+    """min |A x - y| with x >= 0 (Lawson and Hanson's active set, small problems): -> (x, the free columns)."""
+    n = A.shape[1]
+    x, free = np.zeros(n), []
+    for _ in range(rounds):
+        w = A.T @ (y - A @ x)
+        candidates = [j for j in range(n) if j not in free and w[j] > 1e-12]
+        if not candidates:
+            break
+        free.append(max(candidates, key=lambda j: w[j]))
+        while True:
+            z = np.zeros(n)
+            z[free] = np.linalg.lstsq(A[:, free], y, rcond=None)[0]
+            if all(z[j] > 0 for j in free):
+                x = z
+                break
+            ratios = [x[j] / (x[j] - z[j]) for j in free if z[j] <= 0]
+            alpha = min(ratios)
+            x = x + alpha * (z - x)
+            free = [j for j in free if x[j] > 1e-15]
+    return x, free
+
+
+def predict(calibration: dict, feats: dict) -> float:
+    """Seconds per step the calibration predicts for a plan's features."""
+    return breakdown(calibration, feats)["step_s"]
+
+
+def breakdown(calibration: dict, feats: dict) -> dict:
+    """The prediction in the cost model's parts (bench/recommend.py step_breakdown's keys): compute (the slowest
+    rank's FLOPs, checkpointing's recompute and a pipeline's wait for its slowest stage included), communication,
+    offload, and the overheads per micro-batch and per step, which the uncalibrated model has not."""
+    term = {t: calibration["constants"][t]["coefficient"] * float(feats.get(t, 0)) for t in TERMS}
+    parts = {"compute_s": term["flops"], "recompute_s": 0.0, "bubble_s": 0.0,
+             "communication_s": sum(term[k] for k in KINDS), "offload_s": term["offloaded"],
+             "overhead_s": term["micro_batches"] + term["step"]}
+    return {**parts, "step_s": sum(parts.values())}
+
+
+def load(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            cal = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--calibration {path}: cannot read it ({e}); write one with bench-plan --calibrate")
+    if cal.get("version") != VERSION or set(cal.get("constants", {})) != set(TERMS):
+        raise BenchError(f"--calibration {path}: not a calibration of this version; write it again with "
+                         "bench-plan --calibrate")
+    return cal
+
+
+def describe(calibration: dict) -> list[str]:
+    """One line per constant: its value in its own unit, its standard error, fitted or default."""
+    lines = []
+    for t, c in calibration["constants"].items():
+        k, e = c["coefficient"], c["stderr"]
+        if t == "flops":
+            value = f"sustained {1 / k / 1e12:.3g} TFLOP/s" if k else "free"
+        elif t in KINDS or t == "offloaded":
+            value = f"{1 / k / 1e9:.3g} GB/s effective" if k else "free (hidden or unused)"
+        else:
+            value = f"{k * 1e3:.3g} ms per {'micro-batch' if t == 'micro_batches' else 'step'}"
+        err = f" (coefficient {k:.3g} +/- {e:.2g})" if e is not None else ""
+        lines.append(f"{t:<15}{value}{err}; {c['source']}" + (f"; runs: {', '.join(c['runs'])}" if c["runs"]
+                                                               else ""))
+    return lines

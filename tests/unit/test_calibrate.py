@@ -1,0 +1,64 @@
+"""The cost model's calibration (bench/calibrate.py) on synthetic runs whose constants are known: the fit recovers
+them, says which it could not determine, and predicts a layout it did not see."""
+import json
+import random
+
+import pytest
+
+from bench import calibrate, recommend
+from bench.config import BenchError
+
+pytestmark = pytest.mark.unit
+
+# seconds per unit of each feature: 2 TFLOP/s sustained, all-reduce at 20 GB/s, all-gather at 50 GB/s,
+# 3 ms per micro-batch, 40 ms per step
+TRUE = {"flops": 1 / 2e12, "all_reduce": 1 / 20e9, "all_gather": 1 / 50e9, "micro_batches": 3e-3, "step": 40e-3}
+
+
+def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
+    rng = random.Random(seed)
+    runs = []
+    for i in range(n):
+        feats = {t: 0 for t in calibrate.TERMS}
+        feats.update(flops=rng.uniform(1e11, 2e12), all_reduce=rng.choice([0, rng.uniform(1e8, 4e9)]),
+                     all_gather=rng.choice([0, rng.uniform(1e8, 4e9)]), micro_batches=rng.choice([1, 2, 4, 8]),
+                     step=1)
+        step = sum(TRUE[t] * feats[t] for t in TRUE) * (1 + rng.gauss(0, noise))
+        runs.append({"run": f"r{i}", "world_size": 8, "device": "test", "step_s": step, "spread": [None, None],
+                     "features": feats})
+    return runs
+
+
+def test_the_fit_recovers_known_constants_and_marks_what_it_could_not_see():
+    defaults = recommend.default_coefficients("H100-80GB")
+    cal = calibrate.fit(synthetic(12, seed=1), defaults, "H100-80GB")
+    c = cal["constants"]
+    for term, value in TRUE.items():
+        assert c[term]["source"] == "fitted" and c[term]["coefficient"] == pytest.approx(value, rel=1e-6), term
+    assert c["all_to_all"]["source"].startswith("default") and c["all_to_all"]["runs"] == []
+    assert c["all_to_all"]["coefficient"] == defaults["all_to_all"] > 0
+    assert set(c["all_reduce"]["runs"]) == {r["run"] for r in synthetic(12, seed=1) if r["features"]["all_reduce"]}
+    held_out = synthetic(1, seed=99)[0]
+    assert calibrate.predict(cal, held_out["features"]) == pytest.approx(held_out["step_s"], rel=1e-6)
+
+
+def test_with_noise_each_constant_carries_an_error_that_covers_it():
+    cal = calibrate.fit(synthetic(40, seed=2, noise=0.02))
+    for term, value in TRUE.items():
+        c = cal["constants"][term]
+        assert abs(c["coefficient"] - value) <= 4 * c["stderr"], (term, c, value)
+        if term in ("flops", "all_reduce", "all_gather"):  # the terms that make most of each step
+            assert c["stderr"] < 0.2 * value, (term, c)
+
+
+def test_the_file_round_trips_and_a_bad_one_is_refused_in_one_line(tmp_path):
+    cal = calibrate.fit(synthetic(12, seed=3))
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    assert calibrate.load(str(path)) == cal
+    assert any("TFLOP/s" in line and "fitted" in line for line in calibrate.describe(cal))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(BenchError, match="not a calibration of this version"):
+        calibrate.load(str(tmp_path / "bad.json"))
+    with pytest.raises(BenchError, match="two or more completed runs"):
+        calibrate.read_runs([])
