@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 from analysis import collect, plots, report, tables
+from bench.config import BenchError
 from bench.log import log, show
 
 
@@ -26,6 +27,8 @@ def build_parser():
     r.add_argument("--wandb-report", action="store_true", help="save a W&B Report (online) ")
     r.add_argument("--project", default="ds-parallel-bench", help="[ENTITY/]PROJECT for the W&B table and report")
     r.add_argument("--title", default="Parallelism strategy comparison")
+    r.add_argument("--calibration", metavar="FILE", help="bench-plan --calibrate's file: each run's predicted step "
+                                                          "beside its measured one")
     return p
 
 
@@ -43,10 +46,14 @@ def main(argv=None) -> int:
             raise ValueError("give run directories (or --wandb ENTITY/PROJECT)")
         os.makedirs(args.out, exist_ok=True)
         tables.check_baseline(runs, args.baseline)
+        calibration = None
+        if args.calibration:
+            from bench.calibrate import load
+            calibration = load(args.calibration)
         sections, everything = [], []
         for job, done in tables.by_job(runs).items():  # one section and one baseline per job
             baseline = tables.pick_baseline(done, args.baseline)
-            comparison = tables.comparison(done, baseline)
+            comparison = tables.comparison(done, baseline, calibration)
             images, notes = plots.job_plots(done, args.out)
             sections.append({"job": job, "baseline": baseline.name, "comparison": comparison,
                              "scaling": tables.scaling_tables(done, args.baseline_gpus), "plots": images,
@@ -56,7 +63,8 @@ def main(argv=None) -> int:
         statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.status for r in runs).items())
         intro = (f"{len(runs)} runs ({statuses}); {len(sections)} job(s) (model, sequence length, global batch, "
                  "data, precision, packing), each compared only with itself.")
-        md, html_path = report.write(args.out, args.title, intro, sections, tables.incomplete(runs))
+        md, html_path = report.write(args.out, args.title, intro, sections, tables.incomplete(runs),
+                                     tables.weak_scaling_tables(runs))
         show(f"wrote {md}, {html_path}, runs.csv and {sum(len(s['plots']) for s in sections)} plots to {args.out}")
         entity, _, project = args.project.rpartition("/")
         mode = os.environ.get("WANDB_MODE", "offline")
@@ -70,7 +78,7 @@ def main(argv=None) -> int:
                                             args.title)
             where = wandb_export.publish_or_save(rep, args.out, online=args.wandb_report and mode == "online")
             show(f"W&B report: {where}")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, BenchError) as e:
         log.error(str(e))
         return 2
     return 0

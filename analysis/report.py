@@ -40,9 +40,10 @@ def _html_table(rows: list[dict]) -> str:
 NO_SCALING = "None: no strategy of this job was measured at two or more GPU counts."
 
 
-def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete: list[dict]) -> tuple[str, str]:
+def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete: list[dict],
+          weak: dict | None = None) -> tuple[str, str]:
     """sections: one per job, {job, baseline, comparison, scaling, plots, notes}; incomplete: the runs that
-    did not complete, listed apart from the results."""
+    did not complete, listed apart from the results; weak: weak-scaling series across jobs (tables.py)."""
     md = [f"# {title}", "", intro, ""]
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     for sec in sections:
@@ -70,6 +71,12 @@ def write(out_dir: str, title: str, intro: str, sections: list[dict], incomplete
     if not sections:
         md += ["No run completed: nothing to compare.", ""]
         parts.append("<p>No run completed: nothing to compare.</p>")
+    if weak:  # series whose every GPU count is a job of its own: the batch per GPU fixed
+        md += ["## Weak scaling (the same samples per GPU at growing GPU counts)", ""]
+        parts.append("<h2>Weak scaling (the same samples per GPU at growing GPU counts)</h2>")
+        for name, rows in weak.items():
+            md += [f"### {name}", "", _md_table(rows)]
+            parts += [f"<h3>{html.escape(name)}</h3>", _html_table(rows)]
     md += ["## Runs that did not complete", "",
            _md_table(incomplete) if incomplete else "_none_\n",
            "They are listed here, not in the results above: their numbers would be partial.", "",

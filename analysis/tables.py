@@ -131,6 +131,35 @@ def scaling_tables(runs: list[Run], baseline_gpus: int | None = None) -> dict[st
     return out
 
 
+def weak_scaling_tables(runs: list[Run]) -> dict[str, list[dict]]:
+    """{series title: rows} for weak scaling: runs of one model, sequence, data, precision, batching and strategy
+    that keep the samples per GPU per step (global batch / GPUs) and grow the global batch with the GPUs, as the
+    seeds' data-parallel track does. Each GPU count is then its own job (no job section compares them); here they
+    are one series, at two or more GPU counts: tokens/s per GPU and scaling efficiency against the series'
+    smallest GPU count (bench/metrics.py scaling_efficiency: tokens/s_N / (tokens/s_base x N / N_base), which for
+    a fixed batch per GPU is the per-GPU throughput's ratio)."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        model, seq, batch, data, precision, batching = r.job
+        if r.ok and r.gpus and batch:
+            groups.setdefault((model, seq, data, precision, batching, r.strategy, batch / r.gpus), []).append(r)
+    out = {}
+    for key, members in groups.items():
+        if len({r.gpus for r in members}) < 2:
+            continue
+        members = sorted(members, key=lambda r: (r.gpus, r.name))
+        base, per_gpu = members[0], key[-1]
+        job = base.job_title.replace(f"global batch {base.job[2]}, ", "")
+        rows = [{"run": r.name, "GPUs": r.gpus, "global batch": r.job[2], "tokens/s": _get(r, "tokens_per_s"),
+                 "tokens/s/GPU": _get(r, "tokens_per_s_per_gpu"),
+                 "scaling efficiency": metrics.scaling_efficiency(_get(r, "tokens_per_s"), r.gpus,
+                                                                  _get(base, "tokens_per_s"), base.gpus),
+                 "train step time (s)": _get(r, "step_time_s", "median")} for r in members]
+        out[f"{job}: {base.strategy}, {per_gpu:g} samples per GPU per step (baseline {base.gpus} "
+            f"GPU{'s' if base.gpus > 1 else ''})"] = rows
+    return out
+
+
 def pick_baseline(runs: list[Run], name: str | None) -> Run | None:
     """The named run if it belongs to these runs, else the smallest completed one."""
     if name:
@@ -151,10 +180,11 @@ def check_baseline(runs: list[Run], name: str | None) -> None:
 MODEL_STATES = ("params", "grads", "optimizer")
 
 
-def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
+def comparison(runs: list[Run], baseline: Run | None, calibration: dict | None = None) -> list[dict]:
     """The LoRA study's summary for one model's completed runs: time reduction, throughput increase and memory
     reduction against the baseline (same workload assumed: same steps and global batch), plus efficiency and
-    statistical efficiency."""
+    statistical efficiency. With a calibration (bench-plan --calibrate), each run's predicted step beside its
+    measured one (predicted_step)."""
     rows = []
     mem = f"peak {memory_kind(runs)} (MiB)"
     for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
@@ -175,8 +205,24 @@ def comparison(runs: list[Run], baseline: Run | None) -> list[dict]:
             "model states / rank (MiB)": held_mib(r, *MODEL_STATES),
             "activations / rank (MiB)": held_mib(r, "activation"),
             "communication / rank / step (MiB)": comm_mib(r),
+            **(predicted_step(r, calibration) if calibration else {}),
         })
     return rows
+
+
+EXPLAINED = (0.7, 1.3)  # measured / predicted step inside this: the cost model explains the run
+
+
+def predicted_step(run: Run, calibration: dict) -> dict:
+    """The calibrated model's step for the run's recorded cost features (bench/calibrate.py), the measured median
+    step over it, and whether that ratio lies in EXPLAINED; None where the run recorded no features."""
+    from bench import calibrate
+    feats = _get(run, "memory_plan", "cost_features")
+    predicted = calibrate.predict(calibration, feats) if feats else None
+    measured = metrics.ratio(_get(run, "step_time_s", "median"), predicted)
+    explained = None if measured is None else (
+        "yes" if EXPLAINED[0] <= measured <= EXPLAINED[1] else "no: the model does not explain this run")
+    return {"predicted step (s)": predicted, "measured / predicted": measured, "model explains it": explained}
 
 
 def write_csv(runs: list[Run], path: str) -> None:

@@ -43,34 +43,36 @@ def features(plan, est: dict) -> dict:
 
 
 def read_runs(paths: list[str]) -> list[dict]:
-    """Completed run directories -> [{run, world_size, device, step_s, spread, features}]. A run that did not
-    complete, or was recorded before its plan carried the cost features, is refused in one line."""
-    out = []
-    for path in paths:
-        try:
-            with open(os.path.join(path, "summary.json")) as fh:
-                s = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise BenchError(f"--calibrate {path}: no readable summary.json ({e})")
-        if s.get("status") != "completed" or not (s.get("step_time_s") or {}).get("median"):
-            raise BenchError(f"--calibrate {path}: status {s.get('status')!r}; only completed runs with measured "
-                             "steps calibrate")
-        found = (s.get("memory_plan") or {}).get("cost_features")
-        if not found:
-            raise BenchError(f"--calibrate {path}: its memory plan records no cost features (a run of another "
-                             "engine's planner, or recorded before them); rerun it")
-        t = s["step_time_s"]
-        try:  # the device as the run resolved it (config.json: bench/plan.py Plan.config)
-            with open(os.path.join(path, "config.json")) as fh:
-                device = json.load(fh).get("device") or {}
-        except (OSError, ValueError):
-            device = {}
-        out.append({"run": os.path.basename(os.path.normpath(path)), "world_size": s.get("world_size"),
-                    "device": device.get("name") or device.get("type") or "unknown",
-                    "step_s": t["median"], "spread": [t.get("p10"), t.get("p90")], "features": found})
-    if len(out) < 2:
+    """Completed run directories -> read_run's rows; two at least (one per layout at least)."""
+    if len(paths) < 2:
         raise BenchError("--calibrate needs two or more completed runs (one per layout at least)")
-    return out
+    return [read_run(path) for path in paths]
+
+
+def read_run(path: str) -> dict:
+    """A completed run directory -> {run, world_size, device, step_s, spread, features}. A run that did not
+    complete, or was recorded before its plan carried the cost features, is refused in one line."""
+    try:
+        with open(os.path.join(path, "summary.json")) as fh:
+            s = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--calibrate {path}: no readable summary.json ({e})")
+    if s.get("status") != "completed" or not (s.get("step_time_s") or {}).get("median"):
+        raise BenchError(f"--calibrate {path}: status {s.get('status')!r}; only completed runs with measured "
+                         "steps calibrate")
+    found = (s.get("memory_plan") or {}).get("cost_features")
+    if not found:
+        raise BenchError(f"--calibrate {path}: its memory plan records no cost features (recorded before them, "
+                         "or the planner could not plan it); rerun it")
+    t = s["step_time_s"]
+    try:  # the device as the run resolved it (config.json: bench/plan.py Plan.config)
+        with open(os.path.join(path, "config.json")) as fh:
+            device = json.load(fh).get("device") or {}
+    except (OSError, ValueError):
+        device = {}
+    return {"run": os.path.basename(os.path.normpath(path)), "world_size": s.get("world_size"),
+            "device": device.get("name") or device.get("type") or "unknown", "step_s": t["median"],
+            "spread": [t.get("p10"), t.get("p90")], "features": found}
 
 
 def fit(runs: list[dict], defaults: dict | None = None, gpu: str | None = None) -> dict:

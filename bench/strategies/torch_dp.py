@@ -6,6 +6,8 @@ the same keys by every engine, so two configs of one job differ in the engine an
 LoRA (peft wraps the model before the engine does); data parallelism only (no model-parallel section)."""
 from __future__ import annotations
 
+import re
+
 from bench.architecture import architecture, lora_tensors
 from bench.config import BenchError
 from bench.ds_config import element_bytes
@@ -139,7 +141,6 @@ def _local(numel: int, rows: int, world: int, rank: int) -> int:
 def _units(plan, trained_only: bool = False) -> list[int]:
     """Elements of each unit FSDP2 gathers at once: a decoder layer (fsdp2.py shards each), and the root (what
     is left: embedding, final norm, head)."""
-    import re
     layers: dict = {}
     arch = architecture(plan.model_config)
     names = [(name, n, plan.peft != "lora") for name, n in arch.params]
