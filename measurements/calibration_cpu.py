@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 
-from common import REPO, harness, host_line, write_page  # measurements/common.py, next to this script
+from common import REPO, add_page_args, harness, host_line, publish_page  # measurements/common.py, next to this script
 
 sys.path.insert(0, REPO)
 from bench import calibrate  # noqa: E402
@@ -105,19 +105,13 @@ def main():
     p.add_argument("--matrix", default="measurements/cpu_matrix.json")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--out", default=None)
-    p.add_argument("--from_json", default=None)
+    add_page_args(p)
     opts = p.parse_args()
-    if opts.from_json:
-        with open(opts.from_json) as fh:
-            results = json.load(fh)
-    else:
+
+    def run_matrix():
         with open(opts.matrix) as fh:
-            results = measure(json.load(fh), opts.repeats, opts.steps)
-        if opts.out:
-            with open(os.path.splitext(opts.out)[0] + ".json", "w") as fh:
-                json.dump(results, fh, indent=1)
-    write_page(page(opts, results), opts.out)
+            return measure(json.load(fh), opts.repeats, opts.steps)
+    publish_page(opts, run_matrix, page)
 
 
 if __name__ == "__main__":

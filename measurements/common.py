@@ -59,6 +59,28 @@ def host_line() -> str:
             f"{platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}")
 
 
+def add_page_args(p) -> None:
+    """--out PAGE (its measurements are kept beside it as PAGE's .json) and --from_json (the page again from
+    them, running nothing): what publish_page reads."""
+    p.add_argument("--out", default=None, help="results page (docs/results/...); its JSON is written beside it")
+    p.add_argument("--from_json", default=None, help="write the page from an earlier run's JSON, running nothing")
+
+
+def publish_page(opts, measure, page) -> None:
+    """The results of measure() (or of --from_json), kept as JSON beside --out, and page(opts, results) printed
+    and written."""
+    import json
+    if opts.from_json:
+        with open(opts.from_json) as fh:
+            results = json.load(fh)
+    else:
+        results = measure()
+        if opts.out:
+            with open(os.path.splitext(opts.out)[0] + ".json", "w") as fh:
+                json.dump(results, fh, indent=1)
+    write_page(page(opts, results), opts.out)
+
+
 def write_page(lines: list[str], out: str | None) -> None:
     """Print a results page and, with --out, write it (docs/results/...)."""
     page = "\n".join(lines) + "\n"

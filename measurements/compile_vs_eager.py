@@ -2,6 +2,7 @@
 a results page with the steady step-time ratio, the start-up compiling costs and memory.
 
     python measurements/compile_vs_eager.py [--repeats 3] [--steps 20] [--out docs/results/compile_cpu.md]
+    python measurements/compile_vs_eager.py --from_json docs/results/compile_cpu.json --out ...  (page only)
 
 Same job for every strategy of a model: padded rows (one shape, so one compile), sequence 128, micro-batch 2,
 full fine-tune, fp32 on the CPU. Per strategy and way: the steady step time (median of the measured steps, the
@@ -10,13 +11,12 @@ compile time (summary.json compile.compile_s) and whether inductor's cache was w
 and rank 0's peak RSS. The first compiled repeat of a strategy may start cold; later ones start warm.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 
-from common import REPO, harness, host_line, write_page  # measurements/common.py, next to this script
+from common import REPO, add_page_args, harness, host_line, publish_page  # measurements/common.py, next to this script
 
 JOB = ["--peft", "none", "--packing", "off", "--seq_len", "128", "--micro_batch_size", "2", "--eval_interval", "0",
        "--eval_batches", "1", "--lr", "1e-3", "--wandb_mode", "disabled"]
@@ -89,8 +89,12 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", default=None, help="comma-separated strategy names (default: all)")
-    p.add_argument("--out", default=None)
+    add_page_args(p)
     opts = p.parse_args()
+    publish_page(opts, lambda: measure(opts), page)
+
+
+def measure(opts) -> dict:
     names = opts.only.split(",") if opts.only else list(STRATEGIES)
     results = {n: {w: [] for w in WAYS} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,10 +104,7 @@ def main():
                     out = os.path.join(tmp, f"{i}-{n.replace(' ', '_')}-{way}")
                     results[n][way].append(one(n, way, opts.steps, opts.warmup, out))
                     print(f"repeat {i} {n} {way}: {results[n][way][-1]}", file=sys.stderr, flush=True)
-    if opts.out:
-        with open(os.path.splitext(opts.out)[0] + ".json", "w") as fh:
-            json.dump(results, fh, indent=1)
-    write_page(page(opts, results), opts.out)
+    return results
 
 
 if __name__ == "__main__":

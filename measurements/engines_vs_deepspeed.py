@@ -11,13 +11,12 @@ gradients, optimizer states, one micro-batch's activations, counted from the ten
 (the collectives each engine issues, counted alike: bench/accounting.py), its peak RSS, and the last loss.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 
-from common import REPO, harness, host_line, write_page  # measurements/common.py, next to this script
+from common import REPO, add_page_args, harness, host_line, publish_page  # measurements/common.py, next to this script
 
 JOB = ["--packing", "off", "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "8",
        "--eval_interval", "0", "--eval_batches", "1", "--lr", "1e-3", "--wandb_mode", "disabled"]
@@ -84,13 +83,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", default=None)
-    p.add_argument("--from_json", default=None, help="write the page from an earlier run's JSON")
+    add_page_args(p)
     opts = p.parse_args()
-    if opts.from_json:
-        with open(opts.from_json) as fh:
-            write_page(page(opts, json.load(fh)), opts.out)
-        return
+    publish_page(opts, lambda: measure(opts), page)
+
+
+def measure(opts) -> dict:
     results = {pair: {peft: ([], []) for peft in PEFTS} for pair in PAIRS}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(opts.repeats):
@@ -101,10 +99,7 @@ def main():
                         results[pair][peft][way].append(one(configs[way], peft, opts.steps, opts.warmup, out))
                         print(f"repeat {i} {configs[way]} {peft}: {results[pair][peft][way][-1]}", file=sys.stderr,
                               flush=True)
-    if opts.out:
-        with open(os.path.splitext(opts.out)[0] + ".json", "w") as fh:
-            json.dump(results, fh, indent=1)
-    write_page(page(opts, results), opts.out)
+    return results
 
 
 if __name__ == "__main__":

@@ -121,10 +121,16 @@ class FSDP2(TorchDP):
 
 def _tensors(plan) -> list[tuple[int, int, bool]]:
     """(numel, first dimension, trained) of every parameter the run's model has, LoRA's adapters last."""
+    return [(n, rows, trained) for _, n, rows, trained in _named(plan)]
+
+
+def _named(plan) -> list[tuple[str, int, int, bool]]:
+    """_tensors with each parameter's name."""
     arch = architecture(plan.model_config)
     lora = plan.peft == "lora"
-    base = [(n, rows, not lora) for (_, n), rows in zip(arch.params, arch.rows)]
-    return base + ([(n, rows, True) for _, n, rows in lora_tensors(plan.cfg, plan.model_config)] if lora else [])
+    base = [(name, n, rows, not lora) for (name, n), rows in zip(arch.params, arch.rows)]
+    return base + ([(name, n, rows, True) for name, n, rows in lora_tensors(plan.cfg, plan.model_config)]
+                   if lora else [])
 
 
 def _padded(numel: int, rows: int, world: int) -> int:
@@ -141,18 +147,13 @@ def _local(numel: int, rows: int, world: int, rank: int) -> int:
 def _units(plan, trained_only: bool = False) -> list[int]:
     """Elements of each unit FSDP2 gathers at once: a decoder layer (fsdp2.py shards each), and the root (what
     is left: embedding, final norm, head)."""
-    layers: dict = {}
-    arch = architecture(plan.model_config)
-    names = [(name, n, plan.peft != "lora") for name, n in arch.params]
-    if plan.peft == "lora":
-        names += [(name, n, True) for name, n, _ in lora_tensors(plan.cfg, plan.model_config)]
-    for name, n, trained in names:
-        if trained_only and not trained:
-            continue
-        m = re.search(r"\.layers\.(\d+)\.", name)
-        key = int(m.group(1)) if m else "root"
-        layers[key] = layers.get(key, 0) + n
-    return list(layers.values())
+    units: dict = {}
+    for name, n, _, trained in _named(plan):
+        if trained or not trained_only:
+            m = re.search(r"\.layers\.(\d+)\.", name)
+            key = int(m.group(1)) if m else "root"
+            units[key] = units.get(key, 0) + n
+    return list(units.values())
 
 
 def _reshards(plan) -> bool:
