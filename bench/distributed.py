@@ -154,6 +154,20 @@ def cpu_share(environ, affinity: int, local_ranks: int) -> tuple[int, str]:
     return max(1, affinity // max(1, local_ranks)), f"{affinity} cores // {local_ranks} local ranks"
 
 
+def device_share(env: DistEnv, world: int) -> float:
+    """The share of a device a CPU rank computes on: ranks sharing one affinity share its cores, so 4 ranks on 2
+    cores each get half a core's time (measured: a 4-rank step on 2 cores takes twice a 2-rank step's compute,
+    docs/results/calibration_cpu.md); a task srun bound to its own CPUs, or a rank with a core to itself, has 1.
+    Ranks a plan counts but this process did not start (bench-plan, --dry_run --world_size) are taken to share this
+    host. The cost features divide compute-bound work by it (bench/calibrate.py); a GPU rank's is 1."""
+    started = env.world_size == world
+    affinity = env.affinity_cpus if started else \
+        (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if started and _task_binding(os.environ, affinity):
+        return 1.0
+    return min(1.0, affinity / max(1, env.local_world_size if started else world))
+
+
 def _task_binding(environ, affinity: int) -> str | None:
     """Why this rank's affinity is its own (an srun task bound to its CPUs), or None when ranks share it."""
     if "SLURM_PROCID" not in environ or "LOCAL_SIZE" in environ or "LOCAL_WORLD_SIZE" in environ:

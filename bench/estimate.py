@@ -381,6 +381,18 @@ def comm_bytes_per_step(plan, rank: int) -> dict:
     return out
 
 
+def critical_calls_per_step(plan, rank: int) -> dict:
+    """Calls per step of the collectives a layer or stage waits on (comm_by_source's "tp", "ep", "sp", "pp"), by
+    kind: each pays the link's latency (the calibrated cost model's per-call term, bench/calibrate.py). ZeRO's
+    and the engines' reductions are bucketed, their calls few and overlapped: not counted."""
+    out: dict = {}
+    for source, dimension in DIMENSIONS.items():
+        if getattr(plan.layout, source) > 1:
+            for kind, n in dimension.comm_calls(plan, rank).items():
+                out[kind] = out.get(kind, 0) + int(n)
+    return out
+
+
 def comm_by_source(plan, rank: int) -> dict:
     """comm_bytes_per_step by what issues it -> {source: {kind: bytes}}. "tp", "ep", "sp" and "pp": inside a
     layer or between stages, on the critical path (the next operation needs the result), each counted by its
@@ -476,6 +488,8 @@ def estimate(plan, capacity: int | None = None, device: str = "cuda") -> dict:
             "micro_batch_shapes": {"mean": list(plan.micro_shape), "all": [list(s) for s in plan.micro_shapes]},
             "per_rank": per_rank, "comm_bytes_per_step": comm_bytes_per_step(plan, 0),
             "comm_bytes_per_step_per_rank": [comm_bytes_per_step(plan, r) for r in range(plan.layout.world_size)],
+            "critical_calls_per_step_per_rank": [critical_calls_per_step(plan, r)
+                                                 for r in range(plan.layout.world_size)],
             "computed_tokens_per_step": micro_batches * rows * width,
             "flops_per_rank_per_step": flops / plan.layout.world_size}
 

@@ -27,6 +27,7 @@ class Dimension:
     degree_key: str                   # where its degree is read, as messages name it
     degree: Callable[[dict], object]  # ds_config -> its degree (1 when off)
     comm_bytes: Callable[..., dict]   # (plan, rank, width) -> {kind: bytes} per step, on the critical path
+    comm_calls: Callable[..., dict]   # (plan, rank) -> {kind: calls} per step of those collectives (each a latency)
     span: Callable[["Layout"], int]   # the ranks its collectives reach across (inside a node or not)
     gather_group: Callable[["Layout"], int]  # the ranks one of its all-gathers gathers from
     order: int | None = None          # its axis's place in the rank mesh (None: its groups lie in the data axis)

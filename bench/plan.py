@@ -44,6 +44,7 @@ class Plan:
     peak_source: str          # where peak_tflops came from (bench/gpus.py)
     phases: dict = field(default_factory=dict)  # startup seconds: imports, resolve
     capacity: int | None = None  # this rank's GPU memory in bytes, which memory_plan checks against (None: no GPU)
+    device_share: float = 1.0  # the share of a device each rank computes on (bench/distributed.py device_share)
 
     @functools.cached_property
     def ds(self) -> dict:
@@ -249,6 +250,9 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     device = _device(env.local_rank) if here else device
     plan = assemble(cfg, spec, device, model, lambda: load_data(cfg, spec, model, env), here, t0,
                     device_capacity(device[0], env.local_rank) if here else None)
+    if device[0] == "cpu":  # ranks that share the host's cores (the cost features: bench/calibrate.py)
+        from bench.distributed import device_share
+        plan = dataclasses.replace(plan, device_share=device_share(env, world))
     if here:
         plan.memory_plan  # noqa: B018 - the GPU guard: refuses here, before any process group, if it will not fit
     if cfg.checkpoint.resume == "auto":

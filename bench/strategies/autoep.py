@@ -103,6 +103,17 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def comm_calls(plan, rank: int) -> dict:
+    """The calls comm_bytes counts (measured: tests/support assert_plan_matches): per layer and micro-batch, the
+    tokens out to their experts and back, forward and backward, and the forward's exchange of token counts; under
+    TP the cross term's two gathers and its reductions (two in fp32, one more with the experts trained)."""
+    layers = plan.batch.grad_accum * plan.model_config.num_hidden_layers
+    out = {"all_to_all": 5 * layers}
+    if plan.layout.tp > 1:
+        out.update(all_gather=2 * layers, all_reduce=(2 if plan.peft == "lora" else 3) * layers)
+    return out
+
+
 def degree(ds: dict) -> int:
     section = ds.get("expert_parallel") or {}
     return section.get("autoep_size", 1) if section.get("enabled", False) else 1  # DeepSpeed's default: off
@@ -122,7 +133,8 @@ def local_numel(plan):
 
 
 EP = register(Dimension(
-    "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes, splits_weights=True,
+    "ep", "expert_parallel", "expert_parallel.autoep_size", degree=degree, comm_bytes=comm_bytes,
+    comm_calls=comm_calls, splits_weights=True,
     local_numel=local_numel, load_transient=load_transient,
     # the ranks holding the same experts: every replica of them, TP (and SP) ranks included
     expert_group=lambda lay, rank: (lay.world_size // lay.ep, lay.coords(rank)["ep"]),

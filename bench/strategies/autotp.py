@@ -147,6 +147,22 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def comm_calls(plan, rank: int) -> dict:
+    """The calls comm_bytes counts (measured: tests/support assert_plan_matches): per micro-batch, one all-reduce
+    per split linear of every decoder layer and the head's, one per LoRA adapter less the skipped ones, the
+    vocabulary-parallel embedding's and loss's four, or the head's one gather."""
+    row, col, head = _tp_linears(plan)
+    reduce = plan.model_config.num_hidden_layers * (row + col) + head
+    if plan.peft == "lora":
+        adapters, skipped = _tp_lora_reductions(plan)
+        reduce += adapters - skipped
+    accum = plan.batch.grad_accum
+    out = {"all_reduce": accum * (reduce + (4 if head and vocab_parallel(plan) else 0))}
+    if head and not vocab_parallel(plan):
+        out["all_gather"] = accum
+    return out
+
+
 def local_numel(plan):
     """(name, numel) -> what a rank holds of it: the parameters AutoTP splits, divided by its degree."""
     sharded, tp = tp_splits(plan), plan.layout.tp
@@ -162,7 +178,7 @@ def load_transient(plan, w: int) -> int:
 TP = register(Dimension(
     "tp", "tensor_parallel", "tensor_parallel.autotp_size",
     degree=lambda ds: (ds.get("tensor_parallel") or {}).get("autotp_size", 1), comm_bytes=comm_bytes,
-    span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp, splits_weights=True,
+    comm_calls=comm_calls, span=lambda lay: lay.tp, gather_group=lambda lay: lay.tp, splits_weights=True,
     local_numel=local_numel, adapter_sizes=lora_local_sizes, load_transient=load_transient,
     vocab_split=lambda plan: plan.layout.tp if vocab_parallel(plan) else 1,
     # measured under AutoTP on rows without a mask (padded and packed alike): one more q-sized tensor per layer
@@ -193,8 +209,14 @@ def _tp_linears(plan) -> tuple[int, int, bool]:
 def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
     """LoRA under TP, per micro-batch (bench/strategies/tp_lora.py): each adapter on a split layer reduces its
     r-wide middle (in the model's width: DeepSpeed casts the adapters too), and a column-parallel layer whose input
-    needs no gradient skips its backward all-reduce: the first layer's q/k/v (the embeddings are frozen), and its
-    gate/up too when no attention projection carries an adapter."""
+    needs no gradient skips its backward all-reduce (_tp_lora_reductions)."""
+    adapters, skipped = _tp_lora_reductions(plan)
+    return adapters * tokens * plan.cfg.model.lora_r * w - skipped * layer_bytes
+
+
+def _tp_lora_reductions(plan) -> tuple[int, int]:
+    """(adapters on split layers, column-parallel layers whose backward all-reduce is skipped): the first layer's
+    q/k/v (the embeddings are frozen), and its gate/up too when no attention projection carries an adapter."""
     splits = tp_splits(plan)
     targets = set(target_names(plan.cfg))
     adapters = sum(1 for name in splits if name.rsplit(".", 2)[-2] in targets)
@@ -202,7 +224,7 @@ def _tp_lora_all_reduce(plan, tokens: int, layer_bytes: int, w: int) -> int:
     skipped = first & {"q_proj", "k_proj", "v_proj"}
     if not targets & {"q_proj", "k_proj", "v_proj", "o_proj"}:
         skipped |= first & {"gate_proj", "up_proj"}
-    return adapters * tokens * plan.cfg.model.lora_r * w - len(skipped) * layer_bytes
+    return adapters, len(skipped)
 
 
 class AutoTP(ModelParallel):

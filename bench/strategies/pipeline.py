@@ -269,6 +269,15 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return out
 
 
+def comm_calls(plan, rank: int) -> dict:
+    """The calls comm_bytes counts (measured: tests/support assert_plan_matches): per micro-batch and boundary of
+    this stage, the hidden states and the position ids forward and the hidden states' gradient backward (padded
+    rows; packed ones send their offsets and shapes too); the tied embedding's one reduction is the step's."""
+    lay = plan.layout
+    stage = lay.coords(rank)["pp"]
+    return {"send_recv": plan.batch.grad_accum * 3 * ((stage < lay.pp - 1) + (stage > 0))}
+
+
 def stage_of(plan, rank: int) -> tuple[int, set | None]:
     """(pipeline stage, indices of the decoder layers it runs; None: every layer, no pipeline)."""
     lay = plan.layout
@@ -314,7 +323,7 @@ def bubble(plan, busy: float) -> float:
 
 PP = register(Dimension(
     "pp", "pipeline", "pipeline.stages", degree=lambda ds: (ds.get("pipeline") or {}).get("stages", 1),
-    comm_bytes=comm_bytes, splits_weights=True, placement=placement, in_flight=in_flight,
+    comm_bytes=comm_bytes, comm_calls=comm_calls, splits_weights=True, placement=placement, in_flight=in_flight,
     compute_share=slowest_stage_share, idle=bubble,
     # the pipeline engine reduces once, after the last micro-batch's backward (pipe/engine.py _exec_reduce_grads)
     defers_reduction=True,

@@ -64,9 +64,17 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
     return {"all_to_all": accum * L * 2 * (2 * q + 2 * kv) * w, "all_gather": accum * L * tokens * 8}
 
 
+def comm_calls(plan, rank: int) -> dict:
+    """The calls comm_bytes counts (measured: tests/support assert_plan_matches): per layer and micro-batch, q, k,
+    v and the output exchanged forward and backward, and one gather of the position ids."""
+    layers = plan.batch.grad_accum * plan.model_config.num_hidden_layers
+    return {"all_to_all": 8 * layers, "all_gather": layers}
+
+
 SP = register(Dimension(
     "sp", "sequence_parallel_size", "sequence_parallel_size", degree=lambda ds: ds.get("sequence_parallel_size", 1),
-    comm_bytes=comm_bytes, span=lambda lay: lay.sp, gather_group=lambda lay: lay.sp,  # consecutive ranks
+    comm_bytes=comm_bytes, comm_calls=comm_calls,
+    span=lambda lay: lay.sp, gather_group=lambda lay: lay.sp,  # consecutive ranks
     order=20,  # inside the data axis, outside TP's (Ulysses' sequence groups are consecutive ranks)
     zero_shards=True,  # ZeRO splits over DeepSpeed's sequence-data-parallel group: every rank
     splits_sequence=True,

@@ -285,7 +285,8 @@ PARITY_ARGS = ("--strategy", "dp", "--peft", "none", "--lr", "1e-3", "--max_step
 def assert_plan_matches(summary: dict, comm_rel: float = 0.05) -> None:
     """The planner's prediction recorded before launch (summary.memory_plan) against what the run counted
     (summary.accounting), rank by rank: model states within 2 %, activations within 15 % and communication per
-    step within comm_rel (both as the mean over ranks: expert routing differs between ranks)."""
+    step within comm_rel (both as the mean over ranks: expert routing differs between ranks); the calls of the
+    collectives a layer waits on among those counted."""
     plan, measured = summary["memory_plan"]["per_rank"], summary["accounting"]["per_rank"]
     assert len(plan) == len(measured) == summary["world_size"]
     for p, m in zip(plan, measured):
@@ -309,3 +310,11 @@ def assert_plan_matches(summary: dict, comm_rel: float = 0.05) -> None:
             got = mean([c.get(kind, 0) for c in counted])
             if got > 0.05 * total:  # every kind that matters
                 assert mean([c.get(kind, 0) for c in predicted]) == pytest.approx(got, rel=comm_rel), (kind, predicted)
+    if measured[0].get("comm_calls_per_step") is not None:  # the layers' calls (the cost model's latency term)
+        planned = summary["memory_plan"]["critical_calls_per_step_per_rank"]
+        for p, m in zip(planned, measured):
+            counted = m["comm_calls_per_step"]
+            for kind, n in p.items():  # among every call of its kind: ZeRO's and the engines' come on top
+                assert n <= counted.get(kind, 0), (kind, p, counted)
+            # nothing else exchanges all-to-all: every one of them is a layer's (EP's, SP's)
+            assert p.get("all_to_all", 0) == counted.get("all_to_all", 0), (p, counted)

@@ -10,9 +10,10 @@ from bench.config import BenchError
 
 pytestmark = pytest.mark.unit
 
-# seconds per unit of each feature: 2 TFLOP/s sustained, all-reduce at 20 GB/s, all-gather at 50 GB/s,
-# 3 ms per micro-batch, 40 ms per step
-TRUE = {"flops": 1 / 2e12, "all_reduce": 1 / 20e9, "all_gather": 1 / 50e9, "micro_batches": 3e-3, "step": 40e-3}
+# seconds per unit of each feature: 2 TFLOP/s sustained, all-reduce at 20 GB/s, all-gather at 50 GB/s, 0.2 ms per
+# call a layer waits on, 3 ms per micro-batch, 40 ms per step
+TRUE = {"flops": 1 / 2e12, "all_reduce": 1 / 20e9, "all_gather": 1 / 50e9, "critical_calls": 2e-4,
+        "micro_batches": 3e-3, "step": 40e-3}
 
 
 def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
@@ -22,8 +23,13 @@ def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
         feats = {t: 0 for t in calibrate.TERMS}
         feats.update(flops=rng.uniform(1e11, 2e12), all_reduce=rng.choice([0, rng.uniform(1e8, 4e9)]),
                      all_gather=rng.choice([0, rng.uniform(1e8, 4e9)]), micro_batches=rng.choice([1, 2, 4, 8]),
-                     step=1)
-        step = sum(TRUE[t] * feats[t] for t in TRUE) * (1 + rng.gauss(0, noise))
+                     critical_calls=rng.choice([0, rng.randrange(10, 400)]), step=1,
+                     device_share=rng.choice([1.0, 1.0, 0.5]))  # some runs on half a device (CPU ranks > cores)
+        # what a rank computes takes 1 / share longer on a share of its device; the bytes and the step do not
+        own = TRUE["flops"] * feats["flops"] + TRUE["critical_calls"] * feats["critical_calls"] \
+            + TRUE["micro_batches"] * feats["micro_batches"]
+        moved = TRUE["all_reduce"] * feats["all_reduce"] + TRUE["all_gather"] * feats["all_gather"]
+        step = (own / feats["device_share"] + moved + TRUE["step"]) * (1 + rng.gauss(0, noise))
         runs.append({"run": f"r{i}", "world_size": 8, "device": "test", "step_s": step, "spread": [None, None],
                      "features": feats})
     return runs

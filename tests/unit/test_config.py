@@ -230,8 +230,8 @@ def test_a_dimension_declared_in_its_own_module_is_composed_by_the_layout_unchan
     coordinates, the description and the recorded layout, with nothing else changed."""
     from bench.layout import DIMENSIONS, Dimension, register
     cp = Dimension("cp", "context_parallel", "context_parallel.size", degree=lambda ds: ds.get("context_parallel", 1),
-                   comm_bytes=lambda plan, rank, w: {}, span=lambda lay: lay.cp, gather_group=lambda lay: lay.cp,
-                   order=15, zero_shards=True, splits_sequence=True)
+                   comm_bytes=lambda plan, rank, w: {}, comm_calls=lambda plan, rank: {}, span=lambda lay: lay.cp,
+                   gather_group=lambda lay: lay.cp, order=15, zero_shards=True, splits_sequence=True)
     register(cp)
     try:
         lay = layout_of({"tensor_parallel": {"autotp_size": 2}, "context_parallel": 2}, 16)
