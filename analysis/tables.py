@@ -184,8 +184,9 @@ def comparison(runs: list[Run], baseline: Run | None, calibration: dict | None =
     """The LoRA study's summary for one model's completed runs: time reduction, throughput increase and memory
     reduction against the baseline (same workload assumed: same steps and global batch), plus efficiency and
     statistical efficiency. With a calibration (bench-plan --calibrate), each run's predicted step beside its
-    measured one (predicted_step)."""
+    measured one (predicted_step); without one, the uncalibrated cost model's where a run on a GPU recorded it."""
     rows = []
+    predicts = calibration or any(_get(r, "memory_plan", "predicted_step") for r in runs)
     mem = f"peak {memory_kind(runs)} (MiB)"
     for r in sorted(runs, key=lambda r: (r is not baseline, r.gpus, r.label)):  # baseline on top
         b = baseline
@@ -205,7 +206,7 @@ def comparison(runs: list[Run], baseline: Run | None, calibration: dict | None =
             "model states / rank (MiB)": held_mib(r, *MODEL_STATES),
             "activations / rank (MiB)": held_mib(r, "activation"),
             "communication / rank / step (MiB)": comm_mib(r),
-            **(predicted_step(r, calibration) if calibration else {}),
+            **(predicted_step(r, calibration) if predicts else {}),
         })
     return rows
 
@@ -213,16 +214,23 @@ def comparison(runs: list[Run], baseline: Run | None, calibration: dict | None =
 EXPLAINED = (0.7, 1.3)  # measured / predicted step inside this: the cost model explains the run
 
 
-def predicted_step(run: Run, calibration: dict) -> dict:
-    """The calibrated model's step for the run's recorded cost features (bench/calibrate.py), the measured median
-    step over it, and whether that ratio lies in EXPLAINED; None where the run recorded no features."""
+def predicted_step(run: Run, calibration: dict | None) -> dict:
+    """The cost model's step beside the measured median and whether their ratio lies in EXPLAINED: the calibrated
+    model's for the run's recorded cost features (bench/calibrate.py), or without a calibration the uncalibrated
+    model's the run recorded (on a catalog GPU: bench/plan.py check_memory); None where the run recorded neither."""
     from bench import calibrate
-    feats = _get(run, "memory_plan", "cost_features")
-    predicted = calibrate.predict(calibration, feats) if feats else None
+    if calibration:
+        feats = _get(run, "memory_plan", "cost_features")
+        predicted, by = (calibrate.predict(calibration, feats), "calibrated") if feats else (None, None)
+    else:
+        recorded = _get(run, "memory_plan", "predicted_step") or {}
+        predicted = recorded.get("step_s")
+        by = f"cost model, {recorded['gpu']} constants (uncalibrated)" if predicted else None
     measured = metrics.ratio(_get(run, "step_time_s", "median"), predicted)
     explained = None if measured is None else (
         "yes" if EXPLAINED[0] <= measured <= EXPLAINED[1] else "no: the model does not explain this run")
-    return {"predicted step (s)": predicted, "measured / predicted": measured, "model explains it": explained}
+    return {"predicted step (s)": predicted, "predicted by": by, "measured / predicted": measured,
+            "model explains it": explained}
 
 
 def write_csv(runs: list[Run], path: str) -> None:

@@ -374,6 +374,10 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
         return None
     from bench.calibrate import features
     est["cost_features"] = features(plan, est)  # what bench-plan --calibrate fits this run's step time with
+    gpu = gpus.match(plan.device_name) if plan.device_type == "cuda" else None
+    if gpu and gpu.key in gpus.plannable():  # the uncalibrated cost model's step, which the report sets beside
+        from bench import recommend         # the measured one (it has constants for the catalog's GPUs only)
+        est["predicted_step"] = {**recommend.step_breakdown(plan, est, gpu.key), "gpu": gpu.key}
     if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(

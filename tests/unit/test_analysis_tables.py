@@ -9,12 +9,13 @@ from bench import calibrate
 pytestmark = pytest.mark.unit
 
 
-def run(name: str, gpus: int, batch: int, tokens_per_s: float, step_s: float = 1.0, features=None) -> Run:
+def run(name: str, gpus: int, batch: int, tokens_per_s: float, step_s: float = 1.0, features=None,
+        predicted=None) -> Run:
     summary = {"status": "completed", "strategy": "dp", "zero_stage": 2, "peft": "lora", "world_size": gpus,
                "model": "tiny-llama", "seq_len": 128, "global_batch_size": batch, "precision": "fp32",
                "batching": "packed", "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / gpus,
                "step_time_s": {"median": step_s}, "total_wall_time_s": 10.0,
-               "memory_plan": {"cost_features": features} if features else None}
+               "memory_plan": {"cost_features": features, "predicted_step": predicted} if features else None}
     return Run(name, summary, {"run": {"data": "/data/train.json"}}, [], None)
 
 
@@ -39,11 +40,22 @@ def test_a_calibrated_prediction_sits_beside_the_measured_step_and_flags_what_it
     cal["constants"]["flops"]["coefficient"] = 1 / 2e12  # 0.5 s for these features
     cal["constants"]["step"]["coefficient"] = 0.5        # + 0.5 s
     near, far, none = run("near", 2, 8, 1.0, 1.2, feats), run("far", 2, 8, 1.0, 2.0, feats), run("old", 2, 8, 1.0)
-    assert predicted_step(near, cal) == {"predicted step (s)": 1.0, "measured / predicted": 1.2,
-                                         "model explains it": "yes"}
+    assert predicted_step(near, cal) == {"predicted step (s)": 1.0, "predicted by": "calibrated",
+                                         "measured / predicted": 1.2, "model explains it": "yes"}
     assert predicted_step(far, cal)["model explains it"] == "no: the model does not explain this run"
-    assert predicted_step(none, cal) == {"predicted step (s)": None, "measured / predicted": None,
-                                         "model explains it": None}
+    assert predicted_step(none, cal) == {"predicted step (s)": None, "predicted by": None,
+                                         "measured / predicted": None, "model explains it": None}
     rows = comparison([near, far], near, cal)
     assert [r["measured / predicted"] for r in rows] == pytest.approx([1.2, 2.0])
-    assert "predicted step (s)" not in comparison([near], near)[0]  # no calibration: no column
+    assert "predicted step (s)" not in comparison([near], near)[0]  # no calibration, no GPU's prediction: no column
+
+
+def test_without_a_calibration_a_gpu_run_shows_the_uncalibrated_prediction_it_recorded():
+    feats = {t: 0 for t in calibrate.TERMS}
+    gpu = run("h100", 8, 64, 1.0, 0.5, feats, predicted={"step_s": 0.4, "gpu": "H100-80GB"})
+    cpu = run("cpu", 2, 8, 1.0, 0.5, feats)
+    rows = {r["run"]: r for r in comparison([gpu, cpu], gpu)}
+    assert rows["h100"]["predicted step (s)"] == 0.4 and rows["h100"]["measured / predicted"] == pytest.approx(1.25)
+    assert rows["h100"]["predicted by"] == "cost model, H100-80GB constants (uncalibrated)"
+    assert rows["h100"]["model explains it"] == "yes"
+    assert rows["cpu"]["predicted step (s)"] is None and rows["cpu"]["model explains it"] is None

@@ -68,3 +68,26 @@ def test_the_file_round_trips_and_a_bad_one_is_refused_in_one_line(tmp_path):
         calibrate.load(str(tmp_path / "bad.json"))
     with pytest.raises(BenchError, match="two or more completed runs"):
         calibrate.read_runs([])
+
+
+def test_a_gpu_run_records_the_uncalibrated_step_and_every_run_its_features():
+    """What a run records for the report and for --calibrate (bench/plan.py check_memory): on a catalog GPU the
+    uncalibrated model's step, its compute the slowest rank's FLOPs at no more than the model's sustained rate; on
+    the CPU no step (no constants) but the features, with the share of the cores each of 4 ranks has here."""
+    import os
+    from bench import gpus, recommend
+    from bench.plan import plan_layout
+    args = ["--model", "tiny-llama", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none",
+            "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "16", "--packing", "off"]
+    on_gpu = plan_layout(args, 4, "H100-80GB").memory_plan
+    step = on_gpu["predicted_step"]
+    assert step["gpu"] == "H100-80GB" and step["step_s"] == pytest.approx(sum(
+        v for k, v in step.items() if k.endswith("_s") and k != "step_s"))
+    flops = on_gpu["cost_features"]["flops"]
+    # at best the model's sustained share of the peak; tiny GEMMs leave most of the last wave's SMs idle
+    assert step["compute_s"] >= flops / (gpus.BY_KEY["H100-80GB"].bf16_tflops * 1e12 * recommend.EFFICIENCY)
+    on_cpu = plan_layout(args, 4).memory_plan
+    assert "predicted_step" not in on_cpu
+    cores = len(os.sched_getaffinity(0))
+    assert on_cpu["cost_features"]["device_share"] == pytest.approx(min(1.0, cores / 4))
+    assert on_gpu["cost_features"]["device_share"] == 1.0
