@@ -4,6 +4,8 @@ ds_config, GPUs), and a status per job that can be listed at any time.
     python -m bench.sweep submit MATRIX.json --name NAME [--dry_run] [-- extra bench/run.py args]
     python -m bench.sweep local MATRIX.json --name NAME [-- extra bench/run.py args]
     python -m bench.sweep status NAME
+    python -m bench.sweep local|submit MATRIX.json --name NAME --calibrate [--calibration_steps 10] ...
+    python -m bench.sweep rank NAME
 
 MATRIX.json is a list of {"model", "strategy", "ds_config", "gpus", optional "args": [...], "sbatch": [...],
 "name"}. Everything lands in sweeps/NAME/: jobs/<job>.sh (the scripts, which source slurm/common.sh like the
@@ -11,7 +13,8 @@ hand-written ones), runs/<job>*/ (each run's directory), sweep.json (job ids) an
 `local` runs the same matrix on this machine, one job after another under the deepspeed launcher (one node, no
 SLURM: a workstation, or the CPU), with each job's output in logs/<job>.log and the same status listing.
 A job's status comes from its run's summary.json where one exists, corrected by SLURM's own job state (a job
-killed at its time limit leaves a summary that still says "running").
+killed at its time limit leaves a summary that still says "running"). With --calibrate, a few short runs of the
+matrix's own layouts come first and the cost model fitted from them ranks the matrix (bench/sweep_calibration.py).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from bench import slurm_scripts
+from bench import slurm_scripts, sweep_calibration
 from bench.log import log, show
 from bench.distributed import free_port
 from bench.gpus import GPUS_PER_NODE
@@ -89,40 +92,48 @@ def check_fits(matrix: list[dict], extra: list[str], gpu: str) -> None:
             raise ValueError(f"{job_name(entry)}: {e}") from None
 
 
-def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool) -> list[dict]:
+def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool, prior: list[dict] = (),
+           after: list[str] = ()) -> list[dict]:
+    """One sbatch job per entry; sweep.json lists the prior jobs (a calibration set) and these. after: job ids
+    every one of these waits for (SLURM's --dependency=afterany)."""
     os.makedirs(os.path.join(sweep_dir, "jobs"), exist_ok=True)
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
     jobs = []
+    wait = [f"--dependency=afterany:{':'.join(after)}"] if after else []
     for entry in matrix:
         name = job_name(entry)
         path = os.path.join(sweep_dir, "jobs", f"{name}.sh")
         with open(path, "w") as fh:
             fh.write(render(entry, sweep_dir, extra))
-        job = {"name": name, "script": path, "entry": entry, "job_id": None, "submitted": time.time()}
+        job = {"name": name, "script": path, "entry": entry, "extra": list(extra), "job_id": None,
+               "submitted": time.time()}
         if not dry_run:
-            out = subprocess.run(["sbatch", "--parsable", *entry.get("sbatch", []), path],
+            out = subprocess.run(["sbatch", "--parsable", *wait, *entry.get("sbatch", []), path],
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"sbatch {path} failed: {out.stderr.strip()}")
             job["job_id"] = out.stdout.strip().split(";")[0]
         jobs.append(job)
         show(f"{'wrote' if dry_run else 'submitted ' + job['job_id']}: {path}")
-    _write_jobs(sweep_dir, jobs)
+    _write_jobs(sweep_dir, [*prior, *jobs])
     return jobs
 
 
-def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: float = 5.0) -> list[dict]:
-    """Run every entry here, one after another; sweep.json is rewritten after each job so `status` can follow,
-    and a progress line (job i of N, its status and step) is printed while each job runs."""
+def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: float = 5.0,
+              prior: list[dict] = ()) -> list[dict]:
+    """Run every entry here, one after another; sweep.json (the prior jobs, then these) is rewritten after each
+    job so `status` can follow, and a progress line (job i of N, its status and step) is printed while each job
+    runs."""
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
     for entry in matrix:
         if int(entry["gpus"]) > GPUS_PER_NODE:
             raise ValueError(f"{job_name(entry)}: {entry['gpus']} GPUs need more than one node; use `submit`")
-    jobs = [{"name": job_name(e), "script": None, "entry": e, "job_id": None, "returncode": None} for e in matrix]
+    jobs = [{"name": job_name(e), "script": None, "entry": e, "extra": list(extra), "job_id": None,
+             "returncode": None} for e in matrix]
     entry_point = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
     for i, job in enumerate(jobs, 1):
         job["submitted"] = time.time()
-        _write_jobs(sweep_dir, jobs)
+        _write_jobs(sweep_dir, [*prior, *jobs])
         log = os.path.join(sweep_dir, "logs", f"{job['name']}.log")
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(job["entry"]["gpus"]),
                "--master_port", str(free_port()), entry_point, *run_args(job["entry"], sweep_dir, extra)]
@@ -138,8 +149,38 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
         summary = run_summary(sweep_dir, job["name"], since=job["submitted"])
         show(f"[{i}/{len(jobs)}] {job['name']}: {combine(summary and summary.get('status'), local_state(job))} "
              f"(exit {job['returncode']}, log: {log})")
-    _write_jobs(sweep_dir, jobs)
+    _write_jobs(sweep_dir, [*prior, *jobs])
     return jobs
+
+
+def calibration_entries(matrix: list[dict], extra: list[str], gpu: str | None) -> tuple[list[dict], dict]:
+    """(the calibration set's entries, renamed calibrate-<job>; every entry's planned cost features)."""
+    features = sweep_calibration.plan_features(
+        matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
+    chosen = set(sweep_calibration.choose(features))
+    return [{**e, "name": sweep_calibration.PREFIX + job_name(e)} for e in matrix if job_name(e) in chosen], features
+
+
+def calibrate_and_rank(sweep_dir: str, matrix: list[dict], extra: list[str], gpu: str | None,
+                       features: dict | None = None) -> list[dict]:
+    """The calibration from the sweep's completed calibration jobs, and the matrix ranked by it (unchanged when
+    fewer than two completed)."""
+    with open(os.path.join(sweep_dir, "sweep.json")) as fh:
+        names = [j["name"] for j in json.load(fh) if j["name"].startswith(sweep_calibration.PREFIX)]
+    if not names:
+        raise ValueError(f"{sweep_dir} ran no calibration jobs; run it with --calibrate")
+
+    def run_dir(name):
+        s = run_summary(sweep_dir, name)
+        return s and s.get("run_dir")
+    cal = sweep_calibration.fit(sweep_dir, names, run_dir)
+    if cal is None:
+        return matrix
+    if features is None:
+        features = sweep_calibration.plan_features(
+            matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
+    order = sweep_calibration.rank(sweep_dir, features, cal)
+    return sorted(matrix, key=lambda e: order.index(job_name(e)))
 
 
 def _progress(sweep_dir: str, job: dict) -> str:
@@ -250,9 +291,18 @@ def main(argv=None) -> int:
     lo.add_argument("matrix")
     lo.add_argument("--name", required=True)
     lo.add_argument("--sweeps_dir", default="sweeps")
+    for parser in (s, lo):
+        parser.add_argument("--calibrate", action="store_true", help="first run a few short runs of the matrix's "
+                            "layouts that exercise every cost-model constant, fit it, and rank the matrix by it")
+        parser.add_argument("--calibration_steps", type=int, default=10)
     st = sub.add_parser("status", help="list every job's status")
     st.add_argument("name")
     st.add_argument("--sweeps_dir", default="sweeps")
+    rk = sub.add_parser("rank", help="fit the cost model to a --calibrate sweep's calibration runs and rank its "
+                        "matrix by it")
+    rk.add_argument("name")
+    rk.add_argument("--sweeps_dir", default="sweeps")
+    rk.add_argument("--gpu", default=None, help="plan the matrix on this GPU (bench-plan's names)")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -264,10 +314,29 @@ def main(argv=None) -> int:
             check_names(matrix)
             if args.cmd == "submit" and args.gpu:
                 check_fits(matrix, extra, args.gpu)
+            prior, features = [], None
+            if args.calibrate:
+                gpu = args.gpu if args.cmd == "submit" else None
+                cal_matrix, features = calibration_entries(matrix, extra, gpu)
+                check_names([*cal_matrix, *matrix])
+                cal_extra = [*extra, *sweep_calibration.calibration_args(args.calibration_steps)]
+                if args.cmd == "submit":
+                    prior = submit(cal_matrix, sweep_dir, cal_extra, args.dry_run)
+                    show(f"the matrix waits for the {len(prior)} calibration jobs; rank it once they end: "
+                         f"python -m bench.sweep rank {args.name} --sweeps_dir {args.sweeps_dir}")
+                else:
+                    prior = run_local(cal_matrix, sweep_dir, cal_extra)
+                    matrix = calibrate_and_rank(sweep_dir, matrix, extra, gpu, features)
             if args.cmd == "submit":
-                submit(matrix, sweep_dir, extra, args.dry_run)
+                submit(matrix, sweep_dir, extra, args.dry_run, prior, [j["job_id"] for j in prior if j["job_id"]])
             else:
-                run_local(matrix, sweep_dir, extra)
+                run_local(matrix, sweep_dir, extra, prior=prior)
+        if args.cmd == "rank":
+            with open(os.path.join(sweep_dir, "sweep.json")) as fh:
+                jobs = json.load(fh)
+            ranked = [j for j in jobs if not j["name"].startswith(sweep_calibration.PREFIX)]
+            calibrate_and_rank(sweep_dir, [j["entry"] for j in ranked], ranked[0].get("extra", []) if ranked else [],
+                               args.gpu)
         if args.cmd in ("status", "local"):
             for r in status(sweep_dir):
                 show(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")

@@ -154,24 +154,43 @@ def test_a_signal_to_the_srun_step_stops_every_task(cluster, tmp_path, sig, stat
 
 
 @pytest.mark.multiproc
-def test_local_sweep_runs_the_matrix_here_and_lists_statuses(tmp_path):
-    """`bench.sweep local`: the same matrix without SLURM, under the deepspeed launcher, one job after another."""
+def test_local_sweep_calibrates_ranks_and_runs_the_matrix_here_and_lists_statuses(tmp_path):
+    """`bench.sweep local --calibrate`: the same matrix without SLURM, under the deepspeed launcher, one job after
+    another; first a short calibration run of each layout the cost model's fit needs (here both that can be
+    planned), then the matrix ranked by the fit, fastest predicted first, the one that cannot be planned last."""
     good = {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
             "args": TINY[2:], "name": "good"}
+    single = {**good, "ds_config": "ds_configs/dp_zero1.json", "gpus": 1, "name": "single"}
     bad = {**good, "gpus": 1, "args": [*TINY[2:], "--global_batch_size", "3"], "name": "bad"}  # 3 != micro 2 x k
-    (tmp_path / "m.json").write_text(json.dumps([good, bad]))
+    (tmp_path / "m.json").write_text(json.dumps([bad, good, single]))
     cmd = [sys.executable, "-m", "bench.sweep"]
     out = subprocess.run([*cmd, "local", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
-                          "--", "--max_steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=400)
+                          "--calibrate", "--calibration_steps", "5", "--", "--max_steps", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+    sweep = tmp_path / "t"
+    cal = json.loads((sweep / "calibration.json").read_text())
+    assert sorted(cal["runs"]) == ["calibrate-good", "calibrate-single"], cal["runs"]
+    assert any(c["source"] == "fitted" for c in cal["constants"].values()), cal["constants"]
+    ranking = json.loads((sweep / "ranking.json").read_text())
+    assert [r["name"] for r in ranking][-1] == "bad" and "global batch 3" in ranking[-1]["not_planned"]
+    first, second = ranking[0], ranking[1]
+    assert 0 < first["predicted_step_s"] <= second["predicted_step_s"], ranking
+    for job in ("calibrate-good", "calibrate-single"):  # the calibration's steps win over the sweep's --max_steps
+        s = json.loads((sweep / "runs" / job / "summary.json").read_text())
+        assert s["status"] == "completed" and s["steps"] == 5, (job, s["status"], s["steps"])
+    # the matrix in the ranked order, bad last (it fails at once, refused)
+    assert f"[1/3] {first['name']}: completed (exit 0" in out.stdout and "[3/3] bad: failed" in out.stdout, out.stdout
+    assert re.search(rf"^\[1/3\] {first['name']}: (starting|running, step \d+/2)$", out.stdout, re.M), \
+        "progress while it runs"
     assert re.search(r"^good\s+-\s+completed", out.stdout, re.M), out.stdout
     assert re.search(r"^bad\s+-\s+failed", out.stdout, re.M), out.stdout
-    rows = json.loads((tmp_path / "t" / "status.json").read_text())
-    assert {r["name"]: r["status"] for r in rows} == {"good": "completed", "bad": "failed"}
+    rows = json.loads((sweep / "status.json").read_text())
+    assert {r["name"]: r["status"] for r in rows} == {"calibrate-good": "completed", "calibrate-single": "completed",
+                                                       first["name"]: "completed", second["name"]: "completed",
+                                                       "bad": "failed"}
     assert all(r["runner"] == "local" and r["slurm_state"] is None for r in rows), "no SLURM state for local jobs"
-    assert [r["exit_code"] for r in rows][0] == 0 and rows[1]["exit_code"] != 0
-    assert "[1/2] good: completed (exit 0" in out.stdout and "[2/2] bad: failed" in out.stdout, out.stdout
-    assert re.search(r"^\[1/2\] good: (starting|running, step \d+/2)$", out.stdout, re.M), "progress while it runs"
-    s = json.loads((tmp_path / "t" / "runs" / "good" / "summary.json").read_text())
+    assert {r["name"]: r["exit_code"] for r in rows}["good"] == 0 and rows[-1]["exit_code"] != 0
+    s = json.loads((sweep / "runs" / "good" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 2  # the sweep-wide extra wins over the entry's --max_steps 3
-    assert "global_batch_size" in (tmp_path / "t" / "logs" / "bad.log").read_text()  # the refusal is in the log
+    assert "global_batch_size" in (sweep / "logs" / "bad.log").read_text()  # the refusal is in the log

@@ -91,3 +91,39 @@ def test_a_gpu_run_records_the_uncalibrated_step_and_every_run_its_features():
     cores = len(os.sched_getaffinity(0))
     assert on_cpu["cost_features"]["device_share"] == pytest.approx(min(1.0, cores / 4))
     assert on_gpu["cost_features"]["device_share"] == 1.0
+
+
+def test_a_sweep_calibrates_on_a_few_layouts_that_see_every_constant_and_ranks_by_the_fit(tmp_path):
+    """bench/sweep_calibration.py: the cheapest layout first, then few that let the fit see every constant some
+    layout of the matrix shows it (its feature differs between the chosen runs); a layout that cannot be planned
+    is left out and ranked last."""
+    from bench import sweep_calibration
+
+    def feats(flops, share=1.0, **kinds):
+        return {**{t: 0 for t in calibrate.TERMS}, "flops": flops, "micro_batches": 4, "step": 1,
+                "device_share": share, **kinds}
+    matrix = {"dp-1": feats(2e9), "dp-2": feats(1e9, all_reduce=1e6), "zero3-2": feats(1e9, all_gather=1e6,
+              reduce_scatter=2e6), "tp-2": feats(1e9, all_reduce=8e6, all_gather=1e6, critical_calls=120),
+              "tp-4": feats(5e8, 0.5, all_reduce=8e6, all_gather=1e6, critical_calls=120),
+              "ep-2": feats(1e9, all_to_all=2e6, critical_calls=20), "zero1-2": feats(1e9, all_reduce=1e6),
+              "zero2-2": feats(1e9, all_reduce=2e6), "bad": "global batch 3 is not a multiple"}
+    chosen = sweep_calibration.choose(matrix)
+
+    def varied(names):  # the terms whose fit the runs allow: written out again
+        cols = {t: {calibrate.design(matrix[n])[j] for n in names} for j, t in enumerate(calibrate.TERMS)}
+        return {t for t, values in cols.items() if len(values) > 1}
+    assert chosen[0] == "dp-2"  # the cheapest: least compute per device share (tp-4 has half a device)
+    assert varied(chosen) == varied([n for n in matrix if n != "bad"]) == {
+        "flops", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "critical_calls", "micro_batches"}
+    assert "bad" not in chosen and {"zero1-2", "zero2-2"}.isdisjoint(chosen), chosen  # they add nothing
+    for name in chosen[1:]:  # none is there for nothing
+        assert varied([n for n in chosen if n != name]) != varied(chosen), (name, chosen)
+    cal = {"constants": {t: {"coefficient": 0.0} for t in calibrate.TERMS}}
+    cal["constants"]["flops"]["coefficient"] = 1e-9  # 1 s per 1e9 FLOPs on a whole device
+    cal["constants"]["critical_calls"]["coefficient"] = 1e-3  # 1 ms per call a layer waits on
+    order = sweep_calibration.rank(str(tmp_path), matrix, cal)
+    # 1.0 four times (the matrix's order between equals), 1.02, 1.12, (0.5 + 0.12) / 0.5 = 1.24 on half a
+    # device, 2.0
+    assert order == ["dp-2", "zero3-2", "zero1-2", "zero2-2", "ep-2", "tp-2", "tp-4", "dp-1", "bad"]
+    rows = json.loads((tmp_path / "ranking.json").read_text())
+    assert rows[-1]["not_planned"].startswith("global batch") and rows[0]["predicted_step_s"] == pytest.approx(1.0)
