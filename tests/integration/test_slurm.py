@@ -89,16 +89,26 @@ def test_real_script_runs_and_records(cluster, tmp_path):
 
 @pytest.mark.cluster
 def test_sweep_lists_completed_and_failed(cluster, tmp_path):
+    """A submitted sweep, with --calibrate: the one layout that can be planned gets a calibration job, which the
+    matrix's jobs wait for (SLURM's afterany dependency); every job is listed; one calibration run is too few to
+    fit, which `rank` says without failing."""
     matrix = [{"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
                "args": TINY[2:], "sbatch": SMALL_NODE, "name": "good"},
               {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
                "args": [*TINY[2:], "--global_batch_size", "6"], "sbatch": SMALL_NODE, "name": "bad"}]
     (tmp_path / "m.json").write_text(json.dumps(matrix))
     cmd = [sys.executable, "-m", "bench.sweep"]
-    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path)],
-                         cwd=REPO, env=cluster, capture_output=True, text=True)
+    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
+                          "--calibrate", "--calibration_steps", "5"], cwd=REPO, env=cluster, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     jobs = json.loads((tmp_path / "t" / "sweep.json").read_text())
+    assert [j["name"] for j in jobs] == ["calibrate-good", "good", "bad"]
+    for j in jobs[1:]:
+        queued = subprocess.run(["scontrol", "show", "job", j["job_id"]], env=cluster, capture_output=True,
+                                text=True).stdout
+        assert re.search(rf"Dependency=afterany:{jobs[0]['job_id']}\b", queued), queued
+    assert "--max_steps 5" in (tmp_path / "t" / "jobs" / "calibrate-good.sh").read_text()
     listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
                              capture_output=True, text=True)
     assert listing.returncode == 0 and "good" in listing.stdout  # listable at any time, even while pending
@@ -107,8 +117,12 @@ def test_sweep_lists_completed_and_failed(cluster, tmp_path):
     listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
                              capture_output=True, text=True).stdout
     status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
-    assert status == {"good": "completed", "bad": "failed"}, listing
+    assert status == {"calibrate-good": "completed", "good": "completed", "bad": "failed"}, listing
     assert re.search(r"^good\s+\d+\s+completed", listing, re.M) and re.search(r"^bad\s+\d+\s+failed", listing, re.M)
+    ranked = subprocess.run([*cmd, "rank", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
+                            capture_output=True, text=True)
+    assert ranked.returncode == 0 and "1 of 1 calibration runs completed; a calibration needs two" in ranked.stderr, \
+        ranked.stderr
 
 
 def submit_long_run(cluster, tmp_path: Path, runs: Path) -> str:
