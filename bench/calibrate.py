@@ -192,6 +192,7 @@ def describe(calibration: dict) -> list[str]:
             per = {"critical_calls": "call a layer or stage waits on", "micro_batches": "micro-batch"}.get(t, "step")
             value = f"{k * 1e3:.3g} ms per {per}"
         err = f" (coefficient {k:.3g} +/- {e:.2g})" if e is not None else ""
-        lines.append(f"{t:<15}{value}{err}; {c['source']}" + (f"; runs: {', '.join(c['runs'])}" if c["runs"]
-                                                               else ""))
+        runs = c["runs"]  # all of them in the file; here the first few
+        shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        lines.append(f"{t:<15}{value}{err}; {c['source']}" + (f"; {len(runs)} runs: {shown}" if runs else ""))
     return lines

@@ -153,10 +153,14 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
     return jobs
 
 
+def planned_features(matrix: list[dict], extra: list[str], gpu: str | None) -> dict:
+    """{job name: its planned cost features, or why it cannot be planned} (bench/sweep_calibration.py)."""
+    return sweep_calibration.plan_features(matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
+
+
 def calibration_entries(matrix: list[dict], extra: list[str], gpu: str | None) -> tuple[list[dict], dict]:
     """(the calibration set's entries, renamed calibrate-<job>; every entry's planned cost features)."""
-    features = sweep_calibration.plan_features(
-        matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
+    features = planned_features(matrix, extra, gpu)
     chosen = set(sweep_calibration.choose(features))
     return [{**e, "name": sweep_calibration.PREFIX + job_name(e)} for e in matrix if job_name(e) in chosen], features
 
@@ -173,13 +177,10 @@ def calibrate_and_rank(sweep_dir: str, matrix: list[dict], extra: list[str], gpu
     def run_dir(name):
         s = run_summary(sweep_dir, name)
         return s and s.get("run_dir")
-    cal = sweep_calibration.fit(sweep_dir, names, run_dir)
+    cal = sweep_calibration.fit(sweep_dir, names, run_dir, gpu)
     if cal is None:
         return matrix
-    if features is None:
-        features = sweep_calibration.plan_features(
-            matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
-    order = sweep_calibration.rank(sweep_dir, features, cal)
+    order = sweep_calibration.rank(sweep_dir, features or planned_features(matrix, extra, gpu), cal)
     return sorted(matrix, key=lambda e: order.index(job_name(e)))
 
 

@@ -67,9 +67,10 @@ def choose(features: dict) -> list[str]:
     return chosen
 
 
-def fit(sweep_dir: str, names: list[str], run_dir_of) -> dict | None:
-    """The calibration from the calibration jobs that completed (run_dir_of(name) -> its run directory or None),
-    written to calibration.json; None, with a warning, when fewer than two completed."""
+def fit(sweep_dir: str, names: list[str], run_dir_of, gpu: str | None = None) -> dict | None:
+    """The calibration from the calibration jobs that completed (run_dir_of(name) -> its run directory or None;
+    gpu: whose uncalibrated constants the unseen ones keep), written to calibration.json; None, with a warning,
+    when fewer than two completed."""
     dirs = [d for d in (run_dir_of(n) for n in names) if d]
     runs = []
     for d in dirs:
@@ -81,7 +82,8 @@ def fit(sweep_dir: str, names: list[str], run_dir_of) -> dict | None:
         log.warning(f"{len(runs)} of {len(names)} calibration runs completed; a calibration needs two: the matrix "
                     "keeps its own order")
         return None
-    cal = calibrate.fit(runs)
+    from bench.recommend import default_coefficients
+    cal = calibrate.fit(runs, default_coefficients(gpu), gpu)
     with open(os.path.join(sweep_dir, "calibration.json"), "w") as fh:
         json.dump(cal, fh, indent=1)
     show(f"calibration from {len(runs)} runs written to {os.path.join(sweep_dir, 'calibration.json')}:")
