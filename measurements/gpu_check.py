@@ -14,7 +14,7 @@ In order, each a real harness launch (torchrun on a free port, as measurements/c
 5. the same model on the bundled QA data, packed (the document path: varlen_attn on CUDA) and padded (causal, no
    mask), the same samples: the same loss, the kernel each ran, and what packing saves;
 6. with 2 or more devices: TP2, EP2 (tiny Mixtral), PP2 and SP2 against one process, loss and gradient norm
-   (--layouts picks some: the CPU test runs two, the others' parity having suites of their own);
+   (--layouts picks some: the CPU test runs one, the others' parity having suites of their own);
 7. with 2 or more devices: job 2 under DeepSpeed's ZeRO-3 and PyTorch's FSDP2, step time, memory and loss.
 The result line names every check that ran and every one that was skipped, with why (one device: no layout
 parity); it never reads "every check passed" over a skipped one.

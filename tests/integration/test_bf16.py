@@ -28,8 +28,11 @@ RUNS = {
     "llama-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *FULL), 1, None),
     "llama-w1-lora": ((*layout_args("dp", "dp_zero1"), *ARGS, *LLAMA, *LORA), 1, None),
     "mixtral-w1": ((*layout_args("dp", "dp_zero1"), *ARGS, *MIXTRAL, *FULL), 1, None),
+    # ZeRO-2 with LoRA only (the default job): ZeRO-1 and ZeRO-2 run one optimizer here (summary.json
+    # optimizer.wrapper DeepSpeedZeroOptimizer, gradients accumulated in bf16) with the same gradient hooks, ZeRO-2
+    # keeping a partition of each gradient; a full fine-tune through it in bf16: zero1
     **{f"zero{z}{peft}": ((*layout_args("dp", f"dp_zero{z}"), *ARGS, *LLAMA, *flags), 2, f"llama-w1{peft}")
-       for z in (1, 2, 3) for peft, flags in (("", FULL), ("-lora", LORA))},
+       for z in (1, 2, 3) for peft, flags in (("", FULL), ("-lora", LORA)) if (z, peft) != (2, "")},
     "tp2": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
     "tp2-lora": ((*layout_args("tp", "tp2"), *ARGS, *LLAMA, *LORA), 2, "llama-w1-lora"),  # bf16 adapters, split
     # Not here yet: the DDP baseline (ZeRO-0) in bf16 with LoRA drifts from one process (grad norm 8 % off by step
@@ -37,7 +40,8 @@ RUNS = {
     "pp2": ((*layout_args("pp", "pp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
     "sp2": ((*layout_args("sp", "sp2"), *ARGS, *LLAMA, *FULL), 2, "llama-w1"),
     "ep2": ((*layout_args("ep", "ep2"), *ARGS, *MIXTRAL, *FULL), 2, "mixtral-w1"),
-    "tp2ep2": ((*layout_args("tp_ep", "tp2_ep2"), *ARGS, *MIXTRAL, *FULL), 4, "mixtral-w1"),
+    # Not TP x EP: its bf16 roundings are TP's partial sums (tp2) and EP's exchange (ep2), each bounded here; its
+    # fp32 parity: test_model_parallel.py
 }
 SPLIT = [name for name, (_, _, ref) in RUNS.items() if ref]
 
@@ -63,7 +67,7 @@ def test_the_planner_predicts_bf16_runs(runs, name):
     args, procs, _ = RUNS[name]
     s = runs[name].summary()
     assert planned_params_per_rank(*args, world=procs) == [r["total"] for r in s["params"]["per_rank"]]
-    assert_plan_matches(s, comm_rel=0.10 if name == "tp2ep2" else 0.05)
+    assert_plan_matches(s)
 
 
 def test_precision_and_dtypes_are_recorded(runs):

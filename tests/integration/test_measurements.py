@@ -69,8 +69,9 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
     """measurements/gpu_check.py, the first thing to run on a GPU machine, runs its whole sequence here on the CPU
     (small settings) and writes its page: every check, the bare loop's ratio, the layouts within tolerance."""
     page = tmp_path / "gpu.md"
-    # two of section 6's layouts: each layout's parity has its own suite; this checks the script
-    out = subprocess.run([sys.executable, "measurements/gpu_check.py", "--out", str(page), "--layouts", "TP2,PP2"],
+    # one of section 6's layouts: each layout's parity has its own suite; this checks the script (one layout runs
+    # its loop, its reference and its row as two would)
+    out = subprocess.run([sys.executable, "measurements/gpu_check.py", "--out", str(page), "--layouts", "PP2"],
                          cwd=REPO,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -80,31 +81,32 @@ def test_gpu_check_runs_its_sequence_on_the_cpu(tmp_path):
                     "## 6. Layouts on 2 devices", "## 7. ZeRO-3 vs FSDP2 on job 2, 2 devices"):
         assert heading in text, heading
     assert "Every check that ran passed; 1 skipped (above)." in text and "DeepSpeedCPUAdam" in text
-    assert "- SKIPPED 6. layout parity (EP2, SP2): not chosen by --layouts" in text
+    assert "- SKIPPED 6. layout parity (TP2, EP2, SP2): not chosen by --layouts" in text
     assert "| packed | sdpa per document, documents |" in text and "| padded | sdpa (causal), causal |" in text
     ratio = float(text.split("Median step time, harness / bare loop")[1].split("**")[1])
     assert 0.3 < ratio < 3, ratio
     parity = [ln for ln in text.splitlines() if ln.startswith(("| TP2", "| EP2", "| PP2", "| SP2"))]
-    assert len(parity) == 2 and all(ln.endswith("| yes |") for ln in parity), parity
+    assert len(parity) == 1 and all(ln.endswith("| yes |") for ln in parity), parity
     engines = [ln for ln in text.splitlines() if ln.startswith(("| ZeRO-3 |", "| FSDP2 |"))]
     assert len(engines) == 2 and not any("n/a" in ln for ln in engines), engines
 
 
 def test_fault_soak_short_seeded(tmp_path):
-    """measurements/fault_soak.py, three seeded trials (with seed 7: the per-node launcher SIGKILLed, the same
-    command again on a completed run, a hang with every rank alive): no hang left to the bound, no run left
+    """measurements/fault_soak.py, two seeded trials (with seed 94: the same command again on a completed run, then
+    a hang with every rank alive at step 7, resumed from step 6's checkpoint): no hang left to the bound, no run left
     `running`, every resumed run's losses equal to the uninterrupted run's, no negative duration in any summary
-    the trials wrote, no completed record rewritten."""
+    the trials wrote, no completed record rewritten. Each fault's own handling has its test in
+    test_reliability.py and test_signals.py; this checks the soak's loop, its resumes and its page."""
     page = tmp_path / "soak.md"
-    out = subprocess.run([sys.executable, "measurements/fault_soak.py", "--trials", "3", "--seed", "7", "--out",
+    out = subprocess.run([sys.executable, "measurements/fault_soak.py", "--trials", "2", "--seed", "94", "--out",
                           str(page)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = page.read_text()
-    assert "**hangs: 0; runs left `running`: 0; final losses equal to the uninterrupted run: 3/3" in text, text
+    assert "**hangs: 0; runs left `running`: 0; final losses equal to the uninterrupted run: 2/2" in text, text
     assert "negative durations: 0; completed records rewritten: 0**" in text, text
     assert "| resume_completed nothing changed |" in text and "hung at step" in text, text
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
-    assert len(rows) == 3 and all("| completed | yes |" in ln for ln in rows), rows
+    assert len(rows) == 2 and all("| completed | yes |" in ln for ln in rows), rows
 
 
 def test_data_scaling_records_before_and_after(tmp_path):

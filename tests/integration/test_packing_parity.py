@@ -2,16 +2,19 @@
 (1e-4) and validation loss, step by step, under data, tensor, expert, pipeline and sequence parallelism, on real
 processes; so does padding each micro-batch to its longest sample. Both count the same real tokens, and packing
 computes fewer. The document path packed rows take (bench/attention.py) computes what transformers' dense
-block-diagonal mask computes (--attn_mask dense, the path before it) under every strategy, TP x EP included, and
-every strategy records the same attention path for the same batching."""
+block-diagonal mask computes (--attn_mask dense, the path before it) under every way attention runs (the plain engine,
+the pipeline's stages, Ulysses' gathered row, AutoTP's split heads under TP x EP), and every strategy records the same
+attention path for the same batching."""
 import pytest
 
 from support import assert_ok, run_many
 
 pytestmark = pytest.mark.multiproc
 
-ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "3", "--warmup_steps", "1", "--micro_batch_size", "2",
-        "--seq_len", "128", "--eval_interval", "0", "--eval_batches", "2")
+# test_model_parallel's and test_sequence_parallel's settings (5 steps, the default 8 validation batches): the padded
+# TP, EP and SP runs here are then launches those modules make too, made once per session (support.run_many share)
+ARGS = ("--peft", "none", "--lr", "1e-3", "--max_steps", "5", "--warmup_steps", "1", "--micro_batch_size", "2",
+        "--seq_len", "128", "--eval_interval", "0")
 LAYOUTS = {  # name -> (strategy, ds_config, extra arguments)
     "dp": ("dp", "dp_zero2", ("--global_batch_size", "4")),
     "tp": ("tp", "tp2", ("--global_batch_size", "2")),
@@ -23,8 +26,13 @@ BATCHING = {"packed": ("--packing", "on"), "padded": ("--packing", "off"),
             "longest": ("--packing", "off", "--padding", "longest")}
 LAYOUTS["tp_ep"] = ("tp_ep", "tp2_ep2", ("--global_batch_size", "4", "--model", "tiny-mixtral"))  # 4 processes
 BATCHING["dense"] = ("--packing", "on", "--attn_mask", "dense")  # packed rows under transformers' dense mask
+# The document path against the dense mask where attention differs: the plain engine, the pipeline's stages,
+# Ulysses' gathered row and TP x EP, whose attention is AutoTP's split heads on Mixtral. TP alone (the same split
+# heads on LLaMA) and EP alone (attention as under DP, only the experts sharded) are the same attention as those.
+DENSE = ("dp", "pp", "sp", "tp_ep")
 RUNS = {f"{layout}-{way}": (layout, way) for layout in LAYOUTS for way in BATCHING
         if (way != "longest" or layout in ("dp", "pp"))  # longest: the plain engine and the pipeline's shapes
+        and (way != "dense" or layout in DENSE)
         and (layout != "tp_ep" or way in ("packed", "dense"))}  # TP x EP: the document path's parity only
 PROCESSES = {"tp_ep": 4}
 
@@ -37,10 +45,10 @@ def runs(tmp_path_factory):
         strategy, config, extra = LAYOUTS[layout]
         args = ("--strategy", strategy, "--ds_config", f"ds_configs/{config}.json", *ARGS, *extra, *BATCHING[way])
         launches[name] = (root / name, args, {"nprocs": PROCESSES.get(layout, 2), "launcher": "srun-env"})
-    return run_many(launches)
+    return run_many(launches, share=True)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", DENSE)
 def test_the_document_path_computes_what_the_dense_mask_computes(runs, layout):
     """Packed rows: per-sample attention through the collator's offsets against transformers' block-diagonal
     mask (Ulysses: over the gathered row; pipeline: on every stage), loss and gradient norm step by step."""
@@ -48,7 +56,7 @@ def test_the_document_path_computes_what_the_dense_mask_computes(runs, layout):
     assert_ok(run)
     assert_ok(dense)
     a, b = dense.records(), run.records()
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 5
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
     assert run.summary()["val_loss"] == pytest.approx(dense.summary()["val_loss"], rel=1e-5)
@@ -73,7 +81,7 @@ def test_same_loss_and_gradient_norm_as_the_padded_run(runs, name):
     assert_ok(run)
     assert_ok(padded)
     a, b = padded.records(), run.records()
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 5
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-4)
     assert run.summary()["val_loss"] == pytest.approx(padded.summary()["val_loss"], rel=1e-5)
