@@ -5,20 +5,21 @@ with the fit (docs/planner.md, "Calibration").
 Every run records, beside its memory plan, the cost model's features (summary.json memory_plan.cost_features,
 `features`): the slowest rank's FLOPs per step (a pipeline's slowest stage; activation checkpointing's second
 forward included), the bytes its collectives move per step by kind (the planner's count, equal to the
-accounting's: tests/integration), the calls per step of the collectives a layer or stage waits on (TP's, EP's,
-SP's, the pipeline's: each pays the link's latency), the optimizer-state bytes offloaded to the host, the
+accounting's: tests/integration), the calls per step by kind of the collectives a layer or stage waits on (TP's,
+EP's, SP's, the pipeline's: each pays the link's latency), the optimizer-state bytes offloaded to the host, the
 micro-batches per step, and the share of a device each rank computes on (1 on a GPU; on the CPU, fewer cores than
 ranks: bench/distributed.py device_share). The fit is
 
-    step_s = (flops / F + calls x l + micro_batches x m) / share + sum_kind bytes_kind / B_kind + offloaded / H + s
+    step_s = (flops / F + sum_kind calls_kind x l_kind + micro_batches x m) / share
+             + sum_kind bytes_kind / B_kind + offloaded / H + s
 
-by non-negative least squares (every term costs time): F the sustained FLOP/s, l the latency of a call a layer
-waits on, m the cost per micro-batch (the work that does not scale with FLOPs: kernel launches, Python), B_kind
-each collective kind's effective bandwidth (what is not hidden behind compute, per byte counted), H the offload
-bandwidth and s the cost per step. One latency serves every kind: fitted per kind it predicted held-out layouts
-worse (docs/results/calibration_cpu.md). A constant the runs do not exercise (its feature zero, or constant over
-the runs) keeps its default and is marked so; one they exercise but whose time the fit cannot see beside the
-others' is fitted to zero and marked so; each fitted one carries its standard error and the runs that exercise it.
+by non-negative least squares (every term costs time): F the sustained FLOP/s, l_kind the latency of a call of
+that kind a layer waits on, m the cost per micro-batch (the work that does not scale with FLOPs: kernel launches,
+Python), B_kind each collective kind's effective bandwidth (what is not hidden behind compute, per byte counted),
+H the offload bandwidth and s the cost per step. A constant the runs do not exercise (its feature zero, or
+constant over the runs) keeps its default and is marked so; one they exercise but whose time the fit cannot see
+beside the others' is fitted to zero and marked so; each fitted one carries its standard error and the runs that
+exercise it.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ import numpy as np
 from bench.config import BenchError
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send_recv", "broadcast")
-TERMS = ("flops", *KINDS, "critical_calls", "offloaded", "micro_batches", "step")  # a feature each, its
-#                                                                                    coefficient a constant
-SHARED = ("flops", "critical_calls", "micro_batches")  # work a rank does on its device: slower on a share of one
+CALLS = tuple(f"{k}_calls" for k in KINDS)  # the calls of each kind a layer or stage waits on
+TERMS = ("flops", *KINDS, *CALLS, "offloaded", "micro_batches", "step")  # a feature each, its coefficient a constant
+SHARED = ("flops", *CALLS, "micro_batches")  # work a rank does on its device: slower on a share of one
 VERSION = 2
 
 
@@ -44,7 +45,8 @@ def features(plan, est: dict) -> dict:
     per_rank = est["comm_bytes_per_step_per_rank"]
     return {"flops": est["flops_per_rank_per_step"] * slowest_share(plan) * recompute,
             **{k: max((r.get(k, 0) for r in per_rank), default=0) for k in KINDS},
-            "critical_calls": max((sum(r.values()) for r in est["critical_calls_per_step_per_rank"]), default=0),
+            **{f"{k}_calls": max((r.get(k, 0) for r in est["critical_calls_per_step_per_rank"]), default=0)
+               for k in KINDS},
             "offloaded": max((r["offloaded_bytes"] for r in est["per_rank"]), default=0),
             "micro_batches": plan.batch.grad_accum, "step": 1, "device_share": plan.device_share}
 
@@ -91,7 +93,7 @@ def read_run(path: str) -> dict:
 
 def fit(runs: list[dict], defaults: dict | None = None, gpu: str | None = None) -> dict:
     """Non-negative least squares over the runs -> the calibration: each constant's coefficient, standard error,
-    whether it was fitted or kept at its default (defaults: {term: coefficient}, bench/recommend.py
+    whether it was fitted or kept at its default (defaults: {term: coefficient}, bench/cost_model.py
     default_coefficients for a GPU; else 0), and the runs that exercise it."""
     base = {**{t: 0.0 for t in TERMS}, **(defaults or {})}
     X = np.array([design(r["features"]) for r in runs])
@@ -157,12 +159,12 @@ def predict(calibration: dict, feats: dict) -> float:
 
 
 def breakdown(calibration: dict, feats: dict) -> dict:
-    """The prediction in the cost model's parts (bench/recommend.py step_breakdown's keys): compute (the slowest
+    """The prediction in the cost model's parts (bench/cost_model.py step_breakdown's keys): compute (the slowest
     rank's FLOPs, checkpointing's recompute and a pipeline's wait for its slowest stage included), communication,
     offload, and the overheads per micro-batch and per step, which the uncalibrated model has not."""
     term = {t: calibration["constants"][t]["coefficient"] * x for t, x in zip(TERMS, design(feats))}
     parts = {"compute_s": term["flops"], "recompute_s": 0.0, "bubble_s": 0.0,
-             "communication_s": sum(term[k] for k in KINDS) + term["critical_calls"], "offload_s": term["offloaded"],
+             "communication_s": sum(term[k] for k in (*KINDS, *CALLS)), "offload_s": term["offloaded"],
              "overhead_s": term["micro_batches"] + term["step"]}
     return {**parts, "step_s": sum(parts.values())}
 
@@ -189,7 +191,8 @@ def describe(calibration: dict) -> list[str]:
         elif t in KINDS or t == "offloaded":
             value = f"{1 / k / 1e9:.3g} GB/s effective" if k else "free (hidden or unused)"
         else:
-            per = {"critical_calls": "call a layer or stage waits on", "micro_batches": "micro-batch"}.get(t, "step")
+            per = f"{t[:-6]} call a layer or stage waits on" if t in CALLS else \
+                {"micro_batches": "micro-batch"}.get(t, "step")
             value = f"{k * 1e3:.3g} ms per {per}"
         err = f" (coefficient {k:.3g} +/- {e:.2g})" if e is not None else ""
         runs = c["runs"]  # all of them in the file; here the first few

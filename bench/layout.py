@@ -57,7 +57,7 @@ class Dimension:
     vocab_split: Callable[..., int] | None = None  # plan -> a rank's logits are the vocabulary divided by this
     expert_width_split: Callable[["Layout"], int] | None = None  # the experts' intermediate width divided by this
     saves_extra_q: bool = False       # measured: one more q-sized tensor per layer saved on rows without a mask
-    # its terms of the cost model (bench/recommend.py): how it shapes a decoder layer's GEMMs on a rank (TP's split
+    # its terms of the cost model (bench/cost_model.py): how it shapes a decoder layer's GEMMs on a rank (TP's split
     # heads and MLP width are the planner's activation split too) ...
     gemm_split: Callable[["Layout"], int] | None = None  # each GEMM's split side divided by this (TP's columns/rows)
     expert_tokens: Callable[["Layout"], int] | None = None  # an expert's tokens multiplied by this (EP's exchange)

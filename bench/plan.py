@@ -248,11 +248,12 @@ def resolve(cfg: config.RunConfig, env, device: tuple | None = None) -> Plan:
     spec = spec_of(cfg, world, device_kind)
     model = load_model(cfg)
     device = _device(env.local_rank) if here else device
-    plan = assemble(cfg, spec, device, model, lambda: load_data(cfg, spec, model, env), here, t0,
-                    device_capacity(device[0], env.local_rank) if here else None)
+    share = 1.0
     if device[0] == "cpu":  # ranks that share the host's cores (the cost features: bench/calibrate.py)
         from bench.distributed import device_share
-        plan = dataclasses.replace(plan, device_share=device_share(env, world))
+        share = device_share(env, world)
+    plan = assemble(cfg, spec, device, model, lambda: load_data(cfg, spec, model, env), here, t0,
+                    device_capacity(device[0], env.local_rank) if here else None, share)
     if here:
         plan.memory_plan  # noqa: B018 - the GPU guard: refuses here, before any process group, if it will not fit
     if cfg.checkpoint.resume == "auto":
@@ -292,7 +293,7 @@ def reads_data(cfg: config.RunConfig) -> bool:
 
 
 def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, splits, here: bool = False,
-             t0: float | None = None, capacity: int | None = None) -> Plan:
+             t0: float | None = None, capacity: int | None = None, device_share: float = 1.0) -> Plan:
     """The plan of a spec with its model, device and data (splits: -> the train and validation splits, asked for
     once the model's checks have passed): every check that needs the model or the data, in one line each.
     here: the device is this machine's, which must have the kernels."""
@@ -333,7 +334,8 @@ def assemble(cfg: config.RunConfig, spec: RunSpec, device: tuple, model: Model, 
     plan = Plan(cfg, spec, strategy, model_config, model.tokenizer_source, train, val, collate, device_type,
                 device_name, lora_params, models.flops_per_token(model_config, cfg.data.seq_len, lora_params),
                 *gpus.peak_tflops(device_name, cfg.logging.peak_tflops),
-                phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data}, capacity=capacity)
+                phases={"resolve_s": t_data - t0, "data_s": time.time() - t_data}, capacity=capacity,
+                device_share=device_share)
     if not cfg.training.dry_run:  # the ops its ds_config needs (planning may happen on another machine than the run)
         check_ops(plan.ds, device_type)
     return plan
@@ -376,8 +378,8 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     est["cost_features"] = features(plan, est)  # what bench-plan --calibrate fits this run's step time with
     gpu = gpus.match(plan.device_name) if plan.device_type == "cuda" else None
     if gpu and gpu.key in gpus.plannable():  # the uncalibrated cost model's step, which the report sets beside
-        from bench import recommend         # the measured one (it has constants for the catalog's GPUs only)
-        est["predicted_step"] = {**recommend.step_breakdown(plan, est, gpu.key), "gpu": gpu.key}
+        from bench import cost_model        # the measured one (it has constants for the catalog's GPUs only)
+        est["predicted_step"] = {**cost_model.step_breakdown(plan, est, gpu.key), "gpu": gpu.key}
     if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(

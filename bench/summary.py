@@ -55,8 +55,9 @@ KEYS = {
     "memory": "{per_rank[] (training peaks, every phase's, RSS before the model), device[], plan_check}",
     "optimizer": "{name, fused, wrapper}: the optimizer that ran (bench/engines: Engine.describe)", "params": "{total, trainable, before_peft, per_rank[]}",
     "accounting": "{per_rank[]}: bytes each rank holds by kind, counted from its tensors (bench/accounting.py)",
-    "memory_plan": "the planner's prediction of the same per rank, made before launch (bench/estimate.py), and "
-                   "cost_features: what bench-plan --calibrate fits the step time with (bench/calibrate.py)",
+    "memory_plan": "the planner's prediction of the same per rank, made before launch (bench/estimate.py); "
+                   "cost_features: what bench-plan --calibrate fits the step time with (bench/calibrate.py); on a "
+                   "catalog GPU predicted_step: the uncalibrated cost model's step (bench/cost_model.py)",
     "compile": "{enabled, backend, deepcompile, compile_s, steps_compile_s, recompiled_steps, recompiled_s, graphs, "
                "graph_breaks, break_reasons, cache{dir, hits, misses, warm}, per_rank[]} (bench/compiling.py)",
     "sharding": "model-parallel runs: what deepspeed.initialize split or replaced",

@@ -7,7 +7,7 @@ each layout a calibration fitted on the others' runs alone (leave one layout out
 Every run does the same work per model (strategy_matrix.py's job, fewer steps). The page gives, per layout, the
 measured median step (median over repeats of each run's median, slowest rank), the held-out prediction and its
 error, the median and worst absolute error, and Spearman's rank correlation between predicted and measured
-steps. The uncalibrated model has constants for GPUs only (bench/recommend.py): on the CPU it predicts no absolute
+steps. The uncalibrated model has constants for GPUs only (bench/cost_model.py): on the CPU it predicts no absolute
 time, so the table's uncalibrated column is its ranking on an H100 for the same layouts, for the ordering alone.
 """
 import argparse
@@ -94,7 +94,7 @@ def page(opts, results: dict) -> list[str]:
     lines += [f"| {r['layout']} | {r['measured_s']:.4f} | {r['predicted_s']:.4f} | {r['error']:.0%} |" for r in rows]
     lines += ["", "The fit on every run (what `bench-plan --calibrate` writes from them):", "",
               *[f"- {line}" for line in calibrate.describe(full)], "",
-              "The uncalibrated model has no CPU constants (its compute and links are a GPU's, bench/recommend.py), "
+              "The uncalibrated model has no CPU constants (its compute and links are a GPU's, bench/cost_model.py), "
               "so it predicts no CPU time to compare; its published-figure ratios stay within 0.7-1.3 "
               "(tests/unit/test_cost_model.py, docs/results/cost_model.md)."]
     return lines

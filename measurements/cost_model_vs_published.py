@@ -1,4 +1,4 @@
-"""The planner's cost model (bench/recommend.py) against published measurements of the same jobs, and the order in
+"""The planner's cost model (bench/cost_model.py) against published measurements of the same jobs, and the order in
 which `bench-plan --recommend` ranks the layouts of LLaMA 3.1 8B on one 8-GPU H100 node.
 
     python measurements/cost_model_vs_published.py [--out docs/results/cost_model.md]
@@ -44,11 +44,11 @@ TOP = 12
 
 def predicted(args: list[str], world: int) -> dict:
     """-> the plan's step in parts, its tokens/s/GPU (full rows: computed = real) and peak memory."""
-    from bench import estimate, gpus, recommend
+    from bench import estimate, gpus, cost_model
     from bench.plan import plan_layout
     plan = plan_layout([*FULL_ROWS, *args], world, GPU)
     est = estimate.estimate(plan, gpus.gpu_capacity(GPU, None))
-    parts = recommend.step_breakdown(plan, est, GPU)
+    parts = cost_model.step_breakdown(plan, est, GPU)
     tps = est["computed_tokens_per_step"] / parts["step_s"] / world
     return {**parts, "tokens_per_s_per_gpu": tps, "peak_gib": est["peak_bytes"] / estimate.GIB, "fits": est["fits"],
             "mfu": plan.flops_per_token * tps / (plan.peak_tflops * 1e12)}
@@ -80,7 +80,7 @@ def ordering(args: list[str]) -> list[str]:
 
 
 def main():
-    from bench import recommend
+    from bench import cost_model
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     opts = p.parse_args()
@@ -100,11 +100,11 @@ def main():
         "published figure.",
         "- NeMo runs Transformer Engine's fused kernels and packs samples into its 4096-token rows (attention per "
         "sample, less than the full rows planned here); the harness runs Hugging Face's eager modules. The "
-        "efficiency constant is chosen between the two peers (bench/recommend.py EFFICIENCY), so the harness on a "
+        "efficiency constant is chosen between the two peers (bench/cost_model.py EFFICIENCY), so the harness on a "
         "GPU is expected nearer torchtitan's eager figure than NeMo's.",
         "- Published memory is the allocator's reserved peak on 96 GB parts (torchtitan) and is not compared.", "",
         "Assumptions of the cost model, as `bench-plan --recommend` prints them:", "",
-        *[f"- {n}" for n in recommend.assumptions(GPU, 8)], "",
+        *[f"- {n}" for n in cost_model.assumptions(GPU, 8)], "",
         "## The order `--recommend` ranks LLaMA 3.1 8B layouts in, 8 x " + GPU, "",
         "`bench-plan " + " ".join(FULL_ROWS) + " --world_size 8 --gpu " + GPU + " --recommend <job>`, 8 samples "
         f"per GPU per step, the first {TOP} rows.", "",

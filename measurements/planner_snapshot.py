@@ -5,7 +5,7 @@ must change no number is checked by running this before and after it.
     python measurements/planner_snapshot.py --write measurements/planner_snapshot.json   # after a deliberate change of a formula
 
 The set: every shipped DeepSpeed ds_config x LLaMA 3.1 8B and Mixtral 8x7B (random init) x peft none/lora x packed/padded
-rows x 2, 8 and 16 GPUs planned for an H100 (576 plans: bench/estimate.py estimate and bench/recommend.py
+rows x 2, 8 and 16 GPUs planned for an H100 (576 plans: bench/estimate.py estimate and bench/cost_model.py
 step_breakdown), the sequence-parallel ones again with --tiled_mlp --tiled_loss on 32K rows (28), every ds_config
 x the tiny presets x peft on 8 CPU processes (96), and --recommend for both models and both pefts on 8 H100s (4). A layout the harness refuses is part of the snapshot too: its one-line refusal.
 --dump DIR writes each layout's full output as JSON, to see what changed.
@@ -54,7 +54,7 @@ def combinations() -> list[tuple[str, list[str], int, str | None]]:
 
 
 def plan_output(args: list[str], world: int, gpu: str | None) -> dict:
-    from bench import config, estimate, gpus, recommend
+    from bench import config, cost_model, estimate, gpus
     from bench.plan import plan_layout
     try:
         plan = plan_layout(args, world, gpu)
@@ -62,7 +62,7 @@ def plan_output(args: list[str], world: int, gpu: str | None) -> dict:
         est = estimate.estimate(plan, capacity, device="cuda" if gpu else plan.device_type)
         out = {"estimate": est, "strategy": plan.cfg.parallelism.strategy}
         if gpu:
-            out["step"] = recommend.step_breakdown(plan, est, GPU)
+            out["step"] = cost_model.step_breakdown(plan, est, GPU)
         return out
     except config.BenchError as e:
         return {"refused": str(e)}

@@ -5,15 +5,15 @@ import random
 
 import pytest
 
-from bench import calibrate, recommend
+from bench import calibrate, cost_model
 from bench.config import BenchError
 
 pytestmark = pytest.mark.unit
 
 # seconds per unit of each feature: 2 TFLOP/s sustained, all-reduce at 20 GB/s, all-gather at 50 GB/s, 0.2 ms per
-# call a layer waits on, 3 ms per micro-batch, 40 ms per step
-TRUE = {"flops": 1 / 2e12, "all_reduce": 1 / 20e9, "all_gather": 1 / 50e9, "critical_calls": 2e-4,
-        "micro_batches": 3e-3, "step": 40e-3}
+# all-reduce and 0.5 ms per all-to-all a layer waits on, 3 ms per micro-batch, 40 ms per step
+TRUE = {"flops": 1 / 2e12, "all_reduce": 1 / 20e9, "all_gather": 1 / 50e9, "all_reduce_calls": 2e-4,
+        "all_to_all_calls": 5e-4, "micro_batches": 3e-3, "step": 40e-3}
 
 
 def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
@@ -23,11 +23,12 @@ def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
         feats = {t: 0 for t in calibrate.TERMS}
         feats.update(flops=rng.uniform(1e11, 2e12), all_reduce=rng.choice([0, rng.uniform(1e8, 4e9)]),
                      all_gather=rng.choice([0, rng.uniform(1e8, 4e9)]), micro_batches=rng.choice([1, 2, 4, 8]),
-                     critical_calls=rng.choice([0, rng.randrange(10, 400)]), step=1,
+                     all_reduce_calls=rng.choice([0, rng.randrange(10, 400)]),
+                     all_to_all_calls=rng.choice([0, rng.randrange(10, 100)]), step=1,
                      device_share=rng.choice([1.0, 1.0, 0.5]))  # some runs on half a device (CPU ranks > cores)
         # what a rank computes takes 1 / share longer on a share of its device; the bytes and the step do not
-        own = TRUE["flops"] * feats["flops"] + TRUE["critical_calls"] * feats["critical_calls"] \
-            + TRUE["micro_batches"] * feats["micro_batches"]
+        own = TRUE["flops"] * feats["flops"] + TRUE["all_reduce_calls"] * feats["all_reduce_calls"] \
+            + TRUE["all_to_all_calls"] * feats["all_to_all_calls"] + TRUE["micro_batches"] * feats["micro_batches"]
         moved = TRUE["all_reduce"] * feats["all_reduce"] + TRUE["all_gather"] * feats["all_gather"]
         step = (own / feats["device_share"] + moved + TRUE["step"]) * (1 + rng.gauss(0, noise))
         runs.append({"run": f"r{i}", "world_size": 8, "device": "test", "step_s": step, "spread": [None, None],
@@ -36,7 +37,7 @@ def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
 
 
 def test_the_fit_recovers_known_constants_and_marks_what_it_could_not_see():
-    defaults = recommend.default_coefficients("H100-80GB")
+    defaults = cost_model.default_coefficients("H100-80GB")
     cal = calibrate.fit(synthetic(12, seed=1), defaults, "H100-80GB")
     c = cal["constants"]
     for term, value in TRUE.items():
@@ -75,7 +76,7 @@ def test_a_gpu_run_records_the_uncalibrated_step_and_every_run_its_features():
     uncalibrated model's step, its compute the slowest rank's FLOPs at no more than the model's sustained rate; on
     the CPU no step (no constants) but the features, with the share of the cores each of 4 ranks has here."""
     import os
-    from bench import gpus, recommend
+    from bench import gpus
     from bench.plan import plan_layout
     args = ["--model", "tiny-llama", "--strategy", "dp", "--ds_config", "ds_configs/dp_zero2.json", "--peft", "none",
             "--seq_len", "128", "--micro_batch_size", "2", "--global_batch_size", "16", "--packing", "off"]
@@ -85,7 +86,7 @@ def test_a_gpu_run_records_the_uncalibrated_step_and_every_run_its_features():
         v for k, v in step.items() if k.endswith("_s") and k != "step_s"))
     flops = on_gpu["cost_features"]["flops"]
     # at best the model's sustained share of the peak; tiny GEMMs leave most of the last wave's SMs idle
-    assert step["compute_s"] >= flops / (gpus.BY_KEY["H100-80GB"].bf16_tflops * 1e12 * recommend.EFFICIENCY)
+    assert step["compute_s"] >= flops / (gpus.BY_KEY["H100-80GB"].bf16_tflops * 1e12 * cost_model.EFFICIENCY)
     on_cpu = plan_layout(args, 4).memory_plan
     assert "predicted_step" not in on_cpu
     cores = len(os.sched_getaffinity(0))
@@ -103,9 +104,9 @@ def test_a_sweep_calibrates_on_a_few_layouts_that_see_every_constant_and_ranks_b
         return {**{t: 0 for t in calibrate.TERMS}, "flops": flops, "micro_batches": 4, "step": 1,
                 "device_share": share, **kinds}
     matrix = {"dp-1": feats(2e9), "dp-2": feats(1e9, all_reduce=1e6), "zero3-2": feats(1e9, all_gather=1e6,
-              reduce_scatter=2e6), "tp-2": feats(1e9, all_reduce=8e6, all_gather=1e6, critical_calls=120),
-              "tp-4": feats(5e8, 0.5, all_reduce=8e6, all_gather=1e6, critical_calls=120),
-              "ep-2": feats(1e9, all_to_all=2e6, critical_calls=20), "zero1-2": feats(1e9, all_reduce=1e6),
+              reduce_scatter=2e6), "tp-2": feats(1e9, all_reduce=8e6, all_gather=1e6, all_reduce_calls=120),
+              "tp-4": feats(5e8, 0.5, all_reduce=8e6, all_gather=1e6, all_reduce_calls=120),
+              "ep-2": feats(1e9, all_to_all=2e6, all_to_all_calls=20), "zero1-2": feats(1e9, all_reduce=1e6),
               "zero2-2": feats(1e9, all_reduce=2e6), "bad": "global batch 3 is not a multiple"}
     chosen = sweep_calibration.choose(matrix)
 
@@ -114,13 +115,15 @@ def test_a_sweep_calibrates_on_a_few_layouts_that_see_every_constant_and_ranks_b
         return {t for t, values in cols.items() if len(values) > 1}
     assert chosen[0] == "dp-2"  # the cheapest: least compute per device share (tp-4 has half a device)
     assert varied(chosen) == varied([n for n in matrix if n != "bad"]) == {
-        "flops", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "critical_calls", "micro_batches"}
+        "flops", "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_reduce_calls", "all_to_all_calls",
+        "micro_batches"}
     assert "bad" not in chosen and {"zero1-2", "zero2-2"}.isdisjoint(chosen), chosen  # they add nothing
     for name in chosen[1:]:  # none is there for nothing
         assert varied([n for n in chosen if n != name]) != varied(chosen), (name, chosen)
     cal = {"constants": {t: {"coefficient": 0.0} for t in calibrate.TERMS}}
     cal["constants"]["flops"]["coefficient"] = 1e-9  # 1 s per 1e9 FLOPs on a whole device
-    cal["constants"]["critical_calls"]["coefficient"] = 1e-3  # 1 ms per call a layer waits on
+    cal["constants"]["all_reduce_calls"]["coefficient"] = cal["constants"]["all_to_all_calls"]["coefficient"] = 1e-3
+    #                                                                             1 ms per call a layer waits on
     order = sweep_calibration.rank(str(tmp_path), matrix, cal)
     # 1.0 four times (the matrix's order between equals), 1.02, 1.12, (0.5 + 0.12) / 0.5 = 1.24 on half a
     # device, 2.0

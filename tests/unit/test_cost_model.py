@@ -1,12 +1,12 @@
-"""The cost model behind bench-plan --recommend (bench/recommend.py): each term against an independent count,
-the published figures it is compared with (docs/results/cost_model.md), and the order it ranks LLaMA 3.1 8B's
+"""The cost model behind bench-plan --recommend (bench/cost_model.py): each term against an independent count, the
+published figures it is compared with (docs/results/cost_model.md), and the order it ranks LLaMA 3.1 8B's
 layouts in on one 8-GPU node."""
 import dataclasses
 import sys
 
 import pytest
 
-from bench import estimate, gpus, recommend
+from bench import cost_model, estimate, gpus, recommend
 from bench.plan import plan_layout
 from support import REPO
 
@@ -27,10 +27,10 @@ def _seconds(plan, kinds: dict, group: int, link: float) -> float:
 @pytest.mark.unit
 def test_wave_quantization_counts_the_idle_share_of_the_last_wave():
     # 8192 x 256 outputs in 128 x 256 tiles: 64 tiles, one wave on 132 SMs that leaves 68 idle
-    assert recommend.wave_efficiency(8192, 256, 132) == pytest.approx(64 / 132)
+    assert cost_model.wave_efficiency(8192, 256, 132) == pytest.approx(64 / 132)
     # 8192 x 4096: 1024 tiles, 8 waves of 132 (1056 slots)
-    assert recommend.wave_efficiency(8192, 4096, 132) == pytest.approx(1024 / 1056)
-    assert recommend.wave_efficiency(8192, 256, None) == 1.0  # a GPU whose SMs the catalog does not list
+    assert cost_model.wave_efficiency(8192, 4096, 132) == pytest.approx(1024 / 1056)
+    assert cost_model.wave_efficiency(8192, 256, None) == 1.0  # a GPU whose SMs the catalog does not list
 
 
 @pytest.mark.unit
@@ -38,7 +38,7 @@ def test_narrow_tensor_parallel_shards_compute_slower_and_wait_on_their_all_redu
     args = ("--seq_len", "4096", "--micro_batch_size", "1", "--global_batch_size", "8")
     dp, tp = _plan("dp", "ds_configs/dp_zero3.json", 8, *args), _plan("tp", "ds_configs/tp8.json", 8, *args)
     sms = gpus.BY_KEY[GPU].sms
-    assert recommend.gemm_efficiency(tp, sms) < recommend.gemm_efficiency(dp, sms) < 1
+    assert cost_model.gemm_efficiency(tp, sms) < cost_model.gemm_efficiency(dp, sms) < 1
     # one decoder layer's GEMMs at TP 8, 4096 tokens: k and v are 128 wide (half a tile, 32 tiles in one wave)
     h, f, kv, m = 4096, 14336, 1024 // 8, 4096
     shapes = [(h // 8, h), (kv, h), (kv, h), (h, h // 8), (f // 8, h), (f // 8, h), (h, f // 8)]  # (n, k)
@@ -48,11 +48,11 @@ def test_narrow_tensor_parallel_shards_compute_slower_and_wait_on_their_all_redu
         tiles = (m // 128) * full[n]
         return m * n / (-(-tiles // sms) * sms * 128 * 256)
     expected = sum(m * n * k for n, k in shapes) / sum(m * n * k / waves(n) for n, k in shapes)
-    assert recommend.gemm_efficiency(tp, sms) == pytest.approx(expected)
+    assert cost_model.gemm_efficiency(tp, sms) == pytest.approx(expected)
     est = estimate.estimate(tp, None)
-    parts = recommend.step_breakdown(tp, est, GPU)
+    parts = cost_model.step_breakdown(tp, est, GPU)
     assert parts["compute_s"] == pytest.approx(est["flops_per_rank_per_step"] / (
-        989e12 * recommend.EFFICIENCY * expected))
+        989e12 * cost_model.EFFICIENCY * expected))
     tp_bytes = estimate.comm_by_source(tp, 0)["tp"]
     assert parts["communication_s"] >= _seconds(tp, tp_bytes, 8, 450e9) > 0  # on the critical path, all exposed
 
@@ -65,14 +65,14 @@ def test_zero_traffic_hides_behind_backward_only_where_deepspeed_overlaps_it():
     sources = estimate.comm_by_source(plan, 0)
     assert set(sources) == {"zero_backward", "zero_step"}
     backward, step = (_seconds(plan, sources[s], 8, 450e9) for s in ("zero_backward", "zero_step"))
-    parts = recommend.step_breakdown(plan, est, GPU)
+    parts = cost_model.step_breakdown(plan, est, GPU)
     window = 2 / 3 * parts["compute_s"]  # no checkpointing: backward is two thirds of forward + backward
     assert backward > window  # one micro-batch of 1024 tokens cannot hide a whole 8B model's gathers
     assert parts["communication_s"] == pytest.approx(backward - window + step)
     zero = {**plan.spec.ds["zero_optimization"], "overlap_comm": False}
     off = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, ds={**plan.spec.ds, "zero_optimization": zero}))
     assert off.ds["zero_optimization"]["overlap_comm"] is False and plan.ds["zero_optimization"]["overlap_comm"]
-    assert recommend.step_breakdown(off, est, GPU)["communication_s"] == pytest.approx(backward + step)
+    assert cost_model.step_breakdown(off, est, GPU)["communication_s"] == pytest.approx(backward + step)
     assert sum(estimate.comm_bytes_per_step(plan, 0).values()) == sum(
         sum(k.values()) for k in sources.values())  # the split adds up to what the accounting compares with
 
@@ -94,7 +94,7 @@ def test_a_pipeline_runs_at_its_slowest_stage():
     stages = [layers[0] * layer, layers[1] * layer + head]
     assert estimate.slowest_share(plan) == pytest.approx(max(stages) / (sum(stages) / 2))
     est = estimate.estimate(plan, None)
-    parts = recommend.step_breakdown(plan, est, GPU)
+    parts = cost_model.step_breakdown(plan, est, GPU)
     # 1F1B: the slowest stage's micro-batch, (stages - 1) more times
     assert parts["bubble_s"] == pytest.approx(parts["compute_s"] / plan.batch.grad_accum)
 
