@@ -4,18 +4,19 @@ with the fit (docs/planner.md, "Calibration").
 
 Every run records, beside its memory plan, the cost model's features (summary.json memory_plan.cost_features,
 `features`): the slowest rank's FLOPs per step (a pipeline's slowest stage; activation checkpointing's second
-forward included), the bytes its collectives move per step by kind (the planner's count, equal to the
-accounting's: tests/integration), the calls per step by kind of the collectives a layer or stage waits on (TP's,
+forward included), the bytes its collectives move per step by kind and link (inside a node or beyond: the
+planner's count, equal to the accounting's: tests/integration), the calls per step by kind of the collectives a layer or stage waits on (TP's,
 EP's, SP's, the pipeline's: each pays the link's latency), the optimizer-state bytes offloaded to the host, the
 micro-batches per step, and the share of a device each rank computes on (1 on a GPU; on the CPU, fewer cores than
 ranks: bench/distributed.py device_share). The fit is
 
     step_s = (flops / F + sum_kind calls_kind x l_kind + micro_batches x m) / share
-             + sum_kind bytes_kind / B_kind + offloaded / H + s
+             + sum_kind,link bytes_kind,link / B_kind,link + offloaded / H + s
 
 by non-negative least squares (every term costs time): F the sustained FLOP/s, l_kind the latency of a call of
 that kind a layer waits on, m the cost per micro-batch (the work that does not scale with FLOPs: kernel launches,
-Python), B_kind each collective kind's effective bandwidth (what is not hidden behind compute, per byte counted),
+Python), B_kind,link each collective kind's effective bandwidth on each link (what is not hidden behind compute,
+per byte counted),
 H the offload bandwidth and s the cost per step. A constant the runs do not exercise (its feature zero, or
 constant over the runs) keeps its default and is marked so; one they exercise but whose time the fit cannot see
 beside the others' is fitted to zero and marked so; each fitted one carries its standard error and the runs that
@@ -32,19 +33,30 @@ import numpy as np
 from bench.config import BenchError
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "send_recv", "broadcast")
+INTERNODE = tuple(f"{k}_internode" for k in KINDS)  # the bytes of collectives that reach beyond a node, by kind
 CALLS = tuple(f"{k}_calls" for k in KINDS)  # the calls of each kind a layer or stage waits on
-TERMS = ("flops", *KINDS, *CALLS, "offloaded", "micro_batches", "step")  # a feature each, its coefficient a constant
+TERMS = ("flops", *KINDS, *INTERNODE, *CALLS, "offloaded", "micro_batches", "step")  # a feature each, its
+#                                                                                     coefficient a constant
 SHARED = ("flops", *CALLS, "micro_batches")  # work a rank does on its device: slower on a share of one
+WIDTH = max(map(len, TERMS)) + 1  # describe's name column
 VERSION = 2
 
 
 def features(plan, est: dict) -> dict:
     """What a run of this plan computes and moves per optimizer step, as the fit reads it (module docstring)."""
-    from bench.estimate import slowest_share
+    from bench.cost_model import spans_nodes
+    from bench.estimate import comm_by_source, slowest_share
     recompute = 4 / 3 if plan.cfg.model.activation_checkpointing else 1.0
-    per_rank = est["comm_bytes_per_step_per_rank"]
+    per_rank = []  # each rank's bytes by kind, "_internode" where its source's collectives reach beyond a node
+    for rank in range(plan.layout.world_size):
+        moved = {}
+        for source, kinds in comm_by_source(plan, rank).items():
+            link = "_internode" if spans_nodes(plan, source) else ""
+            for kind, n in kinds.items():
+                moved[kind + link] = moved.get(kind + link, 0) + n
+        per_rank.append(moved)
     return {"flops": est["flops_per_rank_per_step"] * slowest_share(plan) * recompute,
-            **{k: max((r.get(k, 0) for r in per_rank), default=0) for k in KINDS},
+            **{k: max((r.get(k, 0) for r in per_rank), default=0) for k in (*KINDS, *INTERNODE)},
             **{f"{k}_calls": max((r.get(k, 0) for r in est["critical_calls_per_step_per_rank"]), default=0)
                for k in KINDS},
             "offloaded": max((r["offloaded_bytes"] for r in est["per_rank"]), default=0),
@@ -56,6 +68,20 @@ def design(feats: dict) -> list[float]:
     of the device it has."""
     share = float(feats.get("device_share", 1.0))
     return [float(feats.get(t, 0)) / (share if t in SHARED else 1.0) for t in TERMS]
+
+
+def default_coefficients(gpu: str | None) -> dict:
+    """The uncalibrated cost model's constants (bench/cost_model.py) as seconds per unit of each feature, for that
+    GPU: what a calibration keeps for a constant its runs do not determine (none without a GPU)."""
+    from bench import cost_model, gpus
+    out = {t: 0.0 for t in TERMS}
+    if gpu:
+        out["flops"] = 1 / (cost_model.peak_tflops(gpu) * 1e12 * cost_model.EFFICIENCY)
+        bus = cost_model.BUS_FACTOR
+        out.update({k: bus.get(k, 1.0) / gpus.BY_KEY[gpu].link_bytes_s for k in KINDS})
+        out.update({f"{k}_internode": bus.get(k, 1.0) / cost_model.INTER_NODE for k in KINDS})
+        out["offloaded"] = 2 / cost_model.PCIE + 1 / cost_model.CPU_ADAM
+    return out
 
 
 def read_runs(paths: list[str]) -> list[dict]:
@@ -164,7 +190,7 @@ def breakdown(calibration: dict, feats: dict) -> dict:
     offload, and the overheads per micro-batch and per step, which the uncalibrated model has not."""
     term = {t: calibration["constants"][t]["coefficient"] * x for t, x in zip(TERMS, design(feats))}
     parts = {"compute_s": term["flops"], "recompute_s": 0.0, "bubble_s": 0.0,
-             "communication_s": sum(term[k] for k in (*KINDS, *CALLS)), "offload_s": term["offloaded"],
+             "communication_s": sum(term[k] for k in (*KINDS, *INTERNODE, *CALLS)), "offload_s": term["offloaded"],
              "overhead_s": term["micro_batches"] + term["step"]}
     return {**parts, "step_s": sum(parts.values())}
 
@@ -188,8 +214,9 @@ def describe(calibration: dict) -> list[str]:
         k, e = c["coefficient"], c["stderr"]
         if t == "flops":
             value = f"sustained {1 / k / 1e12:.3g} TFLOP/s" if k else "free"
-        elif t in KINDS or t == "offloaded":
-            value = f"{1 / k / 1e9:.3g} GB/s effective" if k else "free (hidden or unused)"
+        elif t in KINDS or t in INTERNODE or t == "offloaded":
+            where = " beyond a node" if t in INTERNODE else ""
+            value = f"{1 / k / 1e9:.3g} GB/s effective{where}" if k else "free (hidden or unused)"
         else:
             per = f"{t[:-6]} call a layer or stage waits on" if t in CALLS else \
                 {"micro_batches": "micro-batch"}.get(t, "step")
@@ -197,5 +224,5 @@ def describe(calibration: dict) -> list[str]:
         err = f" (coefficient {k:.3g} +/- {e:.2g})" if e is not None else ""
         runs = c["runs"]  # all of them in the file; here the first few
         shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-        lines.append(f"{t:<15}{value}{err}; {c['source']}" + (f"; {len(runs)} runs: {shown}" if runs else ""))
+        lines.append(f"{t:<{WIDTH}}{value}{err}; {c['source']}" + (f"; {len(runs)} runs: {shown}" if runs else ""))
     return lines

@@ -86,12 +86,16 @@ def gemm_efficiency(plan, sms: int | None) -> float:
     return flops / sum(m_ * n * k / wave_efficiency(m_, n, sms) for m_, n, k in gemms)
 
 
-def _link(plan, gpu: str, source: str) -> float:
-    """Bandwidth a source's collectives see: NVLink while the ranks they reach fit in a node (a dimension's span,
-    bench/strategies; ZeRO's: every rank), else InfiniBand."""
+def spans_nodes(plan, source: str) -> bool:
+    """Whether a source's collectives reach beyond a node: the ranks they reach (a dimension's span,
+    bench/strategies; ZeRO's: every rank) more than a node's GPUs."""
     lay = plan.layout
-    span = DIMENSIONS[source].span(lay) if source in DIMENSIONS else lay.world_size
-    return gpus.BY_KEY[gpu].link_bytes_s if span <= gpus.GPUS_PER_NODE else INTER_NODE
+    return (DIMENSIONS[source].span(lay) if source in DIMENSIONS else lay.world_size) > gpus.GPUS_PER_NODE
+
+
+def _link(plan, gpu: str, source: str) -> float:
+    """Bandwidth a source's collectives see: NVLink inside a node, else InfiniBand."""
+    return INTER_NODE if spans_nodes(plan, source) else gpus.BY_KEY[gpu].link_bytes_s
 
 
 def _seconds(plan, gpu: str, source: str, kinds: dict) -> float:
@@ -133,18 +137,6 @@ def _representative_ranks(plan) -> list[int]:
     (the others move the same bytes)."""
     chosen = [d.representatives(plan.layout) for d in plan.layout.declared() if d.representatives]
     return chosen[0] if chosen else [0]
-
-
-def default_coefficients(gpu: str | None) -> dict:
-    """This model's constants as seconds per unit of each of bench/calibrate.py's features, for that GPU: what a
-    calibration keeps for a constant its runs do not determine (none without a GPU)."""
-    from bench.calibrate import KINDS, TERMS
-    out = {t: 0.0 for t in TERMS}
-    if gpu:
-        out["flops"] = 1 / (peak_tflops(gpu) * 1e12 * EFFICIENCY)
-        out.update({k: BUS_FACTOR.get(k, 1.0) / gpus.BY_KEY[gpu].link_bytes_s for k in KINDS})
-        out["offloaded"] = 2 / PCIE + 1 / CPU_ADAM
-    return out
 
 
 def step_seconds(plan, est: dict, gpu: str) -> float:

@@ -8,7 +8,7 @@ import contextlib
 import json
 import sys
 
-from bench import calibrate, config, cost_model, estimate, gpus, recommend
+from bench import calibrate, config, estimate, gpus, recommend
 from bench.plan import plan_layout
 from bench.plan_report import format_table
 from bench.log import log, show
@@ -86,7 +86,7 @@ def _recommend(rest: list[str], opts, capacity: int | None) -> tuple[str, int]:
 
 def _calibrate(opts) -> str:
     """--calibrate RUN_DIR...: the fit written to --out; its constants and each run's residual, as text."""
-    cal = calibrate.fit(calibrate.read_runs(opts.calibrate), cost_model.default_coefficients(opts.gpu), opts.gpu)
+    cal = calibrate.fit(calibrate.read_runs(opts.calibrate), calibrate.default_coefficients(opts.gpu), opts.gpu)
     with open(opts.out, "w") as fh:
         json.dump(cal, fh, indent=1)
     lines = [f"calibration of {len(cal['runs'])} runs on {', '.join(cal['device'])} (world sizes "

@@ -82,8 +82,7 @@ def fit(sweep_dir: str, names: list[str], run_dir_of, gpu: str | None = None) ->
         log.warning(f"{len(runs)} of {len(names)} calibration runs completed; a calibration needs two: the matrix "
                     "keeps its own order")
         return None
-    from bench.cost_model import default_coefficients
-    cal = calibrate.fit(runs, default_coefficients(gpu), gpu)
+    cal = calibrate.fit(runs, calibrate.default_coefficients(gpu), gpu)
     with open(os.path.join(sweep_dir, "calibration.json"), "w") as fh:
         json.dump(cal, fh, indent=1)
     show(f"calibration from {len(runs)} runs written to {os.path.join(sweep_dir, 'calibration.json')}:")

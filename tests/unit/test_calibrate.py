@@ -37,7 +37,7 @@ def synthetic(n: int, seed: int, noise: float = 0.0) -> list[dict]:
 
 
 def test_the_fit_recovers_known_constants_and_marks_what_it_could_not_see():
-    defaults = cost_model.default_coefficients("H100-80GB")
+    defaults = calibrate.default_coefficients("H100-80GB")
     cal = calibrate.fit(synthetic(12, seed=1), defaults, "H100-80GB")
     c = cal["constants"]
     for term, value in TRUE.items():
@@ -87,6 +87,9 @@ def test_a_gpu_run_records_the_uncalibrated_step_and_every_run_its_features():
     flops = on_gpu["cost_features"]["flops"]
     # at best the model's sustained share of the peak; tiny GEMMs leave most of the last wave's SMs idle
     assert step["compute_s"] >= flops / (gpus.BY_KEY["H100-80GB"].bf16_tflops * 1e12 * cost_model.EFFICIENCY)
+    two_nodes = plan_layout([*args, "--global_batch_size", "32"], 16, "H100-80GB").memory_plan["cost_features"]
+    assert two_nodes["all_reduce_internode"] > 0 and two_nodes["all_reduce"] == 0  # ZeRO's reduction spans both
+    assert on_gpu["cost_features"]["all_reduce"] > 0 and on_gpu["cost_features"]["all_reduce_internode"] == 0
     on_cpu = plan_layout(args, 4).memory_plan
     assert "predicted_step" not in on_cpu
     cores = len(os.sched_getaffinity(0))
