@@ -71,8 +71,11 @@ def design(feats: dict) -> list[float]:
 
 
 def default_coefficients(gpu: str | None) -> dict:
-    """The uncalibrated cost model's constants (bench/cost_model.py) as seconds per unit of each feature, for that
-    GPU: what a calibration keeps for a constant its runs do not determine (none without a GPU)."""
+    """The uncalibrated cost model's constants (bench/cost_model.py) in the fit's linear form, seconds per unit of
+    each feature for that GPU: its sustained FLOP/s, each link's bandwidth with the ring bus factors (an
+    all-gather's logged shard counted once: the group it gathers from is not a feature), offload's PCIe and CPU
+    Adam; no overlap, waves, latencies or overheads (0). What a calibration keeps for a constant its runs do not
+    determine (all 0 without a GPU)."""
     from bench import cost_model, gpus
     out = {t: 0.0 for t in TERMS}
     if gpu:
@@ -124,25 +127,28 @@ def fit(runs: list[dict], defaults: dict | None = None, gpu: str | None = None) 
     base = {**{t: 0.0 for t in TERMS}, **(defaults or {})}
     X = np.array([design(r["features"]) for r in runs])
     y = np.array([float(r["step_s"]) for r in runs])
-    # a term the runs do not vary (or never exercise) cannot be told apart from the per-step constant
+    # a term the runs do not vary (or never exercise) cannot be told apart from the per-step constant: it keeps its
+    # default, whose time (where its feature is not zero) is taken off the steps before the others are fitted
     varied = [j for j, t in enumerate(TERMS) if t == "step" or np.ptp(X[:, j]) > 0]
+    fixed = [j for j in range(len(TERMS)) if j not in varied]
+    offset = X[:, fixed] @ np.array([base[TERMS[j]] for j in fixed])
     scale = np.array([max(np.abs(X[:, j]).max(), 1e-30) for j in range(len(TERMS))])
-    coef, active = _nnls(X[:, varied] / scale[varied], y)
+    coef, active = _nnls(X[:, varied] / scale[varied], y - offset)
     coef = coef / scale[varied]
     fitted = {TERMS[j]: float(c) for j, c in zip(varied, coef)}
     used = [j for j, c in zip(varied, coef) if c > 0]
-    resid = y - X[:, varied] @ coef
-    dof = max(len(runs) - len(used), 1)
-    sigma2 = float(resid @ resid) / dof
+    resid = y - offset - X[:, varied] @ coef
+    dof = len(runs) - len(used)
     errors = {}
-    if used:  # the covariance of the scaled problem (columns of one magnitude), scaled back
+    if used and dof > 0:  # the covariance of the scaled problem (columns of one magnitude), scaled back
+        sigma2 = float(resid @ resid) / dof
         A = X[:, used] / scale[used]
         cov = sigma2 * np.linalg.pinv(A.T @ A)
         errors = {TERMS[j]: float(math.sqrt(max(cov[i, i], 0.0)) / scale[j]) for i, j in enumerate(used)}
     constants = {}
     for j, t in enumerate(TERMS):
-        if t in errors:
-            constants[t] = {"coefficient": fitted[t], "stderr": errors[t], "source": "fitted",
+        if j in used:  # no standard error where the runs are no more than the constants fitted
+            constants[t] = {"coefficient": fitted[t], "stderr": errors.get(t), "source": "fitted",
                             "runs": [r["run"] for r in runs if r["features"].get(t, 0)]}
         elif j in varied:  # exercised, but its time is not seen beside the others': the data says negligible
             constants[t] = {"coefficient": 0.0, "stderr": None, "source": "fitted to zero (not seen beside the "

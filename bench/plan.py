@@ -366,20 +366,20 @@ def check_memory(plan: Plan, capacity: int | None = None) -> dict | None:
     """The planner's prediction for this run (summary.json memory_plan). On a GPU it is compared with the
     device's memory before any weight is loaded: a layout predicted not to fit is refused (every rank decides
     the same, before a process group exists), unless --ignore_memory_plan. On the CPU it is only recorded."""
-    from bench import estimate
+    from bench import cost_model, estimate
+    from bench.calibrate import features
     from bench.plan_report import suggestions
     try:
         est = estimate.estimate(plan, capacity, device=plan.device_type)
+        est["cost_features"] = features(plan, est)  # what bench-plan --calibrate fits this run's step time with
+        gpu = gpus.match(plan.device_name) if plan.device_type == "cuda" else None
+        if gpu and gpu.key in gpus.plannable():  # the uncalibrated cost model's step, which the report sets
+            # beside the measured one (it has constants for the catalog's GPUs only)
+            est["predicted_step"] = {**cost_model.step_breakdown(plan, est, gpu.key), "gpu": gpu.key}
     except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know must not stop the run
         log.warning(f"the planner cannot plan {plan.cfg.model.name} under --strategy {plan.cfg.parallelism.strategy} "
                     f"({type(e).__name__}: {e}); running without a memory plan")
         return None
-    from bench.calibrate import features
-    est["cost_features"] = features(plan, est)  # what bench-plan --calibrate fits this run's step time with
-    gpu = gpus.match(plan.device_name) if plan.device_type == "cuda" else None
-    if gpu and gpu.key in gpus.plannable():  # the uncalibrated cost model's step, which the report sets beside
-        from bench import cost_model        # the measured one (it has constants for the catalog's GPUs only)
-        est["predicted_step"] = {**cost_model.step_breakdown(plan, est, gpu.key), "gpu": gpu.key}
     if est["fits"] is False and not plan.cfg.training.ignore_memory_plan:
         which = "loading" if est["load_peak_bytes"] > est["training_peak_bytes"] else "training"
         raise config.BenchError(

@@ -93,9 +93,10 @@ def check_fits(matrix: list[dict], extra: list[str], gpu: str) -> None:
 
 
 def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool, prior: list[dict] = (),
-           after: list[str] = ()) -> list[dict]:
+           after: list[str] = (), gpu: str | None = None) -> list[dict]:
     """One sbatch job per entry; sweep.json lists the prior jobs (a calibration set) and these. after: job ids
-    every one of these waits for (SLURM's --dependency=afterany)."""
+    every one of these waits for (SLURM's --dependency=afterany); gpu: the --gpu the matrix was planned on, kept
+    for `rank`."""
     os.makedirs(os.path.join(sweep_dir, "jobs"), exist_ok=True)
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
     jobs = []
@@ -105,7 +106,7 @@ def submit(matrix: list[dict], sweep_dir: str, extra: list[str], dry_run: bool, 
         path = os.path.join(sweep_dir, "jobs", f"{name}.sh")
         with open(path, "w") as fh:
             fh.write(render(entry, sweep_dir, extra))
-        job = {"name": name, "script": path, "entry": entry, "extra": list(extra), "job_id": None,
+        job = {"name": name, "script": path, "entry": entry, "extra": list(extra), "gpu": gpu, "job_id": None,
                "submitted": time.time()}
         if not dry_run:
             out = subprocess.run(["sbatch", "--parsable", *wait, *entry.get("sbatch", []), path],
@@ -125,9 +126,7 @@ def run_local(matrix: list[dict], sweep_dir: str, extra: list[str], poll_s: floa
     job so `status` can follow, and a progress line (job i of N, its status and step) is printed while each job
     runs."""
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
-    for entry in matrix:
-        if int(entry["gpus"]) > GPUS_PER_NODE:
-            raise ValueError(f"{job_name(entry)}: {entry['gpus']} GPUs need more than one node; use `submit`")
+    check_one_node(matrix)
     jobs = [{"name": job_name(e), "script": None, "entry": e, "extra": list(extra), "job_id": None,
              "returncode": None} for e in matrix]
     entry_point = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
@@ -158,6 +157,14 @@ def planned_features(matrix: list[dict], extra: list[str], gpu: str | None) -> d
     return sweep_calibration.plan_features(matrix, lambda e: (job_name(e), run_args(e, "sweeps", extra)), gpu)
 
 
+def check_one_node(matrix: list[dict]) -> None:
+    """`local` runs on this one machine: an entry that needs more GPUs than a node has is refused before anything
+    runs."""
+    for entry in matrix:
+        if int(entry["gpus"]) > GPUS_PER_NODE:
+            raise ValueError(f"{job_name(entry)}: {entry['gpus']} GPUs need more than one node; use `submit`")
+
+
 def calibration_entries(matrix: list[dict], extra: list[str], gpu: str | None) -> tuple[list[dict], dict]:
     """(the calibration set's entries, renamed calibrate-<job>; every entry's planned cost features)."""
     features = planned_features(matrix, extra, gpu)
@@ -174,9 +181,9 @@ def calibrate_and_rank(sweep_dir: str, matrix: list[dict], extra: list[str], gpu
     if not names:
         raise ValueError(f"{sweep_dir} ran no calibration jobs; run it with --calibrate")
 
-    def run_dir(name):
-        s = run_summary(sweep_dir, name)
-        return s and s.get("run_dir")
+    def run_dir(name):  # where the sweep keeps it (a run's own run_dir is relative to where it was launched)
+        found = run_directory(sweep_dir, name)
+        return found and found[0]
     cal = sweep_calibration.fit(sweep_dir, names, run_dir, gpu)
     if cal is None:
         return matrix
@@ -222,8 +229,15 @@ def slurm_state(job_id: str | None) -> str | None:
 
 
 def run_summary(sweep_dir: str, name: str, since: float | None = None) -> dict | None:
-    """The newest run directory of this job (a requeued job's rerun adds name-2, ...); with `since`, only one
-    written since then (not a directory an earlier sweep of the same name left)."""
+    """The summary of this job's newest run directory (run_directory)."""
+    found = run_directory(sweep_dir, name, since)
+    return found and found[1]
+
+
+def run_directory(sweep_dir: str, name: str, since: float | None = None) -> tuple[str, dict] | None:
+    """(the newest run directory of this job with a readable summary.json, that summary): a requeued job's rerun
+    adds name-2, ...; with `since`, only one written since then (not a directory an earlier sweep of the same name
+    left)."""
     runs = os.path.join(sweep_dir, "runs")
     dirs = [os.path.join(runs, d) for d in os.listdir(runs)] if os.path.isdir(runs) else []
     dirs = [d for d in dirs if (os.path.basename(d) == name or os.path.basename(d).startswith(name + "-"))
@@ -231,7 +245,7 @@ def run_summary(sweep_dir: str, name: str, since: float | None = None) -> dict |
     for d in sorted(dirs, key=os.path.getmtime, reverse=True):
         try:
             with open(os.path.join(d, "summary.json")) as fh:
-                return json.load(fh)
+                return d, json.load(fh)
         except (OSError, json.JSONDecodeError):
             continue
     return None
@@ -303,7 +317,8 @@ def main(argv=None) -> int:
                         "matrix by it")
     rk.add_argument("name")
     rk.add_argument("--sweeps_dir", default="sweeps")
-    rk.add_argument("--gpu", default=None, help="plan the matrix on this GPU (bench-plan's names)")
+    rk.add_argument("--gpu", default=None, help="plan the matrix on this GPU (bench-plan's names; default: the "
+                    "one `submit --gpu` planned it on)")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -315,29 +330,38 @@ def main(argv=None) -> int:
             check_names(matrix)
             if args.cmd == "submit" and args.gpu:
                 check_fits(matrix, extra, args.gpu)
-            prior, features = [], None
-            if args.calibrate:
-                gpu = args.gpu if args.cmd == "submit" else None
-                cal_matrix, features = calibration_entries(matrix, extra, gpu)
+            if args.cmd == "local":
+                check_one_node(matrix)
+            gpu, prior = (args.gpu if args.cmd == "submit" else None), []
+            if args.calibrate and args.cmd == "submit" and not gpu:
+                raise ValueError("submit --calibrate needs --gpu NAME (bench-plan's names): the matrix is planned "
+                                 "on the GPUs its jobs will run on, as the calibration runs record theirs")
+            cal_matrix, features = calibration_entries(matrix, extra, gpu) if args.calibrate else ([], None)
+            if args.calibrate and len(cal_matrix) < 2:  # a fit needs two runs that differ
+                log.warning(f"--calibrate: {len(cal_matrix)} of the matrix's layouts could calibrate the cost model "
+                            "(it needs two that can be planned and differ); the matrix runs in its own order")
+            elif args.calibrate:
                 check_names([*cal_matrix, *matrix])
                 cal_extra = [*extra, *sweep_calibration.calibration_args(args.calibration_steps)]
-                if args.cmd == "submit":
-                    prior = submit(cal_matrix, sweep_dir, cal_extra, args.dry_run)
+                if args.cmd == "submit":  # the matrix waits: the calibration's steps are timed on idle nodes
+                    prior = submit(cal_matrix, sweep_dir, cal_extra, args.dry_run, gpu=gpu)
                     show(f"the matrix waits for the {len(prior)} calibration jobs; rank it once they end: "
                          f"python -m bench.sweep rank {args.name} --sweeps_dir {args.sweeps_dir}")
                 else:
                     prior = run_local(cal_matrix, sweep_dir, cal_extra)
                     matrix = calibrate_and_rank(sweep_dir, matrix, extra, gpu, features)
             if args.cmd == "submit":
-                submit(matrix, sweep_dir, extra, args.dry_run, prior, [j["job_id"] for j in prior if j["job_id"]])
+                submit(matrix, sweep_dir, extra, args.dry_run, prior, [j["job_id"] for j in prior if j["job_id"]],
+                       gpu)
             else:
                 run_local(matrix, sweep_dir, extra, prior=prior)
         if args.cmd == "rank":
             with open(os.path.join(sweep_dir, "sweep.json")) as fh:
                 jobs = json.load(fh)
             ranked = [j for j in jobs if not j["name"].startswith(sweep_calibration.PREFIX)]
+            gpu = args.gpu or next((j["gpu"] for j in jobs if j.get("gpu")), None)  # as submit planned it
             calibrate_and_rank(sweep_dir, [j["entry"] for j in ranked], ranked[0].get("extra", []) if ranked else [],
-                               args.gpu)
+                               gpu)
         if args.cmd in ("status", "local"):
             for r in status(sweep_dir):
                 show(f"{r['name']:<40} {r['job_id'] or '-':>8}  {r['status']:<10} {r['error'] or ''}")

@@ -41,15 +41,18 @@ def plan_features(matrix: list[dict], args_of, gpu: str | None = None) -> dict:
                                                                    plan.device_type))
         except BenchError as e:
             out[name] = str(e)
+        except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know: left out, said why
+            out[name] = f"the planner cannot plan it ({type(e).__name__}: {e})"
     return out
 
 
 def choose(features: dict) -> list[str]:
     """The calibration set: the cheapest layout (least compute per device share), then, greedily, the layout that
     lets the fit see most of the constants still unseen (the cheaper among equals), until it sees every constant
-    the matrix's layouts could show it. The fit sees a constant when its feature differs between the chosen runs
-    (bench/calibrate.py fit): a collective kind one layout moves and another does not, FLOPs or micro-batches that
-    differ. Layouts that cannot be planned are left out."""
+    the matrix's layouts could show it: its feature differs between the chosen runs (bench/calibrate.py fit).
+    Few runs, so fewer than the constants they show: the fit sets some to zero where its runs cannot tell them
+    apart, and gives no standard error where they are no more than the constants it fits (a longer set: pass
+    more runs to bench-plan --calibrate). Layouts that cannot be planned are left out."""
     rows = {n: calibrate.design(f) for n, f in features.items() if isinstance(f, dict)}
     if not rows:
         return []

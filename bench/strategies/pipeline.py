@@ -271,8 +271,9 @@ def comm_bytes(plan, rank: int, w: int) -> dict:
 
 def comm_calls(plan, rank: int) -> dict:
     """The calls comm_bytes counts (measured: tests/support assert_plan_matches): per micro-batch and boundary of
-    this stage, the hidden states and the position ids forward and the hidden states' gradient backward (padded
-    rows; packed ones send their offsets and shapes too); the tied embedding's one reduction is the step's."""
+    this stage, the hidden states and the position ids forward and the hidden states' gradient backward: padded
+    rows (packed ones also send their offsets and shapes, not counted: a lower bound); the tied embedding's one
+    reduction is the step's."""
     lay = plan.layout
     stage = lay.coords(rank)["pp"]
     return {"send_recv": plan.batch.grad_accum * 3 * ((stage < lay.pp - 1) + (stage > 0))}

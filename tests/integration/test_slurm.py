@@ -89,26 +89,16 @@ def test_real_script_runs_and_records(cluster, tmp_path):
 
 @pytest.mark.cluster
 def test_sweep_lists_completed_and_failed(cluster, tmp_path):
-    """A submitted sweep, with --calibrate: the one layout that can be planned gets a calibration job, which the
-    matrix's jobs wait for (SLURM's afterany dependency); every job is listed; one calibration run is too few to
-    fit, which `rank` says without failing."""
     matrix = [{"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
                "args": TINY[2:], "sbatch": SMALL_NODE, "name": "good"},
               {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
                "args": [*TINY[2:], "--global_batch_size", "6"], "sbatch": SMALL_NODE, "name": "bad"}]
     (tmp_path / "m.json").write_text(json.dumps(matrix))
     cmd = [sys.executable, "-m", "bench.sweep"]
-    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
-                          "--calibrate", "--calibration_steps", "5"], cwd=REPO, env=cluster, capture_output=True,
-                         text=True)
+    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path)],
+                         cwd=REPO, env=cluster, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     jobs = json.loads((tmp_path / "t" / "sweep.json").read_text())
-    assert [j["name"] for j in jobs] == ["calibrate-good", "good", "bad"]
-    for j in jobs[1:]:
-        queued = subprocess.run(["scontrol", "show", "job", j["job_id"]], env=cluster, capture_output=True,
-                                text=True).stdout
-        assert re.search(rf"Dependency=afterany:{jobs[0]['job_id']}\b", queued), queued
-    assert "--max_steps 5" in (tmp_path / "t" / "jobs" / "calibrate-good.sh").read_text()
     listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
                              capture_output=True, text=True)
     assert listing.returncode == 0 and "good" in listing.stdout  # listable at any time, even while pending
@@ -117,12 +107,50 @@ def test_sweep_lists_completed_and_failed(cluster, tmp_path):
     listing = subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
                              capture_output=True, text=True).stdout
     status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
-    assert status == {"calibrate-good": "completed", "good": "completed", "bad": "failed"}, listing
+    assert status == {"good": "completed", "bad": "failed"}, listing
     assert re.search(r"^good\s+\d+\s+completed", listing, re.M) and re.search(r"^bad\s+\d+\s+failed", listing, re.M)
-    ranked = subprocess.run([*cmd, "rank", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
+
+
+@pytest.mark.cluster
+def test_a_calibrating_sweep_queues_its_matrix_behind_the_calibration_and_ranks_it(cluster, tmp_path):
+    """`submit --calibrate --gpu G`: a calibration job for each of the two layouts (they differ), the matrix's jobs
+    waiting for both (SLURM's afterany dependency); `rank` then fits the cost model to the two and ranks the
+    matrix (the fit's units are this CPU cluster's: the mechanics are what is checked here)."""
+    good = {"model": "tiny-llama", "strategy": "dp", "ds_config": "ds_configs/dp_zero2.json", "gpus": 2,
+            "args": TINY[2:], "sbatch": SMALL_NODE, "name": "good"}
+    single = {**good, "ds_config": "ds_configs/dp_zero1.json", "gpus": 1, "name": "single"}
+    (tmp_path / "m.json").write_text(json.dumps([good, single]))
+    cmd = [sys.executable, "-m", "bench.sweep"]
+    refused = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir",
+                              str(tmp_path), "--calibrate"], cwd=REPO, env=cluster, capture_output=True, text=True)
+    assert refused.returncode == 2 and "submit --calibrate needs --gpu" in refused.stderr, refused.stderr
+    out = subprocess.run([*cmd, "submit", str(tmp_path / "m.json"), "--name", "t", "--sweeps_dir", str(tmp_path),
+                          "--calibrate", "--calibration_steps", "5", "--gpu", "H100-80GB"], cwd=REPO, env=cluster,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    jobs = json.loads((tmp_path / "t" / "sweep.json").read_text())
+    assert [j["name"] for j in jobs] == ["calibrate-good", "calibrate-single", "good", "single"]
+    for j in jobs[2:]:
+        queued = subprocess.run(["scontrol", "show", "job", j["job_id"]], env=cluster, capture_output=True,
+                                text=True).stdout
+        dependency = re.search(r"Dependency=(\S+)", queued)
+        assert dependency and all(re.search(rf"afterany:({i}\b|\S*:{i}\b)", dependency.group(1))
+                                  for i in (jobs[0]["job_id"], jobs[1]["job_id"])), queued
+    assert "--max_steps 5" in (tmp_path / "t" / "jobs" / "calibrate-good.sh").read_text()
+    for j in jobs:
+        wait_for(cluster, j["job_id"])
+    subprocess.run([*cmd, "status", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster, check=True,
+                   capture_output=True)
+    status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
+    assert set(status.values()) == {"completed"}, status
+    ranked = subprocess.run([*cmd, "rank", "t", "--sweeps_dir", str(tmp_path)], cwd=tmp_path,  # from elsewhere:
+                            env={**cluster, "PYTHONPATH": str(REPO)},  # the runs are found where the sweep keeps them
                             capture_output=True, text=True)
-    assert ranked.returncode == 0 and "1 of 1 calibration runs completed; a calibration needs two" in ranked.stderr, \
-        ranked.stderr
+    assert ranked.returncode == 0, ranked.stderr
+    cal = json.loads((tmp_path / "t" / "calibration.json").read_text())
+    assert sorted(cal["runs"]) == ["calibrate-good", "calibrate-single"] and cal["gpu_defaults"] == "H100-80GB"
+    ranking = json.loads((tmp_path / "t" / "ranking.json").read_text())
+    assert sorted(r["name"] for r in ranking) == ["good", "single"] and all(r["predicted_step_s"] for r in ranking)
 
 
 def submit_long_run(cluster, tmp_path: Path, runs: Path) -> str:

@@ -49,6 +49,23 @@ def test_the_fit_recovers_known_constants_and_marks_what_it_could_not_see():
     assert calibrate.predict(cal, held_out["features"]) == pytest.approx(held_out["step_s"], rel=1e-6)
 
 
+def test_a_constant_the_runs_do_not_vary_keeps_its_default_and_is_not_counted_twice():
+    """Every run with the same FLOPs: the FLOP term cannot be told from the per-step constant, keeps the GPU's
+    default, and its time is taken off the steps before the rest is fitted, so each run's prediction is its
+    measured step less its residual."""
+    defaults = calibrate.default_coefficients("H100-80GB")
+    runs = [r for r in synthetic(24, seed=4) if r["features"]["device_share"] == 1.0]  # a whole device each
+    for r in runs:
+        r["step_s"] += TRUE["flops"] * (1e12 - r["features"]["flops"])  # as if every run computed 1e12 FLOPs
+        r["features"]["flops"] = 1e12
+    cal = calibrate.fit(runs, defaults, "H100-80GB")
+    assert cal["constants"]["flops"]["source"].startswith("default")
+    assert cal["constants"]["flops"]["coefficient"] == defaults["flops"] > 0
+    for r in runs:
+        assert calibrate.predict(cal, r["features"]) == pytest.approx(r["step_s"] - cal["residual_s"][r["run"]])
+        assert abs(cal["residual_s"][r["run"]]) < 1e-9  # the rest is exact: the step absorbs the difference
+
+
 def test_with_noise_each_constant_carries_an_error_that_covers_it():
     cal = calibrate.fit(synthetic(40, seed=2, noise=0.02))
     for term, value in TRUE.items():
