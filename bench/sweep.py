@@ -179,7 +179,8 @@ def calibrate_and_rank(sweep_dir: str, matrix: list[dict], extra: list[str], gpu
     with open(os.path.join(sweep_dir, "sweep.json")) as fh:
         names = [j["name"] for j in json.load(fh) if j["name"].startswith(sweep_calibration.PREFIX)]
     if not names:
-        raise ValueError(f"{sweep_dir} ran no calibration jobs; run it with --calibrate")
+        raise ValueError(f"{sweep_dir} has no calibration jobs (it was run without --calibrate, or had fewer than "
+                         "two layouts to calibrate on); nothing to rank by")
 
     def run_dir(name):  # where the sweep keeps it (a run's own run_dir is relative to where it was launched)
         found = run_directory(sweep_dir, name)
