@@ -356,6 +356,9 @@ def assert_plan_matches(summary: dict, comm_rel: float = 0.05) -> None:
         for p, m in zip(planned, measured):
             counted = m["comm_calls_per_step"]
             for kind, n in p.items():  # among every call of its kind: ZeRO's and the engines' come on top
-                assert n <= counted.get(kind, 0), (kind, p, counted)
-            # nothing else exchanges all-to-all: every one of them is a layer's (EP's, SP's)
-            assert p.get("all_to_all", 0) == counted.get("all_to_all", 0), (p, counted)
+                assert kind == "all_to_all" or n <= counted.get(kind, 0), (kind, p, counted)
+            # nothing else exchanges all-to-all: every one of them is a layer's (EP's, SP's); under LoRA autograd may
+            # skip a first-layer backward exchange whose gradient nothing needs (measured: 31 of 32 under SP 2,
+            # ZeRO-1, tiled): up to its q, k and v per micro-batch
+            slack = 3 * summary["grad_accum"] if summary["peft"] == "lora" else 0
+            assert 0 <= p.get("all_to_all", 0) - counted.get("all_to_all", 0) <= slack, (p, counted)
