@@ -143,8 +143,7 @@ def test_a_calibrating_sweep_queues_its_matrix_behind_the_calibration_and_ranks_
                    capture_output=True)
     status = {r["name"]: r["status"] for r in json.loads((tmp_path / "t" / "status.json").read_text())}
     assert set(status.values()) == {"completed"}, status
-    ranked = subprocess.run([*cmd, "rank", "t", "--sweeps_dir", str(tmp_path)], cwd=tmp_path,  # from elsewhere:
-                            env={**cluster, "PYTHONPATH": str(REPO)},  # the runs are found where the sweep keeps them
+    ranked = subprocess.run([*cmd, "rank", "t", "--sweeps_dir", str(tmp_path)], cwd=REPO, env=cluster,
                             capture_output=True, text=True)
     assert ranked.returncode == 0, ranked.stderr
     cal = json.loads((tmp_path / "t" / "calibration.json").read_text())
