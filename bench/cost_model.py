@@ -137,7 +137,3 @@ def _representative_ranks(plan) -> list[int]:
     (the others move the same bytes)."""
     chosen = [d.representatives(plan.layout) for d in plan.layout.declared() if d.representatives]
     return chosen[0] if chosen else [0]
-
-
-def step_seconds(plan, est: dict, gpu: str) -> float:
-    return step_breakdown(plan, est, gpu)["step_s"]

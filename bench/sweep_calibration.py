@@ -28,21 +28,19 @@ def calibration_args(steps: int) -> list[str]:
 
 
 def plan_features(matrix: list[dict], args_of, gpu: str | None = None) -> dict:
-    """{job name: the cost features its plan predicts (bench/calibrate.py features), or the one line saying why it
-    cannot be planned}; args_of(entry) -> (job name, bench/run.py's arguments)."""
-    from bench import estimate
+    """{job name: the cost features its plan predicts, as its run will record them (its memory plan's, bench/plan.py
+    check_memory), or the one line saying why it cannot be planned}; args_of(entry) -> (job name, bench/run.py's
+    arguments)."""
     from bench.plan import plan_layout
     out = {}
     for entry in matrix:
         name, args = args_of(entry)
         try:
-            plan = plan_layout([*args, "--init", "random"], int(entry["gpus"]), gpu)
-            out[name] = calibrate.features(plan, estimate.estimate(plan, None, device="cuda" if gpu else
-                                                                   plan.device_type))
+            planned = plan_layout([*args, "--init", "random"], int(entry["gpus"]), gpu).memory_plan
         except BenchError as e:
             out[name] = str(e)
-        except Exception as e:  # noqa: BLE001 - an architecture the formulas do not know: left out, said why
-            out[name] = f"the planner cannot plan it ({type(e).__name__}: {e})"
+            continue
+        out[name] = planned["cost_features"] if planned else "the planner cannot plan it (bench-plan says why)"
     return out
 
 
